@@ -1,0 +1,125 @@
+//! ONNX files: `ModelProto` read into a [`Graph`] and written back, with prost types
+//! generated from the vendored official `onnx.proto`.
+
+mod export;
+mod import;
+
+pub use export::{export_model, model_to_bytes, tensor_to_proto};
+pub use import::{import_model, tensor_from_proto, ImportOptions, Limits};
+
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use std::path::Path;
+
+/// The prost types generated from `onnx.proto` and `onnx-data.proto` (package `onnx`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
+
+/// The newest default-domain opset version the IR implements.
+pub const MAX_ONNX_OPSET: i64 = 28;
+
+/// The IR version written for graphs that were not read from a file.
+pub const DEFAULT_IR_VERSION: i64 = 10;
+
+/// A model: the main graph plus the `ModelProto` fields cellgraph keeps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    /// ONNX IR version.
+    pub ir_version: i64,
+    /// Producer name.
+    pub producer_name: String,
+    /// Producer version.
+    pub producer_version: String,
+    /// Model domain.
+    pub domain: String,
+    /// Model version.
+    pub model_version: i64,
+    /// Documentation.
+    pub doc: String,
+    /// Metadata key/value pairs.
+    pub metadata: Vec<(String, String)>,
+    /// The main graph (its opset imports are the model's).
+    pub graph: Graph,
+}
+
+impl Model {
+    /// A model around a graph built through the API.
+    pub fn new(graph: Graph) -> Model {
+        Model {
+            ir_version: DEFAULT_IR_VERSION,
+            producer_name: "cellgraph".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            domain: String::new(),
+            model_version: 0,
+            doc: String::new(),
+            metadata: Vec::new(),
+            graph,
+        }
+    }
+
+    /// Reads an `.onnx` file; external data is read from the file's folder only.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        Model::load_with(path, &Limits::default())
+    }
+
+    /// Reads an `.onnx` file with the given limits.
+    pub fn load_with(path: impl AsRef<Path>, limits: &Limits) -> Result<Model> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.len() > limits.max_file_bytes {
+            return Err(Error::Limit {
+                what: format!(
+                    "{} is {} bytes, more than the limit of {}",
+                    path.display(),
+                    meta.len(),
+                    limits.max_file_bytes
+                ),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .map(Path::to_path_buf);
+        import_model(
+            &bytes,
+            &ImportOptions {
+                base_dir: base,
+                limits: limits.clone(),
+            },
+        )
+    }
+
+    /// Reads a model from bytes (external data is refused: there is no folder).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Model> {
+        import_model(bytes, &ImportOptions::default())
+    }
+
+    /// The serialized `ModelProto`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        model_to_bytes(self)
+    }
+
+    /// Writes an `.onnx` file (all tensors inline).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        std::fs::write(path, self.to_bytes()).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,397 @@
+//! The op set: one typed variant per op, attributes as typed fields.
+//!
+//! Ops follow the ONNX operator spec: names, attributes, input/output order and
+//! semantics. Where ONNX moved an attribute to an input across opset versions
+//! (`axes`, `split`, Clip's `min`/`max`, Dropout's `ratio`), the variant has both: the
+//! attribute as an optional field, the input as an optional input. The op list below is
+//! the single source of truth: attribute reading, writing and printing are generated
+//! from it; each family module holds the shape and type rules of its ops.
+
+mod attr;
+pub mod control;
+pub mod elementwise;
+pub mod infer;
+pub mod nn;
+pub mod reduce;
+pub mod rnn;
+pub mod sequence;
+pub mod shape;
+
+pub use attr::{Attr, AttrField, AttrRef};
+pub use infer::InferCtx;
+
+use crate::graph::Graph;
+use crate::tensor::Tensor;
+use crate::types::ValueType;
+use std::collections::BTreeMap;
+
+/// Variadic arity bound.
+pub const MANY: usize = usize::MAX;
+
+/// The ONNX default domain.
+pub const ONNX_DOMAIN: &str = "";
+
+/// Static facts about an op kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpInfo {
+    /// The ONNX op type.
+    pub name: &'static str,
+    /// The domain (`""` for ONNX).
+    pub domain: &'static str,
+    /// The oldest opset version of the domain whose semantics the variant implements.
+    pub since: i64,
+    /// Minimum and maximum number of input slots.
+    pub inputs: (usize, usize),
+    /// Minimum and maximum number of output slots.
+    pub outputs: (usize, usize),
+    /// The family module holding the shape rule.
+    pub family: &'static str,
+}
+
+macro_rules! define_ops {
+    ($(
+        $(#[doc = $doc:literal])*
+        $var:ident [$family:ident, since $since:literal, in $imin:literal..=$imax:expr, out $omin:literal..=$omax:expr]
+        { $( $field:ident : $fty:ty $(= $default:expr)? ),* $(,)? }
+    )*) => {
+        /// An op instance: the kind and its typed attributes.
+        #[derive(Clone, Debug, PartialEq)]
+        #[allow(non_snake_case)]
+        #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+        pub enum Op {
+            $(
+                $(#[doc = $doc])*
+                #[allow(missing_docs)]
+                $var { $( $field: $fty ),* },
+            )*
+        }
+
+        /// The op kinds, without attributes.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum OpKind {
+            $( $(#[doc = $doc])* $var, )*
+        }
+
+        impl OpKind {
+            /// Every op kind the IR knows.
+            pub const ALL: &'static [OpKind] = &[ $( OpKind::$var ),* ];
+
+            /// Static facts: name, domain, versions, arity, family.
+            pub fn info(self) -> OpInfo {
+                match self {
+                    $( OpKind::$var => OpInfo {
+                        name: stringify!($var),
+                        domain: ONNX_DOMAIN,
+                        since: $since,
+                        inputs: ($imin, $imax),
+                        outputs: ($omin, $omax),
+                        family: stringify!($family),
+                    }, )*
+                }
+            }
+
+            /// The kind for an ONNX op type in the default domain.
+            pub fn from_onnx(op_type: &str) -> Option<OpKind> {
+                match op_type {
+                    $( stringify!($var) => Some(OpKind::$var), )*
+                    _ => None,
+                }
+            }
+        }
+
+        impl Op {
+            /// The kind of this op.
+            pub fn kind(&self) -> OpKind {
+                match self { $( Op::$var { .. } => OpKind::$var, )* }
+            }
+
+            /// Builds a typed op from its kind and its attributes. Leftover attributes,
+            /// missing required ones and kind mismatches are errors naming the attribute.
+            #[allow(unused_mut, unused_variables)]
+            pub fn from_attrs(kind: OpKind, mut attrs: BTreeMap<String, Attr>) -> Result<Op, AttrError> {
+                let op = match kind {
+                    $( OpKind::$var => Op::$var { $(
+                        $field: {
+                            let default: Option<$fty> = None $( .or(Some($default)) )?;
+                            <$fty as AttrField>::take(attrs.remove(stringify!($field)), default)
+                                .map_err(|why| AttrError::Invalid { attr: stringify!($field).to_string(), why })?
+                        },
+                    )* }, )*
+                };
+                if let Some(name) = attrs.keys().next() {
+                    return Err(AttrError::Unknown { attr: name.clone() });
+                }
+                Ok(op)
+            }
+
+            /// The attributes to write: those that are present and differ from their default.
+            #[allow(unused_mut)]
+            pub fn attrs(&self) -> Vec<(&'static str, AttrRef<'_>)> {
+                let mut out = Vec::new();
+                match self { $( Op::$var { $( $field ),* } => { $(
+                    let default: Option<$fty> = None $( .or(Some($default)) )?;
+                    if let Some(v) = <$fty as AttrField>::put($field, default.as_ref()) {
+                        out.push((stringify!($field), v));
+                    }
+                )* } )* }
+                out
+            }
+
+            /// Shape and type inference: the output types for the given input facts.
+            pub fn infer(&self, cx: &InferCtx<'_>) -> Result<Vec<ValueType>, String> {
+                match self.kind().info().family {
+                    $( stringify!($family) => $family::infer(self, cx), )*
+                    other => Err(format!("no shape rule family {other}")),
+                }
+            }
+        }
+    };
+}
+
+/// Why an op's attributes could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AttrError {
+    /// The op does not have this attribute (in the versions cellgraph implements).
+    #[error("unknown attribute `{attr}`")]
+    Unknown {
+        /// Attribute name.
+        attr: String,
+    },
+    /// The attribute is missing, of the wrong kind, or out of range.
+    #[error("attribute `{attr}`: {why}")]
+    Invalid {
+        /// Attribute name.
+        attr: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+define_ops! {
+    // ---- elementwise: numpy-broadcast binary ops, unary maths and activations ----
+    /// `A + B`.
+    Add [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// `A - B`.
+    Sub [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// `A * B`.
+    Mul [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// `A / B` (integer division truncates).
+    Div [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// `A ^ B`.
+    Pow [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// Logical and.
+    And [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// Logical or.
+    Or [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// Logical xor.
+    Xor [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// `A == B`.
+    Equal [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// `A < B`.
+    Less [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// `A <= B`.
+    LessOrEqual [elementwise, since 12, in 2..=2, out 1..=1] {}
+    /// `A > B`.
+    Greater [elementwise, since 7, in 2..=2, out 1..=1] {}
+    /// `A >= B`.
+    GreaterOrEqual [elementwise, since 12, in 2..=2, out 1..=1] {}
+    /// Elementwise sum of any number of inputs.
+    Sum [elementwise, since 8, in 1..=MANY, out 1..=1] {}
+    /// Elementwise mean of any number of inputs.
+    Mean [elementwise, since 8, in 1..=MANY, out 1..=1] {}
+    /// Elementwise minimum.
+    Min [elementwise, since 8, in 1..=MANY, out 1..=1] {}
+    /// Elementwise maximum.
+    Max [elementwise, since 8, in 1..=MANY, out 1..=1] {}
+    /// `cond ? X : Y`, broadcast.
+    Where [elementwise, since 9, in 3..=3, out 1..=1] {}
+    /// `-X`.
+    Neg [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// `|X|`.
+    Abs [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// `e^X`.
+    Exp [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// Natural logarithm.
+    Log [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// Square root.
+    Sqrt [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// `1 / X`.
+    Reciprocal [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// Round up.
+    Ceil [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// Round down.
+    Floor [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// Logical not.
+    Not [elementwise, since 1, in 1..=1, out 1..=1] {}
+    /// The input unchanged.
+    Identity [elementwise, since 1, in 1..=1, out 1..=1] {}
+    /// `1 / (1 + e^-X)`.
+    Sigmoid [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// Hyperbolic tangent.
+    Tanh [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// `max(0, X)`.
+    Relu [elementwise, since 6, in 1..=1, out 1..=1] {}
+    /// `X / (1 + |X|)`.
+    Softsign [elementwise, since 1, in 1..=1, out 1..=1] {}
+    /// `ln(1 + e^X)`.
+    Softplus [elementwise, since 1, in 1..=1, out 1..=1] {}
+    /// `X < 0 ? alpha·X : X`.
+    LeakyRelu [elementwise, since 6, in 1..=1, out 1..=1] { alpha: f32 = 0.01 }
+    /// `X < 0 ? alpha·(e^X − 1) : X`.
+    Elu [elementwise, since 6, in 1..=1, out 1..=1] { alpha: f32 = 1.0 }
+    /// `X > alpha ? X : 0`.
+    ThresholdedRelu [elementwise, since 10, in 1..=1, out 1..=1] { alpha: f32 = 1.0 }
+    /// `clip(alpha·X + beta, 0, 1)`.
+    HardSigmoid [elementwise, since 6, in 1..=1, out 1..=1] { alpha: f32 = 0.2, beta: f32 = 0.5 }
+    /// Clamp to `[min, max]` (attributes before opset 11, optional inputs after).
+    Clip [elementwise, since 6, in 1..=3, out 1..=1] { min: Option<f32>, max: Option<f32> }
+    /// Convert to the dtype `to` (an ONNX dtype code).
+    Cast [elementwise, since 6, in 1..=1, out 1..=1] { to: i64, saturate: Option<i64>, round_mode: Option<String> }
+    /// Convert to the dtype of the second input.
+    CastLike [elementwise, since 15, in 2..=2, out 1..=1] { saturate: Option<i64>, round_mode: Option<String> }
+
+    // ---- nn: products, normalisation, softmax, dropout ----
+    /// numpy matmul.
+    MatMul [nn, since 1, in 2..=2, out 1..=1] {}
+    /// `alpha·op(A)·op(B) + beta·C`.
+    Gemm [nn, since 7, in 2..=3, out 1..=1] { alpha: f32 = 1.0, beta: f32 = 1.0, transA: i64 = 0, transB: i64 = 0 }
+    /// Einstein summation.
+    Einsum [nn, since 12, in 1..=MANY, out 1..=1] { equation: String }
+    /// Batch normalisation over axis 1 (inference or training form).
+    BatchNormalization [nn, since 9, in 5..=5, out 1..=3] { epsilon: f32 = 1e-5, momentum: f32 = 0.9, training_mode: i64 = 0 }
+    /// Softmax along `axis` (opset < 13: over the flattened trailing axes).
+    Softmax [nn, since 1, in 1..=1, out 1..=1] { axis: Option<i64> }
+    /// Log-softmax along `axis` (opset < 13: over the flattened trailing axes).
+    LogSoftmax [nn, since 1, in 1..=1, out 1..=1] { axis: Option<i64> }
+    /// Dropout (ratio as attribute before opset 12, as input after).
+    Dropout [nn, since 7, in 1..=3, out 1..=2] { seed: Option<i64>, ratio: Option<f32> }
+
+    // ---- shape: data movement and shape computation ----
+    /// Concatenate along `axis`.
+    Concat [shape, since 4, in 1..=MANY, out 1..=1] { axis: i64 }
+    /// Split along `axis` (sizes from the `split` attribute, the second input, or `num_outputs`).
+    Split [shape, since 2, in 1..=2, out 1..=MANY] { axis: i64 = 0, split: Option<Vec<i64>>, num_outputs: Option<i64> }
+    /// Slice with starts, ends, axes and steps inputs.
+    Slice [shape, since 10, in 3..=5, out 1..=1] {}
+    /// Gather along `axis`.
+    Gather [shape, since 1, in 2..=2, out 1..=1] { axis: i64 = 0 }
+    /// Reshape to the shape given as the second input.
+    Reshape [shape, since 5, in 2..=2, out 1..=1] { allowzero: i64 = 0 }
+    /// Permute axes (reverse when `perm` is absent).
+    Transpose [shape, since 1, in 1..=1, out 1..=1] { perm: Option<Vec<i64>> }
+    /// Remove size-1 axes.
+    Squeeze [shape, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>> }
+    /// Insert size-1 axes.
+    Unsqueeze [shape, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>> }
+    /// Flatten to 2-D at `axis`.
+    Flatten [shape, since 1, in 1..=1, out 1..=1] { axis: i64 = 1 }
+    /// Broadcast to a shape.
+    Expand [shape, since 8, in 2..=2, out 1..=1] {}
+    /// Repeat along each axis.
+    Tile [shape, since 6, in 2..=2, out 1..=1] {}
+    /// The shape of the input as an i64 vector (optionally a `start..end` slice of it).
+    Shape [shape, since 1, in 1..=1, out 1..=1] { start: Option<i64>, end: Option<i64> }
+    /// A tensor of the given shape filled with `value`'s single element.
+    ConstantOfShape [shape, since 9, in 1..=1, out 1..=1] { value: Option<Tensor> }
+    /// `start, start+delta, ...` below `limit`.
+    Range [shape, since 11, in 3..=3, out 1..=1] {}
+    /// A constant tensor.
+    Constant [shape, since 1, in 0..=0, out 1..=1] {
+        value: Option<Tensor>, value_float: Option<f32>, value_floats: Option<Vec<f32>>,
+        value_int: Option<i64>, value_ints: Option<Vec<i64>>
+    }
+
+    // ---- reduce ----
+    /// Sum over axes.
+    ReduceSum [reduce, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
+    /// Mean over axes.
+    ReduceMean [reduce, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
+    /// Maximum over axes.
+    ReduceMax [reduce, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
+    /// Minimum over axes.
+    ReduceMin [reduce, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
+    /// Index of the maximum along `axis`.
+    ArgMax [reduce, since 1, in 1..=1, out 1..=1] { axis: i64 = 0, keepdims: i64 = 1, select_last_index: i64 = 0 }
+
+    // ---- rnn: the ONNX recurrent ops ----
+    /// ONNX LSTM (gates i, o, f, c; peepholes [i, o, f]).
+    LSTM [rnn, since 7, in 3..=8, out 0..=3] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        input_forget: i64 = 0, layout: i64 = 0
+    }
+    /// ONNX GRU (gates z, r, h).
+    GRU [rnn, since 7, in 3..=6, out 0..=2] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        layout: i64 = 0, linear_before_reset: i64 = 0
+    }
+    /// ONNX simple RNN.
+    RNN [rnn, since 7, in 3..=6, out 0..=2] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        layout: i64 = 0
+    }
+
+    // ---- control: ops with body graphs ----
+    /// Scan: state variables first, then scanned inputs (opset 8: a leading
+    /// `sequence_lens` input and a batch axis on every value).
+    Scan [control, since 8, in 1..=MANY, out 1..=MANY] {
+        body: Box<Graph>, num_scan_inputs: i64,
+        scan_input_axes: Option<Vec<i64>>, scan_input_directions: Option<Vec<i64>>,
+        scan_output_axes: Option<Vec<i64>>, scan_output_directions: Option<Vec<i64>>,
+        directions: Option<Vec<i64>>
+    }
+    /// Loop with an optional trip count and condition.
+    Loop [control, since 1, in 2..=MANY, out 1..=MANY] { body: Box<Graph> }
+    /// Conditional.
+    If [control, since 1, in 1..=1, out 1..=MANY] { then_branch: Box<Graph>, else_branch: Box<Graph> }
+
+    // ---- sequence: ONNX sequence and optional values ----
+    /// A sequence of the inputs.
+    SequenceConstruct [sequence, since 11, in 1..=MANY, out 1..=1] {}
+    /// An empty sequence of dtype `dtype` (default f32).
+    SequenceEmpty [sequence, since 11, in 0..=0, out 1..=1] { dtype: Option<i64> }
+    /// Insert a tensor at a position (default: the end).
+    SequenceInsert [sequence, since 11, in 2..=3, out 1..=1] {}
+    /// The element at a position.
+    SequenceAt [sequence, since 11, in 2..=2, out 1..=1] {}
+    /// The number of elements.
+    SequenceLength [sequence, since 11, in 1..=1, out 1..=1] {}
+    /// Concatenate (or stack, with `new_axis`) the elements.
+    ConcatFromSequence [sequence, since 11, in 1..=1, out 1..=1] { axis: i64, new_axis: i64 = 0 }
+    /// Whether an optional holds a value.
+    OptionalHasElement [sequence, since 15, in 0..=1, out 1..=1] {}
+    /// The value held by an optional (identity on a plain tensor from opset 18).
+    OptionalGetElement [sequence, since 15, in 1..=1, out 1..=1] {}
+}
+
+impl Op {
+    /// The op's name, as in ONNX.
+    pub fn name(&self) -> &'static str {
+        self.kind().info().name
+    }
+
+    /// The nested graphs this op carries (Scan/Loop bodies, If branches), by attribute.
+    pub fn subgraphs(&self) -> Vec<(&'static str, &Graph)> {
+        self.attrs()
+            .into_iter()
+            .filter_map(|(n, a)| match a {
+                AttrRef::Graph(g) => Some((n, g)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Mutable access to the nested graphs.
+    pub fn subgraphs_mut(&mut self) -> Vec<&mut Graph> {
+        match self {
+            Op::Scan { body, .. } | Op::Loop { body } => vec![&mut **body],
+            Op::If {
+                then_branch,
+                else_branch,
+            } => vec![&mut **then_branch, &mut **else_branch],
+            _ => Vec::new(),
+        }
+    }
+}
