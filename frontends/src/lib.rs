@@ -1,7 +1,22 @@
 //! cellgraph: recurrent neural networks in Rust.
 //!
-//! This facade re-exports the workspace crates. Today it offers the IR and ONNX files
-//! ([`ir`]); the backends, autodiff and the Keras-style frontend land in later issues.
+//! This facade re-exports the workspace crates and holds the `cellgraph` command line.
+//! Today it offers the IR and ONNX files ([`ir`]); the CPU backend, autodiff and the
+//! Keras-style frontend land in later issues.
+//!
+//! ```
+//! use cellgraph::ir::onnx::Model;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/conformance/onnx-node/test_lstm_defaults/model.onnx");
+//! let model = Model::load(path)?;
+//! cellgraph::ir::verify(&model.graph)?;
+//! println!("{}", cellgraph::ir::print_graph(&model.graph));
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod cli;
 
 pub use cellgraph_autodiff as autodiff;
 pub use cellgraph_backends as backends;

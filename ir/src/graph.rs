@@ -133,6 +133,7 @@ pub struct Graph {
     outers: Vec<NodeId>,
     outputs: Vec<ValueRef>,
     opsets: BTreeMap<String, i64>,
+    #[cfg_attr(feature = "serde", serde(skip))]
     names: HashMap<String, ValueRef>,
 }
 
@@ -666,8 +667,15 @@ impl Graph {
         self.opset(info.domain) >= info.since
     }
 
-    /// Rebuilds the name index (after deserialisation).
+    /// Rebuilds the name index of this graph and its nested graphs (after deserialisation).
     pub fn reindex(&mut self) {
+        for w in self.graph.node_weights_mut() {
+            if let NodeKind::Op(op) = &mut w.kind {
+                for body in op.subgraphs_mut() {
+                    body.reindex();
+                }
+            }
+        }
         self.names.clear();
         for n in self.graph.node_indices() {
             for (slot, v) in self.graph[n].outputs.iter().enumerate() {

@@ -44,12 +44,22 @@ impl Default for Limits {
 }
 
 /// How to read a model.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ImportOptions {
     /// The model's folder: external data is read only from files inside it.
     pub base_dir: Option<PathBuf>,
     /// Resource limits.
     pub limits: Limits,
+    /// Rewrite batch-major (`layout=1`) `LSTM`/`GRU`/`RNN` nodes into time-major ones
+    /// between `Transpose`s (on by default: ONNX Runtime's CPU kernels reject
+    /// `layout=1`, so exported files stay runnable there).
+    pub time_major: bool,
+}
+
+impl Default for ImportOptions {
+    fn default() -> ImportOptions {
+        ImportOptions { base_dir: None, limits: Limits::default(), time_major: true }
+    }
 }
 
 struct Importer<'a> {
@@ -57,6 +67,8 @@ struct Importer<'a> {
     opsets: BTreeMap<String, i64>,
     total_bytes: u64,
     nodes: usize,
+    /// Every value name in the file, so generated names never collide.
+    reserved: HashSet<String>,
 }
 
 fn malformed(what: impl Into<String>, msg: impl Into<String>) -> Error {
@@ -103,11 +115,14 @@ pub fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
         .graph
         .as_ref()
         .ok_or_else(|| malformed("ModelProto", "has no graph"))?;
+    let mut reserved = HashSet::new();
+    all_names(gp, &mut reserved);
     let mut imp = Importer {
         opts,
         opsets,
         total_bytes: 0,
         nodes: 0,
+        reserved,
     };
     let graph = imp.graph(gp, &[], 0)?;
     Ok(Model {
@@ -160,6 +175,67 @@ fn free_names(gp: &proto::GraphProto, out: &mut HashSet<String>) {
     }
     used.extend(gp.output.iter().map(|v| v.name().to_string()));
     out.extend(used.into_iter().filter(|u| !defined.contains(u.as_str())));
+}
+
+fn all_names(gp: &proto::GraphProto, out: &mut HashSet<String>) {
+    out.extend(gp.input.iter().map(|v| v.name().to_string()));
+    out.extend(gp.initializer.iter().map(|t| t.name().to_string()));
+    for n in &gp.node {
+        out.extend(n.output.iter().cloned());
+        for a in &n.attribute {
+            for g in a.g.iter().chain(a.graphs.iter()) {
+                all_names(g, out);
+            }
+        }
+    }
+}
+
+/// The `layout` of a recurrent op.
+fn recurrent_layout(op: &Op) -> Option<i64> {
+    match op {
+        Op::LSTM { layout, .. } | Op::GRU { layout, .. } | Op::RNN { layout, .. } => Some(*layout),
+        _ => None,
+    }
+}
+
+/// Adds a batch-major recurrent node as `Transpose`s around its time-major form:
+/// X `[N,T,I]` and the initial states `[N,D,H]` are transposed in, Y `[T,D,N,H]` and the
+/// final states `[D,N,H]` are transposed back, so the outputs keep their names and shapes.
+fn add_time_major(g: &mut Graph, name: &str, mut op: Op, inputs: Vec<Option<ValueRef>>, outs: &[&str], reserved: &HashSet<String>) -> Result<()> {
+    if let Op::LSTM { layout, .. } | Op::GRU { layout, .. } | Op::RNN { layout, .. } = &mut op {
+        *layout = 0;
+    }
+    let fresh = |g: &Graph, base: &str| -> String {
+        let mut n = format!("{base}__time_major");
+        let mut k = 1;
+        while g.find(&n).is_some() || reserved.contains(&n) {
+            n = format!("{base}__time_major{k}");
+            k += 1;
+        }
+        n
+    };
+    let label = if name.is_empty() { outs.iter().find(|o| !o.is_empty()).copied().unwrap_or("rnn") } else { name };
+    let perm = |p: &[i64]| Op::Transpose { perm: Some(p.to_vec()) };
+    let mut new_inputs = inputs.clone();
+    for slot in [0usize, 5, 6] {
+        if let Some(Some(v)) = inputs.get(slot) {
+            let base = g.value(*v).name.clone();
+            let t = fresh(g, &base);
+            let id = g.add_node(&format!("{label}/time_major_in{slot}"), perm(&[1, 0, 2]), &[Some(*v)], &[&t])?;
+            new_inputs[slot] = Some(ValueRef { node: id, slot: 0 });
+        }
+    }
+    let inner: Vec<String> = outs.iter().map(|o| if o.is_empty() { String::new() } else { fresh(g, o) }).collect();
+    let inner_refs: Vec<&str> = inner.iter().map(String::as_str).collect();
+    let id = g.add_node(name, op, &new_inputs, &inner_refs)?;
+    for (slot, o) in outs.iter().enumerate() {
+        if o.is_empty() {
+            continue;
+        }
+        let p: &[i64] = if slot == 0 { &[2, 0, 1, 3] } else { &[1, 0, 2] };
+        g.add_node(&format!("{label}/batch_major_out{slot}"), perm(p), &[Some(ValueRef { node: id, slot })], &[o])?;
+    }
+    Ok(())
 }
 
 fn lookup(scopes: &[&Graph], name: &str) -> Option<ValueType> {
@@ -357,6 +433,9 @@ impl Importer<'_> {
             });
         }
         let outs: Vec<&str> = np.output.iter().map(String::as_str).collect();
+        if self.opts.time_major && recurrent_layout(&op) == Some(1) {
+            return add_time_major(g, np.name(), op, inputs, &outs, &self.reserved);
+        }
         g.add_node(np.name(), op, &inputs, &outs)?;
         Ok(())
     }

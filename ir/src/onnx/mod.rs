@@ -25,6 +25,7 @@ pub const DEFAULT_IR_VERSION: i64 = 10;
 
 /// A model: the main graph plus the `ModelProto` fields cellgraph keeps.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Model {
     /// ONNX IR version.
     pub ir_version: i64,
@@ -100,6 +101,7 @@ impl Model {
             &ImportOptions {
                 base_dir: base,
                 limits: limits.clone(),
+                ..ImportOptions::default()
             },
         )
     }
@@ -112,6 +114,21 @@ impl Model {
     /// The serialized `ModelProto`.
     pub fn to_bytes(&self) -> Vec<u8> {
         model_to_bytes(self)
+    }
+
+    /// The serde (JSON) form of the model, for debugging and diffs.
+    #[cfg(feature = "serde")]
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(|e| Error::Json(e.to_string()))
+    }
+
+    /// Reads the serde (JSON) form written by [`Model::to_json`]; the graph is verified.
+    #[cfg(feature = "serde")]
+    pub fn from_json(text: &str) -> Result<Model> {
+        let mut m: Model = serde_json::from_str(text).map_err(|e| Error::Json(e.to_string()))?;
+        m.graph.reindex();
+        crate::verify::verify(&m.graph)?;
+        Ok(m)
     }
 
     /// Writes an `.onnx` file (all tensors inline).

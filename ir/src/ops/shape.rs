@@ -259,7 +259,7 @@ pub fn infer(op: &Op, cx: &InferCtx<'_>) -> RuleResult {
                 None => cx
                     .tensor(1)?
                     .known_dims()
-                    .and_then(|d| d.first().map(|&n| vec![Dim::Unknown; n as usize])),
+                    .and_then(|d| unknown_dims(d.first().copied())),
             };
             outputs(cx, vec![tensor(x.dtype, shape)])
         }
@@ -454,7 +454,7 @@ pub fn infer(op: &Op, cx: &InferCtx<'_>) -> RuleResult {
                 None => cx
                     .tensor(0)?
                     .known_dims()
-                    .and_then(|k| k.first().map(|&n| vec![Dim::Unknown; n as usize])),
+                    .and_then(|k| unknown_dims(k.first().copied())),
             };
             outputs(cx, vec![tensor(Some(d), shape)])
         }
@@ -561,4 +561,12 @@ pub fn reshape_dims(
         }
     }
     Ok(out)
+}
+
+/// The largest rank shape rules will materialise from a shape-vector length.
+pub const MAX_RANK: u64 = 256;
+
+/// `rank` unknown dimensions, or an unknown rank when `rank` is unknown or absurd.
+fn unknown_dims(rank: Option<u64>) -> Option<Vec<Dim>> {
+    rank.filter(|&r| r <= MAX_RANK).map(|r| vec![Dim::Unknown; r as usize])
 }

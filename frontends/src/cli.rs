@@ -1,0 +1,167 @@
+//! The `cellgraph` command line: `inspect` and `convert` (more subcommands land with
+//! later issues).
+
+use crate::ir::onnx::Model;
+use crate::ir::{print_graph, to_dot, verify, NodeKind};
+use clap::{Parser, Subcommand};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Errors of the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Reading, checking or writing a model failed.
+    #[error("{path}: {source}")]
+    Model {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: crate::ir::Error,
+    },
+    /// Writing an output file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The command line asks for something cellgraph cannot do.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// cellgraph: recurrent neural networks in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "cellgraph", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print an ONNX model: opset imports, inputs and outputs with shapes, parameter
+    /// count, and the IR text (one line per node).
+    Inspect {
+        /// The `.onnx` file (or a `.json` file written by `convert`).
+        file: PathBuf,
+        /// Also write the graph in Graphviz DOT to this file (`-` for standard output,
+        /// instead of the text form).
+        #[arg(long, value_name = "PATH")]
+        dot: Option<PathBuf>,
+    },
+    /// Read a model and write it again from the IR: `.onnx`, or `.json` for the serde form.
+    Convert {
+        /// The input (`.onnx`, or `.json` written by this command).
+        input: PathBuf,
+        /// The output (`.onnx` or `.json`).
+        output: PathBuf,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Inspect { file, dot } => {
+            let m = load(&file)?;
+            match dot.as_deref() {
+                Some(p) if p == Path::new("-") => print!("{}", to_dot(&m.graph)),
+                Some(p) => {
+                    std::fs::write(p, to_dot(&m.graph)).map_err(|source| CliError::Io { path: p.to_path_buf(), source })?;
+                    print!("{}", inspect_text(&file, &m));
+                    println!("DOT graph written to {}", p.display());
+                }
+                None => print!("{}", inspect_text(&file, &m)),
+            }
+            Ok(())
+        }
+        Command::Convert { input, output } => {
+            let m = load(&input)?;
+            save(&m, &output)?;
+            println!("wrote {} ({} ops, {} parameters)", output.display(), m.graph.op_count(), m.graph.parameter_count());
+            Ok(())
+        }
+    }
+}
+
+fn is_json(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// Loads a model from `.onnx` or (with the `serde` feature) `.json`, and verifies it.
+pub fn load(path: &Path) -> Result<Model, CliError> {
+    let wrap = |source| CliError::Model { path: path.to_path_buf(), source };
+    let m = if is_json(path) {
+        load_json(path)?
+    } else {
+        Model::load(path).map_err(|e| match e {
+            crate::ir::Error::Io { path, source } => CliError::Io { path, source },
+            other => wrap(other),
+        })?
+    };
+    verify(&m.graph).map_err(wrap)?;
+    Ok(m)
+}
+
+#[cfg(feature = "serde")]
+fn load_json(path: &Path) -> Result<Model, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io { path: path.to_path_buf(), source })?;
+    Model::from_json(&text).map_err(|source| CliError::Model { path: path.to_path_buf(), source })
+}
+
+#[cfg(not(feature = "serde"))]
+fn load_json(_: &Path) -> Result<Model, CliError> {
+    Err(CliError::Usage("JSON needs cellgraph built with the `serde` feature".into()))
+}
+
+/// Writes a model as `.onnx` or (with the `serde` feature) `.json`.
+pub fn save(m: &Model, path: &Path) -> Result<(), CliError> {
+    let bytes = if is_json(path) { json_bytes(m, path)? } else { m.to_bytes() };
+    std::fs::write(path, bytes).map_err(|source| CliError::Io { path: path.to_path_buf(), source })
+}
+
+#[cfg(feature = "serde")]
+fn json_bytes(m: &Model, path: &Path) -> Result<Vec<u8>, CliError> {
+    m.to_json().map(String::into_bytes).map_err(|source| CliError::Model { path: path.to_path_buf(), source })
+}
+
+#[cfg(not(feature = "serde"))]
+fn json_bytes(_: &Model, _: &Path) -> Result<Vec<u8>, CliError> {
+    Err(CliError::Usage("JSON needs cellgraph built with the `serde` feature".into()))
+}
+
+/// The text `cellgraph inspect` prints.
+pub fn inspect_text(path: &Path, m: &Model) -> String {
+    let g = &m.graph;
+    let mut s = String::new();
+    let _ = writeln!(s, "model: {}", path.display());
+    let _ = writeln!(s, "ir_version: {}  producer: {} {}", m.ir_version, m.producer_name, m.producer_version);
+    let opsets: Vec<String> = g.opsets().iter().map(|(d, v)| format!("{} {v}", if d.is_empty() { "ai.onnx" } else { d })).collect();
+    let _ = writeln!(s, "opset imports: {}", opsets.join(", "));
+    let _ = writeln!(s, "inputs:");
+    for v in g.input_values() {
+        let val = g.value(v);
+        let _ = writeln!(s, "  {} : {}", val.name, val.ty);
+    }
+    let _ = writeln!(s, "outputs:");
+    for &v in g.outputs() {
+        let val = g.value(v);
+        let _ = writeln!(s, "  {} : {}", val.name, val.ty);
+    }
+    let trainable: u64 = g
+        .initializers()
+        .iter()
+        .filter_map(|&n| match &g.node(n).kind {
+            NodeKind::Initializer { tensor, trainable: true } => Some(tensor.len() as u64),
+            _ => None,
+        })
+        .sum();
+    let _ = writeln!(s, "parameters: {} ({} in trainable initializers)", g.parameter_count(), trainable);
+    let _ = writeln!(s, "ops: {}", g.op_count());
+    let _ = writeln!(s, "graph:");
+    s.push_str(&print_graph(g));
+    s
+}
