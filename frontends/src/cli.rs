@@ -16,7 +16,7 @@ pub enum CliError {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: crate::ir::Error,
+        source: Box<crate::ir::Error>,
     },
     /// Writing an output file failed.
     #[error("{path}: {source}")]
@@ -29,6 +29,15 @@ pub enum CliError {
     /// The command line asks for something cellgraph cannot do.
     #[error("{0}")]
     Usage(String),
+}
+
+impl CliError {
+    fn model(path: &Path, source: crate::ir::Error) -> CliError {
+        CliError::Model {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        }
+    }
 }
 
 /// cellgraph: recurrent neural networks in Rust.
@@ -70,7 +79,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             match dot.as_deref() {
                 Some(p) if p == Path::new("-") => print!("{}", to_dot(&m.graph)),
                 Some(p) => {
-                    std::fs::write(p, to_dot(&m.graph)).map_err(|source| CliError::Io { path: p.to_path_buf(), source })?;
+                    std::fs::write(p, to_dot(&m.graph)).map_err(|source| CliError::Io {
+                        path: p.to_path_buf(),
+                        source,
+                    })?;
                     print!("{}", inspect_text(&file, &m));
                     println!("DOT graph written to {}", p.display());
                 }
@@ -81,19 +93,25 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Convert { input, output } => {
             let m = load(&input)?;
             save(&m, &output)?;
-            println!("wrote {} ({} ops, {} parameters)", output.display(), m.graph.op_count(), m.graph.parameter_count());
+            println!(
+                "wrote {} ({} ops, {} parameters)",
+                output.display(),
+                m.graph.op_count(),
+                m.graph.parameter_count()
+            );
             Ok(())
         }
     }
 }
 
 fn is_json(p: &Path) -> bool {
-    p.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+    p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
 }
 
 /// Loads a model from `.onnx` or (with the `serde` feature) `.json`, and verifies it.
 pub fn load(path: &Path) -> Result<Model, CliError> {
-    let wrap = |source| CliError::Model { path: path.to_path_buf(), source };
+    let wrap = |source| CliError::model(path, source);
     let m = if is_json(path) {
         load_json(path)?
     } else {
@@ -108,29 +126,45 @@ pub fn load(path: &Path) -> Result<Model, CliError> {
 
 #[cfg(feature = "serde")]
 fn load_json(path: &Path) -> Result<Model, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io { path: path.to_path_buf(), source })?;
-    Model::from_json(&text).map_err(|source| CliError::Model { path: path.to_path_buf(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Model::from_json(&text).map_err(|source| CliError::model(path, source))
 }
 
 #[cfg(not(feature = "serde"))]
 fn load_json(_: &Path) -> Result<Model, CliError> {
-    Err(CliError::Usage("JSON needs cellgraph built with the `serde` feature".into()))
+    Err(CliError::Usage(
+        "JSON needs cellgraph built with the `serde` feature".into(),
+    ))
 }
 
 /// Writes a model as `.onnx` or (with the `serde` feature) `.json`.
 pub fn save(m: &Model, path: &Path) -> Result<(), CliError> {
-    let bytes = if is_json(path) { json_bytes(m, path)? } else { m.to_bytes() };
-    std::fs::write(path, bytes).map_err(|source| CliError::Io { path: path.to_path_buf(), source })
+    let bytes = if is_json(path) {
+        json_bytes(m, path)?
+    } else {
+        m.to_bytes()
+    };
+    std::fs::write(path, bytes).map_err(|source| CliError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(feature = "serde")]
 fn json_bytes(m: &Model, path: &Path) -> Result<Vec<u8>, CliError> {
-    m.to_json().map(String::into_bytes).map_err(|source| CliError::Model { path: path.to_path_buf(), source })
+    m.to_json()
+        .map(String::into_bytes)
+        .map_err(|source| CliError::model(path, source))
 }
 
 #[cfg(not(feature = "serde"))]
 fn json_bytes(_: &Model, _: &Path) -> Result<Vec<u8>, CliError> {
-    Err(CliError::Usage("JSON needs cellgraph built with the `serde` feature".into()))
+    Err(CliError::Usage(
+        "JSON needs cellgraph built with the `serde` feature".into(),
+    ))
 }
 
 /// The text `cellgraph inspect` prints.
@@ -138,8 +172,16 @@ pub fn inspect_text(path: &Path, m: &Model) -> String {
     let g = &m.graph;
     let mut s = String::new();
     let _ = writeln!(s, "model: {}", path.display());
-    let _ = writeln!(s, "ir_version: {}  producer: {} {}", m.ir_version, m.producer_name, m.producer_version);
-    let opsets: Vec<String> = g.opsets().iter().map(|(d, v)| format!("{} {v}", if d.is_empty() { "ai.onnx" } else { d })).collect();
+    let _ = writeln!(
+        s,
+        "ir_version: {}  producer: {} {}",
+        m.ir_version, m.producer_name, m.producer_version
+    );
+    let opsets: Vec<String> = g
+        .opsets()
+        .iter()
+        .map(|(d, v)| format!("{} {v}", if d.is_empty() { "ai.onnx" } else { d }))
+        .collect();
     let _ = writeln!(s, "opset imports: {}", opsets.join(", "));
     let _ = writeln!(s, "inputs:");
     for v in g.input_values() {
@@ -155,11 +197,19 @@ pub fn inspect_text(path: &Path, m: &Model) -> String {
         .initializers()
         .iter()
         .filter_map(|&n| match &g.node(n).kind {
-            NodeKind::Initializer { tensor, trainable: true } => Some(tensor.len() as u64),
+            NodeKind::Initializer {
+                tensor,
+                trainable: true,
+            } => Some(tensor.len() as u64),
             _ => None,
         })
         .sum();
-    let _ = writeln!(s, "parameters: {} ({} in trainable initializers)", g.parameter_count(), trainable);
+    let _ = writeln!(
+        s,
+        "parameters: {} ({} in trainable initializers)",
+        g.parameter_count(),
+        trainable
+    );
     let _ = writeln!(s, "ops: {}", g.op_count());
     let _ = writeln!(s, "graph:");
     s.push_str(&print_graph(g));

@@ -39,10 +39,17 @@ fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> proto::NodeP
     }
 }
 
-fn model(nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>, outputs: &[&str]) -> proto::ModelProto {
+fn model(
+    nodes: Vec<proto::NodeProto>,
+    inits: Vec<proto::TensorProto>,
+    outputs: &[&str],
+) -> proto::ModelProto {
     proto::ModelProto {
         ir_version: Some(10),
-        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(21) }],
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(21),
+        }],
         graph: Some(proto::GraphProto {
             name: Some("g".into()),
             node: nodes,
@@ -62,7 +69,10 @@ fn import(m: &proto::ModelProto) -> Result<Model, Error> {
 #[test]
 fn a_cycle_is_refused_naming_its_nodes() {
     let m = model(
-        vec![node("Add", "first", &["x", "z"], &["y"]), node("Relu", "second", &["y"], &["z"])],
+        vec![
+            node("Add", "first", &["x", "z"], &["y"]),
+            node("Relu", "second", &["y"], &["z"]),
+        ],
         vec![],
         &["z"],
     );
@@ -77,12 +87,26 @@ fn a_cycle_is_refused_naming_its_nodes() {
 
 #[test]
 fn a_dangling_value_name_is_refused_naming_reader_and_value() {
-    let m = model(vec![node("Add", "adder", &["x", "nowhere"], &["y"])], vec![], &["y"]);
+    let m = model(
+        vec![node("Add", "adder", &["x", "nowhere"], &["y"])],
+        vec![],
+        &["y"],
+    );
     let e = import(&m).expect_err("dangling input must fail");
-    assert!(matches!(&e, Error::Dangling { name, user, .. } if name == "nowhere" && user.contains("adder")), "{e}");
-    let m = model(vec![node("Relu", "r", &["x"], &["y"])], vec![], &["not_there"]);
+    assert!(
+        matches!(&e, Error::Dangling { name, user, .. } if name == "nowhere" && user.contains("adder")),
+        "{e}"
+    );
+    let m = model(
+        vec![node("Relu", "r", &["x"], &["y"])],
+        vec![],
+        &["not_there"],
+    );
     let e = import(&m).expect_err("dangling output must fail");
-    assert!(matches!(&e, Error::Dangling { name, user, .. } if name == "not_there" && user == "graph output"), "{e}");
+    assert!(
+        matches!(&e, Error::Dangling { name, user, .. } if name == "not_there" && user == "graph output"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -94,12 +118,19 @@ fn a_2_pow_40_element_initializer_is_refused_before_allocation() {
         raw_data: Some(vec![0; 16]),
         ..Default::default()
     };
-    let m = model(vec![node("Add", "a", &["x", "w"], &["y"])], vec![huge], &["y"]);
+    let m = model(
+        vec![node("Add", "a", &["x", "w"], &["y"])],
+        vec![huge],
+        &["y"],
+    );
     let t = Instant::now();
     let e = import(&m).expect_err("huge tensor must fail");
     assert!(t.elapsed().as_millis() < 500, "took {:?}", t.elapsed());
     match e {
-        Error::Limit { what } => assert!(what.contains("initializer \"w\"") && what.contains("4398046511104 bytes"), "{what}"),
+        Error::Limit { what } => assert!(
+            what.contains("initializer \"w\"") && what.contains("4398046511104 bytes"),
+            "{what}"
+        ),
         other => panic!("expected a limit error, got {other}"),
     }
     // Within the limit but with too little data: a tensor error, still no allocation.
@@ -110,33 +141,65 @@ fn a_2_pow_40_element_initializer_is_refused_before_allocation() {
         raw_data: Some(vec![0; 16]),
         ..Default::default()
     };
-    let m = model(vec![node("Add", "a", &["x", "w"], &["y"])], vec![short], &["y"]);
+    let m = model(
+        vec![node("Add", "a", &["x", "w"], &["y"])],
+        vec![short],
+        &["y"],
+    );
     assert!(matches!(import(&m), Err(Error::Tensor { name, .. }) if name.contains("\"w\"")));
 }
 
 #[test]
 fn unknown_ops_domains_and_opsets_are_named() {
-    let m = model(vec![node("FooBar", "mystery", &["x"], &["y"])], vec![], &["y"]);
+    let m = model(
+        vec![node("FooBar", "mystery", &["x"], &["y"])],
+        vec![],
+        &["y"],
+    );
     match import(&m) {
-        Err(Error::UnsupportedOp { op, domain, version, node }) => {
-            assert_eq!((op.as_str(), domain.as_str(), version, node.as_str()), ("FooBar", "", 21, "mystery"));
+        Err(Error::UnsupportedOp {
+            op,
+            domain,
+            version,
+            node,
+        }) => {
+            assert_eq!(
+                (op.as_str(), domain.as_str(), version, node.as_str()),
+                ("FooBar", "", 21, "mystery")
+            );
         }
         other => panic!("expected UnsupportedOp, got {other:?}"),
     }
     let mut n = node("Relu", "custom", &["x"], &["y"]);
     n.domain = Some("com.example".into());
     let mut m = model(vec![n], vec![], &["y"]);
-    m.opset_import.push(proto::OperatorSetIdProto { domain: Some("com.example".into()), version: Some(3) });
+    m.opset_import.push(proto::OperatorSetIdProto {
+        domain: Some("com.example".into()),
+        version: Some(3),
+    });
     let e = import(&m).expect_err("custom domain op");
-    assert!(matches!(&e, Error::UnsupportedOp { domain, version: 3, .. } if domain == "com.example"), "{e}");
+    assert!(
+        matches!(&e, Error::UnsupportedOp { domain, version: 3, .. } if domain == "com.example"),
+        "{e}"
+    );
     // An op older than the semantics the IR implements.
-    let mut m = model(vec![node("Slice", "old_slice", &["x"], &["y"])], vec![], &["y"]);
+    let mut m = model(
+        vec![node("Slice", "old_slice", &["x"], &["y"])],
+        vec![],
+        &["y"],
+    );
     m.opset_import[0].version = Some(9);
     let e = import(&m).expect_err("opset-9 Slice");
-    assert!(e.to_string().contains("\"Slice\"") && e.to_string().contains("version 9"), "{e}");
+    assert!(
+        e.to_string().contains("\"Slice\"") && e.to_string().contains("version 9"),
+        "{e}"
+    );
     let mut m = model(vec![node("Relu", "r", &["x"], &["y"])], vec![], &["y"]);
     m.opset_import[0].version = Some(99);
-    assert!(matches!(import(&m), Err(Error::UnsupportedOpset { version: 99, .. })));
+    assert!(matches!(
+        import(&m),
+        Err(Error::UnsupportedOpset { version: 99, .. })
+    ));
 }
 
 #[test]
@@ -149,17 +212,33 @@ fn bad_attributes_are_named() {
         ..Default::default()
     });
     let e = import(&model(vec![n], vec![], &["y"])).expect_err("float axis");
-    assert!(e.to_string().contains("cat") && e.to_string().contains("axis") && e.to_string().contains("expected INT"), "{e}");
+    assert!(
+        e.to_string().contains("cat")
+            && e.to_string().contains("axis")
+            && e.to_string().contains("expected INT"),
+        "{e}"
+    );
     let mut n = node("Relu", "r", &["x"], &["y"]);
-    n.attribute.push(proto::AttributeProto { name: Some("alpha".into()), r#type: Some(AttributeType::Float as i32), f: Some(1.0), ..Default::default() });
+    n.attribute.push(proto::AttributeProto {
+        name: Some("alpha".into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(1.0),
+        ..Default::default()
+    });
     let e = import(&model(vec![n], vec![], &["y"])).expect_err("unknown attribute");
     assert!(e.to_string().contains("unknown attribute `alpha`"), "{e}");
 }
 
 fn external_model(location: &str, offset: Option<u64>) -> proto::ModelProto {
-    let mut kv = vec![proto::StringStringEntryProto { key: Some("location".into()), value: Some(location.into()) }];
+    let mut kv = vec![proto::StringStringEntryProto {
+        key: Some("location".into()),
+        value: Some(location.into()),
+    }];
     if let Some(o) = offset {
-        kv.push(proto::StringStringEntryProto { key: Some("offset".into()), value: Some(o.to_string()) });
+        kv.push(proto::StringStringEntryProto {
+            key: Some("offset".into()),
+            value: Some(o.to_string()),
+        });
     }
     let w = proto::TensorProto {
         name: Some("w".into()),
@@ -189,23 +268,38 @@ fn external_data_stays_inside_the_model_folder() {
 
     // Inside: loads, with the right values.
     let m = load_in(&dir, &external_model("w.bin", None)).expect("external data inside the folder");
-    let w = m.graph.constant(m.graph.find("w").expect("w")).expect("constant");
+    let w = m
+        .graph
+        .constant(m.graph.find("w").expect("w"))
+        .expect("constant");
     assert_eq!(w.to_f64_vec(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
 
-    for (loc, needle) in [("../secret.bin", "leaves"), ("sub/../../secret.bin", "leaves"), ("/etc/passwd", "relative")] {
+    for (loc, needle) in [
+        ("../secret.bin", "leaves"),
+        ("sub/../../secret.bin", "leaves"),
+        ("/etc/passwd", "relative"),
+    ] {
         let e = load_in(&dir, &external_model(loc, None)).expect_err(loc);
-        assert!(matches!(&e, Error::Tensor { name, msg } if name.contains("\"w\"") && msg.contains(needle)), "{loc}: {e}");
+        assert!(
+            matches!(&e, Error::Tensor { name, msg } if name.contains("\"w\"") && msg.contains(needle)),
+            "{loc}: {e}"
+        );
     }
     #[cfg(unix)]
     {
-        std::os::unix::fs::symlink(root.path().join("secret.bin"), dir.join("link.bin")).expect("symlink");
+        std::os::unix::fs::symlink(root.path().join("secret.bin"), dir.join("link.bin"))
+            .expect("symlink");
         let e = load_in(&dir, &external_model("link.bin", None)).expect_err("symlink out");
         assert!(e.to_string().contains("outside the model's folder"), "{e}");
     }
     let e = load_in(&dir, &external_model("w.bin", Some(8))).expect_err("offset past the end");
     assert!(e.to_string().contains("past the end"), "{e}");
     // From bytes there is no folder at all.
-    let e = import_model(&external_model("w.bin", None).encode_to_vec(), &ImportOptions::default()).expect_err("no folder");
+    let e = import_model(
+        &external_model("w.bin", None).encode_to_vec(),
+        &ImportOptions::default(),
+    )
+    .expect_err("no folder");
     assert!(e.to_string().contains("not read from a folder"), "{e}");
 }
 
@@ -213,36 +307,74 @@ fn external_data_stays_inside_the_model_folder() {
 fn truncated_and_garbage_bytes_are_decode_errors() {
     let m = model(vec![node("Relu", "r", &["x"], &["y"])], vec![], &["y"]).encode_to_vec();
     assert!(Model::from_bytes(&m).is_ok());
-    assert!(matches!(Model::from_bytes(&m[..m.len() - 3]), Err(Error::Decode(_))));
+    assert!(matches!(
+        Model::from_bytes(&m[..m.len() - 3]),
+        Err(Error::Decode(_))
+    ));
     assert!(Model::from_bytes(b"\xff\xff\xff\xff\xff\xff").is_err());
-    assert!(matches!(Model::from_bytes(b""), Err(Error::Malformed { .. })));
+    assert!(matches!(
+        Model::from_bytes(b""),
+        Err(Error::Malformed { .. })
+    ));
 }
 
 #[test]
 fn the_verifier_names_node_op_and_rule() {
     let mut g = Graph::new("v");
-    let x = g.add_input("x", ValueType::tensor(DType::F32, &[2])).expect("input");
-    let a = g.add_node("first", Op::Relu {}, &[Some(x)], &["a"]).expect("relu");
-    let b = g.add_node("second", Op::Neg {}, &[Some(ValueRef { node: a, slot: 0 })], &["b"]).expect("neg");
-    g.set_outputs(vec![ValueRef { node: b, slot: 0 }]).expect("outputs");
+    let x = g
+        .add_input("x", ValueType::tensor(DType::F32, &[2]))
+        .expect("input");
+    let a = g
+        .add_node("first", Op::Relu {}, &[Some(x)], &["a"])
+        .expect("relu");
+    let b = g
+        .add_node(
+            "second",
+            Op::Neg {},
+            &[Some(ValueRef { node: a, slot: 0 })],
+            &["b"],
+        )
+        .expect("neg");
+    g.set_outputs(vec![ValueRef { node: b, slot: 0 }])
+        .expect("outputs");
     cellgraph_ir::verify(&g).expect("valid graph");
     // Rewire into a cycle.
     g.set_input(a, 0, Some(ValueRef { node: b, slot: 0 }));
     assert!(matches!(cellgraph_ir::verify(&g), Err(Error::Cycle { .. })));
     // Dtype mismatch at creation.
     let mut g = Graph::new("t");
-    let x = g.add_input("x", ValueType::tensor(DType::F32, &[2])).expect("input");
-    let i = g.add_input("i", ValueType::tensor(DType::I64, &[2])).expect("input");
-    let e = g.add_node("mix", Op::Add {}, &[Some(x), Some(i)], &["y"]).expect_err("f32 + i64");
-    assert!(matches!(&e, Error::Infer { node, op, msg } if node == "mix" && op == "Add" && msg.contains("dtype")), "{e}");
+    let x = g
+        .add_input("x", ValueType::tensor(DType::F32, &[2]))
+        .expect("input");
+    let i = g
+        .add_input("i", ValueType::tensor(DType::I64, &[2]))
+        .expect("input");
+    let e = g
+        .add_node("mix", Op::Add {}, &[Some(x), Some(i)], &["y"])
+        .expect_err("f32 + i64");
+    assert!(
+        matches!(&e, Error::Infer { node, op, msg } if node == "mix" && op == "Add" && msg.contains("dtype")),
+        "{e}"
+    );
     // Wrong arity.
-    let e = g.add_node("one", Op::Add {}, &[Some(x)], &["z"]).expect_err("arity");
-    assert!(e.to_string().contains("has 1 inputs, the op takes 2"), "{e}");
+    let e = g
+        .add_node("one", Op::Add {}, &[Some(x)], &["z"])
+        .expect_err("arity");
+    assert!(
+        e.to_string().contains("has 1 inputs, the op takes 2"),
+        "{e}"
+    );
     // Shape mismatch.
-    let w = g.add_input("w", ValueType::tensor(DType::F32, &[3, 4])).expect("input");
-    let e = g.add_node("mm", Op::MatMul {}, &[Some(x), Some(w)], &["m"]).expect_err("2 vs 3");
+    let w = g
+        .add_input("w", ValueType::tensor(DType::F32, &[3, 4]))
+        .expect("input");
+    let e = g
+        .add_node("mm", Op::MatMul {}, &[Some(x), Some(w)], &["m"])
+        .expect_err("2 vs 3");
     assert!(e.to_string().contains("inner dimensions differ"), "{e}");
     // Duplicate names.
-    let e = g.add_node("dup", Op::Relu {}, &[Some(x)], &["x"]).expect_err("duplicate");
+    let e = g
+        .add_node("dup", Op::Relu {}, &[Some(x)], &["x"])
+        .expect_err("duplicate");
     assert!(matches!(e, Error::DuplicateName { .. }));
 }

@@ -11,7 +11,10 @@ use std::sync::OnceLock;
 fn corpus() -> &'static Vec<Vec<u8>> {
     static C: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
     C.get_or_init(|| {
-        onnx_models(&conformance_dir()).iter().map(|p| std::fs::read(p).expect("read model")).collect()
+        onnx_models(&conformance_dir())
+            .iter()
+            .map(|p| std::fs::read(p).expect("read model"))
+            .collect()
     })
 }
 
@@ -20,7 +23,12 @@ enum Mutation {
     Truncate(usize),
     Flip(usize, u8),
     Set(usize, u8),
-    Splice { at: usize, len: usize, donor: usize, from: usize },
+    Splice {
+        at: usize,
+        len: usize,
+        donor: usize,
+        from: usize,
+    },
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -28,8 +36,14 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         any::<usize>().prop_map(Mutation::Truncate),
         (any::<usize>(), 1u8..=255).prop_map(|(p, m)| Mutation::Flip(p, m)),
         (any::<usize>(), any::<u8>()).prop_map(|(p, b)| Mutation::Set(p, b)),
-        (any::<usize>(), 0usize..64, any::<usize>(), any::<usize>())
-            .prop_map(|(at, len, donor, from)| Mutation::Splice { at, len, donor, from }),
+        (any::<usize>(), 0usize..64, any::<usize>(), any::<usize>()).prop_map(
+            |(at, len, donor, from)| Mutation::Splice {
+                at,
+                len,
+                donor,
+                from
+            }
+        ),
     ]
 }
 
@@ -44,7 +58,12 @@ fn apply(mut bytes: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
             Mutation::Truncate(p) => bytes.truncate(p % n),
             Mutation::Flip(p, mask) => bytes[p % n] ^= mask,
             Mutation::Set(p, b) => bytes[p % n] = b,
-            Mutation::Splice { at, len, donor, from } => {
+            Mutation::Splice {
+                at,
+                len,
+                donor,
+                from,
+            } => {
                 let d = &c[donor % c.len()];
                 let from = from % d.len();
                 let len = len.min(d.len() - from);
@@ -62,7 +81,11 @@ fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
         if verify(&m.graph).is_ok() {
             let text = print_graph(&m.graph);
             let again = Model::from_bytes(&m.to_bytes());
-            prop_assert!(again.is_ok(), "an imported, verified model must re-import: {:?}", again.err());
+            prop_assert!(
+                again.is_ok(),
+                "an imported, verified model must re-import: {:?}",
+                again.err()
+            );
             let again = again.map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(text, print_graph(&again.graph));
         }

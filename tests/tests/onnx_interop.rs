@@ -37,15 +37,28 @@ fn converted_models_pass_onnx_checker_and_run_in_onnxruntime() {
     let models = onnx_models(&root);
     assert!(models.len() >= 360);
     for m in &models {
-        let rel = m.parent().and_then(|p| p.strip_prefix(&root).ok()).expect("model inside the conformance folder");
+        let rel = m
+            .parent()
+            .and_then(|p| p.strip_prefix(&root).ok())
+            .expect("model inside the conformance folder");
         let dst = out.path().join(rel);
         std::fs::create_dir_all(&dst).expect("create output folder");
         let target = dst.join("model.onnx");
-        let cli = Cli::parse_from(["cellgraph", "convert", &m.to_string_lossy(), &target.to_string_lossy()]);
+        let cli = Cli::parse_from([
+            "cellgraph",
+            "convert",
+            &m.to_string_lossy(),
+            &target.to_string_lossy(),
+        ]);
         run(cli).unwrap_or_else(|e| panic!("convert {}: {e}", m.display()));
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/check_onnx_exports.py");
-    let res = Command::new(&py).arg(&script).arg(out.path()).arg(&root).output().expect("run python");
+    let res = Command::new(&py)
+        .arg(&script)
+        .arg(out.path())
+        .arg(&root)
+        .output()
+        .expect("run python");
     let stdout = String::from_utf8_lossy(&res.stdout);
     let failures: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
     let summary = stdout.lines().last().unwrap_or("");
@@ -56,5 +69,8 @@ fn converted_models_pass_onnx_checker_and_run_in_onnxruntime() {
         failures.join("\n"),
         String::from_utf8_lossy(&res.stderr)
     );
-    assert!(summary.contains(&format!("{} passed, 0 failed", models.len())), "unexpected summary: {summary}");
+    assert!(
+        summary.contains(&format!("{} passed, 0 failed", models.len())),
+        "unexpected summary: {summary}"
+    );
 }

@@ -58,7 +58,11 @@ pub struct ImportOptions {
 
 impl Default for ImportOptions {
     fn default() -> ImportOptions {
-        ImportOptions { base_dir: None, limits: Limits::default(), time_major: true }
+        ImportOptions {
+            base_dir: None,
+            limits: Limits::default(),
+            time_major: true,
+        }
     }
 }
 
@@ -201,7 +205,14 @@ fn recurrent_layout(op: &Op) -> Option<i64> {
 /// Adds a batch-major recurrent node as `Transpose`s around its time-major form:
 /// X `[N,T,I]` and the initial states `[N,D,H]` are transposed in, Y `[T,D,N,H]` and the
 /// final states `[D,N,H]` are transposed back, so the outputs keep their names and shapes.
-fn add_time_major(g: &mut Graph, name: &str, mut op: Op, inputs: Vec<Option<ValueRef>>, outs: &[&str], reserved: &HashSet<String>) -> Result<()> {
+fn add_time_major(
+    g: &mut Graph,
+    name: &str,
+    mut op: Op,
+    inputs: Vec<Option<ValueRef>>,
+    outs: &[&str],
+    reserved: &HashSet<String>,
+) -> Result<()> {
     if let Op::LSTM { layout, .. } | Op::GRU { layout, .. } | Op::RNN { layout, .. } = &mut op {
         *layout = 0;
     }
@@ -214,18 +225,41 @@ fn add_time_major(g: &mut Graph, name: &str, mut op: Op, inputs: Vec<Option<Valu
         }
         n
     };
-    let label = if name.is_empty() { outs.iter().find(|o| !o.is_empty()).copied().unwrap_or("rnn") } else { name };
-    let perm = |p: &[i64]| Op::Transpose { perm: Some(p.to_vec()) };
+    let label = if name.is_empty() {
+        outs.iter()
+            .find(|o| !o.is_empty())
+            .copied()
+            .unwrap_or("rnn")
+    } else {
+        name
+    };
+    let perm = |p: &[i64]| Op::Transpose {
+        perm: Some(p.to_vec()),
+    };
     let mut new_inputs = inputs.clone();
     for slot in [0usize, 5, 6] {
         if let Some(Some(v)) = inputs.get(slot) {
             let base = g.value(*v).name.clone();
             let t = fresh(g, &base);
-            let id = g.add_node(&format!("{label}/time_major_in{slot}"), perm(&[1, 0, 2]), &[Some(*v)], &[&t])?;
+            let id = g.add_node(
+                &format!("{label}/time_major_in{slot}"),
+                perm(&[1, 0, 2]),
+                &[Some(*v)],
+                &[&t],
+            )?;
             new_inputs[slot] = Some(ValueRef { node: id, slot: 0 });
         }
     }
-    let inner: Vec<String> = outs.iter().map(|o| if o.is_empty() { String::new() } else { fresh(g, o) }).collect();
+    let inner: Vec<String> = outs
+        .iter()
+        .map(|o| {
+            if o.is_empty() {
+                String::new()
+            } else {
+                fresh(g, o)
+            }
+        })
+        .collect();
     let inner_refs: Vec<&str> = inner.iter().map(String::as_str).collect();
     let id = g.add_node(name, op, &new_inputs, &inner_refs)?;
     for (slot, o) in outs.iter().enumerate() {
@@ -233,7 +267,12 @@ fn add_time_major(g: &mut Graph, name: &str, mut op: Op, inputs: Vec<Option<Valu
             continue;
         }
         let p: &[i64] = if slot == 0 { &[2, 0, 1, 3] } else { &[1, 0, 2] };
-        g.add_node(&format!("{label}/batch_major_out{slot}"), perm(p), &[Some(ValueRef { node: id, slot })], &[o])?;
+        g.add_node(
+            &format!("{label}/batch_major_out{slot}"),
+            perm(p),
+            &[Some(ValueRef { node: id, slot })],
+            &[o],
+        )?;
     }
     Ok(())
 }

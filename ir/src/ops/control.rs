@@ -80,13 +80,9 @@ pub fn infer(op: &Op, cx: &InferCtx<'_>) -> RuleResult {
                     ));
                 }
             }
-            for i in 0..n + m {
+            for (i, inner) in bin.iter().enumerate() {
                 if cx.has(first + i) {
-                    check_compatible(
-                        &format!("input {}", first + i),
-                        cx.input(first + i)?,
-                        &bin[i],
-                    )?;
+                    check_compatible(&format!("input {}", first + i), cx.input(first + i)?, inner)?;
                 }
             }
             // The sequence length, from the first scan input.

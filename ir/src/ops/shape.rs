@@ -568,5 +568,6 @@ pub const MAX_RANK: u64 = 256;
 
 /// `rank` unknown dimensions, or an unknown rank when `rank` is unknown or absurd.
 fn unknown_dims(rank: Option<u64>) -> Option<Vec<Dim>> {
-    rank.filter(|&r| r <= MAX_RANK).map(|r| vec![Dim::Unknown; r as usize])
+    rank.filter(|&r| r <= MAX_RANK)
+        .map(|r| vec![Dim::Unknown; r as usize])
 }
