@@ -140,6 +140,25 @@ fn attr_to_proto(name: &str, a: AttrRef<'_>) -> proto::AttributeProto {
             p.g = Some(graph_to_proto(g));
             T::Graph
         }
+        AttrRef::Tensors(v) => {
+            p.tensors = v.iter().map(|t| tensor_to_proto("", t)).collect();
+            T::Tensors
+        }
+        AttrRef::Graphs(v) => {
+            p.graphs = v.iter().map(graph_to_proto).collect();
+            T::Graphs
+        }
+        AttrRef::TypeProto(t) => {
+            p.tp = type_to_proto(t);
+            T::TypeProto
+        }
+        AttrRef::TypeProtos(v) => {
+            p.type_protos = v
+                .iter()
+                .map(|t| type_to_proto(t).unwrap_or_default())
+                .collect();
+            T::TypeProtos
+        }
     };
     p.r#type = Some(ty as i32);
     p

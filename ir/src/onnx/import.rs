@@ -523,6 +523,31 @@ impl Importer<'_> {
                         .ok_or_else(|| malformed(at, "GRAPH attribute has no graph"))?;
                 Attr::Graph(Box::new(self.graph(gp, scopes, depth + 1)?))
             }
+            T::Tensors => Attr::Tensors(
+                a.tensors
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| self.tensor(t, &format!("{at} tensor {i}")))
+                    .collect::<Result<_>>()?,
+            ),
+            T::Graphs => Attr::Graphs(
+                a.graphs
+                    .iter()
+                    .map(|g| self.graph(g, scopes, depth + 1))
+                    .collect::<Result<_>>()?,
+            ),
+            T::TypeProto => {
+                let tp =
+                    a.tp.as_ref()
+                        .ok_or_else(|| malformed(at, "TYPE_PROTO attribute has no type"))?;
+                Attr::TypeProto(value_type(Some(tp)).map_err(|m| malformed(at, m))?)
+            }
+            T::TypeProtos => Attr::TypeProtos(
+                a.type_protos
+                    .iter()
+                    .map(|tp| value_type(Some(tp)).map_err(|m| malformed(at, m)))
+                    .collect::<Result<_>>()?,
+            ),
             other => {
                 return Err(malformed(
                     at,
@@ -566,6 +591,14 @@ fn guess_attr_type(a: &proto::AttributeProto) -> Option<proto::attribute_proto::
         Some(T::Ints)
     } else if !a.strings.is_empty() {
         Some(T::Strings)
+    } else if !a.tensors.is_empty() {
+        Some(T::Tensors)
+    } else if !a.graphs.is_empty() {
+        Some(T::Graphs)
+    } else if a.tp.is_some() {
+        Some(T::TypeProto)
+    } else if !a.type_protos.is_empty() {
+        Some(T::TypeProtos)
     } else {
         None
     }

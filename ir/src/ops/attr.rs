@@ -2,6 +2,7 @@
 
 use crate::graph::Graph;
 use crate::tensor::Tensor;
+use crate::types::ValueType;
 use std::fmt::Write as _;
 
 /// An attribute value as read from a file, before it is moved into a typed op field.
@@ -23,6 +24,14 @@ pub enum Attr {
     Tensor(Tensor),
     /// `GRAPH`.
     Graph(Box<Graph>),
+    /// `TENSORS`.
+    Tensors(Vec<Tensor>),
+    /// `GRAPHS`.
+    Graphs(Vec<Graph>),
+    /// `TYPE_PROTO`.
+    TypeProto(ValueType),
+    /// `TYPE_PROTOS`.
+    TypeProtos(Vec<ValueType>),
 }
 
 impl Attr {
@@ -37,6 +46,10 @@ impl Attr {
             Attr::Strings(_) => "STRINGS",
             Attr::Tensor(_) => "TENSOR",
             Attr::Graph(_) => "GRAPH",
+            Attr::Tensors(_) => "TENSORS",
+            Attr::Graphs(_) => "GRAPHS",
+            Attr::TypeProto(_) => "TYPE_PROTO",
+            Attr::TypeProtos(_) => "TYPE_PROTOS",
         }
     }
 }
@@ -60,6 +73,14 @@ pub enum AttrRef<'a> {
     Tensor(&'a Tensor),
     /// `GRAPH`.
     Graph(&'a Graph),
+    /// `TENSORS`.
+    Tensors(&'a [Tensor]),
+    /// `GRAPHS`.
+    Graphs(&'a [Graph]),
+    /// `TYPE_PROTO`.
+    TypeProto(&'a ValueType),
+    /// `TYPE_PROTOS`.
+    TypeProtos(&'a [ValueType]),
 }
 
 impl AttrRef<'_> {
@@ -96,6 +117,25 @@ impl AttrRef<'_> {
             }
             AttrRef::Tensor(t) => t.summary(),
             AttrRef::Graph(g) => format!("<graph {}>", g.name),
+            AttrRef::Tensors(v) => format!(
+                "[{}]",
+                v.iter().map(Tensor::summary).collect::<Vec<_>>().join(",")
+            ),
+            AttrRef::Graphs(v) => format!(
+                "<graphs {}>",
+                v.iter()
+                    .map(|g| g.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            AttrRef::TypeProto(t) => t.to_string(),
+            AttrRef::TypeProtos(v) => format!(
+                "[{}]",
+                v.iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         }
     }
 }
@@ -138,6 +178,14 @@ attr_field!(Vec<i64>, Ints, "INTS", |v| AttrRef::Ints(v));
 attr_field!(Vec<f32>, Floats, "FLOATS", |v| AttrRef::Floats(v));
 attr_field!(Vec<String>, Strings, "STRINGS", |v| AttrRef::Strings(v));
 attr_field!(Tensor, Tensor, "TENSOR", |v| AttrRef::Tensor(v));
+attr_field!(Vec<Tensor>, Tensors, "TENSORS", |v| AttrRef::Tensors(v));
+attr_field!(Vec<Graph>, Graphs, "GRAPHS", |v| AttrRef::Graphs(v));
+attr_field!(ValueType, TypeProto, "TYPE_PROTO", |v| AttrRef::TypeProto(
+    v
+));
+attr_field!(Vec<ValueType>, TypeProtos, "TYPE_PROTOS", |v| {
+    AttrRef::TypeProtos(v)
+});
 
 impl AttrField for Box<Graph> {
     fn take(value: Option<Attr>, _default: Option<Self>) -> Result<Self, String> {

@@ -376,9 +376,10 @@ impl Op {
     pub fn subgraphs(&self) -> Vec<(&'static str, &Graph)> {
         self.attrs()
             .into_iter()
-            .filter_map(|(n, a)| match a {
-                AttrRef::Graph(g) => Some((n, g)),
-                _ => None,
+            .flat_map(|(n, a)| match a {
+                AttrRef::Graph(g) => vec![(n, g)],
+                AttrRef::Graphs(gs) => gs.iter().map(|g| (n, g)).collect(),
+                _ => Vec::new(),
             })
             .collect()
     }
