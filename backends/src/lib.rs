@@ -1,5 +1,37 @@
-//! cellgraph backends: the CPU backend, pattern rules and the selector, and later CUDA.
+//! cellgraph backends: compile a [`Graph`] into a plan once, run the plan many times.
 //!
-//! Not implemented yet: this crate reserves its place in the workspace (it depends only
-//! on `cellgraph-ir`, never on `autodiff` or the frontends). Kernels land with the CPU
-//! backend issue.
+//! Today there is the CPU backend ([`cpu::CpuBackend`]): a kernel for every op of the IR
+//! with ONNX semantics, `Scan`/`Loop`/`If` run as loops over their compiled bodies, and
+//! fused kernels for ONNX `LSTM`/`GRU`/`RNN`. [`lower`] expands the recurrent ops into
+//! `Scan` loops over the cell's primitive ops: the reference the fused kernels are
+//! checked against. This crate depends only on `cellgraph-ir`.
+
+#![warn(missing_docs)]
+
+pub mod cpu;
+pub mod data;
+pub mod error;
+pub mod gemm;
+pub mod lower;
+pub mod num;
+
+pub use data::Data;
+pub use error::{Error, Result};
+
+use cellgraph_ir::Graph;
+
+/// A backend compiles graphs into runnable plans.
+pub trait Backend {
+    /// The compiled form of a graph.
+    type Plan: Plan;
+    /// The backend's name (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+    /// Compiles `graph` (verified by the caller) into a plan.
+    fn compile(&self, graph: &Graph) -> Result<Self::Plan>;
+}
+
+/// A compiled graph.
+pub trait Plan {
+    /// Runs the plan on values for the graph inputs, in order; returns the graph outputs.
+    fn run(&mut self, inputs: Vec<Data>) -> Result<Vec<Data>>;
+}

@@ -69,11 +69,107 @@ pub enum Command {
         /// The output (`.onnx` or `.json`).
         output: PathBuf,
     },
+    /// Run conformance suites. Prints `PASS <case>` or `FAIL <case>: <reason>` per case,
+    /// then `N passed, M failed`; exits 1 if anything failed.
+    Conformance {
+        /// Which suite format.
+        #[command(subcommand)]
+        suite: Suite,
+    },
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<(), CliError> {
+/// Conformance suite formats.
+#[derive(Debug, Subcommand)]
+pub enum Suite {
+    /// ONNX backend-test cases: each PATH is a case folder (`model.onnx` and
+    /// `test_data_set_*/{input,output}_<j>.pb`) or a folder of such.
+    Onnx {
+        /// Case folders, or folders holding case folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// How LSTM/GRU/RNN run: fused kernels or Scan loops.
+        #[arg(long, value_enum, default_value = "fused")]
+        recurrent: RecurrentArg,
+        /// The backend.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+        /// Relative tolerance.
+        #[arg(long, default_value_t = 1e-3)]
+        rtol: f64,
+        /// Absolute tolerance.
+        #[arg(long, default_value_t = 1e-7)]
+        atol: f64,
+    },
+}
+
+/// `--recurrent` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum RecurrentArg {
+    /// Fused kernels.
+    Fused,
+    /// Scan loops over the cell's primitive ops.
+    Loop,
+}
+
+/// `--backend` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum BackendArg {
+    /// The CPU backend.
+    Cpu,
+}
+
+/// What a command asks the process to exit with.
+pub type ExitCode = i32;
+
+/// Runs a parsed command line; returns the exit status (0, or 1 when a conformance
+/// run had failures).
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
+        Command::Conformance {
+            suite:
+                Suite::Onnx {
+                    paths,
+                    recurrent,
+                    backend: BackendArg::Cpu,
+                    rtol,
+                    atol,
+                },
+        } => {
+            let recurrent = match recurrent {
+                RecurrentArg::Fused => crate::backends::cpu::Recurrent::Fused,
+                RecurrentArg::Loop => crate::backends::cpu::Recurrent::Loop,
+            };
+            let tol = crate::conformance::Tolerance { rtol, atol };
+            let mut cases = Vec::new();
+            for p in &paths {
+                if !p.exists() {
+                    return Err(CliError::Usage(format!(
+                        "{}: no such file or folder",
+                        p.display()
+                    )));
+                }
+                cases.extend(crate::conformance::find_cases(p));
+            }
+            let (mut passed, mut failed) = (0, 0);
+            for case in &cases {
+                let name = case
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                match crate::conformance::run_case(case, recurrent, tol) {
+                    Ok(()) => {
+                        passed += 1;
+                        println!("PASS {name}");
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        println!("FAIL {name}: {e}");
+                    }
+                }
+            }
+            println!("{passed} passed, {failed} failed");
+            Ok(if failed > 0 || cases.is_empty() { 1 } else { 0 })
+        }
         Command::Inspect { file, dot } => {
             let m = load(&file)?;
             match dot.as_deref() {
@@ -88,7 +184,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 None => print!("{}", inspect_text(&file, &m)),
             }
-            Ok(())
+            Ok(0)
         }
         Command::Convert { input, output } => {
             let m = load(&input)?;
@@ -99,7 +195,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 m.graph.op_count(),
                 m.graph.parameter_count()
             );
-            Ok(())
+            Ok(0)
         }
     }
 }

@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod conformance;
 
 pub use cellgraph_autodiff as autodiff;
 pub use cellgraph_backends as backends;

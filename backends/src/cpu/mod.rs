@@ -1,0 +1,400 @@
+//! The CPU backend: an interpreter over a compiled node order, with buffers freed as soon
+//! as their last reader has run, kernels with ONNX semantics for every op, fused
+//! recurrent kernels, and `Scan`/`Loop`/`If` run as loops over compiled bodies.
+
+mod control;
+mod elementwise;
+mod nn;
+mod reduce;
+pub mod rnn;
+mod sequence;
+mod shape;
+pub(crate) mod util;
+
+use crate::data::Data;
+use crate::error::{Error, Result};
+use crate::{Backend, Plan};
+use cellgraph_ir::{Graph, NodeId, NodeKind, Op, ValueRef, ValueType};
+use std::collections::HashMap;
+
+/// How ONNX `LSTM`/`GRU`/`RNN` nodes run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recurrent {
+    /// Fused kernels: one GEMM for all steps' input projections, then one recurrent GEMM
+    /// and fused gate arithmetic per step.
+    #[default]
+    Fused,
+    /// Lowered to `Scan` loops over the cell's primitive ops ([`crate::lower`]).
+    Loop,
+}
+
+/// The CPU backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend {
+    /// How recurrent ops run.
+    pub recurrent: Recurrent,
+}
+
+impl Backend for CpuBackend {
+    type Plan = CpuPlan;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn compile(&self, graph: &Graph) -> Result<CpuPlan> {
+        let g = match self.recurrent {
+            Recurrent::Fused => graph.clone(),
+            Recurrent::Loop => crate::lower::lower_recurrent(graph)?,
+        };
+        Ok(CpuPlan {
+            inner: Compiled::new(g)?,
+        })
+    }
+}
+
+/// A graph compiled for the CPU.
+#[derive(Debug)]
+pub struct CpuPlan {
+    inner: Compiled,
+}
+
+impl CpuPlan {
+    /// The graph the plan runs (after lowering, when recurrent ops run as loops).
+    pub fn graph(&self) -> &Graph {
+        &self.inner.graph
+    }
+}
+
+impl Plan for CpuPlan {
+    fn run(&mut self, inputs: Vec<Data>) -> Result<Vec<Data>> {
+        let g = &self.inner.graph;
+        let types = g.input_types();
+        if inputs.len() != types.len() {
+            return Err(Error::Input {
+                name: String::new(),
+                msg: format!(
+                    "{} inputs given, the graph has {}",
+                    inputs.len(),
+                    types.len()
+                ),
+            });
+        }
+        let mut syms = HashMap::new();
+        for ((d, t), v) in inputs.iter().zip(&types).zip(g.input_values()) {
+            d.check_type(t, &mut syms).map_err(|msg| Error::Input {
+                name: g.value(v).name.clone(),
+                msg,
+            })?;
+        }
+        self.inner.run(inputs, &[])
+    }
+}
+
+enum Slot<'a> {
+    Empty,
+    Owned(Data),
+    Borrowed(&'a Data),
+}
+
+impl Slot<'_> {
+    fn get(&self) -> Option<&Data> {
+        match self {
+            Slot::Empty => None,
+            Slot::Owned(d) => Some(d),
+            Slot::Borrowed(d) => Some(d),
+        }
+    }
+}
+
+/// A graph prepared for execution: node order, value slots, use counts, constants, and
+/// compiled nested graphs.
+#[derive(Debug)]
+pub(crate) struct Compiled {
+    graph: Graph,
+    order: Vec<NodeId>,
+    nslots: usize,
+    slot_of: HashMap<ValueRef, usize>,
+    inputs: Vec<Vec<Option<usize>>>,
+    /// Slots each node's bodies read by name (uses beyond the explicit inputs).
+    implicit: Vec<Vec<usize>>,
+    outputs: Vec<Vec<usize>>,
+    uses: Vec<usize>,
+    input_slots: Vec<usize>,
+    consts: Vec<(usize, Data)>,
+    /// Names this graph reads from enclosing graphs (its own outer values and those its
+    /// bodies need), in the order callers pass them.
+    pub(crate) outers: Vec<String>,
+    outer_slots: Vec<Option<usize>>,
+    output_slots: Vec<usize>,
+    bodies: HashMap<NodeId, Vec<Compiled>>,
+}
+
+const KEEP: usize = usize::MAX / 2;
+
+impl Compiled {
+    pub(crate) fn new(graph: Graph) -> Result<Compiled> {
+        let order = graph
+            .topo_order()
+            .map_err(|_| Error::Compile(format!("graph {:?} has a cycle", graph.name)))?;
+        let mut slot_of = HashMap::new();
+        for n in graph.node_ids() {
+            for s in 0..graph.node(n).outputs.len() {
+                let k = slot_of.len();
+                slot_of.insert(ValueRef { node: n, slot: s }, k);
+            }
+        }
+        let nslots = slot_of.len();
+        let mut uses = vec![0usize; nslots];
+        let mut inputs = Vec::with_capacity(order.len());
+        let mut outputs = Vec::with_capacity(order.len());
+        let mut bodies = HashMap::new();
+        let mut outers: Vec<String> = Vec::new();
+        let mut implicit: Vec<Vec<usize>> = Vec::with_capacity(order.len());
+        for &n in &order {
+            let ins: Vec<Option<usize>> = graph
+                .node_inputs(n)
+                .into_iter()
+                .map(|v| v.map(|v| slot_of[&v]))
+                .collect();
+            for s in ins.iter().flatten() {
+                uses[*s] += 1;
+            }
+            inputs.push(ins);
+            implicit.push(Vec::new());
+            outputs.push(
+                (0..graph.node(n).outputs.len())
+                    .map(|s| slot_of[&ValueRef { node: n, slot: s }])
+                    .collect(),
+            );
+            if let Some(op) = graph.node(n).op() {
+                let subs = op.subgraphs();
+                if !subs.is_empty() {
+                    let mut compiled = Vec::new();
+                    for (_, body) in subs {
+                        let c = Compiled::new(body.clone())?;
+                        for name in &c.outers {
+                            match graph.find(name) {
+                                // Read by the body: a use by this node, freed after it runs.
+                                Some(v) => {
+                                    let s = slot_of[&v];
+                                    uses[s] += 1;
+                                    implicit.last_mut().expect("pushed for this node").push(s);
+                                }
+                                None if !outers.contains(name) => outers.push(name.clone()),
+                                None => {}
+                            }
+                        }
+                        compiled.push(c);
+                    }
+                    bodies.insert(n, compiled);
+                }
+            }
+        }
+        let mut consts = Vec::new();
+        let mut outer_slots = Vec::new();
+        for n in graph.node_ids() {
+            let node = graph.node(n);
+            let s = slot_of[&ValueRef { node: n, slot: 0 }];
+            match &node.kind {
+                NodeKind::Initializer { tensor, .. } => {
+                    consts.push((s, Data::Tensor(tensor.clone())));
+                    uses[s] = KEEP;
+                }
+                NodeKind::Outer => {
+                    if !outers.contains(&node.name) {
+                        outers.push(node.name.clone());
+                    }
+                    uses[s] = KEEP;
+                }
+                _ => {}
+            }
+        }
+        for name in &outers {
+            outer_slots.push(graph.find(name).map(|v| slot_of[&v]));
+        }
+        let output_slots: Vec<usize> = graph.outputs().iter().map(|v| slot_of[v]).collect();
+        for &s in &output_slots {
+            uses[s] = KEEP;
+        }
+        let input_slots = graph.input_values().iter().map(|v| slot_of[v]).collect();
+        Ok(Compiled {
+            graph,
+            order,
+            nslots,
+            slot_of,
+            inputs,
+            implicit,
+            outputs,
+            uses,
+            input_slots,
+            consts,
+            outers,
+            outer_slots,
+            output_slots,
+            bodies,
+        })
+    }
+
+    /// Runs the graph: `inputs` for the graph inputs, `outer` for the names in `outers`.
+    pub(crate) fn run(&self, inputs: Vec<Data>, outer: &[&Data]) -> Result<Vec<Data>> {
+        let mut slots: Vec<Slot<'_>> = (0..self.nslots).map(|_| Slot::Empty).collect();
+        for (s, d) in &self.consts {
+            slots[*s] = Slot::Borrowed(d);
+        }
+        for (i, s) in self.outer_slots.iter().enumerate() {
+            if let (Some(s), Some(d)) = (s, outer.get(i)) {
+                slots[*s] = Slot::Borrowed(d);
+            }
+        }
+        for (d, &s) in inputs.into_iter().zip(&self.input_slots) {
+            slots[s] = Slot::Owned(d);
+        }
+        let mut uses = self.uses.clone();
+        for (k, &n) in self.order.iter().enumerate() {
+            let node = self.graph.node(n);
+            let Some(op) = node.op() else { continue };
+            let fail = |msg: String| Error::Kernel {
+                node: node.display_name(),
+                op: op.name().to_string(),
+                msg,
+            };
+            let ins: Vec<Option<&Data>> = self.inputs[k]
+                .iter()
+                .map(|s| match s {
+                    Some(s) => slots[*s]
+                        .get()
+                        .map(Some)
+                        .ok_or_else(|| fail(format!("input slot {s} is empty"))),
+                    None => Ok(None),
+                })
+                .collect::<Result<_>>()?;
+            let out_types: Vec<&ValueType> = node.outputs.iter().map(|v| &v.ty).collect();
+            let results = match self.bodies.get(&n) {
+                Some(bodies) => {
+                    let resolve = |name: &str| -> Result<&Data> {
+                        if let Some(v) = self.graph.find(name) {
+                            return slots[self.slot_of[&v]].get().ok_or_else(|| {
+                                fail(format!("outer value {name:?} is not computed yet"))
+                            });
+                        }
+                        let i = self.outers.iter().position(|o| o == name).ok_or_else(|| {
+                            fail(format!("outer value {name:?} is not available"))
+                        })?;
+                        outer
+                            .get(i)
+                            .copied()
+                            .ok_or_else(|| fail(format!("outer value {name:?} was not passed")))
+                    };
+                    let outer_refs: Vec<Vec<&Data>> = bodies
+                        .iter()
+                        .map(|b| {
+                            b.outers
+                                .iter()
+                                .map(|name| resolve(name))
+                                .collect::<Result<Vec<_>>>()
+                        })
+                        .collect::<Result<_>>()?;
+                    control::eval(
+                        op,
+                        &ins,
+                        node.outputs.len(),
+                        bodies,
+                        &outer_refs,
+                        self.graph.opset(""),
+                    )
+                    .map_err(|e| match e {
+                        ControlError::Msg(m) => fail(m),
+                        ControlError::Inner(e) => e,
+                    })?
+                }
+                None => eval(op, &ins, &out_types, self.graph.opset("")).map_err(fail)?,
+            };
+            if results.len() < node.outputs.len() {
+                return Err(fail(format!(
+                    "kernel produced {} outputs, the node has {}",
+                    results.len(),
+                    node.outputs.len()
+                )));
+            }
+            drop(ins);
+            for s in self.inputs[k].iter().flatten().chain(&self.implicit[k]) {
+                uses[*s] -= 1;
+                if uses[*s] == 0 {
+                    slots[*s] = Slot::Empty;
+                }
+            }
+            for (d, &s) in results.into_iter().zip(&self.outputs[k]) {
+                if uses[s] > 0 {
+                    slots[s] = Slot::Owned(d);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(self.output_slots.len());
+        for (i, &s) in self.output_slots.iter().enumerate() {
+            let again = self.output_slots[i + 1..].contains(&s);
+            let d = match std::mem::replace(&mut slots[s], Slot::Empty) {
+                Slot::Owned(d) if again => {
+                    let c = d.clone();
+                    slots[s] = Slot::Owned(d);
+                    c
+                }
+                Slot::Owned(d) => d,
+                Slot::Borrowed(d) => {
+                    slots[s] = Slot::Borrowed(d);
+                    d.clone()
+                }
+                Slot::Empty => {
+                    return Err(Error::Compile(format!(
+                        "graph {:?}: an output was not computed",
+                        self.graph.name
+                    )))
+                }
+            };
+            out.push(d);
+        }
+        Ok(out)
+    }
+}
+
+/// Errors from control-flow kernels: a message for this node, or an error from a body.
+pub(crate) enum ControlError {
+    Msg(String),
+    Inner(Error),
+}
+
+impl From<String> for ControlError {
+    fn from(s: String) -> ControlError {
+        ControlError::Msg(s)
+    }
+}
+
+impl From<&str> for ControlError {
+    fn from(s: &str) -> ControlError {
+        ControlError::Msg(s.to_string())
+    }
+}
+
+impl From<Error> for ControlError {
+    fn from(e: Error) -> ControlError {
+        ControlError::Inner(e)
+    }
+}
+
+/// Runs one op that has no body.
+pub(crate) fn eval(
+    op: &Op,
+    ins: &[Option<&Data>],
+    out_types: &[&ValueType],
+    opset: i64,
+) -> Result<Vec<Data>, String> {
+    match op.kind().info().family {
+        "elementwise" => elementwise::eval(op, ins, out_types),
+        "nn" => nn::eval(op, ins, out_types, opset),
+        "shape" => shape::eval(op, ins, out_types),
+        "reduce" => reduce::eval(op, ins),
+        "rnn" => rnn::eval(op, ins, out_types.len()),
+        "sequence" => sequence::eval(op, ins, out_types),
+        other => Err(format!("no CPU kernel family {other}")),
+    }
+}

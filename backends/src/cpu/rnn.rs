@@ -1,0 +1,842 @@
+//! Fused kernels for ONNX `LSTM`, `GRU` and `RNN`, with every attribute: directions,
+//! both layouts, `sequence_lens` (the reverse direction starts at each row's own last
+//! step), initial states, peepholes, `linear_before_reset`, all activation functions
+//! with `activation_alpha`/`activation_beta` consumed in order, `clip` and
+//! `input_forget`.
+//!
+//! Algorithm per direction: one GEMM for all steps' input projections, then per step one
+//! GEMM with the recurrent weights (two for GRU with `linear_before_reset=0`) and fused
+//! gate arithmetic. Gate math runs in the tensor's own precision (f32 or f64).
+
+use super::util::{input, opt_input};
+use crate::data::Data;
+use crate::gemm::{dgemm, sgemm};
+use cellgraph_ir::ops::rnn::num_directions;
+use cellgraph_ir::{Op, Tensor};
+use ndarray::{ArrayD, IxDyn};
+use std::ops::{Add, Mul, Sub};
+
+/// Floats the fused kernels run on.
+pub trait RFloat:
+    Copy
+    + Default
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Send
+    + Sync
+    + 'static
+{
+    /// From f64.
+    fn of(x: f64) -> Self;
+    /// To f64.
+    fn to(self) -> f64;
+    /// e^x.
+    fn exp(self) -> Self;
+    /// tanh.
+    fn tanh(self) -> Self;
+    /// `C[m×n] = A[m×k]·B[k×n] (+ C when accumulate)`, strided as in `crate::gemm`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[Self],
+        rsa: isize,
+        csa: isize,
+        b: &[Self],
+        rsb: isize,
+        csb: isize,
+        accumulate: bool,
+        c: &mut [Self],
+        rsc: isize,
+    );
+}
+
+impl RFloat for f32 {
+    fn of(x: f64) -> f32 {
+        x as f32
+    }
+    fn to(self) -> f64 {
+        self as f64
+    }
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+    fn tanh(self) -> f32 {
+        f32::tanh(self)
+    }
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        rsa: isize,
+        csa: isize,
+        b: &[f32],
+        rsb: isize,
+        csb: isize,
+        acc: bool,
+        c: &mut [f32],
+        rsc: isize,
+    ) {
+        sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a,
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            if acc { 1.0 } else { 0.0 },
+            c,
+            rsc,
+            1,
+        );
+    }
+}
+
+impl RFloat for f64 {
+    fn of(x: f64) -> f64 {
+        x
+    }
+    fn to(self) -> f64 {
+        self
+    }
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    fn tanh(self) -> f64 {
+        f64::tanh(self)
+    }
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f64],
+        rsa: isize,
+        csa: isize,
+        b: &[f64],
+        rsb: isize,
+        csb: isize,
+        acc: bool,
+        c: &mut [f64],
+        rsc: isize,
+    ) {
+        dgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a,
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            if acc { 1.0 } else { 0.0 },
+            c,
+            rsc,
+            1,
+        );
+    }
+}
+
+/// An ONNX recurrent activation function with its parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Act {
+    /// max(0, x).
+    Relu,
+    /// tanh(x).
+    Tanh,
+    /// 1 / (1 + e^-x).
+    Sigmoid,
+    /// alpha·x + beta.
+    Affine(f32, f32),
+    /// x < 0 ? alpha·x : x.
+    LeakyRelu(f32),
+    /// x > alpha ? x : 0.
+    ThresholdedRelu(f32),
+    /// alpha·tanh(beta·x).
+    ScaledTanh(f32, f32),
+    /// clip(alpha·x + beta, 0, 1).
+    HardSigmoid(f32, f32),
+    /// x < 0 ? alpha·(e^x − 1) : x.
+    Elu(f32),
+    /// x / (1 + |x|).
+    Softsign,
+    /// ln(1 + e^x).
+    Softplus,
+}
+
+impl Act {
+    /// Applies the function.
+    #[inline]
+    pub fn apply<T: RFloat>(self, x: T) -> T {
+        let zero = T::of(0.0);
+        let one = T::of(1.0);
+        match self {
+            Act::Relu => {
+                if x > zero {
+                    x
+                } else {
+                    zero
+                }
+            }
+            Act::Tanh => x.tanh(),
+            Act::Sigmoid => {
+                if x >= zero {
+                    let e = (zero - x).exp();
+                    T::of(1.0 / (1.0 + e.to()))
+                } else {
+                    let e = x.exp();
+                    T::of(e.to() / (1.0 + e.to()))
+                }
+            }
+            Act::Affine(a, b) => T::of(a as f64) * x + T::of(b as f64),
+            Act::LeakyRelu(a) => {
+                if x < zero {
+                    T::of(a as f64) * x
+                } else {
+                    x
+                }
+            }
+            Act::ThresholdedRelu(a) => {
+                if x > T::of(a as f64) {
+                    x
+                } else {
+                    zero
+                }
+            }
+            Act::ScaledTanh(a, b) => T::of(a as f64) * (T::of(b as f64) * x).tanh(),
+            Act::HardSigmoid(a, b) => {
+                let v = T::of(a as f64) * x + T::of(b as f64);
+                if v < zero {
+                    zero
+                } else if v > one {
+                    one
+                } else {
+                    v
+                }
+            }
+            Act::Elu(a) => {
+                if x < zero {
+                    T::of(a as f64) * (x.exp() - one)
+                } else {
+                    x
+                }
+            }
+            Act::Softsign => T::of(x.to() / (1.0 + x.to().abs())),
+            Act::Softplus => T::of(x.to().max(0.0) + (-x.to().abs()).exp().ln_1p()),
+        }
+    }
+}
+
+/// Parses an ONNX activation list, consuming alpha/beta values in order.
+pub fn parse_activations(
+    names: &[String],
+    alpha: &[f32],
+    beta: &[f32],
+) -> Result<Vec<Act>, String> {
+    let (mut ai, mut bi) = (0, 0);
+    let next = |v: &[f32], i: &mut usize, d: f32| {
+        let x = v.get(*i).copied().unwrap_or(d);
+        *i += 1;
+        x
+    };
+    names
+        .iter()
+        .map(|n| {
+            Ok(match n.as_str() {
+                "Relu" => Act::Relu,
+                "Tanh" => Act::Tanh,
+                "Sigmoid" => Act::Sigmoid,
+                "Softsign" => Act::Softsign,
+                "Softplus" => Act::Softplus,
+                "LeakyRelu" => Act::LeakyRelu(next(alpha, &mut ai, 0.01)),
+                "ThresholdedRelu" => Act::ThresholdedRelu(next(alpha, &mut ai, 1.0)),
+                "Elu" => Act::Elu(next(alpha, &mut ai, 1.0)),
+                "HardSigmoid" => {
+                    Act::HardSigmoid(next(alpha, &mut ai, 0.2), next(beta, &mut bi, 0.5))
+                }
+                "Affine" => Act::Affine(next(alpha, &mut ai, 1.0), next(beta, &mut bi, 0.0)),
+                "ScaledTanh" => {
+                    Act::ScaledTanh(next(alpha, &mut ai, 1.0), next(beta, &mut bi, 1.0))
+                }
+                other => return Err(format!("unknown activation {other:?}")),
+            })
+        })
+        .collect()
+}
+
+/// The recurrent cell kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cell {
+    /// LSTM (gates i, o, f, c).
+    Lstm,
+    /// GRU (gates z, r, h).
+    Gru,
+    /// Simple RNN.
+    Rnn,
+}
+
+impl Cell {
+    /// Gates per unit.
+    pub fn gates(self) -> usize {
+        match self {
+            Cell::Lstm => 4,
+            Cell::Gru => 3,
+            Cell::Rnn => 1,
+        }
+    }
+    /// Activation functions per direction.
+    pub fn acts(self) -> usize {
+        match self {
+            Cell::Lstm => 3,
+            Cell::Gru => 2,
+            Cell::Rnn => 1,
+        }
+    }
+    fn default_acts(self) -> Vec<Act> {
+        match self {
+            Cell::Lstm => vec![Act::Sigmoid, Act::Tanh, Act::Tanh],
+            Cell::Gru => vec![Act::Sigmoid, Act::Tanh],
+            Cell::Rnn => vec![Act::Tanh],
+        }
+    }
+}
+
+/// Everything a fused kernel needs from the op's attributes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spec {
+    /// The cell.
+    pub cell: Cell,
+    /// Units.
+    pub hidden: usize,
+    /// Per direction: reverse or not.
+    pub reverse: Vec<bool>,
+    /// Per direction: the activation functions.
+    pub acts: Vec<Vec<Act>>,
+    /// Gate pre-activation clip.
+    pub clip: Option<f32>,
+    /// LSTM `input_forget`.
+    pub input_forget: bool,
+    /// GRU `linear_before_reset`.
+    pub linear_before_reset: bool,
+    /// Batch-major layout.
+    pub layout1: bool,
+}
+
+impl Spec {
+    /// Reads the spec of an LSTM/GRU/RNN op; `hidden` comes from R when the attribute is absent.
+    pub fn from_op(op: &Op, r_hidden: usize) -> Result<Spec, String> {
+        let (cell, aa, ab, acts, clip, dir, hs, layout, inf, lbr) = match op {
+            Op::LSTM {
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                input_forget,
+                layout,
+            } => (
+                Cell::Lstm,
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                layout,
+                *input_forget != 0,
+                false,
+            ),
+            Op::GRU {
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                layout,
+                linear_before_reset,
+            } => (
+                Cell::Gru,
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                layout,
+                false,
+                *linear_before_reset != 0,
+            ),
+            Op::RNN {
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                layout,
+            } => (
+                Cell::Rnn,
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                layout,
+                false,
+                false,
+            ),
+            other => return Err(format!("{} is not a recurrent op", other.name())),
+        };
+        let d = num_directions(dir)?;
+        let reverse = match dir.as_str() {
+            "forward" => vec![false],
+            "reverse" => vec![true],
+            _ => vec![false, true],
+        };
+        let per = cell.acts();
+        let acts = match acts {
+            Some(names) => {
+                let all = parse_activations(
+                    names,
+                    aa.as_deref().unwrap_or(&[]),
+                    ab.as_deref().unwrap_or(&[]),
+                )?;
+                if all.len() != per * d {
+                    return Err(format!(
+                        "{} activations for {d} direction(s) of {per}",
+                        all.len()
+                    ));
+                }
+                all.chunks(per).map(|c| c.to_vec()).collect()
+            }
+            None => vec![cell.default_acts(); d],
+        };
+        let hidden = match hs {
+            Some(h) if *h as usize != r_hidden => {
+                return Err(format!("hidden_size {h} but R has {r_hidden} columns"))
+            }
+            _ => r_hidden,
+        };
+        Ok(Spec {
+            cell,
+            hidden,
+            reverse,
+            acts,
+            clip: *clip,
+            input_forget: inf,
+            linear_before_reset: lbr,
+            layout1: *layout == 1,
+        })
+    }
+}
+
+/// The fused kernel's inputs for one call, time-major.
+pub struct Inputs<'a, T> {
+    /// X `[T, N, I]`.
+    pub x: &'a [T],
+    /// Steps, batch, input size.
+    pub dims: (usize, usize, usize),
+    /// W `[D, G·H, I]`.
+    pub w: &'a [T],
+    /// R `[D, G·H, H]`.
+    pub r: &'a [T],
+    /// B `[D, 2·G·H]`.
+    pub b: Option<&'a [T]>,
+    /// Per-row lengths.
+    pub lens: Vec<usize>,
+    /// initial_h `[D, N, H]`.
+    pub h0: Option<&'a [T]>,
+    /// initial_c `[D, N, H]`.
+    pub c0: Option<&'a [T]>,
+    /// P `[D, 3H]`.
+    pub p: Option<&'a [T]>,
+}
+
+/// The fused kernel's outputs, time-major: Y `[T, D, N, H]`, Y_h and Y_c `[D, N, H]`.
+pub struct Outputs<T> {
+    /// All hidden states.
+    pub y: Vec<T>,
+    /// Final hidden states.
+    pub yh: Vec<T>,
+    /// Final cell states (LSTM).
+    pub yc: Vec<T>,
+}
+
+/// Runs the fused recurrent kernel.
+pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, String> {
+    let (t_len, n, isz) = inp.dims;
+    let h = spec.hidden;
+    let g = spec.cell.gates();
+    let gh = g * h;
+    let d_n = spec.reverse.len();
+    let mut y = vec![T::default(); t_len * d_n * n * h];
+    let mut yh = vec![T::default(); d_n * n * h];
+    let mut yc = vec![T::default(); d_n * n * h];
+    let mut xw = vec![T::default(); t_len * n * gh];
+    let mut hr = vec![T::default(); n * gh];
+    let mut rh = vec![T::default(); n * h];
+    let zero = T::of(0.0);
+    let one = T::of(1.0);
+    let clip = |v: T| match spec.clip {
+        Some(c) => {
+            let c = T::of(c as f64);
+            if v > c {
+                c
+            } else if v < zero - c {
+                zero - c
+            } else {
+                v
+            }
+        }
+        None => v,
+    };
+    for (d, &rev) in spec.reverse.iter().enumerate() {
+        let w = &inp.w[d * gh * isz..(d + 1) * gh * isz];
+        let r = &inp.r[d * gh * h..(d + 1) * gh * h];
+        let (wb, rb) = match inp.b {
+            Some(b) => (
+                Some(&b[d * 2 * gh..d * 2 * gh + gh]),
+                Some(&b[d * 2 * gh + gh..(d + 1) * 2 * gh]),
+            ),
+            None => (None, None),
+        };
+        let acts = &spec.acts[d];
+        // All steps' input projections in one GEMM: XW[T·N, G·H] = X[T·N, I] · Wᵀ.
+        T::gemm(
+            t_len * n,
+            isz,
+            gh,
+            inp.x,
+            isz as isize,
+            1,
+            w,
+            1,
+            isz as isize,
+            false,
+            &mut xw,
+            gh as isize,
+        );
+        // Fold the biases that sit outside any reset product into XW.
+        for row in xw.chunks_mut(gh) {
+            for j in 0..gh {
+                let mut b = wb.map_or(zero, |v| v[j]);
+                let rb_inside = spec.cell == Cell::Gru && j >= 2 * h;
+                if !rb_inside {
+                    b = b + rb.map_or(zero, |v| v[j]);
+                }
+                row[j] = row[j] + b;
+            }
+        }
+        let mut hs: Vec<T> = match inp.h0 {
+            Some(h0) => h0[d * n * h..(d + 1) * n * h].to_vec(),
+            None => vec![zero; n * h],
+        };
+        let mut cs: Vec<T> = match inp.c0 {
+            Some(c0) => c0[d * n * h..(d + 1) * n * h].to_vec(),
+            None => vec![zero; n * h],
+        };
+        let p = inp.p.map(|p| &p[d * 3 * h..(d + 1) * 3 * h]);
+        let max_len = inp.lens.iter().copied().max().unwrap_or(0);
+        for s in 0..max_len {
+            // Recurrent projection for all rows: HR[N, G·H] = H · Rᵀ (GRU with
+            // linear_before_reset=0: only the z and r columns here).
+            let cols = if spec.cell == Cell::Gru && !spec.linear_before_reset {
+                2 * h
+            } else {
+                gh
+            };
+            T::gemm(
+                n,
+                h,
+                cols,
+                &hs,
+                h as isize,
+                1,
+                r,
+                1,
+                h as isize,
+                false,
+                &mut hr,
+                gh as isize,
+            );
+            if spec.cell == Cell::Gru && !spec.linear_before_reset {
+                // r ⊙ H first, then (r ⊙ H) · R_hᵀ into the h columns.
+                for b in 0..n {
+                    if s >= inp.lens[b] {
+                        continue;
+                    }
+                    let t = if rev { inp.lens[b] - 1 - s } else { s };
+                    let x = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
+                    for u in 0..h {
+                        let rg = acts[0].apply(clip(x[h + u] + hr[b * gh + h + u]));
+                        rh[b * h + u] = rg * hs[b * h + u];
+                    }
+                }
+                T::gemm(
+                    n,
+                    h,
+                    h,
+                    &rh,
+                    h as isize,
+                    1,
+                    &r[2 * h * h..],
+                    1,
+                    h as isize,
+                    false,
+                    &mut hr[2 * h..],
+                    gh as isize,
+                );
+            }
+            for b in 0..n {
+                if s >= inp.lens[b] {
+                    continue;
+                }
+                let t = if rev { inp.lens[b] - 1 - s } else { s };
+                let x = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
+                let hrow = &hr[b * gh..(b + 1) * gh];
+                let hv = &mut hs[b * h..(b + 1) * h];
+                let cv = &mut cs[b * h..(b + 1) * h];
+                match spec.cell {
+                    Cell::Rnn => {
+                        for u in 0..h {
+                            hv[u] = acts[0].apply(clip(x[u] + hrow[u]));
+                        }
+                    }
+                    Cell::Lstm => {
+                        let (f, gg, hh) = (acts[0], acts[1], acts[2]);
+                        for u in 0..h {
+                            let pi = p.map_or(zero, |p| p[u]);
+                            let po = p.map_or(zero, |p| p[h + u]);
+                            let pf = p.map_or(zero, |p| p[2 * h + u]);
+                            let c_prev = cv[u];
+                            let ig = f.apply(clip(x[u] + hrow[u] + pi * c_prev));
+                            let fg = if spec.input_forget {
+                                one - ig
+                            } else {
+                                f.apply(clip(x[2 * h + u] + hrow[2 * h + u] + pf * c_prev))
+                            };
+                            let cand = gg.apply(clip(x[3 * h + u] + hrow[3 * h + u]));
+                            let c = fg * c_prev + ig * cand;
+                            let og = f.apply(clip(x[h + u] + hrow[h + u] + po * c));
+                            cv[u] = c;
+                            hv[u] = og * hh.apply(c);
+                        }
+                    }
+                    Cell::Gru => {
+                        let (f, gg) = (acts[0], acts[1]);
+                        for u in 0..h {
+                            let z = f.apply(clip(x[u] + hrow[u]));
+                            let cand = if spec.linear_before_reset {
+                                let rg = f.apply(clip(x[h + u] + hrow[h + u]));
+                                let rbh = rb.map_or(zero, |v| v[2 * h + u]);
+                                gg.apply(clip(x[2 * h + u] + rg * (hrow[2 * h + u] + rbh)))
+                            } else {
+                                let rbh = rb.map_or(zero, |v| v[2 * h + u]);
+                                gg.apply(clip(x[2 * h + u] + hrow[2 * h + u] + rbh))
+                            };
+                            hv[u] = (one - z) * cand + z * hv[u];
+                        }
+                    }
+                }
+                let yo = ((t * d_n + d) * n + b) * h;
+                y[yo..yo + h].copy_from_slice(hv);
+            }
+        }
+        yh[d * n * h..(d + 1) * n * h].copy_from_slice(&hs);
+        yc[d * n * h..(d + 1) * n * h].copy_from_slice(&cs);
+    }
+    Ok(Outputs { y, yh, yc })
+}
+
+fn slice_of<T: Copy>(t: &ArrayD<T>) -> Vec<T> {
+    t.as_standard_layout().iter().copied().collect()
+}
+
+fn generic<T: RFloat>(
+    op: &Op,
+    ins: &[Option<&Data>],
+    nout: usize,
+    get: fn(&Tensor) -> Option<&ArrayD<T>>,
+    wrap: fn(ArrayD<T>) -> Tensor,
+) -> Result<Vec<Data>, String> {
+    let arr = |i: usize| -> Result<Option<Vec<T>>, String> {
+        match opt_input(ins, i)? {
+            Some(t) => Ok(Some(slice_of(get(t).ok_or_else(|| {
+                format!("input {i} has dtype {}, X has another", t.dtype())
+            })?))),
+            None => Ok(None),
+        }
+    };
+    let xt = input(ins, 0)?;
+    let x_arr = get(xt).ok_or("X dtype")?;
+    if x_arr.ndim() != 3 {
+        return Err(format!("X must be 3-D, is {:?}", x_arr.shape()));
+    }
+    let rt = input(ins, 2)?;
+    if rt.shape().len() != 3 {
+        return Err(format!("R must be 3-D, is {:?}", rt.shape()));
+    }
+    let spec = Spec::from_op(op, rt.shape()[2])?;
+    let h = spec.hidden;
+    let d = spec.reverse.len();
+    let g = spec.cell.gates();
+    // Time-major X.
+    let x_tm = if spec.layout1 {
+        x_arr
+            .view()
+            .permuted_axes(IxDyn(&[1, 0, 2]))
+            .as_standard_layout()
+            .into_owned()
+    } else {
+        x_arr.as_standard_layout().into_owned()
+    };
+    let (t_len, n, isz) = (x_tm.shape()[0], x_tm.shape()[1], x_tm.shape()[2]);
+    let w = arr(1)?.ok_or("W is required")?;
+    let r = arr(2)?.ok_or("R is required")?;
+    let check = |name: &str, v: &Option<Vec<T>>, want: usize| -> Result<(), String> {
+        match v {
+            Some(v) if v.len() != want => {
+                Err(format!("{name} has {} elements, expected {want}", v.len()))
+            }
+            _ => Ok(()),
+        }
+    };
+    check("W", &Some(w.clone()), d * g * h * isz)?;
+    check("R", &Some(r.clone()), d * g * h * h)?;
+    let b = arr(3)?;
+    check("B", &b, d * 2 * g * h)?;
+    let lens: Vec<usize> = match opt_input(ins, 4)? {
+        Some(t) => {
+            let v = t.as_i64_vec().ok_or("sequence_lens must be integers")?;
+            if v.len() != n {
+                return Err(format!(
+                    "sequence_lens has {} entries for a batch of {n}",
+                    v.len()
+                ));
+            }
+            v.iter()
+                .map(|&l| {
+                    if l < 0 || l as usize > t_len {
+                        Err(format!("sequence length {l} is outside 0..={t_len}"))
+                    } else {
+                        Ok(l as usize)
+                    }
+                })
+                .collect::<Result<_, _>>()?
+        }
+        None => vec![t_len; n],
+    };
+    let state_tm = |i: usize| -> Result<Option<Vec<T>>, String> {
+        let Some(t) = opt_input(ins, i)? else {
+            return Ok(None);
+        };
+        let a = get(t).ok_or("state dtype")?;
+        let v = if spec.layout1 {
+            slice_of(&a.view().permuted_axes(IxDyn(&[1, 0, 2])).to_owned())
+        } else {
+            slice_of(a)
+        };
+        if v.len() != d * n * h {
+            return Err(format!(
+                "input {i} has {} elements, expected {}",
+                v.len(),
+                d * n * h
+            ));
+        }
+        Ok(Some(v))
+    };
+    let h0 = state_tm(5)?;
+    let c0 = if spec.cell == Cell::Lstm {
+        state_tm(6)?
+    } else {
+        None
+    };
+    let p = if spec.cell == Cell::Lstm {
+        arr(7)?
+    } else {
+        None
+    };
+    check("P", &p, d * 3 * h)?;
+    let x = slice_of(&x_tm);
+    let out = run(
+        &spec,
+        &Inputs {
+            x: &x,
+            dims: (t_len, n, isz),
+            w: &w,
+            r: &r,
+            b: b.as_deref(),
+            lens,
+            h0: h0.as_deref(),
+            c0: c0.as_deref(),
+            p: p.as_deref(),
+        },
+    )?;
+    let mk = |v: Vec<T>, shape: &[usize], perm: &[usize]| -> Result<Tensor, String> {
+        let a = ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| e.to_string())?;
+        Ok(wrap(if spec.layout1 {
+            a.permuted_axes(IxDyn(perm))
+                .as_standard_layout()
+                .into_owned()
+        } else {
+            a
+        }))
+    };
+    let mut res = vec![
+        Data::Tensor(mk(out.y, &[t_len, d, n, h], &[2, 0, 1, 3])?),
+        Data::Tensor(mk(out.yh, &[d, n, h], &[1, 0, 2])?),
+    ];
+    if spec.cell == Cell::Lstm {
+        res.push(Data::Tensor(mk(out.yc, &[d, n, h], &[1, 0, 2])?));
+    }
+    res.truncate(nout);
+    Ok(res)
+}
+
+/// Runs an ONNX recurrent op with the fused kernel.
+pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> Result<Vec<Data>, String> {
+    match input(ins, 0)? {
+        Tensor::F32(_) => generic::<f32>(
+            op,
+            ins,
+            nout,
+            |t| {
+                if let Tensor::F32(a) = t {
+                    Some(a)
+                } else {
+                    None
+                }
+            },
+            Tensor::F32,
+        ),
+        Tensor::F64(_) => generic::<f64>(
+            op,
+            ins,
+            nout,
+            |t| {
+                if let Tensor::F64(a) = t {
+                    Some(a)
+                } else {
+                    None
+                }
+            },
+            Tensor::F64,
+        ),
+        other => Err(format!(
+            "recurrent ops run on f32 or f64, not {}",
+            other.dtype()
+        )),
+    }
+}
