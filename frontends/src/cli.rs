@@ -29,6 +29,9 @@ pub enum CliError {
     /// The command line asks for something cellgraph cannot do.
     #[error("{0}")]
     Usage(String),
+    /// Compiling or running a model failed.
+    #[error("{0}")]
+    Run(String),
 }
 
 impl CliError {
@@ -68,6 +71,20 @@ pub enum Command {
         input: PathBuf,
         /// The output (`.onnx` or `.json`).
         output: PathBuf,
+    },
+    /// Run an ONNX model on `.npy` inputs and write each output as `<name>.npy`.
+    Run {
+        /// The model.
+        model: PathBuf,
+        /// An input: `NAME=FILE.npy` (once per graph input).
+        #[arg(long = "input", value_name = "NAME=FILE.npy")]
+        inputs: Vec<String>,
+        /// Where to write the outputs.
+        #[arg(long, value_name = "DIR")]
+        output_dir: PathBuf,
+        /// How LSTM/GRU/RNN run.
+        #[arg(long, value_enum, default_value = "fused")]
+        recurrent: RecurrentArg,
     },
     /// Run conformance suites. Prints `PASS <case>` or `FAIL <case>: <reason>` per case,
     /// then `N passed, M failed`; exits 1 if anything failed.
@@ -111,6 +128,100 @@ pub enum RecurrentArg {
     Loop,
 }
 
+impl From<RecurrentArg> for crate::backends::cpu::Recurrent {
+    fn from(r: RecurrentArg) -> Self {
+        match r {
+            RecurrentArg::Fused => crate::backends::cpu::Recurrent::Fused,
+            RecurrentArg::Loop => crate::backends::cpu::Recurrent::Loop,
+        }
+    }
+}
+
+/// `cellgraph run`: feeds `.npy` inputs by name, writes outputs as `.npy`.
+pub fn run_model(
+    model: &Path,
+    inputs: &[String],
+    out_dir: &Path,
+    recurrent: crate::backends::cpu::Recurrent,
+) -> Result<(), CliError> {
+    use crate::backends::{Backend, Data, Plan};
+    let m = load(model)?;
+    let g = &m.graph;
+    let names: Vec<String> = g
+        .input_values()
+        .iter()
+        .map(|&v| g.value(v).name.clone())
+        .collect();
+    let types = g.input_types();
+    let mut given: Vec<Option<Data>> = vec![None; names.len()];
+    for spec in inputs {
+        let (name, file) = spec
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--input {spec:?}: expected NAME=FILE.npy")))?;
+        let k = names.iter().position(|n| n == name).ok_or_else(|| {
+            CliError::Usage(format!(
+                "--input {name:?}: the model has no input of that name (inputs: {})",
+                names.join(", ")
+            ))
+        })?;
+        if given[k].is_some() {
+            return Err(CliError::Usage(format!("--input {name:?} is given twice")));
+        }
+        let t = crate::npy::read(Path::new(file), types[k].dtype())
+            .map_err(|e| CliError::Usage(format!("--input {name:?}: {e}")))?;
+        given[k] = Some(Data::Tensor(t));
+    }
+    let missing: Vec<&str> = names
+        .iter()
+        .zip(&given)
+        .filter(|(_, g)| g.is_none())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(CliError::Usage(format!(
+            "missing --input for: {}",
+            missing.join(", ")
+        )));
+    }
+    let mut plan = crate::backends::cpu::CpuBackend { recurrent }
+        .compile(g)
+        .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
+    let outs = plan
+        .run(given.into_iter().flatten().collect())
+        .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
+    std::fs::create_dir_all(out_dir).map_err(|source| CliError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    for (d, &v) in outs.iter().zip(g.outputs()) {
+        let name = &g.value(v).name;
+        let t = d.tensor().map_err(|e| {
+            CliError::Usage(format!(
+                "output {name:?}: {e}; only tensors can be written as .npy"
+            ))
+        })?;
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = out_dir.join(format!("{safe}.npy"));
+        crate::npy::write(&path, t).map_err(CliError::Run)?;
+        println!(
+            "{name}: {} {:?} -> {}",
+            t.dtype(),
+            t.shape(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// `--backend` values.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum BackendArg {
@@ -125,6 +236,15 @@ pub type ExitCode = i32;
 /// run had failures).
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
+        Command::Run {
+            model,
+            inputs,
+            output_dir,
+            recurrent,
+        } => {
+            run_model(&model, &inputs, &output_dir, recurrent.into())?;
+            Ok(0)
+        }
         Command::Conformance {
             suite:
                 Suite::Onnx {
@@ -135,10 +255,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     atol,
                 },
         } => {
-            let recurrent = match recurrent {
-                RecurrentArg::Fused => crate::backends::cpu::Recurrent::Fused,
-                RecurrentArg::Loop => crate::backends::cpu::Recurrent::Loop,
-            };
+            let recurrent = recurrent.into();
             let tol = crate::conformance::Tolerance { rtol, atol };
             let mut cases = Vec::new();
             for p in &paths {

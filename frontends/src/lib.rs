@@ -18,6 +18,7 @@
 
 pub mod cli;
 pub mod conformance;
+pub mod npy;
 
 pub use cellgraph_autodiff as autodiff;
 pub use cellgraph_backends as backends;

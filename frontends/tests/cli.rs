@@ -118,3 +118,148 @@ fn bad_files_are_clear_errors_not_panics() {
         );
     }
 }
+
+fn pb_tensor(path: &Path) -> cellgraph::ir::Tensor {
+    use prost::Message;
+    let bytes = std::fs::read(path).expect("read pb");
+    let t = cellgraph::ir::onnx::proto::TensorProto::decode(bytes.as_slice()).expect("decode");
+    cellgraph::ir::onnx::tensor_from_proto(&t, "pb", None, &cellgraph::ir::onnx::Limits::default())
+        .expect("tensor")
+}
+
+#[test]
+fn run_reads_npy_inputs_and_writes_npy_outputs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = case("onnx-rnn/lstm_bidi_seqlens_init");
+    let data = case.parent().expect("case dir").join("test_data_set_0");
+    let names = [
+        "X",
+        "W",
+        "R",
+        "B",
+        "sequence_lens",
+        "initial_h",
+        "initial_c",
+    ];
+    let mut cmd = bin();
+    cmd.arg("run")
+        .arg(&case)
+        .arg("--output-dir")
+        .arg(dir.path().join("out"));
+    for (j, n) in names.iter().enumerate() {
+        let f = dir.path().join(format!("{n}.npy"));
+        cellgraph::npy::write(&f, &pb_tensor(&data.join(format!("input_{j}.pb"))))
+            .expect("write npy");
+        cmd.arg("--input").arg(format!("{n}={}", f.display()));
+    }
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (j, n) in ["Y", "Y_h", "Y_c"].iter().enumerate() {
+        let got = cellgraph::npy::read(&dir.path().join("out").join(format!("{n}.npy")), None)
+            .expect("output npy");
+        let want = pb_tensor(&data.join(format!("output_{j}.pb")));
+        cellgraph::conformance::compare_tensors(&got, &want, Default::default())
+            .unwrap_or_else(|e| panic!("{n}: {e}"));
+    }
+}
+
+#[test]
+fn run_rejects_wrong_inputs_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = case("onnx-node/test_relu");
+    let good = dir.path().join("x.npy");
+    cellgraph::npy::write(
+        &good,
+        &cellgraph::ir::Tensor::zeros(cellgraph::ir::DType::F32, &[3, 4, 5]),
+    )
+    .expect("npy");
+    let wrong_shape = dir.path().join("s.npy");
+    cellgraph::npy::write(
+        &wrong_shape,
+        &cellgraph::ir::Tensor::zeros(cellgraph::ir::DType::F32, &[3, 4]),
+    )
+    .expect("npy");
+    let wrong_dtype = dir.path().join("d.npy");
+    cellgraph::npy::write(
+        &wrong_dtype,
+        &cellgraph::ir::Tensor::zeros(cellgraph::ir::DType::I64, &[3, 4, 5]),
+    )
+    .expect("npy");
+    let out_dir = dir.path().join("out");
+    let run = |args: &[String]| {
+        let out = bin()
+            .arg("run")
+            .arg(&model)
+            .arg("--output-dir")
+            .arg(&out_dir)
+            .args(args)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _) = run(&["--input".into(), format!("x={}", good.display())]);
+    assert_eq!(code, Some(0));
+    for (args, needle) in [
+        (vec![], "missing --input for: x"),
+        (
+            vec!["--input".into(), format!("nope={}", good.display())],
+            "no input of that name",
+        ),
+        (
+            vec!["--input".into(), format!("x={}", wrong_shape.display())],
+            "rank 2",
+        ),
+        (
+            vec!["--input".into(), format!("x={}", wrong_dtype.display())],
+            "holds i64, expected f32",
+        ),
+        (vec!["--input".into(), "x".into()], "expected NAME=FILE.npy"),
+    ] {
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn conformance_runner_prints_a_line_per_case_and_a_summary() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/onnx-rnn");
+    let out = bin()
+        .args(["conformance", "onnx"])
+        .arg(&root)
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("PASS lstm_bidi_seqlens_init\n") && text.ends_with("6 passed, 0 failed\n"),
+        "{text}"
+    );
+    // A broken case is a FAIL line with the reason and exit status 1, not a crash.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("broken_case");
+    std::fs::create_dir(&broken).expect("mkdir");
+    std::fs::write(broken.join("model.onnx"), b"garbage").expect("write");
+    let out = bin()
+        .args(["conformance", "onnx"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text.starts_with("FAIL broken_case: import: not a valid ONNX protobuf")
+            && text.ends_with("0 passed, 1 failed\n"),
+        "{text}"
+    );
+}

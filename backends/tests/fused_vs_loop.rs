@@ -1,0 +1,285 @@
+//! The fused recurrent kernels agree with the loop lowering (Scan over primitive ops) for
+//! random LSTM/GRU/RNN configurations covering every attribute.
+
+use cellgraph_backends::cpu::{CpuBackend, Recurrent};
+use cellgraph_backends::{Backend, Data, Plan};
+use cellgraph_ir::{Graph, Op, Tensor, ValueRef, ValueType};
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+
+const ACTS: &[&str] = &[
+    "Relu",
+    "Tanh",
+    "Sigmoid",
+    "Affine",
+    "LeakyRelu",
+    "ThresholdedRelu",
+    "ScaledTanh",
+    "HardSigmoid",
+    "Elu",
+    "Softsign",
+    "Softplus",
+];
+
+#[derive(Clone, Debug)]
+struct Cfg {
+    cell: usize,
+    dir: usize,
+    layout: bool,
+    batch: usize,
+    seq: usize,
+    input: usize,
+    hidden: usize,
+    lens: Option<Vec<usize>>,
+    init_h: bool,
+    init_c: bool,
+    bias: bool,
+    peep: bool,
+    lbr: bool,
+    input_forget: bool,
+    acts: Option<Vec<usize>>,
+    alpha: Vec<f32>,
+    beta: Vec<f32>,
+    clip: Option<f32>,
+    outputs: [bool; 3],
+    seed: u64,
+}
+
+fn cfg() -> impl Strategy<Value = Cfg> {
+    (
+        (
+            0usize..3,
+            0usize..3,
+            any::<bool>(),
+            1usize..=8,
+            1usize..=16,
+            1usize..=5,
+            1usize..=6,
+        ),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+        (
+            prop::option::of(prop::collection::vec(0usize..ACTS.len(), 6)),
+            prop::collection::vec(0.1f32..1.5, 0..4),
+            prop::collection::vec(0.1f32..1.5, 0..4),
+        ),
+        (
+            prop::option::of(0.2f32..3.0),
+            any::<[bool; 3]>(),
+            any::<u64>(),
+            prop::collection::vec(0usize..=16, 8),
+        ),
+    )
+        .prop_map(
+            |(
+                (cell, dir, layout, batch, seq, input, hidden),
+                (use_lens, init_h, init_c, bias, peep, lbr, input_forget),
+                (acts, alpha, beta),
+                (clip, outputs, seed, lens),
+            )| Cfg {
+                cell,
+                dir,
+                layout,
+                batch,
+                seq,
+                input,
+                hidden,
+                lens: use_lens.then(|| lens[..batch].iter().map(|&l| l.min(seq)).collect()),
+                init_h,
+                init_c,
+                bias,
+                peep,
+                lbr,
+                input_forget,
+                acts,
+                alpha,
+                beta,
+                clip,
+                outputs,
+                seed,
+            },
+        )
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
+    }
+    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.next() * scale).collect();
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), v).expect("shape"))
+    }
+}
+
+fn build(c: &Cfg) -> (Graph, Vec<Data>) {
+    let mut rng = Rng(c.seed | 1);
+    let d = if c.dir == 2 { 2 } else { 1 };
+    let gates = [4, 3, 1][c.cell];
+    let (h, n, t, i) = (c.hidden, c.batch, c.seq, c.input);
+    let mut g = Graph::new("rnn");
+    let mut inputs = Vec::new();
+    let mut add = |g: &mut Graph, name: &str, t: Tensor| -> ValueRef {
+        let dims: Vec<u64> = t.shape().iter().map(|&x| x as u64).collect();
+        let v = g
+            .add_input(name, ValueType::tensor(t.dtype(), &dims))
+            .expect("input");
+        inputs.push(Data::Tensor(t));
+        v
+    };
+    let xshape = if c.layout {
+        vec![n, t, i]
+    } else {
+        vec![t, n, i]
+    };
+    let x = add(&mut g, "X", rng.tensor(&xshape, 1.0));
+    let w = add(&mut g, "W", rng.tensor(&[d, gates * h, i], 0.6));
+    let r = add(&mut g, "R", rng.tensor(&[d, gates * h, h], 0.6));
+    let b = c
+        .bias
+        .then(|| add(&mut g, "B", rng.tensor(&[d, 2 * gates * h], 0.5)));
+    let lens = c.lens.as_ref().map(|l| {
+        let v: Vec<i32> = l.iter().map(|&x| x as i32).collect();
+        add(
+            &mut g,
+            "seq_lens",
+            Tensor::I32(ArrayD::from_shape_vec(IxDyn(&[n]), v).expect("lens")),
+        )
+    });
+    let sshape = if c.layout {
+        vec![n, d, h]
+    } else {
+        vec![d, n, h]
+    };
+    let h0 = c
+        .init_h
+        .then(|| add(&mut g, "h0", rng.tensor(&sshape, 0.8)));
+    let c0 = (c.cell == 0 && c.init_c).then(|| add(&mut g, "c0", rng.tensor(&sshape, 0.8)));
+    let p = (c.cell == 0 && c.peep).then(|| add(&mut g, "P", rng.tensor(&[d, 3 * h], 0.5)));
+    let per = [3, 2, 1][c.cell];
+    let activations = c.acts.as_ref().map(|a| {
+        a.iter()
+            .cycle()
+            .take(per * d)
+            .map(|&k| ACTS[k].to_string())
+            .collect::<Vec<_>>()
+    });
+    let (alpha, beta) = if activations.is_some() {
+        (Some(c.alpha.clone()), Some(c.beta.clone()))
+    } else {
+        (None, None)
+    };
+    let direction = ["forward", "reverse", "bidirectional"][c.dir].to_string();
+    let layout = i64::from(c.layout);
+    let op = match c.cell {
+        0 => Op::LSTM {
+            activation_alpha: alpha,
+            activation_beta: beta,
+            activations,
+            clip: c.clip,
+            direction,
+            hidden_size: Some(h as i64),
+            input_forget: i64::from(c.input_forget),
+            layout,
+        },
+        1 => Op::GRU {
+            activation_alpha: alpha,
+            activation_beta: beta,
+            activations,
+            clip: c.clip,
+            direction,
+            hidden_size: Some(h as i64),
+            layout,
+            linear_before_reset: i64::from(c.lbr),
+        },
+        _ => Op::RNN {
+            activation_alpha: alpha,
+            activation_beta: beta,
+            activations,
+            clip: c.clip,
+            direction,
+            hidden_size: Some(h as i64),
+            layout,
+        },
+    };
+    let mut ins = vec![Some(x), Some(w), Some(r), b, lens, h0];
+    if c.cell == 0 {
+        ins.push(c0);
+        ins.push(p);
+    }
+    while ins.last() == Some(&None) {
+        ins.pop();
+    }
+    let nout = if c.cell == 0 { 3 } else { 2 };
+    let mut want = c.outputs;
+    if !want[..nout].iter().any(|&x| x) {
+        want[0] = true;
+    }
+    let names: Vec<&str> = (0..nout)
+        .map(|k| if want[k] { ["Y", "Y_h", "Y_c"][k] } else { "" })
+        .collect();
+    let id = g.add_node("rnn", op, &ins, &names).expect("recurrent node");
+    let outs: Vec<ValueRef> = (0..nout)
+        .filter(|&k| want[k])
+        .map(|k| ValueRef { node: id, slot: k })
+        .collect();
+    g.set_outputs(outs).expect("outputs");
+    cellgraph_ir::verify(&g).expect("valid graph");
+    (g, inputs)
+}
+
+fn close(a: &Tensor, b: &Tensor) -> Result<(), String> {
+    if a.shape() != b.shape() {
+        return Err(format!("shapes {:?} vs {:?}", a.shape(), b.shape()));
+    }
+    for (k, (x, y)) in a.to_f64_vec().iter().zip(b.to_f64_vec()).enumerate() {
+        if (x - y).abs() > 1e-5 + 1e-4 * y.abs() {
+            return Err(format!("element {k}: fused {x} vs loop {y}"));
+        }
+    }
+    Ok(())
+}
+
+fn has_recurrent(g: &Graph) -> bool {
+    g.node_ids()
+        .iter()
+        .filter_map(|&n| g.node(n).op())
+        .any(|op| {
+            matches!(op, Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. })
+                || op.subgraphs().iter().any(|(_, b)| has_recurrent(b))
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fused_kernels_match_the_loop_lowering(c in cfg()) {
+        let (g, inputs) = build(&c);
+        let mut fused = CpuBackend { recurrent: Recurrent::Fused }.compile(&g).expect("compile fused");
+        let mut looped = CpuBackend { recurrent: Recurrent::Loop }.compile(&g).expect("compile loop");
+        prop_assert!(has_recurrent(fused.graph()), "the fused plan runs the recurrent op");
+        prop_assert!(!has_recurrent(looped.graph()), "the loop plan has no recurrent op left");
+        let a = fused.run(inputs.clone()).expect("run fused");
+        let b = looped.run(inputs).expect("run loop");
+        prop_assert_eq!(a.len(), b.len());
+        for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+            let (x, y) = (x.tensor().expect("tensor"), y.tensor().expect("tensor"));
+            if let Err(e) = close(x, y) {
+                return Err(TestCaseError::fail(format!("output {k}: {e}")));
+            }
+        }
+    }
+}
