@@ -86,6 +86,29 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "fused")]
         recurrent: RecurrentArg,
     },
+    /// Time inference: with no MODEL, the standard recurrent workloads (LSTM B64 T28 I28
+    /// H64, LSTM and GRU B64 T100 I512 H512), median ms and GFLOP/s; with a MODEL, that
+    /// ONNX model on deterministic inputs of its declared shapes (last line `median_ms: X`).
+    Bench {
+        /// An ONNX model to time instead of the standard workloads.
+        model: Option<PathBuf>,
+        /// Timed runs per workload (after one warm-up).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// How LSTM/GRU/RNN run.
+        #[arg(long, value_enum, default_value = "fused")]
+        recurrent: RecurrentArg,
+        /// Size for symbolic or unknown dimensions of a MODEL's inputs.
+        #[arg(long, default_value_t = 1)]
+        dim: usize,
+        /// Also write each standard workload as `<name>.onnx` here (for peers such as
+        /// onnxruntime to time the same models).
+        #[arg(long, value_name = "DIR")]
+        export_dir: Option<PathBuf>,
+        /// Print one JSON object per workload instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run conformance suites. Prints `PASS <case>` or `FAIL <case>: <reason>` per case,
     /// then `N passed, M failed`; exits 1 if anything failed.
     Conformance {
@@ -222,6 +245,63 @@ pub fn run_model(
     Ok(())
 }
 
+fn bench(
+    model: Option<&Path>,
+    runs: usize,
+    recurrent: crate::backends::cpu::Recurrent,
+    dim: usize,
+    export_dir: Option<&Path>,
+    json: bool,
+) -> Result<(), CliError> {
+    use crate::bench::{bench_model, bench_workload, Workload};
+    if let Some(path) = model {
+        let m = load(path)?;
+        let t = bench_model(&m, recurrent, runs, dim)
+            .map_err(|e| CliError::Run(format!("{}: {e}", path.display())))?;
+        println!(
+            "model: {}  runs: {}  min_ms: {:.3}  max_ms: {:.3}",
+            path.display(),
+            t.runs,
+            t.min_ms,
+            t.max_ms
+        );
+        println!("median_ms: {:.3}", t.median_ms);
+        return Ok(());
+    }
+    if !json {
+        println!(
+            "{:<24} {:>10} {:>10} {:>10} {:>9}  (recurrent: {recurrent:?}, runs: {runs})",
+            "workload", "median_ms", "min_ms", "max_ms", "GFLOP/s"
+        );
+    }
+    for w in Workload::standard() {
+        if let Some(dir) = export_dir {
+            std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            save(
+                &Model::new(w.graph()),
+                &dir.join(format!("{}.onnx", w.name)),
+            )?;
+        }
+        let t = bench_workload(&w, recurrent, runs).map_err(CliError::Run)?;
+        let gflops = w.flops() / (t.median_ms * 1e-3) / 1e9;
+        if json {
+            println!(
+                "{{\"workload\": \"{}\", \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"max_ms\": {:.4}, \"gflops\": {:.2}, \"runs\": {}, \"recurrent\": \"{recurrent:?}\"}}",
+                w.name, t.median_ms, t.min_ms, t.max_ms, gflops, t.runs
+            );
+        } else {
+            println!(
+                "{:<24} {:>10.3} {:>10.3} {:>10.3} {:>9.1}",
+                w.name, t.median_ms, t.min_ms, t.max_ms, gflops
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `--backend` values.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum BackendArg {
@@ -236,6 +316,24 @@ pub type ExitCode = i32;
 /// run had failures).
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
+        Command::Bench {
+            model,
+            runs,
+            recurrent,
+            dim,
+            export_dir,
+            json,
+        } => {
+            bench(
+                model.as_deref(),
+                runs.max(1),
+                recurrent.into(),
+                dim,
+                export_dir.as_deref(),
+                json,
+            )?;
+            Ok(0)
+        }
         Command::Run {
             model,
             inputs,

@@ -16,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod conformance;
 pub mod npy;

@@ -4,6 +4,7 @@
 
 mod control;
 mod elementwise;
+pub mod fastmath;
 mod nn;
 mod reduce;
 pub mod rnn;

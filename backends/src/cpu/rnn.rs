@@ -36,6 +36,17 @@ pub trait RFloat:
     fn exp(self) -> Self;
     /// tanh.
     fn tanh(self) -> Self;
+    /// The smaller (NaN-ignoring).
+    fn mn(self, o: Self) -> Self;
+    /// The larger (NaN-ignoring).
+    fn mx(self, o: Self) -> Self;
+    /// Applies an activation to every element (f32 sigmoid and tanh use the vectorised
+    /// [`super::fastmath`] versions).
+    fn act_slice(a: Act, v: &mut [Self]) {
+        for x in v.iter_mut() {
+            *x = a.apply(*x);
+        }
+    }
     /// `C[m×n] = A[m×k]·B[k×n] (+ C when accumulate)`, strided as in `crate::gemm`.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -66,6 +77,23 @@ impl RFloat for f32 {
     }
     fn tanh(self) -> f32 {
         f32::tanh(self)
+    }
+    fn mn(self, o: f32) -> f32 {
+        f32::min(self, o)
+    }
+    fn mx(self, o: f32) -> f32 {
+        f32::max(self, o)
+    }
+    fn act_slice(a: Act, v: &mut [f32]) {
+        match a {
+            Act::Sigmoid => super::fastmath::sigmoid_slice(v),
+            Act::Tanh => super::fastmath::tanh_slice(v),
+            other => {
+                for x in v.iter_mut() {
+                    *x = other.apply(*x);
+                }
+            }
+        }
     }
     fn gemm(
         m: usize,
@@ -112,6 +140,12 @@ impl RFloat for f64 {
     }
     fn tanh(self) -> f64 {
         f64::tanh(self)
+    }
+    fn mn(self, o: f64) -> f64 {
+        f64::min(self, o)
+    }
+    fn mx(self, o: f64) -> f64 {
+        f64::max(self, o)
     }
     fn gemm(
         m: usize,
@@ -489,19 +523,15 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
     let mut rh = vec![T::default(); n * h];
     let zero = T::of(0.0);
     let one = T::of(1.0);
-    let clip = |v: T| match spec.clip {
-        Some(c) => {
-            let c = T::of(c as f64);
-            if v > c {
-                c
-            } else if v < zero - c {
-                zero - c
-            } else {
-                v
-            }
-        }
-        None => v,
+    // Gate pre-activations are clamped to [lo, hi] (±infinity without `clip`).
+    let (lo, hi) = match spec.clip {
+        Some(c) => (T::of(-(c as f64)), T::of(c as f64)),
+        None => (T::of(f64::NEG_INFINITY), T::of(f64::INFINITY)),
     };
+    let has_clip = spec.clip.is_some();
+    // Clamps only with `clip`, so NaN still propagates without it.
+    let cl = |v: T| if has_clip { v.mx(lo).mn(hi) } else { v };
+    let mut gates = vec![T::default(); n * gh];
     for (d, &rev) in spec.reverse.iter().enumerate() {
         let w = &inp.w[d * gh * isz..(d + 1) * gh * isz];
         let r = &inp.r[d * gh * h..(d + 1) * gh * h];
@@ -548,15 +578,24 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
             None => vec![zero; n * h],
         };
         let p = inp.p.map(|p| &p[d * 3 * h..(d + 1) * 3 * h]);
+        let _ = &acts;
         let max_len = inp.lens.iter().copied().max().unwrap_or(0);
+        let zeros = vec![zero; 3 * h];
+        let p = p.unwrap_or(&zeros);
+        let (pi, po, pf) = (&p[..h], &p[h..2 * h], &p[2 * h..3 * h]);
+        let zero_rb = vec![zero; gh];
+        let rbv = rb.unwrap_or(&zero_rb);
+        let rbh = &rbv[(gh - h).min(2 * h)..];
+        let (f, gg, hh) = (
+            acts[0],
+            acts.get(1).copied().unwrap_or(acts[0]),
+            acts.get(2).copied().unwrap_or(acts[0]),
+        );
         for s in 0..max_len {
             // Recurrent projection for all rows: HR[N, G·H] = H · Rᵀ (GRU with
             // linear_before_reset=0: only the z and r columns here).
-            let cols = if spec.cell == Cell::Gru && !spec.linear_before_reset {
-                2 * h
-            } else {
-                gh
-            };
+            let gru_lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
+            let cols = if gru_lbr0 { 2 * h } else { gh };
             T::gemm(
                 n,
                 h,
@@ -571,17 +610,22 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
                 &mut hr,
                 gh as isize,
             );
-            if spec.cell == Cell::Gru && !spec.linear_before_reset {
-                // r ⊙ H first, then (r ⊙ H) · R_hᵀ into the h columns.
+            let row_t = |b: usize| if rev { inp.lens[b] - 1 - s } else { s };
+            if gru_lbr0 {
+                // z and r for every active row, then (r ⊙ H) · R_hᵀ into the h columns.
                 for b in 0..n {
                     if s >= inp.lens[b] {
                         continue;
                     }
-                    let t = if rev { inp.lens[b] - 1 - s } else { s };
+                    let t = row_t(b);
                     let x = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
+                    let zr = &mut gates[b * gh..b * gh + 2 * h];
+                    for u in 0..2 * h {
+                        zr[u] = cl(x[u] + hr[b * gh + u]);
+                    }
+                    T::act_slice(f, zr);
                     for u in 0..h {
-                        let rg = acts[0].apply(clip(x[h + u] + hr[b * gh + h + u]));
-                        rh[b * h + u] = rg * hs[b * h + u];
+                        rh[b * h + u] = zr[h + u] * hs[b * h + u];
                     }
                 }
                 T::gemm(
@@ -603,50 +647,69 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
                 if s >= inp.lens[b] {
                     continue;
                 }
-                let t = if rev { inp.lens[b] - 1 - s } else { s };
+                let t = row_t(b);
                 let x = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
                 let hrow = &hr[b * gh..(b + 1) * gh];
                 let hv = &mut hs[b * h..(b + 1) * h];
                 let cv = &mut cs[b * h..(b + 1) * h];
+                let buf = &mut gates[b * gh..(b + 1) * gh];
                 match spec.cell {
                     Cell::Rnn => {
                         for u in 0..h {
-                            hv[u] = acts[0].apply(clip(x[u] + hrow[u]));
+                            hv[u] = cl(x[u] + hrow[u]);
                         }
+                        T::act_slice(f, hv);
                     }
                     Cell::Lstm => {
-                        let (f, gg, hh) = (acts[0], acts[1], acts[2]);
+                        // buf holds [i | f | c̃ | o]; X·Wᵀ and H·Rᵀ are in ONNX order i, o, f, c.
+                        let (bi, rest) = buf.split_at_mut(h);
+                        let (bf, rest) = rest.split_at_mut(h);
+                        let (bc, bo) = rest.split_at_mut(h);
                         for u in 0..h {
-                            let pi = p.map_or(zero, |p| p[u]);
-                            let po = p.map_or(zero, |p| p[h + u]);
-                            let pf = p.map_or(zero, |p| p[2 * h + u]);
-                            let c_prev = cv[u];
-                            let ig = f.apply(clip(x[u] + hrow[u] + pi * c_prev));
-                            let fg = if spec.input_forget {
-                                one - ig
-                            } else {
-                                f.apply(clip(x[2 * h + u] + hrow[2 * h + u] + pf * c_prev))
-                            };
-                            let cand = gg.apply(clip(x[3 * h + u] + hrow[3 * h + u]));
-                            let c = fg * c_prev + ig * cand;
-                            let og = f.apply(clip(x[h + u] + hrow[h + u] + po * c));
+                            bi[u] = cl(x[u] + hrow[u] + pi[u] * cv[u]);
+                            bf[u] = cl(x[2 * h + u] + hrow[2 * h + u] + pf[u] * cv[u]);
+                            bc[u] = cl(x[3 * h + u] + hrow[3 * h + u]);
+                        }
+                        T::act_slice(f, bi);
+                        if spec.input_forget {
+                            for u in 0..h {
+                                bf[u] = one - bi[u];
+                            }
+                        } else {
+                            T::act_slice(f, bf);
+                        }
+                        T::act_slice(gg, bc);
+                        for u in 0..h {
+                            let c = bf[u] * cv[u] + bi[u] * bc[u];
                             cv[u] = c;
-                            hv[u] = og * hh.apply(c);
+                            bo[u] = cl(x[h + u] + hrow[h + u] + po[u] * c);
+                            bc[u] = c;
+                        }
+                        T::act_slice(f, bo);
+                        T::act_slice(hh, bc);
+                        for u in 0..h {
+                            hv[u] = bo[u] * bc[u];
                         }
                     }
                     Cell::Gru => {
-                        let (f, gg) = (acts[0], acts[1]);
+                        let (zr, bh) = buf.split_at_mut(2 * h);
+                        if spec.linear_before_reset {
+                            for u in 0..2 * h {
+                                zr[u] = cl(x[u] + hrow[u]);
+                            }
+                            T::act_slice(f, zr);
+                            for u in 0..h {
+                                bh[u] = cl(x[2 * h + u] + zr[h + u] * (hrow[2 * h + u] + rbh[u]));
+                            }
+                        } else {
+                            for u in 0..h {
+                                bh[u] = cl(x[2 * h + u] + hrow[2 * h + u] + rbh[u]);
+                            }
+                        }
+                        T::act_slice(gg, bh);
                         for u in 0..h {
-                            let z = f.apply(clip(x[u] + hrow[u]));
-                            let cand = if spec.linear_before_reset {
-                                let rg = f.apply(clip(x[h + u] + hrow[h + u]));
-                                let rbh = rb.map_or(zero, |v| v[2 * h + u]);
-                                gg.apply(clip(x[2 * h + u] + rg * (hrow[2 * h + u] + rbh)))
-                            } else {
-                                let rbh = rb.map_or(zero, |v| v[2 * h + u]);
-                                gg.apply(clip(x[2 * h + u] + hrow[2 * h + u] + rbh))
-                            };
-                            hv[u] = (one - z) * cand + z * hv[u];
+                            let z = zr[u];
+                            hv[u] = (one - z) * bh[u] + z * hv[u];
                         }
                     }
                 }
