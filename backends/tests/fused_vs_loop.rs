@@ -272,6 +272,10 @@ proptest! {
         let mut looped = CpuBackend { recurrent: Recurrent::Loop }.compile(&g).expect("compile loop");
         prop_assert!(has_recurrent(fused.graph()), "the fused plan runs the recurrent op");
         prop_assert!(!has_recurrent(looped.graph()), "the loop plan has no recurrent op left");
+        // With input_forget the LSTM forget gate is 1 − i: no product of its own.
+        let gates = [4, 3, 1][c.cell] - usize::from(c.cell == 0 && c.input_forget);
+        let dirs = if c.dir == 2 { 2 } else { 1 };
+        prop_assert_eq!(looped.hoisted_products(), gates * dirs, "every gate's input product is hoisted out of the loop");
         let a = fused.run(inputs.clone()).expect("run fused");
         let b = looped.run(inputs).expect("run loop");
         prop_assert_eq!(a.len(), b.len());

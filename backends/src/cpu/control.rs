@@ -237,13 +237,40 @@ fn run_scan(
 ) -> R<(Vec<Data>, Vec<Vec<Tensor>>)> {
     let n = states.len();
     let mut scans: Vec<Vec<Tensor>> = vec![Vec::with_capacity(steps); k];
+    // Hoist `x_t · W` with a loop-invariant W out of the loop: one product over all steps
+    // (a scan input on axis 0 times W gives [T, ...]), sliced per step.
+    let mut hoisted: Vec<(usize, usize, Tensor)> = Vec::new();
+    for &(node, p, wslot) in &body.hoistable {
+        let Some(j) = p.checked_sub(n).filter(|&j| j < xs.len() && axes[j] == 0) else {
+            continue;
+        };
+        let Some(w) = body.static_value(wslot, outer) else {
+            continue;
+        };
+        let w = w.tensor()?;
+        if xs[j].shape().len() < 2 || w.shape().len() != 2 {
+            continue;
+        }
+        if let Ok(full) = super::nn::matmul_tensor(xs[j], w) {
+            hoisted.push((node, j, full));
+        }
+    }
     for t in 0..steps {
         let mut args = std::mem::take(&mut states);
         for (j, x) in xs.iter().enumerate() {
             let i = if rev[j] { steps - 1 - t } else { t };
             args.push(Data::Tensor(take(x, axes[j], i)));
         }
-        let mut outs = body.run(args, outer)?;
+        let overrides: Vec<(usize, Data)> = hoisted
+            .iter()
+            .map(|(node, j, full)| {
+                (
+                    *node,
+                    Data::Tensor(take(full, 0, if rev[*j] { steps - 1 - t } else { t })),
+                )
+            })
+            .collect();
+        let mut outs = body.run_with(args, outer, overrides)?;
         if outs.len() != n + k {
             return Err(ControlError::Msg(format!(
                 "body gave {} outputs, expected {}",

@@ -67,6 +67,38 @@ impl CpuPlan {
     }
 }
 
+impl CpuPlan {
+    /// How many per-step products of a scanned input with a loop-invariant weight the
+    /// plan's `Scan` loops compute as one product over all steps.
+    pub fn hoisted_products(&self) -> usize {
+        fn count(c: &Compiled) -> usize {
+            c.bodies
+                .iter()
+                .map(|(&n, bodies)| {
+                    let own = match c.graph.node(n).op() {
+                        Some(Op::Scan {
+                            num_scan_inputs, ..
+                        }) => {
+                            let states = c
+                                .graph
+                                .node(n)
+                                .num_inputs
+                                .saturating_sub(*num_scan_inputs as usize);
+                            bodies
+                                .iter()
+                                .map(|b| b.hoistable.iter().filter(|h| h.1 >= states).count())
+                                .sum()
+                        }
+                        _ => 0,
+                    };
+                    own + bodies.iter().map(count).sum::<usize>()
+                })
+                .sum()
+        }
+        count(&self.inner)
+    }
+}
+
 impl Plan for CpuPlan {
     fn run(&mut self, inputs: Vec<Data>) -> Result<Vec<Data>> {
         let g = &self.inner.graph;
@@ -129,6 +161,9 @@ pub(crate) struct Compiled {
     outer_slots: Vec<Option<usize>>,
     output_slots: Vec<usize>,
     bodies: HashMap<NodeId, Vec<Compiled>>,
+    /// `MatMul(graph input p, loop-invariant weight)` nodes: (order index, p, weight
+    /// slot). A `Scan` over this body computes them for all steps in one product.
+    pub(crate) hoistable: Vec<(usize, usize, usize)>,
 }
 
 const KEEP: usize = usize::MAX / 2;
@@ -218,7 +253,25 @@ impl Compiled {
         for &s in &output_slots {
             uses[s] = KEEP;
         }
-        let input_slots = graph.input_values().iter().map(|v| slot_of[v]).collect();
+        let input_slots: Vec<usize> = graph.input_values().iter().map(|v| slot_of[v]).collect();
+        let mut hoistable = Vec::new();
+        for (k, &n) in order.iter().enumerate() {
+            if !matches!(graph.node(n).op(), Some(Op::MatMul {})) {
+                continue;
+            }
+            if let [Some(a), Some(b)] = graph.node_inputs(n)[..] {
+                let invariant = matches!(
+                    graph.node(b.node).kind,
+                    NodeKind::Outer | NodeKind::Initializer { .. }
+                );
+                if let (Some(p), true) = (
+                    input_slots.iter().position(|&s| s == slot_of[&a]),
+                    invariant,
+                ) {
+                    hoistable.push((k, p, slot_of[&b]));
+                }
+            }
+        }
         Ok(Compiled {
             graph,
             order,
@@ -234,11 +287,32 @@ impl Compiled {
             outer_slots,
             output_slots,
             bodies,
+            hoistable,
         })
     }
 
     /// Runs the graph: `inputs` for the graph inputs, `outer` for the names in `outers`.
     pub(crate) fn run(&self, inputs: Vec<Data>, outer: &[&Data]) -> Result<Vec<Data>> {
+        self.run_with(inputs, outer, Vec::new())
+    }
+
+    /// The value of a constant or outer slot, before running.
+    pub(crate) fn static_value<'a>(&'a self, slot: usize, outer: &[&'a Data]) -> Option<&'a Data> {
+        if let Some((_, d)) = self.consts.iter().find(|(s, _)| *s == slot) {
+            return Some(d);
+        }
+        let i = self.outer_slots.iter().position(|s| *s == Some(slot))?;
+        outer.get(i).copied()
+    }
+
+    /// Runs the graph with the outputs of some nodes given instead of computed:
+    /// `overrides` holds (order index, the node's single output).
+    pub(crate) fn run_with(
+        &self,
+        inputs: Vec<Data>,
+        outer: &[&Data],
+        mut overrides: Vec<(usize, Data)>,
+    ) -> Result<Vec<Data>> {
         let mut slots: Vec<Slot<'_>> = (0..self.nslots).map(|_| Slot::Empty).collect();
         for (s, d) in &self.consts {
             slots[*s] = Slot::Borrowed(d);
@@ -271,8 +345,14 @@ impl Compiled {
                 })
                 .collect::<Result<_>>()?;
             let out_types: Vec<&ValueType> = node.outputs.iter().map(|v| &v.ty).collect();
-            let results = match self.bodies.get(&n) {
-                Some(bodies) => {
+            let given = overrides
+                .iter()
+                .position(|(o, _)| *o == k)
+                .map(|i| overrides.swap_remove(i).1);
+            let results = match (given, self.bodies.get(&n)) {
+                (Some(d), _) => vec![d],
+                (None, None) => eval(op, &ins, &out_types, self.graph.opset("")).map_err(fail)?,
+                (None, Some(bodies)) => {
                     let resolve = |name: &str| -> Result<&Data> {
                         if let Some(v) = self.graph.find(name) {
                             return slots[self.slot_of[&v]].get().ok_or_else(|| {
@@ -309,7 +389,6 @@ impl Compiled {
                         ControlError::Inner(e) => e,
                     })?
                 }
-                None => eval(op, &ins, &out_types, self.graph.opset("")).map_err(fail)?,
             };
             if results.len() < node.outputs.len() {
                 return Err(fail(format!(
