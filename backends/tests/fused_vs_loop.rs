@@ -7,19 +7,7 @@ use cellgraph_ir::{Graph, Op, Tensor, ValueRef, ValueType};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 
-const ACTS: &[&str] = &[
-    "Relu",
-    "Tanh",
-    "Sigmoid",
-    "Affine",
-    "LeakyRelu",
-    "ThresholdedRelu",
-    "ScaledTanh",
-    "HardSigmoid",
-    "Elu",
-    "Softsign",
-    "Softplus",
-];
+use cellgraph_ir::ops::rnn::ACTIVATIONS as ACTS;
 
 #[derive(Clone, Debug)]
 struct Cfg {
@@ -268,8 +256,8 @@ proptest! {
     #[test]
     fn fused_kernels_match_the_loop_lowering(c in cfg()) {
         let (g, inputs) = build(&c);
-        let mut fused = CpuBackend { recurrent: Recurrent::Fused }.compile(&g).expect("compile fused");
-        let mut looped = CpuBackend { recurrent: Recurrent::Loop }.compile(&g).expect("compile loop");
+        let mut fused = CpuBackend::new(Recurrent::Fused).compile(&g).expect("compile fused");
+        let mut looped = CpuBackend::new(Recurrent::Loop).compile(&g).expect("compile loop");
         prop_assert!(has_recurrent(fused.graph()), "the fused plan runs the recurrent op");
         prop_assert!(!has_recurrent(looped.graph()), "the loop plan has no recurrent op left");
         // With input_forget the LSTM forget gate is 1 − i: no product of its own.

@@ -198,7 +198,7 @@ pub fn time(runs: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<Ti
 /// Times inference of a workload on the CPU backend.
 pub fn bench_workload(w: &Workload, recurrent: Recurrent, runs: usize) -> Result<Timing, String> {
     let g = w.graph();
-    let mut plan = CpuBackend { recurrent }
+    let mut plan = CpuBackend::new(recurrent)
         .compile(&g)
         .map_err(|e| e.to_string())?;
     let x = w.input();
@@ -247,7 +247,7 @@ pub fn bench_model(
             Tensor::from_f64_vec(dt, &shape, &vals).map_err(|e| e.to_string())?,
         ));
     }
-    let mut plan = CpuBackend { recurrent }
+    let mut plan = CpuBackend::new(recurrent)
         .compile(g)
         .map_err(|e| e.to_string())?;
     time(runs, || {

@@ -206,7 +206,7 @@ pub fn run_model(
             missing.join(", ")
         )));
     }
-    let mut plan = crate::backends::cpu::CpuBackend { recurrent }
+    let mut plan = crate::backends::cpu::CpuBackend::new(recurrent)
         .compile(g)
         .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
     let outs = plan

@@ -148,7 +148,7 @@ fn compare(got: &Data, want: &Data, tol: Tolerance) -> Result<(), String> {
 pub fn run_case(dir: &Path, recurrent: Recurrent, tol: Tolerance) -> Result<(), String> {
     let model = Model::load(dir.join("model.onnx")).map_err(|e| format!("import: {e}"))?;
     verify(&model.graph).map_err(|e| format!("verify: {e}"))?;
-    let backend = CpuBackend { recurrent };
+    let backend = CpuBackend::new(recurrent);
     let mut plan = backend
         .compile(&model.graph)
         .map_err(|e| format!("compile: {e}"))?;

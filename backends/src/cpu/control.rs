@@ -102,11 +102,11 @@ pub fn eval(
                 .ok_or("fewer outputs than loop-carried values")?;
             let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); k];
             let mut i: i64 = 0;
-            const MAX_TRIPS: i64 = 1 << 31;
+            let max_trips = i64::try_from(body.max_trips).unwrap_or(i64::MAX);
             while cond && max.is_none_or(|m| i < m) {
-                if i >= MAX_TRIPS {
+                if i >= max_trips {
                     return Err(ControlError::Msg(format!(
-                        "loop ran {MAX_TRIPS} iterations without stopping"
+                        "loop ran {max_trips} iterations without stopping (the plan's limit)"
                     )));
                 }
                 let mut args = vec![

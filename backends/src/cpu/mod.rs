@@ -30,10 +30,29 @@ pub enum Recurrent {
 }
 
 /// The CPU backend.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct CpuBackend {
     /// How recurrent ops run.
     pub recurrent: Recurrent,
+    /// The most iterations one `Loop` may run before the plan gives up with an error
+    /// (a guard against runaway loops in hostile files; default 2^24).
+    pub max_loop_trips: u64,
+}
+
+impl Default for CpuBackend {
+    fn default() -> CpuBackend {
+        CpuBackend::new(Recurrent::Fused)
+    }
+}
+
+impl CpuBackend {
+    /// A CPU backend running recurrent ops as `recurrent` says, with default limits.
+    pub fn new(recurrent: Recurrent) -> CpuBackend {
+        CpuBackend {
+            recurrent,
+            max_loop_trips: 1 << 24,
+        }
+    }
 }
 
 impl Backend for CpuBackend {
@@ -49,7 +68,7 @@ impl Backend for CpuBackend {
             Recurrent::Loop => crate::lower::lower_recurrent(graph)?,
         };
         Ok(CpuPlan {
-            inner: Compiled::new(g)?,
+            inner: Compiled::new(g, self.max_loop_trips)?,
         })
     }
 }
@@ -164,12 +183,14 @@ pub(crate) struct Compiled {
     /// `MatMul(graph input p, loop-invariant weight)` nodes: (order index, p, weight
     /// slot). A `Scan` over this body computes them for all steps in one product.
     pub(crate) hoistable: Vec<(usize, usize, usize)>,
+    /// The `Loop` iteration limit.
+    pub(crate) max_trips: u64,
 }
 
 const KEEP: usize = usize::MAX / 2;
 
 impl Compiled {
-    pub(crate) fn new(graph: Graph) -> Result<Compiled> {
+    pub(crate) fn new(graph: Graph, max_trips: u64) -> Result<Compiled> {
         let order = graph
             .topo_order()
             .map_err(|_| Error::Compile(format!("graph {:?} has a cycle", graph.name)))?;
@@ -208,7 +229,7 @@ impl Compiled {
                 if !subs.is_empty() {
                     let mut compiled = Vec::new();
                     for (_, body) in subs {
-                        let c = Compiled::new(body.clone())?;
+                        let c = Compiled::new(body.clone(), max_trips)?;
                         for name in &c.outers {
                             match graph.find(name) {
                                 // Read by the body: a use by this node, freed after it runs.
@@ -288,6 +309,7 @@ impl Compiled {
             output_slots,
             bodies,
             hoistable,
+            max_trips,
         })
     }
 

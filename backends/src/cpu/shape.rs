@@ -237,6 +237,12 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], out_types: &[&ValueType]) -> Result<
             if reps.len() != x.shape().len() {
                 return Err("repeats must have one entry per axis".into());
             }
+            let mut out_shape = Vec::with_capacity(reps.len());
+            for (&d, &r) in x.shape().iter().zip(&reps) {
+                let r = usize::try_from(r).map_err(|_| format!("negative repeat {r}"))?;
+                out_shape.push(d.checked_mul(r).ok_or("repeats overflow")?);
+            }
+            checked_len(&out_shape)?;
             let mut t = x.clone();
             for (a, &r) in reps.iter().enumerate() {
                 let r = usize::try_from(r).map_err(|_| format!("negative repeat {r}"))?;
@@ -274,6 +280,7 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], out_types: &[&ValueType]) -> Result<
                 return Err(format!("Range of {n} elements"));
             }
             let n = n as usize;
+            checked_len(&[n])?;
             let t = if dt.is_int() {
                 let (si, di) = (
                     input(ins, 0)?.as_i64_vec().ok_or("int")?[0],

@@ -106,9 +106,13 @@ pub fn one(t: Tensor) -> Result<Vec<Data>, String> {
     Ok(vec![Data::Tensor(t)])
 }
 
+/// The most elements a kernel creates in one tensor (4 GiB of f32, as the importer's
+/// default per-tensor limit).
+pub const MAX_ELEMENTS: usize = 1 << 30;
+
 /// The element count of a shape, refusing absurd sizes before allocating.
 pub fn checked_len(shape: &[usize]) -> Result<usize, String> {
-    const MAX: usize = 1 << 34;
+    const MAX: usize = MAX_ELEMENTS;
     let n = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
