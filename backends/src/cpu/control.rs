@@ -158,12 +158,18 @@ pub fn eval(
             ..
         } => {
             let body = &bodies[0];
-            let m = *num_scan_inputs as usize;
+            let m = usize::try_from(*num_scan_inputs).map_err(|_| "num_scan_inputs is negative")?;
+            let first = usize::from(opset < 9);
+            let n = ins
+                .len()
+                .checked_sub(first + m)
+                .ok_or("more scan inputs than inputs")?;
+            let k = nout
+                .checked_sub(n)
+                .ok_or("fewer outputs than state variables")?;
             if opset < 9 {
                 return scan8(ins, m, nout, directions.as_deref(), body, &outer[0]);
             }
-            let n = ins.len() - m;
-            let k = nout - n;
             let states: Vec<Data> = (0..n)
                 .map(|i| {
                     ins[i]
@@ -177,16 +183,27 @@ pub fn eval(
             let in_axes: Vec<usize> = (0..m)
                 .map(|j| {
                     axis(
-                        scan_input_axes.as_ref().map(|a| a[j]).unwrap_or(0),
+                        scan_input_axes
+                            .as_ref()
+                            .and_then(|a| a.get(j).copied())
+                            .unwrap_or(0),
                         xs[j].shape().len(),
                     )
                 })
                 .collect::<Result<_, _>>()?;
             let in_rev: Vec<bool> = (0..m)
-                .map(|j| scan_input_directions.as_ref().is_some_and(|d| d[j] != 0))
+                .map(|j| {
+                    scan_input_directions
+                        .as_ref()
+                        .is_some_and(|d| d.get(j).is_some_and(|&v| v != 0))
+                })
                 .collect();
             let out_rev: Vec<bool> = (0..k)
-                .map(|j| scan_output_directions.as_ref().is_some_and(|d| d[j] != 0))
+                .map(|j| {
+                    scan_output_directions
+                        .as_ref()
+                        .is_some_and(|d| d.get(j).is_some_and(|&v| v != 0))
+                })
                 .collect();
             let steps = xs.first().map(|x| x.shape()[in_axes[0]]).unwrap_or(0);
             for (j, x) in xs.iter().enumerate() {
@@ -210,7 +227,10 @@ pub fn eval(
                     .or_else(|| elem_of(body, n + j).map(|e| e.1.len()))
                     .unwrap_or(0);
                 let ax = axis(
-                    scan_output_axes.as_ref().map(|a| a[j]).unwrap_or(0),
+                    scan_output_axes
+                        .as_ref()
+                        .and_then(|a| a.get(j).copied())
+                        .unwrap_or(0),
                     elem_rank + 1,
                 )?;
                 out.push(Data::Tensor(stack(&s, ax, || elem_of(body, n + j))?));
@@ -326,7 +346,7 @@ fn scan8(
         None => vec![max_t; batch],
     };
     let rev: Vec<bool> = (0..m)
-        .map(|j| directions.is_some_and(|d| d[j] != 0))
+        .map(|j| directions.is_some_and(|d| d.get(j).is_some_and(|&v| v != 0)))
         .collect();
     let mut final_states: Vec<Vec<Tensor>> = vec![Vec::new(); n];
     let mut scan_rows: Vec<Vec<Tensor>> = vec![Vec::new(); k];
