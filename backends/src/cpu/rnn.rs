@@ -723,8 +723,12 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
     Ok(Outputs { y, yh, yc })
 }
 
-fn slice_of<T: Copy>(t: &ArrayD<T>) -> Vec<T> {
-    t.as_standard_layout().iter().copied().collect()
+/// The elements in row-major order: borrowed when already contiguous, copied otherwise.
+fn slice_of<T: Copy>(t: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
+    match t.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(t.as_standard_layout().iter().copied().collect()),
+    }
 }
 
 fn generic<T: RFloat>(
@@ -734,7 +738,7 @@ fn generic<T: RFloat>(
     get: fn(&Tensor) -> Option<&ArrayD<T>>,
     wrap: fn(ArrayD<T>) -> Tensor,
 ) -> Result<Vec<Data>, String> {
-    let arr = |i: usize| -> Result<Option<Vec<T>>, String> {
+    let arr = |i: usize| -> Result<Option<std::borrow::Cow<'_, [T]>>, String> {
         match opt_input(ins, i)? {
             Some(t) => Ok(Some(slice_of(get(t).ok_or_else(|| {
                 format!("input {i} has dtype {}, X has another", t.dtype())
@@ -755,20 +759,19 @@ fn generic<T: RFloat>(
     let h = spec.hidden;
     let d = spec.reverse.len();
     let g = spec.cell.gates();
-    // Time-major X.
-    let x_tm = if spec.layout1 {
+    // Time-major X (copied only for layout 1).
+    let x_owned = spec.layout1.then(|| {
         x_arr
             .view()
             .permuted_axes(IxDyn(&[1, 0, 2]))
             .as_standard_layout()
             .into_owned()
-    } else {
-        x_arr.as_standard_layout().into_owned()
-    };
+    });
+    let x_tm = x_owned.as_ref().unwrap_or(x_arr);
     let (t_len, n, isz) = (x_tm.shape()[0], x_tm.shape()[1], x_tm.shape()[2]);
     let w = arr(1)?.ok_or("W is required")?;
     let r = arr(2)?.ok_or("R is required")?;
-    let check = |name: &str, v: &Option<Vec<T>>, want: usize| -> Result<(), String> {
+    let check = |name: &str, v: Option<&[T]>, want: usize| -> Result<(), String> {
         match v {
             Some(v) if v.len() != want => {
                 Err(format!("{name} has {} elements, expected {want}", v.len()))
@@ -776,10 +779,10 @@ fn generic<T: RFloat>(
             _ => Ok(()),
         }
     };
-    check("W", &Some(w.clone()), d * g * h * isz)?;
-    check("R", &Some(r.clone()), d * g * h * h)?;
+    check("W", Some(&w), d * g * h * isz)?;
+    check("R", Some(&r), d * g * h * h)?;
     let b = arr(3)?;
-    check("B", &b, d * 2 * g * h)?;
+    check("B", b.as_deref(), d * 2 * g * h)?;
     let lens: Vec<usize> = match opt_input(ins, 4)? {
         Some(t) => {
             let v = t.as_i64_vec().ok_or("sequence_lens must be integers")?;
@@ -806,10 +809,15 @@ fn generic<T: RFloat>(
             return Ok(None);
         };
         let a = get(t).ok_or("state dtype")?;
-        let v = if spec.layout1 {
-            slice_of(&a.view().permuted_axes(IxDyn(&[1, 0, 2])).to_owned())
+        let v: Vec<T> = if spec.layout1 {
+            a.view()
+                .permuted_axes(IxDyn(&[1, 0, 2]))
+                .as_standard_layout()
+                .iter()
+                .copied()
+                .collect()
         } else {
-            slice_of(a)
+            slice_of(a).into_owned()
         };
         if v.len() != d * n * h {
             return Err(format!(
@@ -831,8 +839,8 @@ fn generic<T: RFloat>(
     } else {
         None
     };
-    check("P", &p, d * 3 * h)?;
-    let x = slice_of(&x_tm);
+    check("P", p.as_deref(), d * 3 * h)?;
+    let x = slice_of(x_tm);
     let out = run(
         &spec,
         &Inputs {
