@@ -1,104 +1,39 @@
 //! The one GEMM entry point every matrix product goes through, so the implementation
 //! behind it can be swapped and measured. Today: the `matrixmultiply` crate.
 
-/// `C = alpha·A·B + beta·C` for row/column-strided f32 matrices: A is m×k, B is k×n,
-/// C is m×n. Strides are in elements.
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: &[f32],
-    rsa: isize,
-    csa: isize,
-    b: &[f32],
-    rsb: isize,
-    csb: isize,
-    beta: f32,
-    c: &mut [f32],
-    rsc: isize,
-    csc: isize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        extent(m, k, rsa, csa) <= a.len()
-            && extent(k, n, rsb, csb) <= b.len()
-            && extent(m, n, rsc, csc) <= c.len(),
-        "sgemm operands are too short"
-    );
-    // SAFETY: the extents of all three strided matrices lie within their slices (checked
-    // above), strides are non-negative by construction in this crate, and C does not
-    // alias A or B (distinct borrows).
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            rsc,
-            csc,
-        )
-    }
+macro_rules! strided_gemm {
+    ($(#[$doc:meta])* $name:ident, $t:ty, $imp:path) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name(m: usize, k: usize, n: usize, alpha: $t, a: &[$t], rsa: isize, csa: isize, b: &[$t], rsb: isize, csb: isize, beta: $t, c: &mut [$t], rsc: isize, csc: isize) {
+            if m == 0 || n == 0 {
+                return;
+            }
+            assert!(
+                extent(m, k, rsa, csa) <= a.len() && extent(k, n, rsb, csb) <= b.len() && extent(m, n, rsc, csc) <= c.len(),
+                concat!(stringify!($name), " operands are too short")
+            );
+            // SAFETY: the extents of all three strided matrices lie within their slices
+            // (checked above), strides are non-negative (checked by `extent`), and C does
+            // not alias A or B (distinct borrows).
+            unsafe { $imp(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), rsc, csc) }
+        }
+    };
 }
 
-/// `C = alpha·A·B + beta·C` for f64; see [`sgemm`].
-#[allow(clippy::too_many_arguments)]
-pub fn dgemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f64,
-    a: &[f64],
-    rsa: isize,
-    csa: isize,
-    b: &[f64],
-    rsb: isize,
-    csb: isize,
-    beta: f64,
-    c: &mut [f64],
-    rsc: isize,
-    csc: isize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        extent(m, k, rsa, csa) <= a.len()
-            && extent(k, n, rsb, csb) <= b.len()
-            && extent(m, n, rsc, csc) <= c.len(),
-        "dgemm operands are too short"
-    );
-    // SAFETY: as in `sgemm`.
-    unsafe {
-        matrixmultiply::dgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            rsc,
-            csc,
-        )
-    }
-}
+strided_gemm!(
+    /// `C = alpha·A·B + beta·C` for row/column-strided f32 matrices: A is m×k, B is k×n,
+    /// C is m×n. Strides are in elements.
+    sgemm,
+    f32,
+    matrixmultiply::sgemm
+);
+strided_gemm!(
+    /// `C = alpha·A·B + beta·C` for f64; see [`sgemm`].
+    dgemm,
+    f64,
+    matrixmultiply::dgemm
+);
 
 /// One past the largest element offset a rows×cols matrix with these strides touches.
 fn extent(rows: usize, cols: usize, rs: isize, cs: isize) -> usize {

@@ -28,6 +28,10 @@ pub trait RFloat:
     + Sync
     + 'static
 {
+    /// The array of a tensor of this dtype.
+    fn array(t: &Tensor) -> Option<&ArrayD<Self>>;
+    /// Wraps an array into a tensor.
+    fn tensor(a: ArrayD<Self>) -> Tensor;
     /// From f64.
     fn of(x: f64) -> Self;
     /// To f64.
@@ -66,6 +70,15 @@ pub trait RFloat:
 }
 
 impl RFloat for f32 {
+    fn array(t: &Tensor) -> Option<&ArrayD<f32>> {
+        match t {
+            Tensor::F32(a) => Some(a),
+            _ => None,
+        }
+    }
+    fn tensor(a: ArrayD<f32>) -> Tensor {
+        Tensor::F32(a)
+    }
     fn of(x: f64) -> f32 {
         x as f32
     }
@@ -129,6 +142,15 @@ impl RFloat for f32 {
 }
 
 impl RFloat for f64 {
+    fn array(t: &Tensor) -> Option<&ArrayD<f64>> {
+        match t {
+            Tensor::F64(a) => Some(a),
+            _ => None,
+        }
+    }
+    fn tensor(a: ArrayD<f64>) -> Tensor {
+        Tensor::F64(a)
+    }
     fn of(x: f64) -> f64 {
         x
     }
@@ -731,13 +753,9 @@ fn slice_of<T: Copy>(t: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
     }
 }
 
-fn generic<T: RFloat>(
-    op: &Op,
-    ins: &[Option<&Data>],
-    nout: usize,
-    get: fn(&Tensor) -> Option<&ArrayD<T>>,
-    wrap: fn(ArrayD<T>) -> Tensor,
-) -> Result<Vec<Data>, String> {
+fn generic<T: RFloat>(op: &Op, ins: &[Option<&Data>], nout: usize) -> Result<Vec<Data>, String> {
+    let get = T::array;
+    let wrap = T::tensor;
     let arr = |i: usize| -> Result<Option<std::borrow::Cow<'_, [T]>>, String> {
         match opt_input(ins, i)? {
             Some(t) => Ok(Some(slice_of(get(t).ok_or_else(|| {
@@ -879,32 +897,8 @@ fn generic<T: RFloat>(
 /// Runs an ONNX recurrent op with the fused kernel.
 pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> Result<Vec<Data>, String> {
     match input(ins, 0)? {
-        Tensor::F32(_) => generic::<f32>(
-            op,
-            ins,
-            nout,
-            |t| {
-                if let Tensor::F32(a) = t {
-                    Some(a)
-                } else {
-                    None
-                }
-            },
-            Tensor::F32,
-        ),
-        Tensor::F64(_) => generic::<f64>(
-            op,
-            ins,
-            nout,
-            |t| {
-                if let Tensor::F64(a) = t {
-                    Some(a)
-                } else {
-                    None
-                }
-            },
-            Tensor::F64,
-        ),
+        Tensor::F32(_) => generic::<f32>(op, ins, nout),
+        Tensor::F64(_) => generic::<f64>(op, ins, nout),
         other => Err(format!(
             "recurrent ops run on f32 or f64, not {}",
             other.dtype()
