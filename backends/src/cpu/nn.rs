@@ -315,21 +315,8 @@ pub fn eval(
                     al,
                     be,
                 )?),
-                (Tensor::F64(x), Tensor::F64(y), c) => Tensor::F64(gemm_op(
-                    x,
-                    y,
-                    c.map(|c| match c {
-                        Tensor::F64(c) => Ok(c),
-                        _ => Err("C dtype"),
-                    })
-                    .transpose()?,
-                    ta,
-                    tb,
-                    al,
-                    be,
-                )?),
                 _ => {
-                    // Other dtypes: compute in f64 and convert back.
+                    // f64 and every other dtype: compute in f64 and convert back.
                     let f = |t: &Tensor| -> Result<ArrayD<f64>, String> {
                         ArrayD::from_shape_vec(t.shape(), t.to_f64_vec()).map_err(|e| e.to_string())
                     };

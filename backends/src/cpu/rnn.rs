@@ -69,34 +69,45 @@ pub trait RFloat:
     );
 }
 
-impl RFloat for f32 {
-    fn array(t: &Tensor) -> Option<&ArrayD<f32>> {
-        match t {
-            Tensor::F32(a) => Some(a),
-            _ => None,
+macro_rules! rfloat_impl {
+    ($t:ty, $var:ident, $gemm:path, { $($extra:item)* }) => {
+        impl RFloat for $t {
+            fn array(t: &Tensor) -> Option<&ArrayD<$t>> {
+                match t {
+                    Tensor::$var(a) => Some(a),
+                    _ => None,
+                }
+            }
+            fn tensor(a: ArrayD<$t>) -> Tensor {
+                Tensor::$var(a)
+            }
+            fn of(x: f64) -> $t {
+                x as $t
+            }
+            fn to(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> $t {
+                <$t>::exp(self)
+            }
+            fn tanh(self) -> $t {
+                <$t>::tanh(self)
+            }
+            fn mn(self, o: $t) -> $t {
+                <$t>::min(self, o)
+            }
+            fn mx(self, o: $t) -> $t {
+                <$t>::max(self, o)
+            }
+            fn gemm(m: usize, k: usize, n: usize, a: &[$t], rsa: isize, csa: isize, b: &[$t], rsb: isize, csb: isize, acc: bool, c: &mut [$t], rsc: isize) {
+                $gemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, if acc { 1.0 } else { 0.0 }, c, rsc, 1);
+            }
+            $($extra)*
         }
-    }
-    fn tensor(a: ArrayD<f32>) -> Tensor {
-        Tensor::F32(a)
-    }
-    fn of(x: f64) -> f32 {
-        x as f32
-    }
-    fn to(self) -> f64 {
-        self as f64
-    }
-    fn exp(self) -> f32 {
-        f32::exp(self)
-    }
-    fn tanh(self) -> f32 {
-        f32::tanh(self)
-    }
-    fn mn(self, o: f32) -> f32 {
-        f32::min(self, o)
-    }
-    fn mx(self, o: f32) -> f32 {
-        f32::max(self, o)
-    }
+    };
+}
+
+rfloat_impl!(f32, F32, sgemm, {
     fn act_slice(a: Act, v: &mut [f32]) {
         match a {
             Act::Sigmoid => super::fastmath::sigmoid_slice(v),
@@ -108,99 +119,8 @@ impl RFloat for f32 {
             }
         }
     }
-    fn gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: &[f32],
-        rsa: isize,
-        csa: isize,
-        b: &[f32],
-        rsb: isize,
-        csb: isize,
-        acc: bool,
-        c: &mut [f32],
-        rsc: isize,
-    ) {
-        sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a,
-            rsa,
-            csa,
-            b,
-            rsb,
-            csb,
-            if acc { 1.0 } else { 0.0 },
-            c,
-            rsc,
-            1,
-        );
-    }
-}
-
-impl RFloat for f64 {
-    fn array(t: &Tensor) -> Option<&ArrayD<f64>> {
-        match t {
-            Tensor::F64(a) => Some(a),
-            _ => None,
-        }
-    }
-    fn tensor(a: ArrayD<f64>) -> Tensor {
-        Tensor::F64(a)
-    }
-    fn of(x: f64) -> f64 {
-        x
-    }
-    fn to(self) -> f64 {
-        self
-    }
-    fn exp(self) -> f64 {
-        f64::exp(self)
-    }
-    fn tanh(self) -> f64 {
-        f64::tanh(self)
-    }
-    fn mn(self, o: f64) -> f64 {
-        f64::min(self, o)
-    }
-    fn mx(self, o: f64) -> f64 {
-        f64::max(self, o)
-    }
-    fn gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: &[f64],
-        rsa: isize,
-        csa: isize,
-        b: &[f64],
-        rsb: isize,
-        csb: isize,
-        acc: bool,
-        c: &mut [f64],
-        rsc: isize,
-    ) {
-        dgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a,
-            rsa,
-            csa,
-            b,
-            rsb,
-            csb,
-            if acc { 1.0 } else { 0.0 },
-            c,
-            rsc,
-            1,
-        );
-    }
-}
+});
+rfloat_impl!(f64, F64, dgemm, {});
 
 /// An ONNX recurrent activation function with its parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
