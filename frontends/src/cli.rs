@@ -140,6 +140,18 @@ pub enum Suite {
         #[arg(long, default_value_t = 1e-7)]
         atol: f64,
     },
+    /// Keras reference cases: each PATH is a case folder (`model.json`, `meta.json`,
+    /// `weights/`, `inputs/`, `outputs/`, ...) or a folder of such. Compares the summary,
+    /// outputs, stateful call sequences and losses; gradients are reported as skipped
+    /// until autodiff lands.
+    Keras {
+        /// Case folders, or folders holding case folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The backend.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+    },
 }
 
 /// `--recurrent` values.
@@ -375,6 +387,47 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     Ok(()) => {
                         passed += 1;
                         println!("PASS {name}");
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        println!("FAIL {name}: {e}");
+                    }
+                }
+            }
+            println!("{passed} passed, {failed} failed");
+            Ok(if failed > 0 || cases.is_empty() { 1 } else { 0 })
+        }
+        Command::Conformance {
+            suite:
+                Suite::Keras {
+                    paths,
+                    backend: BackendArg::Cpu,
+                },
+        } => {
+            let mut cases = Vec::new();
+            for p in &paths {
+                if !p.exists() {
+                    return Err(CliError::Usage(format!(
+                        "{}: no such file or folder",
+                        p.display()
+                    )));
+                }
+                cases.extend(crate::keras::conformance::find_cases(p));
+            }
+            let (mut passed, mut failed) = (0, 0);
+            for case in &cases {
+                let name = case
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                match crate::keras::conformance::run_case(case) {
+                    Ok(r) => {
+                        passed += 1;
+                        let mut line = format!("PASS {name} ({})", r.checked.join(", "));
+                        if !r.skipped.is_empty() {
+                            line += &format!("; skipped: {}", r.skipped.join(", "));
+                        }
+                        println!("{line}");
                     }
                     Err(e) => {
                         failed += 1;

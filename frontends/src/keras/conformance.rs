@@ -1,0 +1,363 @@
+//! `cellgraph conformance keras`: Keras reference cases (model.json, weights, inputs,
+//! outputs, states, loss) in the layout of `tests/conformance/keras/README.md`.
+
+use super::import::{model_from_json, read_f32};
+use super::layers::Shape;
+use super::model::Model;
+use super::summary::SummaryRow;
+use crate::conformance::{compare_tensors, Tolerance};
+use cellgraph_ir::Tensor;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// The outcome of one case.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaseReport {
+    /// What was compared: `"summary, 1 output, loss"`.
+    pub checked: Vec<String>,
+    /// What was not checked, and why (never counted as passed).
+    pub skipped: Vec<String>,
+}
+
+/// Case folders under `path`: `path` itself when it holds a `meta.json` and a
+/// `model.json`, otherwise every folder below it that does, sorted.
+pub fn find_cases(path: &Path) -> Vec<PathBuf> {
+    if path.join("meta.json").is_file() && path.join("model.json").is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(path) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                out.extend(find_cases(&e.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn read_tensor(path: &Path) -> Result<Tensor, String> {
+    crate::npy::read(path, None).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn files_of(list: &Value, what: &str) -> Result<Vec<String>, String> {
+    list.as_array()
+        .ok_or_else(|| format!("meta.json: {what} is not a list"))?
+        .iter()
+        .map(|e| {
+            e.get("file")
+                .and_then(Value::as_str)
+                .or_else(|| e.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| format!("meta.json: an entry of {what} has no file"))
+        })
+        .collect()
+}
+
+fn load(dir: &Path, json: &str, weights: &[String]) -> Result<Model, String> {
+    let path = dir.join(json);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut model =
+        model_from_json(&text, &path.display().to_string()).map_err(|e| e.to_string())?;
+    let values = weights
+        .iter()
+        .map(|f| read_f32(&dir.join(f)).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    model.set_weights(values).map_err(|e| e.to_string())?;
+    Ok(model)
+}
+
+fn shape_of(v: &Value) -> Option<Shape> {
+    v.as_array()?
+        .iter()
+        .map(|d| match d {
+            Value::Null => Some(None),
+            d => d.as_u64().map(|n| Some(n as usize)),
+        })
+        .collect()
+}
+
+/// Compares the summary against `meta.summary`: totals, and per layer the name, class,
+/// output shape(s) and parameter count.
+fn check_summary(model: &Model, want: &Value) -> Result<(), String> {
+    let (total, trainable, frozen) = model.param_counts();
+    for (key, got) in [
+        ("total_params", total),
+        ("trainable_params", trainable),
+        ("non_trainable_params", frozen),
+    ] {
+        let w = want.get(key).and_then(Value::as_u64);
+        if w != Some(got as u64) {
+            return Err(format!("summary {key}: {got}, Keras {w:?}"));
+        }
+    }
+    let rows: Vec<SummaryRow> = model.summary_rows();
+    let layers = want
+        .get("layers")
+        .and_then(Value::as_array)
+        .ok_or("meta.json: summary.layers is not a list")?;
+    if rows.len() != layers.len() {
+        return Err(format!(
+            "summary has {} layers ({:?}), Keras {}",
+            rows.len(),
+            rows.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            layers.len()
+        ));
+    }
+    for (r, l) in rows.iter().zip(layers) {
+        let name = l.get("name").and_then(Value::as_str).unwrap_or("?");
+        let class = l.get("class_name").and_then(Value::as_str).unwrap_or("?");
+        if r.name != name || r.class_name != class {
+            return Err(format!(
+                "summary layer {} ({}), Keras {name} ({class})",
+                r.name, r.class_name
+            ));
+        }
+        let params = l.get("params").and_then(Value::as_u64);
+        if params != Some(r.params as u64) {
+            return Err(format!(
+                "summary {name}: {} params, Keras {params:?}",
+                r.params
+            ));
+        }
+        if let Some(os) = l.get("output_shape") {
+            let nested = os
+                .as_array()
+                .is_some_and(|a| a.first().is_some_and(Value::is_array));
+            let want_shapes: Option<Vec<Shape>> = if nested {
+                os.as_array().and_then(|a| a.iter().map(shape_of).collect())
+            } else {
+                shape_of(os).map(|s| vec![s])
+            };
+            if want_shapes.as_ref() != Some(&r.output_shapes) {
+                return Err(format!(
+                    "summary {name}: output shape {:?}, Keras {os}",
+                    r.output_shapes
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_outputs(got: &[Tensor], files: &[String], dir: &Path, tol: f64) -> Result<(), String> {
+    if got.len() != files.len() {
+        return Err(format!("{} outputs, Keras {}", got.len(), files.len()));
+    }
+    for (g, f) in got.iter().zip(files) {
+        let want = read_tensor(&dir.join(f))?;
+        compare_tensors(
+            g,
+            &want,
+            Tolerance {
+                rtol: 0.0,
+                atol: tol,
+            },
+        )
+        .map_err(|e| format!("{f}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The loss of `output` against `targets`, as meta.json defines it.
+pub fn loss_value(name: &str, output: &Tensor, targets: &Tensor) -> Result<f64, String> {
+    let y = output.to_f64_vec();
+    let t = targets.to_f64_vec();
+    match name {
+        "mse" => {
+            if output.shape() != targets.shape() {
+                return Err(format!(
+                    "mse: output {:?} and targets {:?} differ in shape",
+                    output.shape(),
+                    targets.shape()
+                ));
+            }
+            Ok(y.iter().zip(&t).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / y.len().max(1) as f64)
+        }
+        "sparse_categorical_crossentropy_from_logits" => {
+            let c = *output.shape().last().ok_or("scce: scalar output")?;
+            if c == 0 || y.len() / c != t.len() {
+                return Err(format!(
+                    "scce: output {:?} does not fit targets {:?}",
+                    output.shape(),
+                    targets.shape()
+                ));
+            }
+            let mut sum = 0.0;
+            for (row, &k) in y.chunks(c).zip(&t) {
+                let k = k as usize;
+                if k >= c {
+                    return Err(format!("scce: class {k} out of range 0..{c}"));
+                }
+                let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                sum += lse - row[k];
+            }
+            Ok(sum / t.len().max(1) as f64)
+        }
+        other => Err(format!("loss {other:?} is not known")),
+    }
+}
+
+/// Runs one case folder.
+pub fn run_case(dir: &Path) -> Result<CaseReport, String> {
+    let meta = read_json(&dir.join("meta.json"))?;
+    let tol = meta
+        .get("tolerance")
+        .and_then(Value::as_f64)
+        .unwrap_or(1e-5);
+    let weights = files_of(meta.get("weights").unwrap_or(&Value::Null), "weights")?;
+    let mut report = CaseReport {
+        checked: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let mut models = vec![load(dir, "model.json", &weights)?];
+    if let Some(summary) = meta.get("summary") {
+        check_summary(&models[0], summary)?;
+        report.checked.push("summary".into());
+    }
+    let steps = meta.get("stateful_steps").filter(|v| !v.is_null());
+    if let Some(steps) = steps {
+        if let Some(extra) = steps.get("models").and_then(Value::as_array) {
+            for m in extra.iter().skip(1) {
+                let json = m
+                    .get("json")
+                    .and_then(Value::as_str)
+                    .ok_or("model without json")?;
+                let w = files_of(m.get("weights").unwrap_or(&Value::Null), "models[].weights")?;
+                let model = load(dir, json, &w)?;
+                if let Some(s) = m.get("summary") {
+                    check_summary(&model, s).map_err(|e| format!("{json}: {e}"))?;
+                }
+                models.push(model);
+            }
+        }
+        let list = steps
+            .get("steps")
+            .and_then(Value::as_array)
+            .ok_or("stateful_steps.steps is not a list")?;
+        let (mut calls, mut states) = (0, 0);
+        for (i, step) in list.iter().enumerate() {
+            let k = step.get("model").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let model = models
+                .get_mut(k)
+                .ok_or_else(|| format!("step {i}: no model {k}"))?;
+            match step.get("op").and_then(Value::as_str) {
+                Some("reset_states") => model.reset_states(),
+                Some("call") => {
+                    let ins = files_of(step.get("inputs").unwrap_or(&Value::Null), "inputs")?
+                        .iter()
+                        .map(|f| read_tensor(&dir.join(f)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let outs = model.predict(&ins).map_err(|e| format!("step {i}: {e}"))?;
+                    let files = files_of(step.get("outputs").unwrap_or(&Value::Null), "outputs")?;
+                    check_outputs(&outs, &files, dir, tol).map_err(|e| format!("step {i}: {e}"))?;
+                    calls += 1;
+                    for s in step
+                        .get("states_after")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let layer = s.get("layer").and_then(Value::as_str).unwrap_or("?");
+                        let got = model
+                            .layer_states(layer)
+                            .or_else(|_| inner_states(model, layer))
+                            .map_err(|e| format!("step {i}: {e}"))?;
+                        let files = files_of(s.get("files").unwrap_or(&Value::Null), "files")?;
+                        let got: Vec<Tensor> = got.into_iter().map(Tensor::F32).collect();
+                        check_outputs(&got, &files, dir, tol)
+                            .map_err(|e| format!("step {i}: states of {layer}: {e}"))?;
+                        states += got.len();
+                    }
+                }
+                other => return Err(format!("step {i}: unknown op {other:?}")),
+            }
+        }
+        report
+            .checked
+            .push(format!("{calls} stateful calls, {states} states"));
+        return Ok(report);
+    }
+    let ins = files_of(meta.get("inputs").unwrap_or(&Value::Null), "inputs")?
+        .iter()
+        .map(|f| read_tensor(&dir.join(f)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outs = models[0].predict(&ins).map_err(|e| e.to_string())?;
+    let files = files_of(meta.get("outputs").unwrap_or(&Value::Null), "outputs")?;
+    check_outputs(&outs, &files, dir, tol)?;
+    report.checked.push(format!("{} outputs", outs.len()));
+    if let Some(loss) = meta.get("loss").filter(|v| !v.is_null()) {
+        let name = loss
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or("loss without name")?;
+        let idx = loss
+            .get("output_index")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        let targets = loss.get("targets").cloned().unwrap_or(Value::Null);
+        let tfile = files_of(&targets, "loss.targets")
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .or_else(|| targets.as_str().map(str::to_string))
+            .ok_or("loss.targets names no file")?;
+        let t = read_tensor(&dir.join(tfile))?;
+        let out = outs.get(idx).ok_or("loss.output_index out of range")?;
+        let got = loss_value(name, out, &t)?;
+        let want = loss
+            .get("value")
+            .and_then(Value::as_f64)
+            .ok_or("loss without value")?;
+        let ltol = 1e-4 * want.abs().max(1.0);
+        if (got - want).abs() > ltol {
+            return Err(format!("loss {name}: {got}, Keras {want}"));
+        }
+        report.checked.push(format!("loss {name}"));
+        if meta.get("grads").is_some_and(|g| !g.is_null()) {
+            report
+                .skipped
+                .push("gradients (autodiff has not landed yet)".into());
+        }
+    }
+    if let Some(other) = meta.get("expect_equal_to").and_then(Value::as_str) {
+        let sibling = dir.parent().map(|p| p.join(other));
+        if let Some(s) = sibling.filter(|s| s.is_dir()) {
+            let meta2 = read_json(&s.join("meta.json"))?;
+            let files2 = files_of(meta2.get("outputs").unwrap_or(&Value::Null), "outputs")?;
+            check_outputs(&outs, &files2, &s, tol).map_err(|e| format!("vs {other}: {e}"))?;
+            report.checked.push(format!("equal to {other}"));
+        } else {
+            report
+                .skipped
+                .push(format!("equality with {other} (case not present)"));
+        }
+    }
+    Ok(report)
+}
+
+/// States of a `Bidirectional`'s inner layer (`forward_lstm`): half of the wrapper's.
+fn inner_states(model: &Model, layer: &str) -> Result<Vec<ndarray::ArrayD<f32>>, String> {
+    for name in model.layer_names() {
+        if let Some(super::Layer::Bidirectional(b)) = model.layer(name) {
+            let fw = b.forward.name.as_deref() == Some(layer);
+            let bw = b.backward.name.as_deref() == Some(layer);
+            if fw || bw {
+                let all = model.layer_states(name).map_err(|e| e.to_string())?;
+                let nf = b.forward.state_sizes().len();
+                return Ok(if fw {
+                    all[..nf].to_vec()
+                } else {
+                    all[nf..].to_vec()
+                });
+            }
+        }
+    }
+    Err(format!("no stateful layer {layer:?} in the model"))
+}

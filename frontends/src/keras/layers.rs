@@ -1,0 +1,1085 @@
+//! Layers with Keras's names, options and defaults.
+//!
+//! Each layer is a plain configuration value built with chained setters
+//! (`LSTM::new(64).return_sequences(true)`); a [`Model`](super::Model) owns the layers,
+//! creates their weights and lowers them to the IR. Recurrent layers share one
+//! representation, [`Recurrent`]: `LSTM(n)` is `RNN(LSTMCell(n))` with a different class
+//! name, exactly as in Keras.
+
+#![allow(clippy::upper_case_acronyms)]
+
+use super::KerasError;
+use std::fmt;
+use std::str::FromStr;
+
+/// A shape with the batch axis first; `None` is an unknown size (Keras's `None`).
+pub type Shape = Vec<Option<usize>>;
+
+/// Formats a shape as Keras prints it: `(None, 5, 64)`.
+pub fn shape_str(s: &[Option<usize>]) -> String {
+    let parts: Vec<String> = s
+        .iter()
+        .map(|d| d.map_or("None".to_string(), |d| d.to_string()))
+        .collect();
+    if parts.len() == 1 {
+        format!("({},)", parts[0])
+    } else {
+        format!("({})", parts.join(", "))
+    }
+}
+
+/// An activation function, by its Keras name.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// `linear` (identity).
+    Linear,
+    /// `tanh`.
+    Tanh,
+    /// `sigmoid`.
+    Sigmoid,
+    /// Keras 3 `hard_sigmoid`: `clip(x/6 + 0.5, 0, 1)`.
+    HardSigmoid,
+    /// `relu`.
+    Relu,
+    /// `relu6`: `min(max(x, 0), 6)`.
+    Relu6,
+    /// `leaky_relu` with Keras's default slope 0.2.
+    LeakyRelu,
+    /// `elu` with alpha 1.
+    Elu,
+    /// `selu`.
+    Selu,
+    /// `softplus`.
+    Softplus,
+    /// `softsign`.
+    Softsign,
+    /// `exponential`.
+    Exponential,
+    /// `swish` / `silu`: `x · sigmoid(x)`.
+    Swish,
+    /// `softmax` over the last axis.
+    Softmax,
+    /// `log_softmax` over the last axis.
+    LogSoftmax,
+}
+
+impl Activation {
+    /// The Keras name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Linear => "linear",
+            Activation::Tanh => "tanh",
+            Activation::Sigmoid => "sigmoid",
+            Activation::HardSigmoid => "hard_sigmoid",
+            Activation::Relu => "relu",
+            Activation::Relu6 => "relu6",
+            Activation::LeakyRelu => "leaky_relu",
+            Activation::Elu => "elu",
+            Activation::Selu => "selu",
+            Activation::Softplus => "softplus",
+            Activation::Softsign => "softsign",
+            Activation::Exponential => "exponential",
+            Activation::Swish => "swish",
+            Activation::Softmax => "softmax",
+            Activation::LogSoftmax => "log_softmax",
+        }
+    }
+}
+
+impl FromStr for Activation {
+    type Err = KerasError;
+    fn from_str(s: &str) -> Result<Activation, KerasError> {
+        Ok(match s {
+            "linear" | "None" => Activation::Linear,
+            "tanh" => Activation::Tanh,
+            "sigmoid" => Activation::Sigmoid,
+            "hard_sigmoid" => Activation::HardSigmoid,
+            "relu" => Activation::Relu,
+            "relu6" => Activation::Relu6,
+            "leaky_relu" => Activation::LeakyRelu,
+            "elu" => Activation::Elu,
+            "selu" => Activation::Selu,
+            "softplus" => Activation::Softplus,
+            "softsign" => Activation::Softsign,
+            "exponential" => Activation::Exponential,
+            "swish" | "silu" => Activation::Swish,
+            "softmax" => Activation::Softmax,
+            "log_softmax" => Activation::LogSoftmax,
+            other => {
+                return Err(KerasError::Unsupported {
+                    layer: String::new(),
+                    what: format!(
+                        "activation {other:?} (known: linear, tanh, sigmoid, hard_sigmoid, relu, \
+                         relu6, leaky_relu, elu, selu, softplus, softsign, exponential, swish, \
+                         silu, softmax, log_softmax)"
+                    ),
+                })
+            }
+        })
+    }
+}
+
+impl fmt::Display for Activation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The kind of a recurrent cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CellKind {
+    /// `SimpleRNNCell`: `h = act(x·K + b + h·U)`.
+    SimpleRNN,
+    /// `GRUCell`, gate blocks z, r, h.
+    GRU,
+    /// `LSTMCell`, gate blocks i, f, c, o.
+    LSTM,
+}
+
+impl CellKind {
+    /// Keras's class name of the cell.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            CellKind::SimpleRNN => "SimpleRNNCell",
+            CellKind::GRU => "GRUCell",
+            CellKind::LSTM => "LSTMCell",
+        }
+    }
+
+    /// Keras's default name of the cell (`lstm_cell`).
+    pub fn default_name(self) -> &'static str {
+        match self {
+            CellKind::SimpleRNN => "simple_rnn_cell",
+            CellKind::GRU => "gru_cell",
+            CellKind::LSTM => "lstm_cell",
+        }
+    }
+
+    /// Gate blocks in the kernel.
+    pub fn gates(self) -> usize {
+        match self {
+            CellKind::SimpleRNN => 1,
+            CellKind::GRU => 3,
+            CellKind::LSTM => 4,
+        }
+    }
+}
+
+/// A recurrent cell: `LSTMCell`, `GRUCell` or `SimpleRNNCell` and their options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    /// The cell type.
+    pub kind: CellKind,
+    /// `units`.
+    pub units: usize,
+    /// `activation` (default tanh).
+    pub activation: Activation,
+    /// `recurrent_activation` (default sigmoid; unused by SimpleRNN).
+    pub recurrent_activation: Activation,
+    /// `use_bias` (default true).
+    pub use_bias: bool,
+    /// LSTM `unit_forget_bias` (default true): the bias starts with ones in the f block.
+    pub unit_forget_bias: bool,
+    /// GRU `reset_after` (default true): the reset gate applies after the recurrent product.
+    pub reset_after: bool,
+    /// `dropout` on the inputs (training only).
+    pub dropout: f32,
+    /// `recurrent_dropout` on the state (training only).
+    pub recurrent_dropout: f32,
+    /// The cell's name (weights are named `<layer>/<cell>/kernel`).
+    pub name: Option<String>,
+}
+
+impl Cell {
+    fn new(kind: CellKind, units: usize) -> Cell {
+        Cell {
+            kind,
+            units,
+            activation: Activation::Tanh,
+            recurrent_activation: Activation::Sigmoid,
+            use_bias: true,
+            unit_forget_bias: true,
+            reset_after: true,
+            dropout: 0.0,
+            recurrent_dropout: 0.0,
+            name: None,
+        }
+    }
+
+    /// Sets `activation`.
+    pub fn activation(mut self, a: Activation) -> Cell {
+        self.activation = a;
+        self
+    }
+    /// Sets `recurrent_activation`.
+    pub fn recurrent_activation(mut self, a: Activation) -> Cell {
+        self.recurrent_activation = a;
+        self
+    }
+    /// Sets `use_bias`.
+    pub fn use_bias(mut self, b: bool) -> Cell {
+        self.use_bias = b;
+        self
+    }
+    /// Sets LSTM `unit_forget_bias`.
+    pub fn unit_forget_bias(mut self, b: bool) -> Cell {
+        self.unit_forget_bias = b;
+        self
+    }
+    /// Sets GRU `reset_after`.
+    pub fn reset_after(mut self, b: bool) -> Cell {
+        self.reset_after = b;
+        self
+    }
+    /// Sets `dropout`.
+    pub fn dropout(mut self, rate: f32) -> Cell {
+        self.dropout = rate;
+        self
+    }
+    /// Sets `recurrent_dropout`.
+    pub fn recurrent_dropout(mut self, rate: f32) -> Cell {
+        self.recurrent_dropout = rate;
+        self
+    }
+    /// Names the cell.
+    pub fn name(mut self, name: &str) -> Cell {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// The sizes of the cell's states: LSTM `[units, units]` (h, c), else `[units]`.
+    pub fn state_sizes(&self) -> Vec<usize> {
+        match self.kind {
+            CellKind::LSTM => vec![self.units, self.units],
+            _ => vec![self.units],
+        }
+    }
+
+    /// The number of weights for an input of width `input_dim`.
+    pub fn param_count(&self, input_dim: usize) -> usize {
+        let g = self.kind.gates() * self.units;
+        let bias = match (self.use_bias, self.kind) {
+            (false, _) => 0,
+            (true, CellKind::GRU) if self.reset_after => 2 * g,
+            (true, _) => g,
+        };
+        input_dim * g + self.units * g + bias
+    }
+
+    /// The weight shapes `[kernel, recurrent_kernel, (bias)]` for an input width.
+    pub fn weight_shapes(&self, input_dim: usize) -> Vec<(&'static str, Vec<usize>)> {
+        let g = self.kind.gates() * self.units;
+        let mut v = vec![
+            ("kernel", vec![input_dim, g]),
+            ("recurrent_kernel", vec![self.units, g]),
+        ];
+        if self.use_bias {
+            if self.kind == CellKind::GRU && self.reset_after {
+                v.push(("bias", vec![2, g]));
+            } else {
+                v.push(("bias", vec![g]));
+            }
+        }
+        v
+    }
+
+    pub(crate) fn validate(&self, layer: &str) -> Result<(), KerasError> {
+        let bad = |what: String| {
+            Err(KerasError::Unsupported {
+                layer: layer.to_string(),
+                what,
+            })
+        };
+        if self.units == 0 {
+            return bad("units must be positive".into());
+        }
+        for (opt, r) in [
+            ("dropout", self.dropout),
+            ("recurrent_dropout", self.recurrent_dropout),
+        ] {
+            if !(0.0..1.0).contains(&r) {
+                return bad(format!("{opt} = {r} (must be in [0, 1))"));
+            }
+        }
+        for a in [self.activation, self.recurrent_activation] {
+            if matches!(a, Activation::Softmax | Activation::LogSoftmax) {
+                return bad(format!("{a} as a cell activation"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `LSTMCell(units)`.
+pub struct LSTMCell;
+impl LSTMCell {
+    /// A new LSTM cell with Keras's defaults.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(units: usize) -> Cell {
+        Cell::new(CellKind::LSTM, units)
+    }
+}
+
+/// `GRUCell(units)`.
+pub struct GRUCell;
+impl GRUCell {
+    /// A new GRU cell with Keras's defaults (`reset_after=True`).
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(units: usize) -> Cell {
+        Cell::new(CellKind::GRU, units)
+    }
+}
+
+/// `SimpleRNNCell(units)`.
+pub struct SimpleRNNCell;
+impl SimpleRNNCell {
+    /// A new simple RNN cell with Keras's defaults.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(units: usize) -> Cell {
+        Cell::new(CellKind::SimpleRNN, units)
+    }
+}
+
+/// `StackedRNNCells([...])`: cells applied one after the other at every step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StackedRNNCells {
+    /// The cells, first to last.
+    pub cells: Vec<Cell>,
+}
+
+impl StackedRNNCells {
+    /// Stacks `cells`.
+    pub fn new(cells: Vec<Cell>) -> StackedRNNCells {
+        StackedRNNCells { cells }
+    }
+}
+
+/// Which Keras class a recurrent layer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RnnClass {
+    /// `LSTM`.
+    LSTM,
+    /// `GRU`.
+    GRU,
+    /// `SimpleRNN`.
+    SimpleRNN,
+    /// The generic `RNN(cell)`.
+    RNN,
+}
+
+impl RnnClass {
+    /// The Keras class name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RnnClass::LSTM => "LSTM",
+            RnnClass::GRU => "GRU",
+            RnnClass::SimpleRNN => "SimpleRNN",
+            RnnClass::RNN => "RNN",
+        }
+    }
+}
+
+/// A recurrent layer: `LSTM`, `GRU`, `SimpleRNN` or `RNN(cell)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recurrent {
+    /// The layer's class.
+    pub class: RnnClass,
+    /// The cells (one, or several for `StackedRNNCells`).
+    pub cells: Vec<Cell>,
+    /// Whether the cells came as `StackedRNNCells`.
+    pub stacked: bool,
+    /// `return_sequences`.
+    pub return_sequences: bool,
+    /// `return_state`.
+    pub return_state: bool,
+    /// `go_backwards`: read the sequence from its end; outputs are in processing order.
+    pub go_backwards: bool,
+    /// `stateful`: each call starts from the states the previous call left.
+    pub stateful: bool,
+    /// `unroll`: emit every step into the graph instead of a loop.
+    pub unroll: bool,
+    /// `zero_output_for_mask`: masked steps emit zeros instead of the previous output.
+    pub zero_output_for_mask: bool,
+    /// The layer's name.
+    pub name: Option<String>,
+}
+
+macro_rules! rnn_ctor {
+    ($ty:ident, $class:ident, $kind:ident, $doc:literal) => {
+        #[doc = $doc]
+        pub struct $ty;
+        impl $ty {
+            /// A new layer with Keras's defaults.
+            #[allow(clippy::new_ret_no_self)]
+            pub fn new(units: usize) -> Recurrent {
+                Recurrent::with_cells(
+                    RnnClass::$class,
+                    vec![Cell::new(CellKind::$kind, units)],
+                    false,
+                )
+            }
+        }
+    };
+}
+rnn_ctor!(
+    LSTM,
+    LSTM,
+    LSTM,
+    "`LSTM(units)`: `RNN(LSTMCell(units))` under its own name."
+);
+rnn_ctor!(
+    GRU,
+    GRU,
+    GRU,
+    "`GRU(units)`: `RNN(GRUCell(units))` under its own name."
+);
+rnn_ctor!(
+    SimpleRNN,
+    SimpleRNN,
+    SimpleRNN,
+    "`SimpleRNN(units)`: `RNN(SimpleRNNCell(units))` under its own name."
+);
+
+/// `RNN(cell)`: the generic recurrent layer around a cell or `StackedRNNCells`.
+pub struct RNN;
+impl RNN {
+    /// `RNN(cell)`.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(cell: Cell) -> Recurrent {
+        Recurrent::with_cells(RnnClass::RNN, vec![cell], false)
+    }
+    /// `RNN(StackedRNNCells([...]))`.
+    pub fn stacked(cells: StackedRNNCells) -> Recurrent {
+        Recurrent::with_cells(RnnClass::RNN, cells.cells, true)
+    }
+}
+
+impl Recurrent {
+    fn with_cells(class: RnnClass, cells: Vec<Cell>, stacked: bool) -> Recurrent {
+        Recurrent {
+            class,
+            cells,
+            stacked,
+            return_sequences: false,
+            return_state: false,
+            go_backwards: false,
+            stateful: false,
+            unroll: false,
+            zero_output_for_mask: false,
+            name: None,
+        }
+    }
+
+    fn cell_mut(mut self, f: impl Fn(Cell) -> Cell) -> Recurrent {
+        self.cells = self.cells.into_iter().map(f).collect();
+        self
+    }
+
+    /// Sets `activation` (of every cell).
+    pub fn activation(self, a: Activation) -> Recurrent {
+        self.cell_mut(|c| c.activation(a))
+    }
+    /// Sets `recurrent_activation`.
+    pub fn recurrent_activation(self, a: Activation) -> Recurrent {
+        self.cell_mut(|c| c.recurrent_activation(a))
+    }
+    /// Sets `use_bias`.
+    pub fn use_bias(self, b: bool) -> Recurrent {
+        self.cell_mut(|c| c.use_bias(b))
+    }
+    /// Sets LSTM `unit_forget_bias`.
+    pub fn unit_forget_bias(self, b: bool) -> Recurrent {
+        self.cell_mut(|c| c.unit_forget_bias(b))
+    }
+    /// Sets GRU `reset_after`.
+    pub fn reset_after(self, b: bool) -> Recurrent {
+        self.cell_mut(|c| c.reset_after(b))
+    }
+    /// Sets `dropout`.
+    pub fn dropout(self, rate: f32) -> Recurrent {
+        self.cell_mut(|c| c.dropout(rate))
+    }
+    /// Sets `recurrent_dropout`.
+    pub fn recurrent_dropout(self, rate: f32) -> Recurrent {
+        self.cell_mut(|c| c.recurrent_dropout(rate))
+    }
+    /// Sets `return_sequences`.
+    pub fn return_sequences(mut self, b: bool) -> Recurrent {
+        self.return_sequences = b;
+        self
+    }
+    /// Sets `return_state`.
+    pub fn return_state(mut self, b: bool) -> Recurrent {
+        self.return_state = b;
+        self
+    }
+    /// Sets `go_backwards`.
+    pub fn go_backwards(mut self, b: bool) -> Recurrent {
+        self.go_backwards = b;
+        self
+    }
+    /// Sets `stateful`.
+    pub fn stateful(mut self, b: bool) -> Recurrent {
+        self.stateful = b;
+        self
+    }
+    /// Sets `unroll`.
+    pub fn unroll(mut self, b: bool) -> Recurrent {
+        self.unroll = b;
+        self
+    }
+    /// Sets `zero_output_for_mask`.
+    pub fn zero_output_for_mask(mut self, b: bool) -> Recurrent {
+        self.zero_output_for_mask = b;
+        self
+    }
+    /// Names the layer.
+    pub fn name(mut self, name: &str) -> Recurrent {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// The width of the layer's output (the last cell's units).
+    pub fn output_units(&self) -> usize {
+        self.cells.last().map_or(0, |c| c.units)
+    }
+
+    /// The sizes of all states, cell after cell.
+    pub fn state_sizes(&self) -> Vec<usize> {
+        self.cells.iter().flat_map(|c| c.state_sizes()).collect()
+    }
+
+    /// Output shapes for an input shape `(batch, time, features)`.
+    pub fn output_shapes(&self, input: &[Option<usize>]) -> Vec<Shape> {
+        let b = input.first().copied().flatten();
+        let u = Some(self.output_units());
+        let mut v = vec![if self.return_sequences {
+            vec![b, input.get(1).copied().flatten(), u]
+        } else {
+            vec![b, u]
+        }];
+        if self.return_state {
+            v.extend(self.state_sizes().into_iter().map(|s| vec![b, Some(s)]));
+        }
+        v
+    }
+}
+
+/// How `Bidirectional` merges the two directions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeMode {
+    /// Concatenate on the last axis, forward first.
+    Concat,
+    /// Elementwise sum.
+    Sum,
+    /// Elementwise product.
+    Mul,
+    /// Elementwise mean.
+    Ave,
+}
+
+impl MergeMode {
+    /// The Keras name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeMode::Concat => "concat",
+            MergeMode::Sum => "sum",
+            MergeMode::Mul => "mul",
+            MergeMode::Ave => "ave",
+        }
+    }
+}
+
+/// `Bidirectional(layer, merge_mode, backward_layer)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bidirectional {
+    /// The forward layer (named `forward_<x>`).
+    pub forward: Recurrent,
+    /// The backward layer (named `backward_<x>`, `go_backwards` flipped).
+    pub backward: Recurrent,
+    /// The merge mode; `None` returns both outputs.
+    pub merge_mode: Option<MergeMode>,
+    /// The layer's name.
+    pub name: Option<String>,
+}
+
+impl Bidirectional {
+    /// Wraps `layer`; the backward layer is a copy reading the sequence backwards.
+    pub fn new(layer: Recurrent) -> Bidirectional {
+        // Keras sets zero_output_for_mask = return_sequences on both inner layers.
+        let mut forward = layer;
+        forward.name = None;
+        forward.zero_output_for_mask = forward.return_sequences;
+        let mut backward = forward.clone();
+        backward.go_backwards = !forward.go_backwards;
+        Bidirectional {
+            forward,
+            backward,
+            merge_mode: Some(MergeMode::Concat),
+            name: None,
+        }
+    }
+    /// Uses an explicit `backward_layer`; Keras requires it to read backwards relative to
+    /// the forward layer and to agree on `return_sequences` and `return_state`.
+    pub fn backward_layer(mut self, mut layer: Recurrent) -> Bidirectional {
+        layer.zero_output_for_mask = layer.return_sequences;
+        self.backward = layer;
+        self
+    }
+    /// Sets `merge_mode` (`None` returns `[forward, backward]`).
+    pub fn merge_mode(mut self, m: Option<MergeMode>) -> Bidirectional {
+        self.merge_mode = m;
+        self
+    }
+    /// Names the layer.
+    pub fn name(mut self, name: &str) -> Bidirectional {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// Output shapes for an input shape.
+    pub fn output_shapes(&self, input: &[Option<usize>]) -> Vec<Shape> {
+        let f = self.forward.output_shapes(input);
+        let b = self.backward.output_shapes(input);
+        let mut v = match self.merge_mode {
+            Some(MergeMode::Concat) => {
+                let mut s = f[0].clone();
+                if let Some(last) = s.last_mut() {
+                    *last = last.map(|u| u + self.backward.output_units());
+                }
+                vec![s]
+            }
+            Some(_) => vec![f[0].clone()],
+            None => vec![f[0].clone(), b[0].clone()],
+        };
+        v.extend(f[1..].iter().cloned());
+        v.extend(b[1..].iter().cloned());
+        v
+    }
+}
+
+/// `Input(shape)`: declares a model input; the batch axis is added in front.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Input {
+    /// The full shape, batch first (`batch_shape`).
+    pub batch_shape: Shape,
+    /// The dtype name (`float32`, `int32`, ...).
+    pub dtype: String,
+    /// The input's name.
+    pub name: Option<String>,
+}
+
+impl Input {
+    /// `Input(shape=...)`: a batch axis of unknown size goes in front.
+    pub fn new(shape: &[Option<usize>]) -> Input {
+        let mut batch_shape = vec![None];
+        batch_shape.extend_from_slice(shape);
+        Input {
+            batch_shape,
+            dtype: "float32".into(),
+            name: None,
+        }
+    }
+    /// `Input(batch_shape=...)`: the full shape, batch included (stateful models).
+    pub fn batch_shape(shape: &[Option<usize>]) -> Input {
+        Input {
+            batch_shape: shape.to_vec(),
+            dtype: "float32".into(),
+            name: None,
+        }
+    }
+    /// Names the input.
+    pub fn name(mut self, name: &str) -> Input {
+        self.name = Some(name.to_string());
+        self
+    }
+    /// Sets the dtype (`float32`, `int32`, `int64`).
+    pub fn dtype(mut self, dtype: &str) -> Input {
+        self.dtype = dtype.to_string();
+        self
+    }
+}
+
+/// `Embedding(input_dim, output_dim)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedding {
+    /// Vocabulary size.
+    pub input_dim: usize,
+    /// Vector size.
+    pub output_dim: usize,
+    /// `mask_zero`: token 0 is padding and masks its step.
+    pub mask_zero: bool,
+    /// The layer's name.
+    pub name: Option<String>,
+}
+
+impl Embedding {
+    /// A new embedding table.
+    pub fn new(input_dim: usize, output_dim: usize) -> Embedding {
+        Embedding {
+            input_dim,
+            output_dim,
+            mask_zero: false,
+            name: None,
+        }
+    }
+    /// Sets `mask_zero`.
+    pub fn mask_zero(mut self, b: bool) -> Embedding {
+        self.mask_zero = b;
+        self
+    }
+    /// Names the layer.
+    pub fn name(mut self, name: &str) -> Embedding {
+        self.name = Some(name.to_string());
+        self
+    }
+}
+
+/// `Dense(units, activation)`, applied to the last axis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dense {
+    /// Output width.
+    pub units: usize,
+    /// Activation (default linear).
+    pub activation: Activation,
+    /// `use_bias`.
+    pub use_bias: bool,
+    /// The layer's name.
+    pub name: Option<String>,
+}
+
+impl Dense {
+    /// A new dense layer without activation.
+    pub fn new(units: usize) -> Dense {
+        Dense {
+            units,
+            activation: Activation::Linear,
+            use_bias: true,
+            name: None,
+        }
+    }
+    /// Sets the activation.
+    pub fn activation(mut self, a: Activation) -> Dense {
+        self.activation = a;
+        self
+    }
+    /// Sets `use_bias`.
+    pub fn use_bias(mut self, b: bool) -> Dense {
+        self.use_bias = b;
+        self
+    }
+    /// Names the layer.
+    pub fn name(mut self, name: &str) -> Dense {
+        self.name = Some(name.to_string());
+        self
+    }
+}
+
+/// `BatchNormalization()` over the last axis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNormalization {
+    /// `epsilon` (default 1e-3).
+    pub epsilon: f32,
+    /// `momentum` of the moving statistics (default 0.99).
+    pub momentum: f32,
+    /// `center`: learn beta.
+    pub center: bool,
+    /// `scale`: learn gamma.
+    pub scale: bool,
+    /// The layer's name.
+    pub name: Option<String>,
+}
+
+impl BatchNormalization {
+    /// Keras's defaults.
+    pub fn new() -> BatchNormalization {
+        BatchNormalization {
+            epsilon: 1e-3,
+            momentum: 0.99,
+            center: true,
+            scale: true,
+            name: None,
+        }
+    }
+    /// Sets `epsilon`.
+    pub fn epsilon(mut self, e: f32) -> BatchNormalization {
+        self.epsilon = e;
+        self
+    }
+    /// Sets `center`.
+    pub fn center(mut self, b: bool) -> BatchNormalization {
+        self.center = b;
+        self
+    }
+    /// Sets `scale`.
+    pub fn scale(mut self, b: bool) -> BatchNormalization {
+        self.scale = b;
+        self
+    }
+    /// Names the layer.
+    pub fn name(mut self, name: &str) -> BatchNormalization {
+        self.name = Some(name.to_string());
+        self
+    }
+}
+
+impl Default for BatchNormalization {
+    fn default() -> Self {
+        BatchNormalization::new()
+    }
+}
+
+/// `Dropout(rate)`: identity at inference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dropout {
+    /// The drop rate.
+    pub rate: f32,
+    /// The layer's name.
+    pub name: Option<String>,
+}
+
+impl Dropout {
+    /// A new dropout layer.
+    pub fn new(rate: f32) -> Dropout {
+        Dropout { rate, name: None }
+    }
+    /// Names the layer.
+    pub fn name(mut self, name: &str) -> Dropout {
+        self.name = Some(name.to_string());
+        self
+    }
+}
+
+/// `Masking(mask_value)`: a step whose features all equal `mask_value` is masked, and
+/// the output is the input times the mask.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Masking {
+    /// The padding value (default 0).
+    pub mask_value: f32,
+    /// The layer's name.
+    pub name: Option<String>,
+}
+
+impl Masking {
+    /// A new masking layer.
+    pub fn new(mask_value: f32) -> Masking {
+        Masking {
+            mask_value,
+            name: None,
+        }
+    }
+    /// Names the layer.
+    pub fn name(mut self, name: &str) -> Masking {
+        self.name = Some(name.to_string());
+        self
+    }
+}
+
+/// `TimeDistributed(layer)`: applies `layer` to every time step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimeDistributed {
+    /// The inner layer.
+    pub layer: Box<Layer>,
+    /// The layer's name.
+    pub name: Option<String>,
+}
+
+impl TimeDistributed {
+    /// Wraps `layer`.
+    pub fn new(layer: impl Into<Layer>) -> TimeDistributed {
+        TimeDistributed {
+            layer: Box::new(layer.into()),
+            name: None,
+        }
+    }
+    /// Names the layer.
+    pub fn name(mut self, name: &str) -> TimeDistributed {
+        self.name = Some(name.to_string());
+        self
+    }
+}
+
+/// An operation from `keras.ops` recorded as a node of a functional model. Keras 3
+/// serialises the mask computations this way (`Masking` → `NotEqual` + `Any`,
+/// `Embedding(mask_zero)` → `NotEqual(ids, 0)`); these nodes are not layers of the model
+/// (no weights, not in `summary()`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorOp {
+    /// The operation.
+    pub kind: TensorOpKind,
+    /// The constant second operand of a comparison (`NotEqual(x, 0.0)`), if not a tensor.
+    pub scalar: Option<f64>,
+    /// The reduction axis of `Any`/`All` (`None`: every axis).
+    pub axis: Option<i64>,
+    /// `keepdims` of `Any`/`All`.
+    pub keepdims: bool,
+    /// The node's name (`not_equal`).
+    pub name: Option<String>,
+}
+
+/// The operations [`TensorOp`] supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorOpKind {
+    /// `keras.ops.not_equal`.
+    NotEqual,
+    /// `keras.ops.equal`.
+    Equal,
+    /// `keras.ops.greater`.
+    Greater,
+    /// `keras.ops.less`.
+    Less,
+    /// `keras.ops.any` over an axis.
+    Any,
+    /// `keras.ops.all` over an axis.
+    All,
+    /// `keras.ops.logical_not`.
+    LogicalNot,
+    /// `keras.ops.logical_and`.
+    LogicalAnd,
+    /// `keras.ops.logical_or`.
+    LogicalOr,
+}
+
+impl TensorOpKind {
+    /// The Keras class name (`NotEqual`).
+    pub fn class_name(self) -> &'static str {
+        match self {
+            TensorOpKind::NotEqual => "NotEqual",
+            TensorOpKind::Equal => "Equal",
+            TensorOpKind::Greater => "Greater",
+            TensorOpKind::Less => "Less",
+            TensorOpKind::Any => "Any",
+            TensorOpKind::All => "All",
+            TensorOpKind::LogicalNot => "LogicalNot",
+            TensorOpKind::LogicalAnd => "LogicalAnd",
+            TensorOpKind::LogicalOr => "LogicalOr",
+        }
+    }
+
+    /// From a Keras class name.
+    pub fn from_class(name: &str) -> Option<TensorOpKind> {
+        Some(match name {
+            "NotEqual" => TensorOpKind::NotEqual,
+            "Equal" => TensorOpKind::Equal,
+            "Greater" => TensorOpKind::Greater,
+            "Less" => TensorOpKind::Less,
+            "Any" => TensorOpKind::Any,
+            "All" => TensorOpKind::All,
+            "LogicalNot" => TensorOpKind::LogicalNot,
+            "LogicalAnd" => TensorOpKind::LogicalAnd,
+            "LogicalOr" => TensorOpKind::LogicalOr,
+            _ => return None,
+        })
+    }
+
+    /// How many tensor operands the op takes (a comparison with a scalar takes one).
+    pub fn is_binary(self) -> bool {
+        !matches!(
+            self,
+            TensorOpKind::Any | TensorOpKind::All | TensorOpKind::LogicalNot
+        )
+    }
+}
+
+/// Any layer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Layer {
+    /// `InputLayer`.
+    Input(Input),
+    /// `Embedding`.
+    Embedding(Embedding),
+    /// `Dense`.
+    Dense(Dense),
+    /// `LSTM`, `GRU`, `SimpleRNN`, `RNN`.
+    Recurrent(Recurrent),
+    /// `Bidirectional`.
+    Bidirectional(Bidirectional),
+    /// `BatchNormalization`.
+    BatchNormalization(BatchNormalization),
+    /// `Dropout`.
+    Dropout(Dropout),
+    /// `Masking`.
+    Masking(Masking),
+    /// `TimeDistributed`.
+    TimeDistributed(TimeDistributed),
+    /// A `keras.ops` node of a functional model (mask computations).
+    Op(TensorOp),
+}
+
+macro_rules! into_layer {
+    ($($ty:ident => $var:ident),*) => {$(
+        impl From<$ty> for Layer {
+            fn from(l: $ty) -> Layer {
+                Layer::$var(l)
+            }
+        }
+    )*};
+}
+into_layer!(Input => Input, Embedding => Embedding, Dense => Dense, Recurrent => Recurrent,
+    Bidirectional => Bidirectional, BatchNormalization => BatchNormalization,
+    Dropout => Dropout, Masking => Masking, TimeDistributed => TimeDistributed, TensorOp => Op);
+
+impl Layer {
+    /// Keras's class name (`LSTM`, `InputLayer`, ...).
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            Layer::Input(_) => "InputLayer",
+            Layer::Embedding(_) => "Embedding",
+            Layer::Dense(_) => "Dense",
+            Layer::Recurrent(r) => r.class.name(),
+            Layer::Bidirectional(_) => "Bidirectional",
+            Layer::BatchNormalization(_) => "BatchNormalization",
+            Layer::Dropout(_) => "Dropout",
+            Layer::Masking(_) => "Masking",
+            Layer::TimeDistributed(_) => "TimeDistributed",
+            Layer::Op(o) => o.kind.class_name(),
+        }
+    }
+
+    /// The name the user gave, if any.
+    pub fn given_name(&self) -> Option<&str> {
+        match self {
+            Layer::Input(l) => l.name.as_deref(),
+            Layer::Embedding(l) => l.name.as_deref(),
+            Layer::Dense(l) => l.name.as_deref(),
+            Layer::Recurrent(l) => l.name.as_deref(),
+            Layer::Bidirectional(l) => l.name.as_deref(),
+            Layer::BatchNormalization(l) => l.name.as_deref(),
+            Layer::Dropout(l) => l.name.as_deref(),
+            Layer::Masking(l) => l.name.as_deref(),
+            Layer::TimeDistributed(l) => l.name.as_deref(),
+            Layer::Op(l) => l.name.as_deref(),
+        }
+    }
+
+    /// Keras's automatic name stem (`lstm`, `simple_rnn`, `batch_normalization`).
+    pub fn default_stem(&self) -> &'static str {
+        match self {
+            Layer::Input(_) => "input_layer",
+            Layer::Embedding(_) => "embedding",
+            Layer::Dense(_) => "dense",
+            Layer::Recurrent(r) => match r.class {
+                RnnClass::LSTM => "lstm",
+                RnnClass::GRU => "gru",
+                RnnClass::SimpleRNN => "simple_rnn",
+                RnnClass::RNN => "rnn",
+            },
+            Layer::Bidirectional(_) => "bidirectional",
+            Layer::BatchNormalization(_) => "batch_normalization",
+            Layer::Dropout(_) => "dropout",
+            Layer::Masking(_) => "masking",
+            Layer::TimeDistributed(_) => "time_distributed",
+            Layer::Op(o) => match o.kind {
+                TensorOpKind::NotEqual => "not_equal",
+                TensorOpKind::Equal => "equal",
+                TensorOpKind::Greater => "greater",
+                TensorOpKind::Less => "less",
+                TensorOpKind::Any => "any",
+                TensorOpKind::All => "all",
+                TensorOpKind::LogicalNot => "logical_not",
+                TensorOpKind::LogicalAnd => "logical_and",
+                TensorOpKind::LogicalOr => "logical_or",
+            },
+        }
+    }
+}

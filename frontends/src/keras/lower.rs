@@ -1,0 +1,682 @@
+//! Lowering layers to IR nodes.
+//!
+//! Every recurrent layer becomes a `Scan` (or, with `unroll`, the unrolled steps) whose
+//! body is the cell written with primitive ops: `MatMul`, `Add`, `Mul`, `Sub`, `Split`,
+//! activations. Masks are `Where(mask, new, old)` in the body, `go_backwards` is the scan
+//! direction, and the sequence output is stacked in processing order. The input is
+//! transposed to time-major first, so the CPU backend hoists `x_t · K` out of the loop.
+
+use super::layers::{Activation, Bidirectional, Cell, CellKind, MergeMode, Recurrent};
+use super::KerasError;
+use cellgraph_ir::{DType, Dim, Graph, Op, Tensor, TensorType, ValueRef, ValueType};
+use std::collections::HashMap;
+
+type R<T> = Result<T, KerasError>;
+
+/// Adds nodes to one graph with generated unique value names.
+pub(crate) struct Emit<'g> {
+    pub g: &'g mut Graph,
+    pub prefix: String,
+    k: usize,
+}
+
+impl<'g> Emit<'g> {
+    pub fn new(g: &'g mut Graph, prefix: &str) -> Emit<'g> {
+        Emit {
+            g,
+            prefix: prefix.to_string(),
+            k: 0,
+        }
+    }
+
+    fn fresh(&mut self, hint: &str) -> String {
+        loop {
+            self.k += 1;
+            let name = format!("{}/{hint}_{}", self.prefix, self.k);
+            if self.g.find(&name).is_none() {
+                return name;
+            }
+        }
+    }
+
+    pub fn op(&mut self, op: Op, ins: &[ValueRef], hint: &str) -> R<ValueRef> {
+        Ok(self.multi(op, ins, &[hint])?[0])
+    }
+
+    pub fn multi(&mut self, op: Op, ins: &[ValueRef], hints: &[&str]) -> R<Vec<ValueRef>> {
+        let names: Vec<String> = hints.iter().map(|h| self.fresh(h)).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let ins: Vec<Option<ValueRef>> = ins.iter().copied().map(Some).collect();
+        let id = self.g.add_node("", op, &ins, &refs)?;
+        Ok((0..names.len())
+            .map(|slot| ValueRef { node: id, slot })
+            .collect())
+    }
+
+    pub fn constant(&mut self, t: Tensor, hint: &str) -> R<ValueRef> {
+        self.op(
+            Op::Constant {
+                value: Some(t),
+                value_float: None,
+                value_floats: None,
+                value_int: None,
+                value_ints: None,
+            },
+            &[],
+            hint,
+        )
+    }
+
+    pub fn scalar(&mut self, v: f32) -> R<ValueRef> {
+        self.constant(Tensor::scalar_f32(v), "c")
+    }
+
+    pub fn ints(&mut self, v: &[i64]) -> R<ValueRef> {
+        self.constant(Tensor::vec_i64(v), "i")
+    }
+
+    pub fn add(&mut self, a: ValueRef, b: ValueRef) -> R<ValueRef> {
+        self.op(Op::Add {}, &[a, b], "add")
+    }
+    pub fn mul(&mut self, a: ValueRef, b: ValueRef) -> R<ValueRef> {
+        self.op(Op::Mul {}, &[a, b], "mul")
+    }
+    pub fn matmul(&mut self, a: ValueRef, b: ValueRef) -> R<ValueRef> {
+        self.op(Op::MatMul {}, &[a, b], "matmul")
+    }
+
+    pub fn unsqueeze(&mut self, x: ValueRef, axes: &[i64]) -> R<ValueRef> {
+        let a = self.ints(axes)?;
+        self.op(Op::Unsqueeze { axes: None }, &[x, a], "unsqueeze")
+    }
+
+    pub fn transpose(&mut self, x: ValueRef, perm: &[i64]) -> R<ValueRef> {
+        self.op(
+            Op::Transpose {
+                perm: Some(perm.to_vec()),
+            },
+            &[x],
+            "transpose",
+        )
+    }
+
+    pub fn cast(&mut self, x: ValueRef, to: DType) -> R<ValueRef> {
+        self.op(
+            Op::Cast {
+                to: to.onnx_code() as i64,
+                saturate: None,
+                round_mode: None,
+            },
+            &[x],
+            "cast",
+        )
+    }
+
+    /// Splits the last axis into `n` equal parts.
+    pub fn split(&mut self, x: ValueRef, n: usize) -> R<Vec<ValueRef>> {
+        let hints = vec!["split"; n];
+        self.multi(
+            Op::Split {
+                axis: -1,
+                split: None,
+                num_outputs: Some(n as i64),
+            },
+            &[x],
+            &hints,
+        )
+    }
+
+    /// `x[.., start..end]` on `axis`.
+    pub fn slice(
+        &mut self,
+        x: ValueRef,
+        axis: i64,
+        start: i64,
+        end: i64,
+        step: i64,
+    ) -> R<ValueRef> {
+        let s = self.ints(&[start])?;
+        let e = self.ints(&[end])?;
+        let a = self.ints(&[axis])?;
+        let st = self.ints(&[step])?;
+        self.op(Op::Slice {}, &[x, s, e, a, st], "slice")
+    }
+
+    /// `Gather(x, index, axis)` with a scalar index: drops the axis.
+    pub fn pick(&mut self, x: ValueRef, index: i64, axis: i64) -> R<ValueRef> {
+        let i = self.constant(
+            Tensor::I64(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), index)),
+            "idx",
+        )?;
+        self.op(Op::Gather { axis }, &[x, i], "pick")
+    }
+
+    pub fn dims(&self, v: ValueRef) -> Vec<Dim> {
+        self.g
+            .value(v)
+            .ty
+            .dims()
+            .map(<[Dim]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Zeros of shape `(batch of x, width)`, where x's first axis is the batch.
+    pub fn batch_zeros(&mut self, x: ValueRef, width: usize) -> R<ValueRef> {
+        let shape = self.op(
+            Op::Shape {
+                start: None,
+                end: None,
+            },
+            &[x],
+            "shape",
+        )?;
+        let b = self.slice(shape, 0, 0, 1, 1)?;
+        let w = self.ints(&[width as i64])?;
+        let full = self.op(Op::Concat { axis: 0 }, &[b, w], "zeros_shape")?;
+        self.op(
+            Op::ConstantOfShape {
+                value: Some(Tensor::F32(ndarray::ArrayD::from_elem(
+                    ndarray::IxDyn(&[1]),
+                    0.0,
+                ))),
+            },
+            &[full],
+            "zeros",
+        )
+    }
+
+    pub fn activation(&mut self, a: Activation, x: ValueRef) -> R<ValueRef> {
+        let unary = |op: Op, e: &mut Self, hint: &str| e.op(op, &[x], hint);
+        match a {
+            Activation::Linear => Ok(x),
+            Activation::Tanh => unary(Op::Tanh {}, self, "tanh"),
+            Activation::Sigmoid => unary(Op::Sigmoid {}, self, "sigmoid"),
+            Activation::HardSigmoid => unary(
+                Op::HardSigmoid {
+                    alpha: 1.0 / 6.0,
+                    beta: 0.5,
+                },
+                self,
+                "hard_sigmoid",
+            ),
+            Activation::Relu => unary(Op::Relu {}, self, "relu"),
+            Activation::Relu6 => {
+                let lo = self.scalar(0.0)?;
+                let hi = self.scalar(6.0)?;
+                self.op(
+                    Op::Clip {
+                        min: None,
+                        max: None,
+                    },
+                    &[x, lo, hi],
+                    "relu6",
+                )
+            }
+            Activation::LeakyRelu => unary(Op::LeakyRelu { alpha: 0.2 }, self, "leaky_relu"),
+            Activation::Elu => unary(Op::Elu { alpha: 1.0 }, self, "elu"),
+            Activation::Selu => {
+                // selu(x) = scale · elu(x, alpha)
+                let e = self.op(Op::Elu { alpha: 1.673_263_2 }, &[x], "selu_elu")?;
+                let s = self.scalar(1.050_701)?;
+                self.mul(e, s)
+            }
+            Activation::Softplus => unary(Op::Softplus {}, self, "softplus"),
+            Activation::Softsign => unary(Op::Softsign {}, self, "softsign"),
+            Activation::Exponential => unary(Op::Exp {}, self, "exp"),
+            Activation::Swish => {
+                let s = self.op(Op::Sigmoid {}, &[x], "sigmoid")?;
+                self.mul(x, s)
+            }
+            Activation::Softmax => unary(Op::Softmax { axis: Some(-1) }, self, "softmax"),
+            Activation::LogSoftmax => unary(Op::LogSoftmax { axis: Some(-1) }, self, "log_softmax"),
+        }
+    }
+}
+
+/// The weights of one cell, as values of the graph that computes the step.
+#[derive(Clone, Debug)]
+pub(crate) struct CellW {
+    /// Input kernel `[in, g·u]`.
+    pub k: ValueRef,
+    /// Recurrent kernel `[u, g·u]` (GRU reset-before: the z and r blocks only).
+    pub u: ValueRef,
+    /// Input-side bias (LSTM/SimpleRNN/GRU reset-before: the whole bias).
+    pub b: Option<ValueRef>,
+    /// GRU reset-after: the recurrent bias row.
+    pub b_rec: Option<ValueRef>,
+    /// GRU reset-before: the candidate block of the recurrent kernel.
+    pub u_h: Option<ValueRef>,
+}
+
+impl CellW {
+    fn map(&self, f: &mut impl FnMut(ValueRef) -> R<ValueRef>) -> R<CellW> {
+        Ok(CellW {
+            k: f(self.k)?,
+            u: f(self.u)?,
+            b: self.b.map(&mut *f).transpose()?,
+            b_rec: self.b_rec.map(&mut *f).transpose()?,
+            u_h: self.u_h.map(&mut *f).transpose()?,
+        })
+    }
+}
+
+/// Splits a cell's Keras weights `[kernel, recurrent_kernel, (bias)]` into what the step
+/// reads (in the graph that owns the weights, outside any loop).
+pub(crate) fn prep_cell(e: &mut Emit, cell: &Cell, w: &[ValueRef]) -> R<CellW> {
+    let (k, u) = (w[0], w[1]);
+    let bias = w.get(2).copied();
+    let units = cell.units as i64;
+    Ok(match cell.kind {
+        CellKind::GRU if cell.reset_after => CellW {
+            k,
+            u,
+            b: bias.map(|b| e.pick(b, 0, 0)).transpose()?,
+            b_rec: bias.map(|b| e.pick(b, 1, 0)).transpose()?,
+            u_h: None,
+        },
+        CellKind::GRU => CellW {
+            k,
+            u: e.slice(u, 1, 0, 2 * units, 1)?,
+            b: bias,
+            b_rec: None,
+            u_h: Some(e.slice(u, 1, 2 * units, 3 * units, 1)?),
+        },
+        _ => CellW {
+            k,
+            u,
+            b: bias,
+            b_rec: None,
+            u_h: None,
+        },
+    })
+}
+
+/// One step of one cell: `(output, new_states)`.
+pub(crate) fn cell_step(
+    e: &mut Emit,
+    cell: &Cell,
+    w: &CellW,
+    x: ValueRef,
+    st: &[ValueRef],
+) -> R<(ValueRef, Vec<ValueRef>)> {
+    let (act, ra) = (cell.activation, cell.recurrent_activation);
+    let xk = e.matmul(x, w.k)?;
+    let xz = match w.b {
+        Some(b) => e.add(xk, b)?,
+        None => xk,
+    };
+    match cell.kind {
+        CellKind::SimpleRNN => {
+            let hu = e.matmul(st[0], w.u)?;
+            let z = e.add(xz, hu)?;
+            let h = e.activation(act, z)?;
+            Ok((h, vec![h]))
+        }
+        CellKind::LSTM => {
+            let hu = e.matmul(st[0], w.u)?;
+            let z = e.add(xz, hu)?;
+            let g = e.split(z, 4)?;
+            let i = e.activation(ra, g[0])?;
+            let f = e.activation(ra, g[1])?;
+            let cc = e.activation(act, g[2])?;
+            let o = e.activation(ra, g[3])?;
+            let fc = e.mul(f, st[1])?;
+            let ic = e.mul(i, cc)?;
+            let c = e.add(fc, ic)?;
+            let ac = e.activation(act, c)?;
+            let h = e.mul(o, ac)?;
+            Ok((h, vec![h, c]))
+        }
+        CellKind::GRU => {
+            let h0 = st[0];
+            let xs = e.split(xz, 3)?;
+            let (z, hh) = if cell.reset_after {
+                let hu = e.matmul(h0, w.u)?;
+                let hz = match w.b_rec {
+                    Some(b) => e.add(hu, b)?,
+                    None => hu,
+                };
+                let hs = e.split(hz, 3)?;
+                let zs = e.add(xs[0], hs[0])?;
+                let z = e.activation(ra, zs)?;
+                let rs = e.add(xs[1], hs[1])?;
+                let r = e.activation(ra, rs)?;
+                let rh = e.mul(r, hs[2])?;
+                let pre = e.add(xs[2], rh)?;
+                (z, e.activation(act, pre)?)
+            } else {
+                let hu = e.matmul(h0, w.u)?;
+                let hs = e.split(hu, 2)?;
+                let zs = e.add(xs[0], hs[0])?;
+                let z = e.activation(ra, zs)?;
+                let rs = e.add(xs[1], hs[1])?;
+                let r = e.activation(ra, rs)?;
+                let rh = e.mul(r, h0)?;
+                let u_h = w
+                    .u_h
+                    .ok_or_else(|| KerasError::Internal("GRU without U_h".into()))?;
+                let rhu = e.matmul(rh, u_h)?;
+                let pre = e.add(xs[2], rhu)?;
+                (z, e.activation(act, pre)?)
+            };
+            // h' = z⊙h + (1 − z)⊙ĥ
+            let one = e.scalar(1.0)?;
+            let omz = e.op(Op::Sub {}, &[one, z], "one_minus_z")?;
+            let a = e.mul(z, h0)?;
+            let b = e.mul(omz, hh)?;
+            let h = e.add(a, b)?;
+            Ok((h, vec![h]))
+        }
+    }
+}
+
+/// One step of the whole (possibly stacked) cell with the mask applied.
+fn layer_step(
+    e: &mut Emit,
+    rec: &Recurrent,
+    ws: &[CellW],
+    x: ValueRef,
+    st: &[ValueRef],
+    mask: Option<ValueRef>,
+) -> R<(ValueRef, Vec<ValueRef>)> {
+    let mut inp = x;
+    let mut new_states = Vec::with_capacity(st.len());
+    let mut offset = 0;
+    let mut last_offset = 0;
+    for (cell, w) in rec.cells.iter().zip(ws) {
+        let n = cell.state_sizes().len();
+        let (out, ns) = cell_step(e, cell, w, inp, &st[offset..offset + n])?;
+        inp = out;
+        new_states.extend(ns);
+        last_offset = offset;
+        offset += n;
+    }
+    let Some(m) = mask else {
+        return Ok((inp, new_states));
+    };
+    let kept: Vec<ValueRef> = new_states
+        .iter()
+        .zip(st)
+        .map(|(&n, &o)| e.op(Op::Where {}, &[m, n, o], "masked_state"))
+        .collect::<R<_>>()?;
+    let other = if rec.zero_output_for_mask {
+        e.scalar(0.0)?
+    } else {
+        // Keras: the previous output is the first state of the last cell.
+        st[last_offset]
+    };
+    let out = e.op(Op::Where {}, &[m, inp, other], "masked_output")?;
+    Ok((out, kept))
+}
+
+/// What a recurrent layer produced.
+pub(crate) struct RecOut {
+    /// `(batch, time, units)` in processing order, when `return_sequences`.
+    pub seq: Option<ValueRef>,
+    /// The last output `(batch, units)`, when not `return_sequences`.
+    pub last: Option<ValueRef>,
+    /// The final states, cell after cell.
+    pub states: Vec<ValueRef>,
+}
+
+/// Lowers a recurrent layer reading `x` `(batch, time, features)`.
+pub(crate) fn recurrent(
+    e: &mut Emit,
+    rec: &Recurrent,
+    weights: &[ValueRef],
+    x: ValueRef,
+    mask: Option<ValueRef>,
+    init: Option<Vec<ValueRef>>,
+) -> R<RecOut> {
+    // Per-cell weights, prepared outside the loop.
+    let mut ws = Vec::new();
+    let mut at = 0;
+    for cell in &rec.cells {
+        let n = cell.weight_shapes(0).len();
+        let w = weights
+            .get(at..at + n)
+            .ok_or_else(|| KerasError::Internal("too few weights for the cells".into()))?;
+        ws.push(prep_cell(e, cell, w)?);
+        at += n;
+    }
+    let sizes = rec.state_sizes();
+    let init: Vec<ValueRef> = match init {
+        Some(v) => v,
+        None => sizes
+            .iter()
+            .map(|&s| e.batch_zeros(x, s))
+            .collect::<R<_>>()?,
+    };
+    // Masks as (batch, time, 1) booleans.
+    let mask3 = mask.map(|m| e.unsqueeze(m, &[2])).transpose()?;
+    let carry_last = mask.is_some() && rec.zero_output_for_mask && !rec.return_sequences;
+    if rec.unroll {
+        return unrolled(e, rec, &ws, x, mask3, init, carry_last);
+    }
+    let x_tm = e.transpose(x, &[1, 0, 2])?;
+    let m_tm = mask3.map(|m| e.transpose(m, &[1, 0, 2])).transpose()?;
+
+    // The body: states, then x_t (and mask_t); weights are outer values.
+    let mut body = Graph::with_opsets("cell", e.g.opsets().clone());
+    let xd = e.dims(x_tm);
+    let b = xd.get(1).cloned().unwrap_or(Dim::Unknown);
+    let mut body_ins = Vec::new();
+    {
+        for (i, &s) in sizes.iter().enumerate() {
+            let ty = ValueType::Tensor(TensorType::with_dims(
+                DType::F32,
+                vec![b.clone(), Dim::Known(s as u64)],
+            ));
+            body_ins.push(body.add_input(&format!("state_{i}"), ty)?);
+        }
+        if carry_last {
+            // An extra state following the (zeroed) output: Keras's last output.
+            let ty = ValueType::Tensor(TensorType::with_dims(
+                DType::F32,
+                vec![b.clone(), Dim::Known(rec.output_units() as u64)],
+            ));
+            body_ins.push(body.add_input("last_output", ty)?);
+        }
+        let feat = xd.get(2).cloned().unwrap_or(Dim::Unknown);
+        let ty = ValueType::Tensor(TensorType::with_dims(DType::F32, vec![b.clone(), feat]));
+        body_ins.push(body.add_input("x_t", ty)?);
+        if m_tm.is_some() {
+            let ty = ValueType::Tensor(TensorType::with_dims(
+                DType::Bool,
+                vec![b.clone(), Dim::Known(1)],
+            ));
+            body_ins.push(body.add_input("mask_t", ty)?);
+        }
+    }
+    let mut outer: HashMap<ValueRef, ValueRef> = HashMap::new();
+    let mut body_ws = Vec::new();
+    for w in &ws {
+        body_ws.push(w.map(&mut |v: ValueRef| {
+            if let Some(&o) = outer.get(&v) {
+                return Ok(o);
+            }
+            let val = e.g.value(v);
+            let o = body.add_outer(&val.name, val.ty.clone())?;
+            outer.insert(v, o);
+            Ok(o)
+        })?);
+    }
+    let n = sizes.len();
+    let n_state = n + usize::from(carry_last);
+    let (out, new_states) = {
+        let mut be = Emit::new(&mut body, "step");
+        let mt = m_tm.map(|_| body_ins[n_state + 1]);
+        layer_step(
+            &mut be,
+            rec,
+            &body_ws,
+            body_ins[n_state],
+            &body_ins[..n],
+            mt,
+        )?
+    };
+    let mut body_outs = new_states;
+    if carry_last {
+        body_outs.push(out);
+    }
+    if rec.return_sequences {
+        body_outs.push(out);
+    }
+    body.set_outputs(body_outs)?;
+
+    let mut ins = init.clone();
+    if carry_last {
+        ins.push(e.batch_zeros(x, rec.output_units())?);
+    }
+    ins.push(x_tm);
+    ins.extend(m_tm);
+    let n_scan = 1 + usize::from(m_tm.is_some());
+    let mut hints: Vec<String> = (0..n_state).map(|i| format!("final_state_{i}")).collect();
+    if rec.return_sequences {
+        hints.push("sequence".into());
+    }
+    let hint_refs: Vec<&str> = hints.iter().map(String::as_str).collect();
+    let outs = e.multi(
+        Op::Scan {
+            body: Box::new(body),
+            num_scan_inputs: n_scan as i64,
+            scan_input_axes: None,
+            scan_input_directions: Some(vec![i64::from(rec.go_backwards); n_scan]),
+            scan_output_axes: rec.return_sequences.then(|| vec![1]),
+            scan_output_directions: None,
+            directions: None,
+        },
+        &ins,
+        &hint_refs,
+    )?;
+    let states = outs[..n].to_vec();
+    let last = if rec.return_sequences {
+        None
+    } else if carry_last {
+        Some(outs[n])
+    } else {
+        Some(states[last_state_index(rec)])
+    };
+    Ok(RecOut {
+        seq: rec.return_sequences.then(|| outs[n_state]),
+        last,
+        states,
+    })
+}
+
+/// The index of the last cell's first state (its output `h`).
+fn last_state_index(rec: &Recurrent) -> usize {
+    let total: usize = rec.cells.iter().map(|c| c.state_sizes().len()).sum();
+    total - rec.cells.last().map_or(1, |c| c.state_sizes().len())
+}
+
+/// `unroll=True`: the step emitted once per time step.
+fn unrolled(
+    e: &mut Emit,
+    rec: &Recurrent,
+    ws: &[CellW],
+    x: ValueRef,
+    mask3: Option<ValueRef>,
+    init: Vec<ValueRef>,
+    carry_last: bool,
+) -> R<RecOut> {
+    let steps = match e.dims(x).get(1) {
+        Some(Dim::Known(t)) => *t as i64,
+        _ => {
+            return Err(KerasError::Unsupported {
+                layer: e.prefix.clone(),
+                what: "unroll=True with an unknown number of time steps".into(),
+            })
+        }
+    };
+    let mut st = init;
+    let mut seq = Vec::new();
+    let mut last = None;
+    for t in 0..steps {
+        let i = if rec.go_backwards { steps - 1 - t } else { t };
+        let xt = e.pick(x, i, 1)?;
+        let mt = mask3.map(|m| e.pick(m, i, 1)).transpose()?;
+        let (out, ns) = layer_step(e, rec, ws, xt, &st, mt)?;
+        st = ns;
+        last = Some(out);
+        if rec.return_sequences {
+            seq.push(e.unsqueeze(out, &[1])?);
+        }
+    }
+    let seq = if rec.return_sequences {
+        if seq.is_empty() {
+            return Err(KerasError::Unsupported {
+                layer: e.prefix.clone(),
+                what: "unroll=True over zero time steps".into(),
+            });
+        }
+        Some(e.op(Op::Concat { axis: 1 }, &seq, "sequence")?)
+    } else {
+        None
+    };
+    let last = if rec.return_sequences {
+        None
+    } else if carry_last {
+        last
+    } else {
+        Some(st[last_state_index(rec)])
+    };
+    if !rec.return_sequences && last.is_none() {
+        return Err(KerasError::Unsupported {
+            layer: e.prefix.clone(),
+            what: "unroll=True over zero time steps".into(),
+        });
+    }
+    Ok(RecOut {
+        seq,
+        last,
+        states: st,
+    })
+}
+
+/// Lowers `Bidirectional`: outputs `[merged (or fwd, bwd)] + fwd states + bwd states`.
+pub(crate) fn bidirectional(
+    e: &mut Emit,
+    bi: &Bidirectional,
+    fw: &[ValueRef],
+    bw: &[ValueRef],
+    x: ValueRef,
+    mask: Option<ValueRef>,
+    init: Option<Vec<ValueRef>>,
+) -> R<Vec<ValueRef>> {
+    let (fi, bi_init) = match init {
+        Some(v) => {
+            let half = v.len() / 2;
+            (Some(v[..half].to_vec()), Some(v[half..].to_vec()))
+        }
+        None => (None, None),
+    };
+    let f = recurrent(e, &bi.forward, fw, x, mask, fi)?;
+    let b = recurrent(e, &bi.backward, bw, x, mask, bi_init)?;
+    let fo = f
+        .seq
+        .or(f.last)
+        .ok_or_else(|| KerasError::Internal("no forward output".into()))?;
+    let mut bo = b
+        .seq
+        .or(b.last)
+        .ok_or_else(|| KerasError::Internal("no backward output".into()))?;
+    if b.seq.is_some() {
+        // Back to input time order before the merge.
+        bo = e.slice(bo, 1, -1, i64::MIN, -1)?;
+    }
+    let mut outs = match bi.merge_mode {
+        Some(MergeMode::Concat) => vec![e.op(Op::Concat { axis: -1 }, &[fo, bo], "concat")?],
+        Some(MergeMode::Sum) => vec![e.add(fo, bo)?],
+        Some(MergeMode::Mul) => vec![e.mul(fo, bo)?],
+        Some(MergeMode::Ave) => {
+            let s = e.add(fo, bo)?;
+            let h = e.scalar(0.5)?;
+            vec![e.mul(s, h)?]
+        }
+        None => vec![fo, bo],
+    };
+    outs.extend(f.states);
+    outs.extend(b.states);
+    Ok(outs)
+}

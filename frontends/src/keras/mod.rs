@@ -1,0 +1,95 @@
+//! The Keras-style frontend: layers, `Sequential` and functional models, `summary()`,
+//! Keras 3 `model.json` import, and running models on the CPU backend.
+//!
+//! Names, options, defaults and numbers follow Keras 3: a model built here with the
+//! weights of a Keras model computes what Keras computes (checked against real Keras by
+//! `cellgraph conformance keras`). Models lower to the IR: every recurrent layer becomes a
+//! `Scan` over its cell written with primitive ops ([`Model::to_graph`]).
+//!
+//! ```
+//! use cellgraph::keras::{Dense, Input, Sequential, LSTM};
+//! use cellgraph::ir::Tensor;
+//! # fn main() -> Result<(), cellgraph::keras::KerasError> {
+//! let mut model = Sequential::new();
+//! model.add(Input::new(&[None, Some(28)]))?;
+//! model.add(LSTM::new(64))?;
+//! model.add(Dense::new(10))?;
+//! let x = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 28, 28]));
+//! let y = model.predict(&[Tensor::F32(x)])?;
+//! assert_eq!(y[0].shape(), &[2, 10]);
+//! println!("{}", model.summary());
+//! # Ok(()) }
+//! ```
+
+pub mod conformance;
+pub mod import;
+pub mod init;
+pub mod layers;
+mod lower;
+pub mod model;
+pub mod summary;
+
+pub use import::{load_model, model_from_json};
+pub use layers::{
+    Activation, BatchNormalization, Bidirectional, Cell, CellKind, Dense, Dropout, Embedding,
+    GRUCell, Input, LSTMCell, Layer, Masking, MergeMode, Recurrent, RnnClass, Shape, SimpleRNN,
+    SimpleRNNCell, StackedRNNCells, TimeDistributed, GRU, LSTM, RNN,
+};
+pub use model::{CallArgs, Functional, KerasTensor, LayerId, Model, Sequential, Weight};
+
+/// Errors of the Keras frontend; each names the layer, input or file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum KerasError {
+    /// A layer option or value this frontend does not support.
+    #[error("layer {layer:?}: {what} is not supported")]
+    Unsupported {
+        /// The layer's name.
+        layer: String,
+        /// The option and value.
+        what: String,
+    },
+    /// A layer used wrongly (shapes, call arguments).
+    #[error("layer {layer:?}: {msg}")]
+    Layer {
+        /// The layer's name.
+        layer: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A model input of the wrong shape, count or content.
+    #[error("input {input:?}: {msg}")]
+    Input {
+        /// The input's name.
+        input: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Weights of the wrong number or shape.
+    #[error("weights: {0}")]
+    Weights(String),
+    /// A malformed Keras model file.
+    #[error("{path}: {msg}")]
+    Config {
+        /// The file and the place in it.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The lowered graph was rejected by the IR.
+    #[error(transparent)]
+    Ir(#[from] cellgraph_ir::Error),
+    /// The backend failed to compile or run the graph.
+    #[error(transparent)]
+    Backend(#[from] cellgraph_backends::Error),
+    /// A bug in cellgraph.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

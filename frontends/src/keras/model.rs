@@ -1,0 +1,1502 @@
+//! Models: `Sequential`, the functional `Model`, weights, states, and running them.
+
+use super::init::{init_tensor, weight_seed, Init};
+use super::layers::{shape_str, Input, Layer, Recurrent, Shape};
+use super::lower::{self, Emit};
+use super::KerasError;
+use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
+use cellgraph_backends::{Backend, Data, Plan};
+use cellgraph_ir::{DType, Graph, Op, Tensor, ValueRef, ValueType};
+use ndarray::{ArrayD, IxDyn};
+use std::collections::HashMap;
+
+type R<T> = Result<T, KerasError>;
+
+/// A symbolic tensor of a functional model under construction (Keras's `KerasTensor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KerasTensor(pub(crate) usize);
+
+/// A layer added to a functional model, callable several times (shared layers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerId(usize);
+
+/// Call-time arguments of a layer besides its input.
+#[derive(Clone, Debug, Default)]
+pub struct CallArgs {
+    /// `initial_state`: the states a recurrent layer starts from (LSTM `[h, c]`;
+    /// `Bidirectional`: forward states, then backward states).
+    pub initial_state: Vec<KerasTensor>,
+    /// `mask`: a `(batch, time)` tensor, nonzero/true where the step is valid.
+    pub mask: Option<KerasTensor>,
+}
+
+/// One weight variable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weight {
+    /// The variable path, `lstm/lstm_cell/kernel`.
+    pub name: String,
+    /// The value.
+    pub value: ArrayD<f32>,
+    /// Whether training updates it (BatchNormalization's moving statistics do not).
+    pub trainable: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Slot {
+    pub name: String,
+    pub layer: Layer,
+    pub weights: Vec<Weight>,
+    pub built: Option<Shape>,
+    /// The state store of a stateful recurrent layer (Bidirectional: forward, backward).
+    pub states: Option<Vec<ArrayD<f32>>>,
+    pub calls: usize,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct CallNode {
+    pub slot: usize,
+    pub inputs: Vec<KerasTensor>,
+    pub args: CallArgs,
+    pub outputs: Vec<KerasTensor>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct TensorInfo {
+    pub shape: Shape,
+    pub node: usize,
+    pub index: usize,
+}
+
+struct Compiled {
+    plan: CpuPlan,
+    /// Slots whose states follow the model outputs, with their count.
+    states: Vec<(usize, usize)>,
+}
+
+/// A Keras model: a sequential stack or a functional graph of layers.
+pub struct Model {
+    /// The model's name (`sequential`, `functional`).
+    pub name: String,
+    pub(crate) sequential: bool,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) nodes: Vec<CallNode>,
+    pub(crate) tensors: Vec<TensorInfo>,
+    pub(crate) inputs: Vec<KerasTensor>,
+    pub(crate) outputs: Vec<KerasTensor>,
+    seed: u64,
+    plans: HashMap<Vec<(DType, Vec<usize>)>, Compiled>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("layers", &self.slots.len())
+            .finish()
+    }
+}
+
+/// `keras.Sequential`: layers applied one after the other. Start with an [`Input`].
+///
+/// ```
+/// use cellgraph::keras::{Dense, Embedding, Input, Sequential, LSTM};
+/// # fn main() -> Result<(), cellgraph::keras::KerasError> {
+/// let mut model = Sequential::new();
+/// model.add(Input::new(&[None]))?;
+/// model.add(Embedding::new(1000, 64))?;
+/// model.add(LSTM::new(128))?;
+/// model.add(Dense::new(10))?;
+/// assert_eq!(model.count_params(), 164_106);
+/// # Ok(()) }
+/// ```
+pub struct Sequential;
+
+impl Sequential {
+    /// An empty sequential model named `sequential`, weights seeded with 0.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new() -> Model {
+        Model::empty("sequential", true, 0)
+    }
+    /// An empty sequential model whose weights are drawn with `seed`.
+    pub fn with_seed(seed: u64) -> Model {
+        Model::empty("sequential", true, seed)
+    }
+    /// A sequential model from a list of layers (the first an [`Input`]).
+    pub fn from_layers(layers: Vec<Layer>) -> R<Model> {
+        let mut m = Sequential::new();
+        for l in layers {
+            m.add(l)?;
+        }
+        Ok(m)
+    }
+}
+
+/// Builds a functional model: inputs, layer calls, then [`Functional::build`].
+///
+/// ```
+/// use cellgraph::keras::{CallArgs, Dense, Embedding, Functional, Input, LSTM};
+/// # fn main() -> Result<(), cellgraph::keras::KerasError> {
+/// let mut f = Functional::new();
+/// let enc_in = f.input(Input::new(&[None]))?;
+/// let x = f.apply(Embedding::new(1000, 64), &[enc_in])?[0];
+/// let enc = f.apply(LSTM::new(64).return_state(true).name("encoder"), &[x])?;
+/// let dec_in = f.input(Input::new(&[None]))?;
+/// let y = f.apply(Embedding::new(2000, 64), &[dec_in])?[0];
+/// let dec = f.layer(LSTM::new(64).name("decoder"))?;
+/// let args = CallArgs { initial_state: vec![enc[1], enc[2]], mask: None };
+/// let y = f.call_with(dec, &[y], args)?[0];
+/// let out = f.apply(Dense::new(10), &[y])?[0];
+/// let model = f.build(&[enc_in, dec_in], &[out])?;
+/// assert_eq!(model.count_params(), 258_698);
+/// # Ok(()) }
+/// ```
+pub struct Functional {
+    model: Model,
+}
+
+impl Default for Functional {
+    fn default() -> Self {
+        Functional::new()
+    }
+}
+
+impl Functional {
+    /// A new builder; weights seeded with 0.
+    pub fn new() -> Functional {
+        Functional::with_seed(0)
+    }
+    /// A new builder whose weights are drawn with `seed`.
+    pub fn with_seed(seed: u64) -> Functional {
+        Functional {
+            model: Model::empty("functional", false, seed),
+        }
+    }
+    /// Declares an input.
+    pub fn input(&mut self, input: Input) -> R<KerasTensor> {
+        let slot = self.model.add_slot(Layer::Input(input))?;
+        Ok(self.model.call_slot(slot, &[], CallArgs::default())?[0])
+    }
+    /// Adds a layer without calling it (to call it several times: shared weights).
+    pub fn layer(&mut self, layer: impl Into<Layer>) -> R<LayerId> {
+        let layer = layer.into();
+        if matches!(layer, Layer::Input(_)) {
+            return Err(KerasError::Layer {
+                layer: layer.given_name().unwrap_or("input_layer").to_string(),
+                msg: "declare inputs with Functional::input".into(),
+            });
+        }
+        Ok(LayerId(self.model.add_slot(layer)?))
+    }
+    /// Calls a layer on tensors; returns its outputs (several with `return_state`).
+    pub fn call(&mut self, layer: LayerId, inputs: &[KerasTensor]) -> R<Vec<KerasTensor>> {
+        self.call_with(layer, inputs, CallArgs::default())
+    }
+    /// Calls a layer with `initial_state` / `mask`.
+    pub fn call_with(
+        &mut self,
+        layer: LayerId,
+        inputs: &[KerasTensor],
+        args: CallArgs,
+    ) -> R<Vec<KerasTensor>> {
+        self.model.call_slot(layer.0, inputs, args)
+    }
+    /// Adds a layer and calls it once.
+    pub fn apply(
+        &mut self,
+        layer: impl Into<Layer>,
+        inputs: &[KerasTensor],
+    ) -> R<Vec<KerasTensor>> {
+        let id = self.layer(layer)?;
+        self.call(id, inputs)
+    }
+    /// The shape of a tensor, batch first.
+    pub fn shape(&self, t: KerasTensor) -> R<Shape> {
+        Ok(self.model.tensor(t)?.shape.clone())
+    }
+    /// Finishes the model with its inputs and outputs.
+    pub fn build(self, inputs: &[KerasTensor], outputs: &[KerasTensor]) -> R<Model> {
+        self.build_named("functional", inputs, outputs)
+    }
+    /// Finishes the model and names it.
+    pub fn build_named(
+        mut self,
+        name: &str,
+        inputs: &[KerasTensor],
+        outputs: &[KerasTensor],
+    ) -> R<Model> {
+        for &t in inputs {
+            let info = self.model.tensor(t)?;
+            let slot = self.model.nodes[info.node].slot;
+            if !matches!(self.model.slots[slot].layer, Layer::Input(_)) {
+                return Err(KerasError::Layer {
+                    layer: self.model.slots[slot].name.clone(),
+                    msg: "a model input must come from Functional::input".into(),
+                });
+            }
+        }
+        for &t in outputs {
+            self.model.tensor(t)?;
+        }
+        if outputs.is_empty() {
+            return Err(KerasError::Layer {
+                layer: name.to_string(),
+                msg: "a model needs at least one output".into(),
+            });
+        }
+        let used: Vec<KerasTensor> = self
+            .model
+            .nodes
+            .iter()
+            .filter(|n| matches!(self.model.slots[n.slot].layer, Layer::Input(_)))
+            .flat_map(|n| n.outputs.clone())
+            .collect();
+        for t in used {
+            if !inputs.contains(&t) && self.model.reaches_outputs(t, outputs) {
+                let slot = self.model.nodes[self.model.tensors[t.0].node].slot;
+                return Err(KerasError::Layer {
+                    layer: self.model.slots[slot].name.clone(),
+                    msg: "the outputs depend on this input, which is not among the model inputs"
+                        .into(),
+                });
+            }
+        }
+        self.model.inputs = inputs.to_vec();
+        self.model.outputs = outputs.to_vec();
+        self.model.name = name.to_string();
+        Ok(self.model)
+    }
+}
+
+impl Model {
+    pub(crate) fn empty(name: &str, sequential: bool, seed: u64) -> Model {
+        Model {
+            name: name.to_string(),
+            sequential,
+            slots: Vec::new(),
+            nodes: Vec::new(),
+            tensors: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            seed,
+            plans: HashMap::new(),
+        }
+    }
+
+    fn tensor(&self, t: KerasTensor) -> R<&TensorInfo> {
+        self.tensors
+            .get(t.0)
+            .ok_or_else(|| KerasError::Internal(format!("tensor {} is not of this model", t.0)))
+    }
+
+    fn reaches_outputs(&self, t: KerasTensor, outputs: &[KerasTensor]) -> bool {
+        let mut live: Vec<bool> = vec![false; self.tensors.len()];
+        live[t.0] = true;
+        for n in &self.nodes {
+            let reads = n
+                .inputs
+                .iter()
+                .chain(&n.args.initial_state)
+                .chain(&n.args.mask)
+                .any(|i| live[i.0]);
+            if reads {
+                for o in &n.outputs {
+                    live[o.0] = true;
+                }
+            }
+        }
+        outputs.iter().any(|o| live[o.0])
+    }
+
+    /// Adds a layer to a sequential model and calls it on the previous output.
+    pub fn add(&mut self, layer: impl Into<Layer>) -> R<&mut Model> {
+        let layer = layer.into();
+        if !self.sequential {
+            return Err(KerasError::Layer {
+                layer: self.name.clone(),
+                msg: "add() is for Sequential models; use Functional for graphs".into(),
+            });
+        }
+        let is_input = matches!(layer, Layer::Input(_));
+        match (self.slots.is_empty(), is_input) {
+            (true, false) => {
+                return Err(KerasError::Layer {
+                    layer: layer
+                        .given_name()
+                        .unwrap_or(layer.default_stem())
+                        .to_string(),
+                    msg: "a Sequential model starts with Input(shape) so that its weights \
+                          can be built"
+                        .into(),
+                })
+            }
+            (false, true) => {
+                return Err(KerasError::Layer {
+                    layer: layer.given_name().unwrap_or("input_layer").to_string(),
+                    msg: "an Input can only be the first layer of a Sequential model".into(),
+                })
+            }
+            _ => {}
+        }
+        let slot = self.add_slot(layer)?;
+        let inputs = self.outputs.clone();
+        let outs = self.call_slot(slot, &inputs, CallArgs::default())?;
+        if outs.len() != 1 {
+            return Err(KerasError::Layer {
+                layer: self.slots[slot].name.clone(),
+                msg: format!(
+                    "gives {} outputs; a Sequential model needs layers with one output \
+                     (no return_state)",
+                    outs.len()
+                ),
+            });
+        }
+        if is_input {
+            self.inputs = outs.clone();
+        }
+        self.outputs = outs;
+        self.plans.clear();
+        Ok(self)
+    }
+
+    fn unique_name(&self, stem: &str) -> String {
+        let taken = |n: &str| self.slots.iter().any(|s| s.name == n);
+        if !taken(stem) {
+            return stem.to_string();
+        }
+        (1..)
+            .map(|i| format!("{stem}_{i}"))
+            .find(|n| !taken(n))
+            .unwrap_or_else(|| stem.to_string())
+    }
+
+    pub(crate) fn add_slot(&mut self, mut layer: Layer) -> R<usize> {
+        let name = match layer.given_name() {
+            Some(n) => {
+                if self.slots.iter().any(|s| s.name == n) {
+                    return Err(KerasError::Layer {
+                        layer: n.to_string(),
+                        msg: "a layer of this name is already in the model".into(),
+                    });
+                }
+                n.to_string()
+            }
+            None => self.unique_name(layer.default_stem()),
+        };
+        validate(&mut layer, &name)?;
+        self.slots.push(Slot {
+            name,
+            layer,
+            weights: Vec::new(),
+            built: None,
+            states: None,
+            calls: 0,
+        });
+        Ok(self.slots.len() - 1)
+    }
+
+    pub(crate) fn call_slot(
+        &mut self,
+        slot: usize,
+        inputs: &[KerasTensor],
+        args: CallArgs,
+    ) -> R<Vec<KerasTensor>> {
+        for &t in inputs.iter().chain(&args.initial_state).chain(&args.mask) {
+            self.tensor(t)?;
+        }
+        let name = self.slots[slot].name.clone();
+        let err = |msg: String| KerasError::Layer {
+            layer: name.clone(),
+            msg,
+        };
+        let layer = self.slots[slot].layer.clone();
+        let out_shapes = match &layer {
+            Layer::Input(i) => {
+                if !inputs.is_empty() {
+                    return Err(err("an Input takes no inputs".into()));
+                }
+                vec![i.batch_shape.clone()]
+            }
+            Layer::Op(op) => {
+                let want = if op.kind.is_binary() && op.scalar.is_none() {
+                    2
+                } else {
+                    1
+                };
+                if inputs.len() != want {
+                    return Err(err(format!(
+                        "{} takes {want} tensor operands, got {}",
+                        op.kind.class_name(),
+                        inputs.len()
+                    )));
+                }
+                let shape = self.tensors[inputs[0].0].shape.clone();
+                vec![op_shape(op, &shape).map_err(err)?]
+            }
+            _ => {
+                if inputs.len() != 1 {
+                    return Err(err(format!("takes one input tensor, got {}", inputs.len())));
+                }
+                let shape = self.tensors[inputs[0].0].shape.clone();
+                match &self.slots[slot].built {
+                    Some(b) => check_same_width(b, &shape).map_err(err)?,
+                    None => {
+                        let weights = build_weights(&layer, &name, &shape, self.seed, slot)?;
+                        self.slots[slot].weights = weights;
+                        self.slots[slot].built = Some(shape.clone());
+                    }
+                }
+                self.check_call_args(&layer, &shape, &args).map_err(err)?;
+                output_shapes(&layer, &shape).map_err(err)?
+            }
+        };
+        if self.slots[slot].calls > 0 && is_stateful(&layer) {
+            return Err(err(
+                "a stateful layer can be called only once in a model (it has one state store)"
+                    .into(),
+            ));
+        }
+        self.slots[slot].calls += 1;
+        let node = self.nodes.len();
+        let outputs: Vec<KerasTensor> = out_shapes
+            .into_iter()
+            .enumerate()
+            .map(|(index, shape)| {
+                self.tensors.push(TensorInfo { shape, node, index });
+                KerasTensor(self.tensors.len() - 1)
+            })
+            .collect();
+        self.nodes.push(CallNode {
+            slot,
+            inputs: inputs.to_vec(),
+            args,
+            outputs: outputs.clone(),
+        });
+        Ok(outputs)
+    }
+
+    fn check_call_args(&self, layer: &Layer, input: &Shape, args: &CallArgs) -> Result<(), String> {
+        let sizes = match layer {
+            Layer::Recurrent(r) => r.state_sizes(),
+            Layer::Bidirectional(b) => {
+                let mut s = b.forward.state_sizes();
+                s.extend(b.backward.state_sizes());
+                s
+            }
+            _ => {
+                if !args.initial_state.is_empty() {
+                    return Err("only recurrent layers take an initial_state".into());
+                }
+                Vec::new()
+            }
+        };
+        if !args.initial_state.is_empty() {
+            if args.initial_state.len() != sizes.len() {
+                return Err(format!(
+                    "initial_state has {} tensors, the layer has {} states of sizes {sizes:?}",
+                    args.initial_state.len(),
+                    sizes.len()
+                ));
+            }
+            for (k, (t, &s)) in args.initial_state.iter().zip(&sizes).enumerate() {
+                let shape = &self.tensors[t.0].shape;
+                let ok = shape.len() == 2
+                    && shape[1] == Some(s)
+                    && (shape[0].is_none() || input[0].is_none() || shape[0] == input[0]);
+                if !ok {
+                    return Err(format!(
+                        "initial_state[{k}] has shape {}, expected {}",
+                        shape_str(shape),
+                        shape_str(&[input[0], Some(s)])
+                    ));
+                }
+            }
+        }
+        if let Some(m) = args.mask {
+            let shape = &self.tensors[m.0].shape;
+            if shape.len() != 2 || input.len() < 2 {
+                return Err(format!(
+                    "mask has shape {}, expected (batch, time)",
+                    shape_str(shape)
+                ));
+            }
+            if let (Some(a), Some(b)) = (shape[1], input[1]) {
+                if a != b {
+                    return Err(format!("mask has {a} steps, the input {b}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of the layers, in order (Sequential models include their Input).
+    pub fn layer_names(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// A layer by name.
+    pub fn layer(&self, name: &str) -> Option<&Layer> {
+        self.slots.iter().find(|s| s.name == name).map(|s| &s.layer)
+    }
+
+    /// The weight variables in Keras's `model.weights` order.
+    pub fn weights(&self) -> Vec<&Weight> {
+        self.slots.iter().flat_map(|s| &s.weights).collect()
+    }
+
+    /// `get_weights()`: the values in Keras order.
+    pub fn get_weights(&self) -> Vec<ArrayD<f32>> {
+        self.weights()
+            .into_iter()
+            .map(|w| w.value.clone())
+            .collect()
+    }
+
+    /// `set_weights(...)`: values in Keras order; every shape must match.
+    pub fn set_weights(&mut self, values: Vec<ArrayD<f32>>) -> R<()> {
+        let n = self.weights().len();
+        if values.len() != n {
+            return Err(KerasError::Weights(format!(
+                "the model has {n} weights, got {}",
+                values.len()
+            )));
+        }
+        for (w, v) in self.weights().into_iter().zip(&values) {
+            if w.value.shape() != v.shape() {
+                return Err(KerasError::Weights(format!(
+                    "{}: expected shape {:?}, got {:?}",
+                    w.name,
+                    w.value.shape(),
+                    v.shape()
+                )));
+            }
+            if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+                return Err(KerasError::Weights(format!(
+                    "{}: holds the non-finite value {bad}",
+                    w.name
+                )));
+            }
+        }
+        let mut it = values.into_iter();
+        for s in &mut self.slots {
+            for w in &mut s.weights {
+                if let Some(v) = it.next() {
+                    w.value = v;
+                }
+            }
+        }
+        self.plans.clear();
+        Ok(())
+    }
+
+    /// Total, trainable and non-trainable parameter counts.
+    pub fn param_counts(&self) -> (usize, usize, usize) {
+        let (mut t, mut n) = (0, 0);
+        for w in self.weights() {
+            if w.trainable {
+                t += w.value.len();
+            } else {
+                n += w.value.len();
+            }
+        }
+        (t + n, t, n)
+    }
+
+    /// `count_params()`.
+    pub fn count_params(&self) -> usize {
+        self.param_counts().0
+    }
+
+    /// The shapes of the model outputs, batch first.
+    pub fn output_shapes(&self) -> Vec<Shape> {
+        self.outputs
+            .iter()
+            .map(|t| self.tensors[t.0].shape.clone())
+            .collect()
+    }
+
+    /// The declared shapes of the model inputs, batch first.
+    pub fn input_shapes(&self) -> Vec<Shape> {
+        self.inputs
+            .iter()
+            .map(|t| self.tensors[t.0].shape.clone())
+            .collect()
+    }
+
+    /// The current states of a stateful recurrent layer (`layer.states`): LSTM `[h, c]`,
+    /// GRU/SimpleRNN `[h]`; a stateful `Bidirectional` gives forward then backward states.
+    /// Zeros before the first call when the batch size is declared.
+    pub fn layer_states(&self, layer: &str) -> R<Vec<ArrayD<f32>>> {
+        let slot =
+            self.slots
+                .iter()
+                .find(|s| s.name == layer)
+                .ok_or_else(|| KerasError::Layer {
+                    layer: layer.to_string(),
+                    msg: "no layer of this name in the model".into(),
+                })?;
+        if !is_stateful(&slot.layer) {
+            return Err(KerasError::Layer {
+                layer: layer.to_string(),
+                msg: "is not stateful: it keeps no states between calls".into(),
+            });
+        }
+        if let Some(s) = &slot.states {
+            return Ok(s.clone());
+        }
+        let batch = slot
+            .built
+            .as_ref()
+            .and_then(|s| s.first().copied().flatten())
+            .ok_or_else(|| KerasError::Layer {
+                layer: layer.to_string(),
+                msg: "has no states yet: the batch size is unknown until the first call".into(),
+            })?;
+        Ok(state_sizes(&slot.layer)
+            .into_iter()
+            .map(|s| ArrayD::zeros(IxDyn(&[batch, s])))
+            .collect())
+    }
+
+    /// `reset_states()`: every state of every stateful layer back to zeros.
+    pub fn reset_states(&mut self) {
+        for s in &mut self.slots {
+            if let Some(st) = &mut s.states {
+                for a in st {
+                    a.fill(0.0);
+                }
+            }
+        }
+    }
+
+    /// Lowers the model to an IR graph for inputs of the given dtypes and shapes. Graph
+    /// inputs: the model inputs, then the states of stateful layers (`<layer>/state_k`);
+    /// outputs: the model outputs, then those layers' final states.
+    pub fn to_graph(&self, inputs: &[(DType, Vec<usize>)]) -> R<Graph> {
+        Ok(self.lower(inputs)?.0)
+    }
+
+    fn lower(&self, sig: &[(DType, Vec<usize>)]) -> R<(Graph, Vec<(usize, usize)>)> {
+        let mut g = Graph::new(self.name.clone());
+        let mut vals: HashMap<KerasTensor, (ValueRef, Option<ValueRef>)> = HashMap::new();
+        for (t, (dt, shape)) in self.inputs.iter().zip(sig) {
+            let slot = &self.slots[self.nodes[self.tensors[t.0].node].slot];
+            let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+            let v = g.add_input(&slot.name, ValueType::tensor(*dt, &dims))?;
+            let want = match &slot.layer {
+                Layer::Input(i) => dtype_of(&i.dtype).ok_or_else(|| KerasError::Unsupported {
+                    layer: slot.name.clone(),
+                    what: format!("dtype {:?}", i.dtype),
+                })?,
+                _ => DType::F32,
+            };
+            let v = if *dt == want {
+                v
+            } else {
+                Emit::new(&mut g, &slot.name).cast(v, want)?
+            };
+            vals.insert(*t, (v, None));
+        }
+        let mut wrefs: Vec<Vec<ValueRef>> = Vec::new();
+        for s in &self.slots {
+            let mut refs = Vec::new();
+            for w in &s.weights {
+                refs.push(g.add_initializer(&w.name, Tensor::F32(w.value.clone()), w.trainable)?);
+            }
+            wrefs.push(refs);
+        }
+        let mut state_outs: Vec<ValueRef> = Vec::new();
+        let mut bindings = Vec::new();
+        let batch = sig
+            .first()
+            .and_then(|(_, s)| s.first())
+            .copied()
+            .unwrap_or(0);
+        for node in &self.nodes {
+            let slot = &self.slots[node.slot];
+            if matches!(slot.layer, Layer::Input(_)) {
+                continue;
+            }
+            if let Layer::Op(op) = &slot.layer {
+                let ins = node
+                    .inputs
+                    .iter()
+                    .map(|t| vals.get(t).map(|v| v.0))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| KerasError::Internal("op operand not computed".into()))?;
+                let mut e = Emit::new(&mut g, &slot.name);
+                let v = lower_op(&mut e, op, &ins)?;
+                vals.insert(node.outputs[0], (v, None));
+                continue;
+            }
+            let (x, mask) = *vals.get(&node.inputs[0]).ok_or_else(|| KerasError::Layer {
+                layer: slot.name.clone(),
+                msg: "reads a tensor that the model inputs do not determine".into(),
+            })?;
+            let mask = match node.args.mask {
+                Some(m) => {
+                    let mv = vals
+                        .get(&m)
+                        .ok_or_else(|| KerasError::Internal("mask tensor not computed".into()))?
+                        .0;
+                    Some(Emit::new(&mut g, &slot.name).cast(mv, DType::Bool)?)
+                }
+                None => mask,
+            };
+            let mut init: Option<Vec<ValueRef>> = if node.args.initial_state.is_empty() {
+                None
+            } else {
+                Some(
+                    node.args
+                        .initial_state
+                        .iter()
+                        .map(|t| vals.get(t).map(|v| v.0))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| KerasError::Internal("initial state not computed".into()))?,
+                )
+            };
+            if is_stateful(&slot.layer) && init.is_none() {
+                let mut v = Vec::new();
+                for (k, s) in state_sizes(&slot.layer).into_iter().enumerate() {
+                    v.push(g.add_input(
+                        &format!("{}/state_{k}", slot.name),
+                        ValueType::tensor(DType::F32, &[batch as u64, s as u64]),
+                    )?);
+                }
+                init = Some(v);
+            }
+            let stateful_here = is_stateful(&slot.layer) && node.args.initial_state.is_empty();
+            let w = &wrefs[node.slot];
+            let mut e = Emit::new(&mut g, &slot.name);
+            let outs: Vec<(ValueRef, Option<ValueRef>)> =
+                lower_layer(&mut e, &slot.layer, w, x, mask, init)?;
+            if stateful_here {
+                let n = state_sizes(&slot.layer).len();
+                let finals: Vec<ValueRef> = outs[outs.len() - n..].iter().map(|o| o.0).collect();
+                bindings.push((node.slot, n));
+                state_outs.extend(finals);
+            }
+            for (t, v) in node.outputs.iter().zip(outs) {
+                vals.insert(*t, v);
+            }
+        }
+        let mut outs = Vec::new();
+        for t in &self.outputs {
+            outs.push(
+                vals.get(t)
+                    .ok_or_else(|| KerasError::Internal("output not computed".into()))?
+                    .0,
+            );
+        }
+        outs.extend(state_outs);
+        // A graph output must be a named op output; wrap inputs/initializers in Identity.
+        let outs = outs
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let id = g.add_node("", Op::Identity {}, &[Some(v)], &[&format!("output_{i}")])?;
+                Ok(ValueRef { node: id, slot: 0 })
+            })
+            .collect::<Result<Vec<_>, cellgraph_ir::Error>>()?;
+        g.set_outputs(outs)?;
+        Ok((g, bindings))
+    }
+
+    /// Runs the model on tensors (inference: dropout off, BatchNormalization on its moving
+    /// statistics). Inputs in model-input order; float32 or integer ids. Stateful layers
+    /// start from their stored states and keep their final states.
+    pub fn predict(&mut self, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        if inputs.len() != self.inputs.len() {
+            return Err(KerasError::Input {
+                input: self.name.clone(),
+                msg: format!(
+                    "the model takes {} inputs, got {}",
+                    self.inputs.len(),
+                    inputs.len()
+                ),
+            });
+        }
+        for (t, x) in self.inputs.iter().zip(inputs) {
+            let declared = &self.tensors[t.0].shape;
+            let name = &self.slots[self.nodes[self.tensors[t.0].node].slot].name;
+            let got = x.shape();
+            let ok = declared.len() == got.len()
+                && declared
+                    .iter()
+                    .zip(got)
+                    .all(|(d, &g)| d.is_none_or(|d| d == g));
+            if !ok {
+                return Err(KerasError::Input {
+                    input: name.clone(),
+                    msg: format!(
+                        "expected shape {}, got {}",
+                        shape_str(declared),
+                        shape_str(&got.iter().map(|&d| Some(d)).collect::<Vec<_>>())
+                    ),
+                });
+            }
+            if x.dtype().is_float() {
+                if let Some(bad) = x.to_f64_vec().into_iter().find(|v| v.is_nan()) {
+                    return Err(KerasError::Input {
+                        input: name.clone(),
+                        msg: format!("holds {bad}"),
+                    });
+                }
+            }
+        }
+        let batch = inputs
+            .first()
+            .and_then(|x| x.shape().first())
+            .copied()
+            .unwrap_or(0);
+        for s in &mut self.slots {
+            if !is_stateful(&s.layer) {
+                continue;
+            }
+            let sizes = state_sizes(&s.layer);
+            match &s.states {
+                Some(st) if st.first().map(|a| a.shape()[0]) != Some(batch) => {
+                    return Err(KerasError::Layer {
+                        layer: s.name.clone(),
+                        msg: format!(
+                            "is stateful with batch size {}, got a batch of {batch}",
+                            st.first().map_or(0, |a| a.shape()[0])
+                        ),
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    s.states = Some(
+                        sizes
+                            .iter()
+                            .map(|&u| ArrayD::zeros(IxDyn(&[batch, u])))
+                            .collect(),
+                    )
+                }
+            }
+        }
+        let sig: Vec<(DType, Vec<usize>)> = inputs
+            .iter()
+            .map(|x| (x.dtype(), x.shape().to_vec()))
+            .collect();
+        if !self.plans.contains_key(&sig) {
+            let (graph, states) = self.lower(&sig)?;
+            cellgraph_ir::verify(&graph)?;
+            let plan = CpuBackend::new(RecurrentMode::Fused).compile(&graph)?;
+            self.plans.insert(sig.clone(), Compiled { plan, states });
+        }
+        let compiled = self
+            .plans
+            .get_mut(&sig)
+            .ok_or_else(|| KerasError::Internal("plan missing".into()))?;
+        let mut data: Vec<Data> = inputs.iter().cloned().map(Data::Tensor).collect();
+        for &(slot, _) in &compiled.states {
+            for a in self.slots[slot].states.iter().flatten() {
+                data.push(Data::Tensor(Tensor::F32(a.clone())));
+            }
+        }
+        let outs = compiled.plan.run(data)?;
+        let mut outs = outs
+            .into_iter()
+            .map(|d| d.into_tensor().map_err(KerasError::Internal))
+            .collect::<R<Vec<Tensor>>>()?;
+        let states = outs.split_off(self.outputs.len());
+        let mut it = states.into_iter();
+        for &(slot, n) in &compiled.states {
+            let mut new = Vec::with_capacity(n);
+            for _ in 0..n {
+                match it.next() {
+                    Some(Tensor::F32(a)) => new.push(a),
+                    _ => return Err(KerasError::Internal("state output missing".into())),
+                }
+            }
+            self.slots[slot].states = Some(new);
+        }
+        Ok(outs)
+    }
+
+    /// [`Model::predict`] on float32 arrays.
+    pub fn predict_f32(&mut self, inputs: &[ArrayD<f32>]) -> R<Vec<ArrayD<f32>>> {
+        let ts: Vec<Tensor> = inputs.iter().cloned().map(Tensor::F32).collect();
+        self.predict(&ts)?
+            .into_iter()
+            .map(|t| match t {
+                Tensor::F32(a) => Ok(a),
+                other => Err(KerasError::Internal(format!(
+                    "output of dtype {} is not float32",
+                    other.dtype().name()
+                ))),
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn dtype_of(name: &str) -> Option<DType> {
+    Some(match name {
+        "float32" => DType::F32,
+        "int32" => DType::I32,
+        "int64" => DType::I64,
+        _ => return None,
+    })
+}
+
+fn is_stateful(layer: &Layer) -> bool {
+    match layer {
+        Layer::Recurrent(r) => r.stateful,
+        Layer::Bidirectional(b) => b.forward.stateful || b.backward.stateful,
+        _ => false,
+    }
+}
+
+fn state_sizes(layer: &Layer) -> Vec<usize> {
+    match layer {
+        Layer::Recurrent(r) => r.state_sizes(),
+        Layer::Bidirectional(b) => {
+            let mut s = b.forward.state_sizes();
+            s.extend(b.backward.state_sizes());
+            s
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The output shape of a `keras.ops` node.
+fn op_shape(op: &super::layers::TensorOp, input: &Shape) -> Result<Shape, String> {
+    use super::layers::TensorOpKind as K;
+    Ok(match op.kind {
+        K::Any | K::All => match op.axis {
+            None if op.keepdims => vec![Some(1); input.len()],
+            None => Vec::new(),
+            Some(a) => {
+                let r = input.len() as i64;
+                let ax = if a < 0 { a + r } else { a };
+                if !(0..r).contains(&ax) {
+                    return Err(format!("axis {a} out of range for rank {r}"));
+                }
+                let mut s = input.clone();
+                if op.keepdims {
+                    s[ax as usize] = Some(1);
+                } else {
+                    s.remove(ax as usize);
+                }
+                s
+            }
+        },
+        _ => input.clone(),
+    })
+}
+
+fn check_same_width(built: &Shape, shape: &Shape) -> Result<(), String> {
+    // Keras checks rank and the feature axis; batch and time may differ between calls.
+    let ok = built.len() == shape.len();
+    let widths_ok = built.last() == shape.last() || built.len() <= 1;
+    if ok && widths_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "was built for inputs of shape {}, called on {}",
+            shape_str(built),
+            shape_str(shape)
+        ))
+    }
+}
+
+/// Checks a layer's options and fills in what Keras derives (Bidirectional inner names).
+fn validate(layer: &mut Layer, name: &str) -> R<()> {
+    let bad = |what: String| {
+        Err(KerasError::Unsupported {
+            layer: name.to_string(),
+            what,
+        })
+    };
+    match layer {
+        Layer::Recurrent(r) => validate_rnn(r, name)?,
+        Layer::Bidirectional(b) => {
+            let inner = |r: &Recurrent| match r.class {
+                super::layers::RnnClass::LSTM => "lstm",
+                super::layers::RnnClass::GRU => "gru",
+                super::layers::RnnClass::SimpleRNN => "simple_rnn",
+                super::layers::RnnClass::RNN => "rnn",
+            };
+            if b.forward.name.is_none() {
+                b.forward.name = Some(format!("forward_{}", inner(&b.forward)));
+            }
+            if b.backward.name.is_none() {
+                b.backward.name = Some(format!("backward_{}", inner(&b.backward)));
+            }
+            validate_rnn(&b.forward, name)?;
+            validate_rnn(&b.backward, name)?;
+            if b.forward.go_backwards == b.backward.go_backwards {
+                return bad(
+                    "a backward_layer with the same go_backwards as the forward layer".into(),
+                );
+            }
+            if b.forward.return_sequences != b.backward.return_sequences
+                || b.forward.return_state != b.backward.return_state
+            {
+                return bad(
+                    "forward and backward layers that differ in return_sequences or return_state"
+                        .into(),
+                );
+            }
+            if b.merge_mode.is_some_and(|m| m != super::layers::MergeMode::Concat)
+                && b.forward.output_units() != b.backward.output_units()
+            {
+                return bad("sum/mul/ave merge of directions with different units".into());
+            }
+        }
+        Layer::Dense(d) if d.units == 0 => return bad("units = 0".into()),
+        Layer::Embedding(e) if e.input_dim == 0 || e.output_dim == 0 => {
+            return bad("an empty embedding table".into())
+        }
+        Layer::Dropout(d) if !(0.0..1.0).contains(&d.rate) => {
+            return bad(format!("rate = {} (must be in [0, 1))", d.rate))
+        }
+        Layer::Input(i) => {
+            if dtype_of(&i.dtype).is_none() {
+                return bad(format!("dtype {:?} (float32, int32, int64)", i.dtype));
+            }
+            if i.batch_shape.is_empty() {
+                return bad("an Input of rank 0".into());
+            }
+        }
+        Layer::TimeDistributed(t) => {
+            if !matches!(
+                *t.layer,
+                Layer::Dense(_) | Layer::Dropout(_) | Layer::BatchNormalization(_)
+            ) {
+                return bad(format!(
+                    "TimeDistributed({}) (Dense, Dropout and BatchNormalization are supported)",
+                    t.layer.class_name()
+                ));
+            }
+            let inner_name = t.layer.default_stem().to_string();
+            validate(&mut t.layer, &inner_name)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn validate_rnn(r: &Recurrent, name: &str) -> R<()> {
+    if r.cells.is_empty() {
+        return Err(KerasError::Unsupported {
+            layer: name.to_string(),
+            what: "an RNN without cells".into(),
+        });
+    }
+    for c in &r.cells {
+        c.validate(name)?;
+    }
+    Ok(())
+}
+
+fn feature_dim(name_shape: &Shape, rank: usize, what: &str) -> Result<usize, String> {
+    if name_shape.len() != rank {
+        return Err(format!(
+            "expects inputs of rank {rank} {what}, got shape {}",
+            shape_str(name_shape)
+        ));
+    }
+    name_shape.last().copied().flatten().ok_or_else(|| {
+        format!(
+            "needs a known last dimension, got shape {}",
+            shape_str(name_shape)
+        )
+    })
+}
+
+/// The weights a layer creates for an input shape, drawn from Keras's initializers.
+fn build_weights(
+    layer: &Layer,
+    name: &str,
+    input: &Shape,
+    seed: u64,
+    slot: usize,
+) -> R<Vec<Weight>> {
+    let specs = weight_specs(layer, name, input).map_err(|msg| KerasError::Layer {
+        layer: name.to_string(),
+        msg,
+    })?;
+    Ok(specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (wname, shape, trainable, init))| Weight {
+            name: wname,
+            value: init_tensor(init, &shape, weight_seed(seed, slot, i)),
+            trainable,
+        })
+        .collect())
+}
+
+type Spec = (String, Vec<usize>, bool, Init);
+
+fn rnn_specs(r: &Recurrent, prefix: &str, input: &Shape) -> Result<Vec<Spec>, String> {
+    let mut d = feature_dim(input, 3, "(batch, time, features)")?;
+    let mut v = Vec::new();
+    let mut used: Vec<String> = Vec::new();
+    for c in &r.cells {
+        let stem = c
+            .name
+            .clone()
+            .unwrap_or_else(|| c.kind.default_name().to_string());
+        let mut cname = stem.clone();
+        let mut k = 0;
+        while used.contains(&cname) {
+            k += 1;
+            cname = format!("{stem}_{k}");
+        }
+        used.push(cname.clone());
+        let cpath = if r.stacked {
+            format!("{prefix}/stacked_rnn_cells/{cname}")
+        } else {
+            format!("{prefix}/{cname}")
+        };
+        for (w, shape) in c.weight_shapes(d) {
+            let init = match w {
+                "kernel" => Init::GlorotUniform,
+                "recurrent_kernel" => Init::Orthogonal,
+                _ if c.kind == super::layers::CellKind::LSTM && c.unit_forget_bias => {
+                    Init::ForgetBias
+                }
+                _ => Init::Zeros,
+            };
+            v.push((format!("{cpath}/{w}"), shape, true, init));
+        }
+        d = c.units;
+    }
+    Ok(v)
+}
+
+fn weight_specs(layer: &Layer, name: &str, input: &Shape) -> Result<Vec<Spec>, String> {
+    Ok(match layer {
+        Layer::Input(_) | Layer::Dropout(_) | Layer::Masking(_) | Layer::Op(_) => Vec::new(),
+        Layer::Embedding(e) => vec![(
+            format!("{name}/embeddings"),
+            vec![e.input_dim, e.output_dim],
+            true,
+            Init::Uniform,
+        )],
+        Layer::Dense(dn) => {
+            let d =
+                input.last().copied().flatten().ok_or_else(|| {
+                    format!("needs a known last dimension, got {}", shape_str(input))
+                })?;
+            let mut v = vec![(
+                format!("{name}/kernel"),
+                vec![d, dn.units],
+                true,
+                Init::GlorotUniform,
+            )];
+            if dn.use_bias {
+                v.push((format!("{name}/bias"), vec![dn.units], true, Init::Zeros));
+            }
+            v
+        }
+        Layer::Recurrent(r) => rnn_specs(r, name, input)?,
+        Layer::Bidirectional(b) => {
+            let f = b.forward.name.clone().unwrap_or_default();
+            let bw = b.backward.name.clone().unwrap_or_default();
+            let mut v = rnn_specs(&b.forward, &format!("{name}/{f}"), input)?;
+            v.extend(rnn_specs(&b.backward, &format!("{name}/{bw}"), input)?);
+            v
+        }
+        Layer::BatchNormalization(bn) => {
+            let c =
+                input.last().copied().flatten().ok_or_else(|| {
+                    format!("needs a known last dimension, got {}", shape_str(input))
+                })?;
+            let mut v = Vec::new();
+            if bn.scale {
+                v.push((format!("{name}/gamma"), vec![c], true, Init::Ones));
+            }
+            if bn.center {
+                v.push((format!("{name}/beta"), vec![c], true, Init::Zeros));
+            }
+            v.push((format!("{name}/moving_mean"), vec![c], false, Init::Zeros));
+            v.push((
+                format!("{name}/moving_variance"),
+                vec![c],
+                false,
+                Init::Ones,
+            ));
+            v
+        }
+        Layer::TimeDistributed(t) => {
+            if input.len() < 3 {
+                return Err(format!(
+                    "expects inputs of rank 3 or more (batch, time, ...), got {}",
+                    shape_str(input)
+                ));
+            }
+            let mut inner = vec![None];
+            inner.extend_from_slice(&input[2..]);
+            let stem = t
+                .layer
+                .given_name()
+                .unwrap_or(t.layer.default_stem())
+                .to_string();
+            weight_specs(&t.layer, &format!("{name}/{stem}"), &inner)?
+        }
+    })
+}
+
+/// A layer's output shapes for an input shape.
+pub(crate) fn output_shapes(layer: &Layer, input: &Shape) -> Result<Vec<Shape>, String> {
+    Ok(match layer {
+        Layer::Op(op) => vec![op_shape(op, input)?],
+        Layer::Input(i) => vec![i.batch_shape.clone()],
+        Layer::Embedding(e) => {
+            let mut s = input.clone();
+            s.push(Some(e.output_dim));
+            vec![s]
+        }
+        Layer::Dense(d) => {
+            let mut s = input.clone();
+            if s.len() < 2 {
+                return Err(format!(
+                    "expects inputs of rank 2 or more, got {}",
+                    shape_str(input)
+                ));
+            }
+            *s.last_mut().unwrap_or(&mut None) = Some(d.units);
+            vec![s]
+        }
+        Layer::Recurrent(r) => {
+            feature_dim(input, 3, "(batch, time, features)")?;
+            r.output_shapes(input)
+        }
+        Layer::Bidirectional(b) => {
+            feature_dim(input, 3, "(batch, time, features)")?;
+            b.output_shapes(input)
+        }
+        Layer::BatchNormalization(_) | Layer::Dropout(_) | Layer::Masking(_) => {
+            vec![input.clone()]
+        }
+        Layer::TimeDistributed(t) => {
+            let mut inner = vec![None];
+            inner.extend_from_slice(input.get(2..).unwrap_or(&[]));
+            let o = output_shapes(&t.layer, &inner)?;
+            let mut s = input[..2.min(input.len())].to_vec();
+            s.extend_from_slice(o[0].get(1..).unwrap_or(&[]));
+            vec![s]
+        }
+    })
+}
+
+/// Lowers one layer call: outputs with their masks.
+fn lower_layer(
+    e: &mut Emit,
+    layer: &Layer,
+    w: &[ValueRef],
+    x: ValueRef,
+    mask: Option<ValueRef>,
+    init: Option<Vec<ValueRef>>,
+) -> R<Vec<(ValueRef, Option<ValueRef>)>> {
+    Ok(match layer {
+        Layer::Input(_) => vec![(x, mask)],
+        Layer::Embedding(emb) => {
+            let ids = e.cast(x, DType::I64)?;
+            let y = e.op(Op::Gather { axis: 0 }, &[w[0], ids], "embedding")?;
+            let m = if emb.mask_zero {
+                let zero = e.constant(Tensor::I64(ArrayD::from_elem(IxDyn(&[]), 0)), "zero_id")?;
+                let eq = e.op(Op::Equal {}, &[ids, zero], "is_pad")?;
+                Some(e.op(Op::Not {}, &[eq], "mask")?)
+            } else {
+                mask
+            };
+            vec![(y, m)]
+        }
+        Layer::Dense(d) => {
+            let mut y = e.matmul(x, w[0])?;
+            if d.use_bias {
+                y = e.add(y, w[1])?;
+            }
+            vec![(e.activation(d.activation, y)?, mask)]
+        }
+        Layer::BatchNormalization(bn) => {
+            let mut k = 0;
+            let gamma = bn.scale.then(|| {
+                k += 1;
+                w[k - 1]
+            });
+            let beta = bn.center.then(|| {
+                k += 1;
+                w[k - 1]
+            });
+            let (mean, var) = (w[k], w[k + 1]);
+            // Keras: inv = rsqrt(var + eps) · gamma; y = x · inv + (beta − mean · inv)
+            let eps = e.scalar(bn.epsilon)?;
+            let ve = e.add(var, eps)?;
+            let sd = e.op(Op::Sqrt {}, &[ve], "sqrt")?;
+            let mut inv = e.op(Op::Reciprocal {}, &[sd], "rsqrt")?;
+            if let Some(g) = gamma {
+                inv = e.mul(inv, g)?;
+            }
+            let mi = e.mul(mean, inv)?;
+            let mut off = e.op(Op::Neg {}, &[mi], "neg")?;
+            if let Some(b) = beta {
+                off = e.add(off, b)?;
+            }
+            let xi = e.mul(x, inv)?;
+            vec![(e.add(xi, off)?, mask)]
+        }
+        Layer::Dropout(_) => vec![(x, mask)],
+        Layer::Masking(m) => {
+            let mv = e.scalar(m.mask_value)?;
+            let eq = e.op(Op::Equal {}, &[x, mv], "eq")?;
+            let ne = e.op(Op::Not {}, &[eq], "ne")?;
+            let nf = e.cast(ne, DType::F32)?;
+            let axes = e.ints(&[-1])?;
+            let any = e.op(
+                Op::ReduceMax {
+                    axes: None,
+                    keepdims: 0,
+                    noop_with_empty_axes: 0,
+                },
+                &[nf, axes],
+                "any",
+            )?;
+            let zero = e.scalar(0.0)?;
+            let keep = e.op(Op::Greater {}, &[any, zero], "mask")?;
+            let kf = e.cast(keep, DType::F32)?;
+            let k3 = e.unsqueeze(kf, &[-1])?;
+            vec![(e.mul(x, k3)?, Some(keep))]
+        }
+        Layer::Recurrent(r) => {
+            let out = lower::recurrent(e, r, w, x, mask, init)?;
+            let main = match (out.seq, out.last) {
+                (Some(s), _) => (s, if r.return_sequences { mask } else { None }),
+                (None, Some(l)) => (l, None),
+                _ => {
+                    return Err(KerasError::Internal(
+                        "recurrent layer without output".into(),
+                    ))
+                }
+            };
+            let mut v = vec![main];
+            if r.return_state {
+                v.extend(out.states.into_iter().map(|s| (s, None)));
+            } else if r.stateful {
+                // Final states still leave the layer for the state store.
+                v.extend(out.states.into_iter().map(|s| (s, None)));
+            }
+            v
+        }
+        Layer::Bidirectional(b) => {
+            let nf = b
+                .forward
+                .cells
+                .iter()
+                .map(|c| c.weight_shapes(0).len())
+                .sum::<usize>();
+            let outs = lower::bidirectional(e, b, &w[..nf], &w[nf..], x, mask, init)?;
+            let out_mask = if b.forward.return_sequences {
+                mask
+            } else {
+                None
+            };
+            let n_out = if b.merge_mode.is_some() { 1 } else { 2 };
+            let keep_states = b.forward.return_state || is_stateful(layer);
+            outs.into_iter()
+                .enumerate()
+                .filter(|(i, _)| *i < n_out || keep_states)
+                .map(|(i, v)| (v, if i < n_out { out_mask } else { None }))
+                .collect()
+        }
+        Layer::TimeDistributed(t) => lower_layer(e, &t.layer, w, x, mask, None)?,
+        Layer::Op(op) => vec![(lower_op(e, op, &[x])?, None)],
+    })
+}
+
+/// Lowers a `keras.ops` node; comparisons and reductions give booleans.
+fn lower_op(e: &mut Emit, op: &super::layers::TensorOp, ins: &[ValueRef]) -> R<ValueRef> {
+    use super::layers::TensorOpKind as K;
+    let as_bool = |e: &mut Emit, v: ValueRef| -> R<ValueRef> {
+        if e.g.value(v).ty.dtype() == Some(DType::Bool) {
+            Ok(v)
+        } else {
+            e.cast(v, DType::Bool)
+        }
+    };
+    let second = |e: &mut Emit| -> R<ValueRef> {
+        match op.scalar {
+            Some(c) => {
+                let dt = e.g.value(ins[0]).ty.dtype().unwrap_or(DType::F32);
+                let t = Tensor::from_f64_vec(dt, &[], &[c])
+                    .map_err(|err| KerasError::Internal(err.to_string()))?;
+                e.constant(t, "operand")
+            }
+            None => ins
+                .get(1)
+                .copied()
+                .ok_or_else(|| KerasError::Internal("missing operand".into())),
+        }
+    };
+    match op.kind {
+        K::NotEqual | K::Equal => {
+            let b = second(e)?;
+            let eq = e.op(Op::Equal {}, &[ins[0], b], "equal")?;
+            if op.kind == K::Equal {
+                Ok(eq)
+            } else {
+                e.op(Op::Not {}, &[eq], "not_equal")
+            }
+        }
+        K::Greater => {
+            let b = second(e)?;
+            e.op(Op::Greater {}, &[ins[0], b], "greater")
+        }
+        K::Less => {
+            let b = second(e)?;
+            e.op(Op::Less {}, &[ins[0], b], "less")
+        }
+        K::LogicalNot => {
+            let a = as_bool(e, ins[0])?;
+            e.op(Op::Not {}, &[a], "not")
+        }
+        K::LogicalAnd | K::LogicalOr => {
+            let a = as_bool(e, ins[0])?;
+            let b = second(e)?;
+            let b = as_bool(e, b)?;
+            let o = if op.kind == K::LogicalAnd {
+                Op::And {}
+            } else {
+                Op::Or {}
+            };
+            e.op(o, &[a, b], "logical")
+        }
+        K::Any | K::All => {
+            let a = as_bool(e, ins[0])?;
+            let f = e.cast(a, DType::F32)?;
+            let axes: Vec<i64> = match op.axis {
+                Some(a) => vec![a],
+                None => (0..e.dims(f).len() as i64).collect(),
+            };
+            let ax = e.ints(&axes)?;
+            let keepdims = i64::from(op.keepdims);
+            let r = if op.kind == K::Any {
+                e.op(
+                    Op::ReduceMax {
+                        axes: None,
+                        keepdims,
+                        noop_with_empty_axes: 0,
+                    },
+                    &[f, ax],
+                    "any",
+                )?
+            } else {
+                e.op(
+                    Op::ReduceMin {
+                        axes: None,
+                        keepdims,
+                        noop_with_empty_axes: 0,
+                    },
+                    &[f, ax],
+                    "all",
+                )?
+            };
+            let half = e.scalar(0.5)?;
+            e.op(Op::Greater {}, &[r, half], "reduced")
+        }
+    }
+}
