@@ -388,3 +388,101 @@ fn sequential_misuse_is_refused() {
     let e = err_text(m.add(LSTM::new(3).return_state(true)));
     assert!(e.contains("gives 3 outputs"), "{e}");
 }
+
+#[test]
+fn training_mode_with_unit_dropout_masks_equals_inference() {
+    // A rate of 1e-9 keeps every unit (1 − 1e-9 rounds to 1 in f32): training mode then
+    // runs the per-gate (recurrent dropout) and masked-input forms with masks of ones,
+    // which must compute what inference computes.
+    for cell in ["lstm", "gru", "gru_before", "simple"] {
+        let layer = match cell {
+            "lstm" => LSTM::new(4),
+            "gru" => GRU::new(4),
+            "gru_before" => GRU::new(4).reset_after(false),
+            _ => cellgraph::keras::SimpleRNN::new(4),
+        };
+        for (d, rd) in [(1e-9, 0.0), (0.0, 1e-9), (1e-9, 1e-9)] {
+            let mut m = Sequential::with_seed(8);
+            m.add(Input::new(&[Some(5), Some(3)])).unwrap();
+            m.add(
+                layer
+                    .clone()
+                    .dropout(d)
+                    .recurrent_dropout(rd)
+                    .return_sequences(true),
+            )
+            .unwrap();
+            let x = Tensor::F32(random(&[2, 5, 3], 3));
+            let a = m.call(std::slice::from_ref(&x), false).unwrap();
+            let b = m.call(&[x], true).unwrap();
+            let (Tensor::F32(a), Tensor::F32(b)) = (&a[0], &b[0]) else {
+                panic!("float outputs")
+            };
+            assert!(
+                max_abs_diff(a, b) < 1e-6,
+                "{cell} dropout {d} recurrent {rd}"
+            );
+        }
+    }
+}
+
+#[test]
+fn training_mode_drops_units_and_inference_does_not() {
+    let mut m = Sequential::with_seed(1);
+    m.add(Input::new(&[Some(1000)])).unwrap();
+    m.add(cellgraph::keras::Dropout::new(0.25)).unwrap();
+    let x = ArrayD::from_elem(IxDyn(&[4, 1000]), 1.0f32);
+    let inf = m.predict_f32(std::slice::from_ref(&x)).unwrap();
+    assert!(inf[0].iter().all(|&v| v == 1.0));
+    let run = |m: &mut cellgraph::keras::Model| match m.call(&[Tensor::F32(x.clone())], true) {
+        Ok(mut v) => match v.remove(0) {
+            Tensor::F32(a) => a,
+            _ => panic!("float"),
+        },
+        Err(e) => panic!("{e}"),
+    };
+    let a = run(&mut m);
+    let b = run(&mut m);
+    let zeros = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+    assert!((zeros - 0.25).abs() < 0.03, "dropped fraction {zeros}");
+    assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    assert_ne!(a, b, "a fresh mask per call");
+    // Recurrent dropout changes the output in training mode only.
+    let mut r = Sequential::with_seed(2);
+    r.add(Input::new(&[Some(6), Some(3)])).unwrap();
+    r.add(LSTM::new(8).dropout(0.5).recurrent_dropout(0.5))
+        .unwrap();
+    let x = Tensor::F32(random(&[2, 6, 3], 5));
+    let p1 = r.call(std::slice::from_ref(&x), false).unwrap();
+    let p2 = r.call(std::slice::from_ref(&x), false).unwrap();
+    let t1 = r.call(&[x], true).unwrap();
+    assert_eq!(p1, p2);
+    assert_ne!(p1, t1);
+}
+
+#[test]
+fn batch_normalization_in_training_mode_uses_and_tracks_batch_statistics() {
+    let mut m = Sequential::new();
+    m.add(Input::new(&[Some(3)])).unwrap();
+    m.add(cellgraph::keras::BatchNormalization::new()).unwrap();
+    let x = random(&[8, 3], 11);
+    let y = match m.call(&[Tensor::F32(x.clone())], true).unwrap().remove(0) {
+        Tensor::F32(a) => a,
+        _ => panic!("float"),
+    };
+    let w = m.get_weights(); // gamma, beta, moving_mean, moving_variance
+    for c in 0..3 {
+        let col: Vec<f64> = (0..8).map(|b| x[[b, c]] as f64).collect();
+        let mean = col.iter().sum::<f64>() / 8.0;
+        let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0;
+        for b in 0..8 {
+            let want = (col[b] - mean) / (var + 1e-3).sqrt();
+            assert!((y[[b, c]] as f64 - want).abs() < 1e-5);
+        }
+        assert!((w[2][[c]] as f64 - 0.01 * mean).abs() < 1e-6, "moving mean");
+        assert!(
+            (w[3][[c]] as f64 - (0.99 + 0.01 * var)).abs() < 1e-6,
+            "moving variance"
+        );
+    }
+}

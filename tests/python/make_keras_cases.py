@@ -45,7 +45,7 @@ def perturb(model, rng):
         v.assign(val.astype(np.float32))
 
 
-def save(out_dir, name, description, model, inputs, seed, stateful_note=None):
+def save(out_dir, name, description, model, inputs, seed, training=False):
     d = os.path.join(out_dir, name)
     for sub in ("weights", "inputs", "outputs", "targets", "grads"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
@@ -65,7 +65,10 @@ def save(out_dir, name, description, model, inputs, seed, stateful_note=None):
         np.save(os.path.join(d, fn), x)
         inputs_meta.append({"file": fn, "name": t._keras_history[0].name, "shape": list(x.shape),
                             "dtype": str(x.dtype)})
-    outs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    weights_before = [np.array(v.numpy()) for v in model.weights]
+    outs = model(inputs if len(inputs) > 1 else inputs[0], training=training)
+    for v, w in zip(model.weights, weights_before):
+        v.assign(w)  # a training call moves BatchNormalization statistics: undo
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     outs = [np.asarray(o, dtype=np.float32) for o in outs]
     outputs_meta = []
@@ -82,7 +85,7 @@ def save(out_dir, name, description, model, inputs, seed, stateful_note=None):
     xs = [jnp.asarray(x) for x in inputs]
 
     def loss_fn(tv):
-        y, _ = model.stateless_call(tv, ntv, xs if len(xs) > 1 else xs[0], training=False)
+        y, _ = model.stateless_call(tv, ntv, xs if len(xs) > 1 else xs[0], training=training)
         y0 = y[0] if isinstance(y, (list, tuple)) else y
         return jnp.mean((y0 - target) ** 2)
 
@@ -119,6 +122,9 @@ def save(out_dir, name, description, model, inputs, seed, stateful_note=None):
         "grads": grad_files,
         "stateful_steps": None,
     }
+    if training:
+        # Not in the seed layout: outputs, loss and grads are of model(x, training=True).
+        meta["call_training"] = True
     with open(os.path.join(d, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     print("wrote", d)
@@ -296,6 +302,17 @@ def main(out_dir):
         model = keras.Model(inp, outs)
         return model, [rng.uniform(-3, 3, size=(5, 6)).astype(np.float32)]
 
+    @case("opt_batchnorm_training", "model(x, training=True): BatchNormalization on batch statistics, over masked steps of an LSTM sequence and on a 2-D input (meta.call_training)", 25)
+    def _(rng):
+        inp = keras.Input((5, 3))
+        m = layers.Masking(0.0)(inp)
+        seq = layers.LSTM(4, return_sequences=True)(m)
+        a = layers.BatchNormalization()(seq)
+        last = layers.LSTM(3)(m)
+        b = layers.BatchNormalization(scale=False)(last)
+        model = keras.Model(inp, [a, b])
+        return model, [padded(rng, 4, 5, 3, [5, 3, 2, 4])]
+
     only = set(sys.argv[2:])
     for name, desc, seed, fn in cases:
         if only and name not in only:
@@ -304,7 +321,7 @@ def main(out_dir):
         rng = np.random.default_rng(seed)
         model, inputs = fn(rng)
         perturb(model, rng)
-        save(out_dir, name, desc, model, inputs, seed)
+        save(out_dir, name, desc, model, inputs, seed, training=name.endswith("_training"))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ fn seed_cases_pass() {
 
 #[test]
 fn option_cases_from_real_keras_pass() {
-    check("keras-options", 14);
+    check("keras-options", 15);
 }
 
 #[test]

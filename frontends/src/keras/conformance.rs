@@ -289,10 +289,16 @@ pub fn run_case(dir: &Path) -> Result<CaseReport, String> {
         .iter()
         .map(|f| read_tensor(&dir.join(f)))
         .collect::<Result<Vec<_>, _>>()?;
-    let outs = models[0].predict(&ins).map_err(|e| e.to_string())?;
+    // `call_training` (an extension of the seed layout): outputs of model(x, training=True).
+    let training = meta.get("call_training").and_then(Value::as_bool) == Some(true);
+    let outs = models[0].call(&ins, training).map_err(|e| e.to_string())?;
     let files = files_of(meta.get("outputs").unwrap_or(&Value::Null), "outputs")?;
     check_outputs(&outs, &files, dir, tol)?;
-    report.checked.push(format!("{} outputs", outs.len()));
+    report.checked.push(format!(
+        "{} outputs{}",
+        outs.len(),
+        if training { " (training=True)" } else { "" }
+    ));
     if let Some(loss) = meta.get("loss").filter(|v| !v.is_null()) {
         let name = loss
             .get("name")

@@ -18,6 +18,10 @@ pub(crate) struct Emit<'g> {
     pub g: &'g mut Graph,
     pub prefix: String,
     k: usize,
+    /// Training mode: dropout is on.
+    pub training: bool,
+    /// The dropout masks this emitter added as graph inputs, in order: (shape, rate).
+    pub randoms: Vec<(Vec<usize>, f32)>,
 }
 
 impl<'g> Emit<'g> {
@@ -26,7 +30,31 @@ impl<'g> Emit<'g> {
             g,
             prefix: prefix.to_string(),
             k: 0,
+            training: false,
+            randoms: Vec::new(),
         }
+    }
+
+    /// A dropout mask fed at run time: a graph input of `shape` holding
+    /// `bernoulli(1 − rate) / (1 − rate)`.
+    pub fn random_mask(&mut self, shape: &[Dim], rate: f32) -> R<ValueRef> {
+        let dims: Vec<usize> = shape
+            .iter()
+            .map(|d| match d {
+                Dim::Known(n) => Ok(*n as usize),
+                _ => Err(KerasError::Layer {
+                    layer: self.prefix.clone(),
+                    msg: "dropout in training mode needs known shapes".into(),
+                }),
+            })
+            .collect::<R<_>>()?;
+        let name = self.fresh("dropout_mask");
+        let d64: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        let v = self
+            .g
+            .add_input(&name, ValueType::tensor(DType::F32, &d64))?;
+        self.randoms.push((dims, rate));
+        Ok(v)
     }
 
     fn fresh(&mut self, hint: &str) -> String {
@@ -246,33 +274,75 @@ pub(crate) struct CellW {
     pub b_rec: Option<ValueRef>,
     /// GRU reset-before: the candidate block of the recurrent kernel.
     pub u_h: Option<ValueRef>,
+    /// Training-mode input dropout masks `(batch, in)`: one, or one per gate.
+    pub dm: Vec<ValueRef>,
+    /// Training-mode recurrent dropout masks `(batch, units)`: one, or one per gate.
+    pub rm: Vec<ValueRef>,
+    /// Per-gate mode (Keras's `implementation=1`, used with recurrent dropout): the
+    /// kernel, recurrent kernel, input bias and (GRU reset-after) recurrent bias per gate.
+    pub kg: Vec<ValueRef>,
+    pub ug: Vec<ValueRef>,
+    pub bg: Vec<ValueRef>,
+    pub brg: Vec<ValueRef>,
 }
 
 impl CellW {
     fn map(&self, f: &mut impl FnMut(ValueRef) -> R<ValueRef>) -> R<CellW> {
+        let all = |v: &[ValueRef], f: &mut dyn FnMut(ValueRef) -> R<ValueRef>| {
+            v.iter().map(|&x| f(x)).collect::<R<Vec<_>>>()
+        };
         Ok(CellW {
             k: f(self.k)?,
             u: f(self.u)?,
             b: self.b.map(&mut *f).transpose()?,
             b_rec: self.b_rec.map(&mut *f).transpose()?,
             u_h: self.u_h.map(&mut *f).transpose()?,
+            dm: all(&self.dm, f)?,
+            rm: all(&self.rm, f)?,
+            kg: all(&self.kg, f)?,
+            ug: all(&self.ug, f)?,
+            bg: all(&self.bg, f)?,
+            brg: all(&self.brg, f)?,
         })
     }
 }
 
+/// Splits `v` into `n` blocks of `size` along `axis`.
+fn blocks(e: &mut Emit, v: ValueRef, n: usize, size: usize, axis: i64) -> R<Vec<ValueRef>> {
+    (0..n)
+        .map(|g| e.slice(v, axis, (g * size) as i64, ((g + 1) * size) as i64, 1))
+        .collect()
+}
+
 /// Splits a cell's Keras weights `[kernel, recurrent_kernel, (bias)]` into what the step
 /// reads (in the graph that owns the weights, outside any loop).
-pub(crate) fn prep_cell(e: &mut Emit, cell: &Cell, w: &[ValueRef]) -> R<CellW> {
+///
+/// In training mode with `dropout`/`recurrent_dropout`, the masks are drawn once per
+/// call (Keras caches them for the whole sequence): one input mask, or with recurrent
+/// dropout (Keras's `implementation=1`) one mask per gate for the input and the state.
+pub(crate) fn prep_cell(
+    e: &mut Emit,
+    cell: &Cell,
+    w: &[ValueRef],
+    batch: &Dim,
+    in_dim: &Dim,
+) -> R<CellW> {
     let (k, u) = (w[0], w[1]);
     let bias = w.get(2).copied();
     let units = cell.units as i64;
-    Ok(match cell.kind {
+    let mut cw = match cell.kind {
         CellKind::GRU if cell.reset_after => CellW {
             k,
             u,
             b: bias.map(|b| e.pick(b, 0, 0)).transpose()?,
             b_rec: bias.map(|b| e.pick(b, 1, 0)).transpose()?,
             u_h: None,
+            dm: vec![],
+            rm: vec![],
+            kg: vec![],
+            ug: vec![],
+            bg: vec![],
+            brg: vec![],
         },
         CellKind::GRU => CellW {
             k,
@@ -280,6 +350,12 @@ pub(crate) fn prep_cell(e: &mut Emit, cell: &Cell, w: &[ValueRef]) -> R<CellW> {
             b: bias,
             b_rec: None,
             u_h: Some(e.slice(u, 1, 2 * units, 3 * units, 1)?),
+            dm: vec![],
+            rm: vec![],
+            kg: vec![],
+            ug: vec![],
+            bg: vec![],
+            brg: vec![],
         },
         _ => CellW {
             k,
@@ -287,8 +363,141 @@ pub(crate) fn prep_cell(e: &mut Emit, cell: &Cell, w: &[ValueRef]) -> R<CellW> {
             b: bias,
             b_rec: None,
             u_h: None,
+            dm: vec![],
+            rm: vec![],
+            kg: vec![],
+            ug: vec![],
+            bg: vec![],
+            brg: vec![],
         },
-    })
+    };
+    let drop = cell.dropout > 0.0;
+    let rdrop = cell.recurrent_dropout > 0.0;
+    if !e.training || !(drop || rdrop) {
+        return Ok(cw);
+    }
+    let gates = cell.kind.gates();
+    let per_gate = rdrop && cell.kind != CellKind::SimpleRNN;
+    let count = if per_gate { gates } else { 1 };
+    if drop {
+        for _ in 0..count {
+            let m = e.random_mask(&[batch.clone(), in_dim.clone()], cell.dropout)?;
+            cw.dm.push(m);
+        }
+    }
+    if rdrop {
+        for _ in 0..count {
+            let m = e.random_mask(
+                &[batch.clone(), Dim::Known(cell.units as u64)],
+                cell.recurrent_dropout,
+            )?;
+            cw.rm.push(m);
+        }
+    }
+    if per_gate {
+        let n = cell.units;
+        cw.kg = blocks(e, k, gates, n, 1)?;
+        cw.ug = blocks(e, u, gates, n, 1)?;
+        if let Some(b) = bias {
+            if cell.kind == CellKind::GRU && cell.reset_after {
+                let (bi, br) = (e.pick(b, 0, 0)?, e.pick(b, 1, 0)?);
+                cw.bg = blocks(e, bi, gates, n, 0)?;
+                cw.brg = blocks(e, br, gates, n, 0)?;
+            } else {
+                cw.bg = blocks(e, b, gates, n, 0)?;
+            }
+        }
+    }
+    Ok(cw)
+}
+
+/// Keras's `implementation=1` step (recurrent dropout): per-gate products with per-gate
+/// dropout masks on the input and on the state.
+fn per_gate_step(
+    e: &mut Emit,
+    cell: &Cell,
+    w: &CellW,
+    x: ValueRef,
+    st: &[ValueRef],
+) -> R<(ValueRef, Vec<ValueRef>)> {
+    let (act, ra) = (cell.activation, cell.recurrent_activation);
+    let h0 = st[0];
+    let mut xs = Vec::new();
+    let mut hs = Vec::new();
+    for g in 0..cell.kind.gates() {
+        let xg = match w.dm.get(g) {
+            Some(&m) => e.mul(x, m)?,
+            None => x,
+        };
+        let mut xk = e.matmul(xg, w.kg[g])?;
+        if let Some(&b) = w.bg.get(g) {
+            xk = e.add(xk, b)?;
+        }
+        xs.push(xk);
+        hs.push(match w.rm.get(g) {
+            Some(&m) => e.mul(h0, m)?,
+            None => h0,
+        });
+    }
+    match cell.kind {
+        CellKind::LSTM => {
+            let mut z = Vec::new();
+            for g in 0..4 {
+                let hu = e.matmul(hs[g], w.ug[g])?;
+                z.push(e.add(xs[g], hu)?);
+            }
+            let i = e.activation(ra, z[0])?;
+            let f = e.activation(ra, z[1])?;
+            let cc = e.activation(act, z[2])?;
+            let o = e.activation(ra, z[3])?;
+            let fc = e.mul(f, st[1])?;
+            let ic = e.mul(i, cc)?;
+            let c = e.add(fc, ic)?;
+            let ac = e.activation(act, c)?;
+            let h = e.mul(o, ac)?;
+            Ok((h, vec![h, c]))
+        }
+        CellKind::GRU => {
+            let mut rec = Vec::new();
+            for g in 0..2 {
+                let mut r = e.matmul(hs[g], w.ug[g])?;
+                if let Some(&b) = w.brg.get(g) {
+                    r = e.add(r, b)?;
+                }
+                rec.push(r);
+            }
+            let zs = e.add(xs[0], rec[0])?;
+            let z = e.activation(ra, zs)?;
+            let rs = e.add(xs[1], rec[1])?;
+            let r = e.activation(ra, rs)?;
+            let rh = if cell.reset_after {
+                let mut hu = e.matmul(hs[2], w.ug[2])?;
+                if let Some(&b) = w.brg.get(2) {
+                    hu = e.add(hu, b)?;
+                }
+                e.mul(r, hu)?
+            } else {
+                let rh = e.mul(r, hs[2])?;
+                e.matmul(rh, w.ug[2])?
+            };
+            let pre = e.add(xs[2], rh)?;
+            let hh = e.activation(act, pre)?;
+            mix(e, z, h0, hh)
+        }
+        CellKind::SimpleRNN => Err(KerasError::Internal(
+            "SimpleRNN has no per-gate form".into(),
+        )),
+    }
+}
+
+/// GRU's `h' = z⊙h + (1 − z)⊙ĥ`.
+fn mix(e: &mut Emit, z: ValueRef, h0: ValueRef, hh: ValueRef) -> R<(ValueRef, Vec<ValueRef>)> {
+    let one = e.scalar(1.0)?;
+    let omz = e.op(Op::Sub {}, &[one, z], "one_minus_z")?;
+    let a = e.mul(z, h0)?;
+    let b = e.mul(omz, hh)?;
+    let h = e.add(a, b)?;
+    Ok((h, vec![h]))
 }
 
 /// One step of one cell: `(output, new_states)`.
@@ -299,7 +508,19 @@ pub(crate) fn cell_step(
     x: ValueRef,
     st: &[ValueRef],
 ) -> R<(ValueRef, Vec<ValueRef>)> {
+    if !w.kg.is_empty() {
+        return per_gate_step(e, cell, w, x, st);
+    }
     let (act, ra) = (cell.activation, cell.recurrent_activation);
+    let x = match w.dm.first() {
+        Some(&m) => e.mul(x, m)?,
+        None => x,
+    };
+    // SimpleRNN's recurrent dropout multiplies the previous output before its product.
+    let h_rec = match w.rm.first() {
+        Some(&m) => e.mul(st[0], m)?,
+        None => st[0],
+    };
     let xk = e.matmul(x, w.k)?;
     let xz = match w.b {
         Some(b) => e.add(xk, b)?,
@@ -307,7 +528,7 @@ pub(crate) fn cell_step(
     };
     match cell.kind {
         CellKind::SimpleRNN => {
-            let hu = e.matmul(st[0], w.u)?;
+            let hu = e.matmul(h_rec, w.u)?;
             let z = e.add(xz, hu)?;
             let h = e.activation(act, z)?;
             Ok((h, vec![h]))
@@ -359,13 +580,7 @@ pub(crate) fn cell_step(
                 let pre = e.add(xs[2], rhu)?;
                 (z, e.activation(act, pre)?)
             };
-            // h' = z⊙h + (1 − z)⊙ĥ
-            let one = e.scalar(1.0)?;
-            let omz = e.op(Op::Sub {}, &[one, z], "one_minus_z")?;
-            let a = e.mul(z, h0)?;
-            let b = e.mul(omz, hh)?;
-            let h = e.add(a, b)?;
-            Ok((h, vec![h]))
+            mix(e, z, h0, hh)
         }
     }
 }
@@ -428,7 +643,10 @@ pub(crate) fn recurrent(
     mask: Option<ValueRef>,
     init: Option<Vec<ValueRef>>,
 ) -> R<RecOut> {
-    // Per-cell weights, prepared outside the loop.
+    // Per-cell weights (and training-mode dropout masks), prepared outside the loop.
+    let xdims = e.dims(x);
+    let batch = xdims.first().cloned().unwrap_or(Dim::Unknown);
+    let mut in_dim = xdims.get(2).cloned().unwrap_or(Dim::Unknown);
     let mut ws = Vec::new();
     let mut at = 0;
     for cell in &rec.cells {
@@ -436,7 +654,8 @@ pub(crate) fn recurrent(
         let w = weights
             .get(at..at + n)
             .ok_or_else(|| KerasError::Internal("too few weights for the cells".into()))?;
-        ws.push(prep_cell(e, cell, w)?);
+        ws.push(prep_cell(e, cell, w, &batch, &in_dim)?);
+        in_dim = Dim::Known(cell.units as u64);
         at += n;
     }
     let sizes = rec.state_sizes();

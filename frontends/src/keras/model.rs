@@ -67,10 +67,32 @@ pub(crate) struct TensorInfo {
     pub index: usize,
 }
 
+/// What a graph input of a lowered model is fed with, in graph-input order.
+#[derive(Clone, Debug, PartialEq)]
+enum Feed {
+    /// Model input `i`.
+    Input(usize),
+    /// Weight `k` of layer slot `slot` (when weights are graph inputs).
+    Weight(usize, usize),
+    /// State `k` of a stateful layer.
+    State(usize, usize),
+    /// A dropout mask: `bernoulli(1 − rate) / (1 − rate)` of this shape, drawn per call.
+    Random(Vec<usize>, f32),
+}
+
+/// A model lowered to a graph, with what its extra inputs and outputs mean.
+struct Lowered {
+    graph: Graph,
+    feeds: Vec<Feed>,
+    /// Slots whose final states follow the model outputs, with their count.
+    states: Vec<(usize, usize)>,
+    /// BatchNormalization slots (training mode) whose batch mean and variance follow.
+    bn: Vec<usize>,
+}
+
 struct Compiled {
     plan: CpuPlan,
-    /// Slots whose states follow the model outputs, with their count.
-    states: Vec<(usize, usize)>,
+    lowered: Lowered,
 }
 
 /// A Keras model: a sequential stack or a functional graph of layers.
@@ -84,7 +106,8 @@ pub struct Model {
     pub(crate) inputs: Vec<KerasTensor>,
     pub(crate) outputs: Vec<KerasTensor>,
     seed: u64,
-    plans: HashMap<Vec<(DType, Vec<usize>)>, Compiled>,
+    rng: rand::rngs::StdRng,
+    plans: HashMap<(Vec<(DType, Vec<usize>)>, bool), Compiled>,
 }
 
 impl std::fmt::Debug for Model {
@@ -278,6 +301,7 @@ impl Model {
             inputs: Vec::new(),
             outputs: Vec::new(),
             seed,
+            rng: rand::SeedableRng::seed_from_u64(seed ^ 0x5EED_D80F),
             plans: HashMap::new(),
         }
     }
@@ -584,7 +608,6 @@ impl Model {
                 }
             }
         }
-        self.plans.clear();
         Ok(())
     }
 
@@ -668,20 +691,28 @@ impl Model {
         }
     }
 
-    /// Lowers the model to an IR graph for inputs of the given dtypes and shapes. Graph
-    /// inputs: the model inputs, then the states of stateful layers (`<layer>/state_k`);
-    /// outputs: the model outputs, then those layers' final states.
+    /// Lowers the model to an IR graph for inputs of the given dtypes and shapes, in
+    /// inference mode. Weights are initializers; graph inputs are the model inputs, then
+    /// the states of stateful layers (`<layer>/state_k`); outputs are the model outputs,
+    /// then those layers' final states.
     pub fn to_graph(&self, inputs: &[(DType, Vec<usize>)]) -> R<Graph> {
-        Ok(self.lower(inputs)?.0)
+        Ok(self.lower(inputs, false, false)?.graph)
     }
 
-    fn lower(&self, sig: &[(DType, Vec<usize>)]) -> R<(Graph, Vec<(usize, usize)>)> {
+    fn lower(
+        &self,
+        sig: &[(DType, Vec<usize>)],
+        training: bool,
+        weights_as_inputs: bool,
+    ) -> R<Lowered> {
         let mut g = Graph::new(self.name.clone());
+        let mut feeds = Vec::new();
         let mut vals: HashMap<KerasTensor, (ValueRef, Option<ValueRef>)> = HashMap::new();
-        for (t, (dt, shape)) in self.inputs.iter().zip(sig) {
+        for (i, (t, (dt, shape))) in self.inputs.iter().zip(sig).enumerate() {
             let slot = &self.slots[self.nodes[self.tensors[t.0].node].slot];
             let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
             let v = g.add_input(&slot.name, ValueType::tensor(*dt, &dims))?;
+            feeds.push(Feed::Input(i));
             let want = match &slot.layer {
                 Layer::Input(i) => dtype_of(&i.dtype).ok_or_else(|| KerasError::Unsupported {
                     layer: slot.name.clone(),
@@ -697,15 +728,23 @@ impl Model {
             vals.insert(*t, (v, None));
         }
         let mut wrefs: Vec<Vec<ValueRef>> = Vec::new();
-        for s in &self.slots {
+        for (si, s) in self.slots.iter().enumerate() {
             let mut refs = Vec::new();
-            for w in &s.weights {
-                refs.push(g.add_initializer(&w.name, Tensor::F32(w.value.clone()), w.trainable)?);
+            for (k, w) in s.weights.iter().enumerate() {
+                refs.push(if weights_as_inputs {
+                    let d: Vec<u64> = w.value.shape().iter().map(|&d| d as u64).collect();
+                    feeds.push(Feed::Weight(si, k));
+                    g.add_input(&w.name, ValueType::tensor(DType::F32, &d))?
+                } else {
+                    g.add_initializer(&w.name, Tensor::F32(w.value.clone()), w.trainable)?
+                });
             }
             wrefs.push(refs);
         }
         let mut state_outs: Vec<ValueRef> = Vec::new();
+        let mut bn_outs: Vec<ValueRef> = Vec::new();
         let mut bindings = Vec::new();
+        let mut bn = Vec::new();
         let batch = sig
             .first()
             .and_then(|(_, s)| s.first())
@@ -754,9 +793,11 @@ impl Model {
                         .ok_or_else(|| KerasError::Internal("initial state not computed".into()))?,
                 )
             };
-            if is_stateful(&slot.layer) && init.is_none() {
+            let stateful_here = is_stateful(&slot.layer) && init.is_none();
+            if stateful_here {
                 let mut v = Vec::new();
                 for (k, s) in state_sizes(&slot.layer).into_iter().enumerate() {
+                    feeds.push(Feed::State(node.slot, k));
                     v.push(g.add_input(
                         &format!("{}/state_{k}", slot.name),
                         ValueType::tensor(DType::F32, &[batch as u64, s as u64]),
@@ -764,11 +805,17 @@ impl Model {
                 }
                 init = Some(v);
             }
-            let stateful_here = is_stateful(&slot.layer) && node.args.initial_state.is_empty();
             let w = &wrefs[node.slot];
             let mut e = Emit::new(&mut g, &slot.name);
+            e.training = training;
+            let mut extra = Vec::new();
             let outs: Vec<(ValueRef, Option<ValueRef>)> =
-                lower_layer(&mut e, &slot.layer, w, x, mask, init)?;
+                lower_layer(&mut e, &slot.layer, w, x, mask, init, &mut extra)?;
+            feeds.extend(e.randoms.drain(..).map(|(s, r)| Feed::Random(s, r)));
+            if !extra.is_empty() {
+                bn.push(node.slot);
+                bn_outs.extend(extra);
+            }
             if stateful_here {
                 let n = state_sizes(&slot.layer).len();
                 let finals: Vec<ValueRef> = outs[outs.len() - n..].iter().map(|o| o.0).collect();
@@ -788,6 +835,7 @@ impl Model {
             );
         }
         outs.extend(state_outs);
+        outs.extend(bn_outs);
         // A graph output must be a named op output; wrap inputs/initializers in Identity.
         let outs = outs
             .into_iter()
@@ -798,13 +846,28 @@ impl Model {
             })
             .collect::<Result<Vec<_>, cellgraph_ir::Error>>()?;
         g.set_outputs(outs)?;
-        Ok((g, bindings))
+        Ok(Lowered {
+            graph: g,
+            feeds,
+            states: bindings,
+            bn,
+        })
     }
 
-    /// Runs the model on tensors (inference: dropout off, BatchNormalization on its moving
-    /// statistics). Inputs in model-input order; float32 or integer ids. Stateful layers
-    /// start from their stored states and keep their final states.
+    /// Runs the model on tensors in inference mode (`model.predict`, `model(x,
+    /// training=False)`): dropout off, BatchNormalization on its moving statistics.
+    /// Inputs in model-input order; float32, or integer token ids. Stateful layers start
+    /// from their stored states and keep their final states.
     pub fn predict(&mut self, inputs: &[Tensor]) -> R<Vec<Tensor>> {
+        self.call(inputs, false)
+    }
+
+    /// Calls the model (`model(x, training=...)`). In training mode `Dropout` layers and
+    /// the `dropout`/`recurrent_dropout` of recurrent layers drop with fresh masks drawn
+    /// from the model's seeded generator (one mask per call and sequence, as Keras), and
+    /// `BatchNormalization` normalises with the batch statistics (masked steps excluded)
+    /// and moves its moving mean and variance by `momentum`.
+    pub fn call(&mut self, inputs: &[Tensor], training: bool) -> R<Vec<Tensor>> {
         if inputs.len() != self.inputs.len() {
             return Err(KerasError::Input {
                 input: self.name.clone(),
@@ -878,38 +941,81 @@ impl Model {
             .iter()
             .map(|x| (x.dtype(), x.shape().to_vec()))
             .collect();
-        if !self.plans.contains_key(&sig) {
-            let (graph, states) = self.lower(&sig)?;
-            cellgraph_ir::verify(&graph)?;
-            let plan = CpuBackend::new(RecurrentMode::Fused).compile(&graph)?;
-            self.plans.insert(sig.clone(), Compiled { plan, states });
+        let key = (sig, training);
+        if !self.plans.contains_key(&key) {
+            // Weights are graph inputs: set_weights and BatchNormalization updates need
+            // no recompilation.
+            let lowered = self.lower(&key.0, training, true)?;
+            cellgraph_ir::verify(&lowered.graph)?;
+            let plan = CpuBackend::new(RecurrentMode::Fused).compile(&lowered.graph)?;
+            self.plans.insert(key.clone(), Compiled { plan, lowered });
         }
         let compiled = self
             .plans
-            .get_mut(&sig)
+            .get_mut(&key)
             .ok_or_else(|| KerasError::Internal("plan missing".into()))?;
-        let mut data: Vec<Data> = inputs.iter().cloned().map(Data::Tensor).collect();
-        for &(slot, _) in &compiled.states {
-            for a in self.slots[slot].states.iter().flatten() {
-                data.push(Data::Tensor(Tensor::F32(a.clone())));
-            }
+        let mut data: Vec<Data> = Vec::with_capacity(compiled.lowered.feeds.len());
+        for f in &compiled.lowered.feeds {
+            let t = match f {
+                Feed::Input(i) => inputs[*i].clone(),
+                Feed::Weight(s, k) => Tensor::F32(self.slots[*s].weights[*k].value.clone()),
+                Feed::State(s, k) => Tensor::F32(
+                    self.slots[*s]
+                        .states
+                        .as_ref()
+                        .and_then(|st| st.get(*k))
+                        .cloned()
+                        .ok_or_else(|| KerasError::Internal("state store missing".into()))?,
+                ),
+                Feed::Random(shape, rate) => {
+                    let keep = 1.0 - rate;
+                    let n: usize = shape.iter().product();
+                    let v: Vec<f32> = (0..n)
+                        .map(|_| {
+                            if rand::RngExt::random::<f32>(&mut self.rng) < keep {
+                                1.0 / keep
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    Tensor::F32(
+                        ArrayD::from_shape_vec(IxDyn(shape), v)
+                            .map_err(|e| KerasError::Internal(e.to_string()))?,
+                    )
+                }
+            };
+            data.push(Data::Tensor(t));
         }
         let outs = compiled.plan.run(data)?;
         let mut outs = outs
             .into_iter()
             .map(|d| d.into_tensor().map_err(KerasError::Internal))
             .collect::<R<Vec<Tensor>>>()?;
-        let states = outs.split_off(self.outputs.len());
-        let mut it = states.into_iter();
-        for &(slot, n) in &compiled.states {
-            let mut new = Vec::with_capacity(n);
-            for _ in 0..n {
-                match it.next() {
-                    Some(Tensor::F32(a)) => new.push(a),
-                    _ => return Err(KerasError::Internal("state output missing".into())),
-                }
-            }
+        let mut rest = outs.split_off(self.outputs.len()).into_iter();
+        let mut f32_out = || match rest.next() {
+            Some(Tensor::F32(a)) => Ok(a),
+            _ => Err(KerasError::Internal("extra output missing".into())),
+        };
+        for &(slot, n) in &compiled.lowered.states {
+            let new = (0..n).map(|_| f32_out()).collect::<R<Vec<_>>>()?;
             self.slots[slot].states = Some(new);
+        }
+        for &slot in &compiled.lowered.bn {
+            let (mean, var) = (f32_out()?, f32_out()?);
+            let momentum = match &self.slots[slot].layer {
+                Layer::BatchNormalization(b) => b.momentum,
+                _ => return Err(KerasError::Internal("BN update for a non-BN layer".into())),
+            };
+            let ws = &mut self.slots[slot].weights;
+            let n = ws.len();
+            for (w, batch_stat) in ws[n - 2..].iter_mut().zip([mean, var]) {
+                w.value = &w.value * momentum
+                    + &(batch_stat
+                        .into_shape_with_order(w.value.raw_dim())
+                        .map_err(|e| KerasError::Internal(e.to_string()))?
+                        * (1.0 - momentum));
+            }
         }
         Ok(outs)
     }
@@ -1038,7 +1144,8 @@ fn validate(layer: &mut Layer, name: &str) -> R<()> {
                         .into(),
                 );
             }
-            if b.merge_mode.is_some_and(|m| m != super::layers::MergeMode::Concat)
+            if b.merge_mode
+                .is_some_and(|m| m != super::layers::MergeMode::Concat)
                 && b.forward.output_units() != b.backward.output_units()
             {
                 return bad("sum/mul/ave merge of directions with different units".into());
@@ -1283,7 +1390,8 @@ pub(crate) fn output_shapes(layer: &Layer, input: &Shape) -> Result<Vec<Shape>, 
     })
 }
 
-/// Lowers one layer call: outputs with their masks.
+/// Lowers one layer call: outputs with their masks. In training mode a
+/// BatchNormalization pushes its batch mean and variance onto `extra`.
 fn lower_layer(
     e: &mut Emit,
     layer: &Layer,
@@ -1291,6 +1399,7 @@ fn lower_layer(
     x: ValueRef,
     mask: Option<ValueRef>,
     init: Option<Vec<ValueRef>>,
+    extra: &mut Vec<ValueRef>,
 ) -> R<Vec<(ValueRef, Option<ValueRef>)>> {
     Ok(match layer {
         Layer::Input(_) => vec![(x, mask)],
@@ -1323,7 +1432,14 @@ fn lower_layer(
                 k += 1;
                 w[k - 1]
             });
-            let (mean, var) = (w[k], w[k + 1]);
+            let (mean, var) = if e.training {
+                let (m, v) = batch_moments(e, x, mask)?;
+                extra.push(m);
+                extra.push(v);
+                (m, v)
+            } else {
+                (w[k], w[k + 1])
+            };
             // Keras: inv = rsqrt(var + eps) · gamma; y = x · inv + (beta − mean · inv)
             let eps = e.scalar(bn.epsilon)?;
             let ve = e.add(var, eps)?;
@@ -1339,6 +1455,11 @@ fn lower_layer(
             }
             let xi = e.mul(x, inv)?;
             vec![(e.add(xi, off)?, mask)]
+        }
+        Layer::Dropout(d) if e.training && d.rate > 0.0 => {
+            let shape = e.dims(x);
+            let m = e.random_mask(&shape, d.rate)?;
+            vec![(e.mul(x, m)?, mask)]
         }
         Layer::Dropout(_) => vec![(x, mask)],
         Layer::Masking(m) => {
@@ -1403,9 +1524,58 @@ fn lower_layer(
                 .map(|(i, v)| (v, if i < n_out { out_mask } else { None }))
                 .collect()
         }
-        Layer::TimeDistributed(t) => lower_layer(e, &t.layer, w, x, mask, None)?,
+        Layer::TimeDistributed(t) => lower_layer(e, &t.layer, w, x, mask, None, extra)?,
         Layer::Op(op) => vec![(lower_op(e, op, &[x])?, None)],
     })
+}
+
+/// Keras's BatchNormalization moments over every axis but the last, as `(channels,)`
+/// vectors: plain (biased variance), or with a `(batch, time)` mask only the valid steps.
+fn batch_moments(e: &mut Emit, x: ValueRef, mask: Option<ValueRef>) -> R<(ValueRef, ValueRef)> {
+    let rank = e.dims(x).len();
+    let axes: Vec<i64> = (0..rank as i64 - 1).collect();
+    let ax = e.ints(&axes)?;
+    let mean_op = || Op::ReduceMean {
+        axes: None,
+        keepdims: 1,
+        noop_with_empty_axes: 0,
+    };
+    let sum_op = || Op::ReduceSum {
+        axes: None,
+        keepdims: 1,
+        noop_with_empty_axes: 0,
+    };
+    let (mean, var) = match mask {
+        None => {
+            let mean = e.op(mean_op(), &[x, ax], "batch_mean")?;
+            let d = e.op(Op::Sub {}, &[x, mean], "centered")?;
+            let sq = e.mul(d, d)?;
+            let var = e.op(mean_op(), &[sq, ax], "batch_var")?;
+            (mean, var)
+        }
+        Some(m) => {
+            // Keras: sums over the valid steps divided by (count + 1e-7).
+            let mf = e.cast(m, DType::F32)?;
+            let mf = e.unsqueeze(mf, &[-1])?;
+            let xm = e.mul(x, mf)?;
+            let sx = e.op(sum_op(), &[xm, ax], "masked_sum")?;
+            // The mask broadcast to x counts the valid steps once per channel.
+            let sw = e.op(sum_op(), &[mf, ax], "valid_count")?;
+            let eps = e.scalar(1e-7)?;
+            let den = e.add(sw, eps)?;
+            let mean = e.op(Op::Div {}, &[sx, den], "batch_mean")?;
+            let d = e.op(Op::Sub {}, &[x, mean], "centered")?;
+            let dm = e.mul(d, mf)?;
+            let sq = e.mul(dm, dm)?;
+            let ss = e.op(sum_op(), &[sq, ax], "masked_sq_sum")?;
+            let var = e.op(Op::Div {}, &[ss, den], "batch_var")?;
+            (mean, var)
+        }
+    };
+    let flat = e.ints(&[-1])?;
+    let mean = e.op(Op::Reshape { allowzero: 0 }, &[mean, flat], "mean")?;
+    let var = e.op(Op::Reshape { allowzero: 0 }, &[var, flat], "var")?;
+    Ok((mean, var))
 }
 
 /// Lowers a `keras.ops` node; comparisons and reductions give booleans.
