@@ -459,8 +459,8 @@ fn per_gate_step(
         }
         CellKind::GRU => {
             let mut rec = Vec::new();
-            for g in 0..2 {
-                let mut r = e.matmul(hs[g], w.ug[g])?;
+            for (g, (&h, &u)) in hs.iter().zip(&w.ug).take(2).enumerate() {
+                let mut r = e.matmul(h, u)?;
                 if let Some(&b) = w.brg.get(g) {
                     r = e.add(r, b)?;
                 }

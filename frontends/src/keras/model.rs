@@ -90,6 +90,9 @@ struct Lowered {
     bn: Vec<usize>,
 }
 
+/// Input dtypes and shapes, and training mode.
+type PlanKey = (Vec<(DType, Vec<usize>)>, bool);
+
 struct Compiled {
     plan: CpuPlan,
     lowered: Lowered,
@@ -107,7 +110,7 @@ pub struct Model {
     pub(crate) outputs: Vec<KerasTensor>,
     seed: u64,
     rng: rand::rngs::StdRng,
-    plans: HashMap<(Vec<(DType, Vec<usize>)>, bool), Compiled>,
+    plans: HashMap<PlanKey, Compiled>,
 }
 
 impl std::fmt::Debug for Model {
