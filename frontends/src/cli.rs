@@ -58,7 +58,8 @@ pub enum Command {
     /// Print an ONNX model: opset imports, inputs and outputs with shapes, parameter
     /// count, and the IR text (one line per node).
     Inspect {
-        /// The `.onnx` file (or a `.json` file written by `convert`).
+        /// The `.onnx` file (or a `.json` file written by `convert`), or a Keras model: a
+        /// Keras 3 `model.json`, or a folder holding one (with `weights/NNN.npy`).
         file: PathBuf,
         /// Also write the graph in Graphviz DOT to this file (`-` for standard output,
         /// instead of the text form).
@@ -439,6 +440,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(if failed > 0 || cases.is_empty() { 1 } else { 0 })
         }
         Command::Inspect { file, dot } => {
+            if is_keras(&file) {
+                let text = inspect_keras(&file)?;
+                print!("{text}");
+                return Ok(0);
+            }
             let m = load(&file)?;
             match dot.as_deref() {
                 Some(p) if p == Path::new("-") => print!("{}", to_dot(&m.graph)),
@@ -531,7 +537,60 @@ fn json_bytes(_: &Model, _: &Path) -> Result<Vec<u8>, CliError> {
     ))
 }
 
-/// The text `cellgraph inspect` prints.
+/// Whether `path` is a Keras model: a folder with `model.json`, or a `.json` file whose
+/// top level has Keras's `class_name`.
+pub fn is_keras(path: &Path) -> bool {
+    if path.is_dir() {
+        return path.join("model.json").is_file();
+    }
+    if path.extension().is_some_and(|e| e == "json") {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                return v.get("class_name").is_some();
+            }
+        }
+    }
+    false
+}
+
+/// `cellgraph inspect` on a Keras model: its summary, then the IR graph it lowers to
+/// (inference, unknown sizes taken as 1) with how each recurrent layer runs.
+pub fn inspect_keras(path: &Path) -> Result<String, CliError> {
+    let keras_err = |e: crate::keras::KerasError| CliError::Usage(e.to_string());
+    let model = crate::keras::load_model(path).map_err(keras_err)?;
+    let mut s = format!("keras model: {}\n", path.display());
+    s += &model.summary();
+    let sig: Vec<(crate::ir::DType, Vec<usize>)> = model
+        .input_shapes()
+        .iter()
+        .map(|shape| {
+            (
+                crate::ir::DType::F32,
+                shape.iter().map(|d| d.unwrap_or(1)).collect(),
+            )
+        })
+        .collect();
+    let g = model.to_graph(&sig).map_err(keras_err)?;
+    let _ = writeln!(
+        s,
+        "IR graph (inference; inputs {:?}, unknown sizes taken as 1):",
+        sig.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>()
+    );
+    let scans = g
+        .node_ids()
+        .into_iter()
+        .filter(|&n| matches!(g.node(n).op(), Some(crate::ir::Op::Scan { .. })))
+        .count();
+    let _ = writeln!(
+        s,
+        "recurrent layers: {scans} Scan loop(s) over their cells (CPU loop with the input \
+         projection hoisted; fused kernels come with the raise pass)"
+    );
+    s += &print_graph(&g);
+    Ok(s)
+}
+
+/// The text `cellgraph inspect` prints for an ONNX (or IR JSON) model.
 pub fn inspect_text(path: &Path, m: &Model) -> String {
     let g = &m.graph;
     let mut s = String::new();

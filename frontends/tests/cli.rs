@@ -263,3 +263,46 @@ fn conformance_runner_prints_a_line_per_case_and_a_summary() {
         "{text}"
     );
 }
+
+#[test]
+fn conformance_keras_runs_the_seed_cases() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/keras");
+    let out = bin()
+        .args(["conformance", "keras"])
+        .arg(&dir)
+        .output()
+        .expect("run cellgraph");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.lines().last(), Some("8 passed, 0 failed"), "{text}");
+    assert!(text.contains("PASS seed_stateful (summary, 4 stateful calls, 8 states)"));
+    assert!(
+        text.contains("skipped: gradients"),
+        "gradients are not claimed: {text}"
+    );
+    let missing = bin()
+        .args(["conformance", "keras", "/no/such/folder"])
+        .output()
+        .expect("run cellgraph");
+    assert!(!missing.status.success());
+}
+
+#[test]
+fn inspect_prints_a_keras_models_summary_and_graph() {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/keras/seed_bidirectional");
+    let out = bin()
+        .arg("inspect")
+        .arg(&dir)
+        .output()
+        .expect("run cellgraph");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Total params: 80,266 (313.54 KB)"), "{text}");
+    assert!(text.contains("4 Scan loop(s)"), "{text}");
+    assert!(text.contains("= Scan{"), "{text}");
+}
