@@ -190,6 +190,11 @@ impl<'g> Emit<'g> {
 
     /// Zeros of shape `(batch of x, width)`, where x's first axis is the batch.
     pub fn batch_zeros(&mut self, x: ValueRef, width: usize) -> R<ValueRef> {
+        if let Some(Dim::Known(b)) = self.dims(x).first() {
+            // A static batch: a constant, so every later shape is known.
+            let t = Tensor::zeros(DType::F32, &[*b as usize, width]);
+            return self.constant(t, "zeros");
+        }
         let shape = self.op(
             Op::Shape {
                 start: None,

@@ -294,6 +294,25 @@ impl Functional {
 }
 
 impl Model {
+    /// A model of one layer called on one input, for calling a layer eagerly on tensors
+    /// (`lstm_layer(x)` in Keras): every output of the layer is a model output, and a
+    /// stateful layer keeps its states between calls.
+    ///
+    /// ```
+    /// use cellgraph::keras::{Input, Model, LSTM};
+    /// # fn main() -> Result<(), cellgraph::keras::KerasError> {
+    /// let mut lstm = Model::from_layer(Input::new(&[None, Some(3)]), LSTM::new(4).return_state(true))?;
+    /// let out = lstm.predict_f32(&[ndarray::ArrayD::zeros(ndarray::IxDyn(&[2, 5, 3]))])?;
+    /// assert_eq!(out.len(), 3); // output, h, c
+    /// # Ok(()) }
+    /// ```
+    pub fn from_layer(input: Input, layer: impl Into<Layer>) -> R<Model> {
+        let mut f = Functional::new();
+        let x = f.input(input)?;
+        let outs = f.apply(layer, &[x])?;
+        f.build(&[x], &outs)
+    }
+
     pub(crate) fn empty(name: &str, sequential: bool, seed: u64) -> Model {
         Model {
             name: name.to_string(),
