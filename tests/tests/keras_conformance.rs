@@ -1,6 +1,6 @@
 //! The Keras conformance cases: the 8 seed cases of the guide and the option cases from
 //! real Keras (`tests/conformance/keras-options`) all pass: summary, outputs, stateful
-//! sequences and losses. Gradients are reported as skipped until autodiff lands.
+//! sequences, losses and the gradient of every trainable weight.
 
 use cellgraph::keras::conformance::{find_cases, run_case};
 use cellgraph_tests::conformance_dir;
@@ -21,6 +21,19 @@ fn check(folder: &str, expected: usize) {
                     case.display()
                 );
                 assert!(report.checked.contains(&"summary".to_string()));
+                assert!(
+                    report.skipped.is_empty(),
+                    "{}: skipped {report:?}",
+                    case.display()
+                );
+                let meta = std::fs::read_to_string(case.join("meta.json")).expect("meta.json");
+                if meta.contains("\"grads/000.npy\"") {
+                    assert!(
+                        report.checked.iter().any(|c| c.ends_with("gradients")),
+                        "{}: gradients not compared: {report:?}",
+                        case.display()
+                    );
+                }
             }
             Err(e) => failures.push(format!("{}: {e}", case.display())),
         }

@@ -326,10 +326,48 @@ pub fn run_case(dir: &Path) -> Result<CaseReport, String> {
             return Err(format!("loss {name}: {got}, Keras {want}"));
         }
         report.checked.push(format!("loss {name}"));
-        if meta.get("grads").is_some_and(|g| !g.is_null()) {
-            report
-                .skipped
-                .push("gradients (autodiff has not landed yet)".into());
+        if let Some(grads) = meta.get("grads").filter(|g| !g.is_null()) {
+            let files = files_of(grads, "grads")?;
+            let kind = match name {
+                "mse" => super::Loss::MeanSquaredError,
+                "sparse_categorical_crossentropy_from_logits" => {
+                    super::Loss::SparseCategoricalCrossentropy { from_logits: true }
+                }
+                other => return Err(format!("gradients for loss {other:?} are not known")),
+            };
+            let gr = models[0]
+                .gradients(&ins, &t, kind, idx, training)
+                .map_err(|e| format!("gradients: {e}"))?;
+            if (gr.loss as f64 - want).abs() > ltol {
+                return Err(format!(
+                    "loss in the gradient graph: {}, Keras {want}",
+                    gr.loss
+                ));
+            }
+            let gtol = meta
+                .get("grad_tolerance")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-4);
+            if gr.grads.len() != files.len() {
+                return Err(format!(
+                    "{} gradients, Keras {} (trainable weights)",
+                    gr.grads.len(),
+                    files.len()
+                ));
+            }
+            for (g, f) in gr.grads.into_iter().zip(&files) {
+                let want = read_tensor(&dir.join(f))?;
+                compare_tensors(
+                    &Tensor::F32(g),
+                    &want,
+                    Tolerance {
+                        rtol: 0.0,
+                        atol: gtol,
+                    },
+                )
+                .map_err(|e| format!("gradient {f}: {e}"))?;
+            }
+            report.checked.push(format!("{} gradients", files.len()));
         }
     }
     if let Some(other) = meta.get("expect_equal_to").and_then(Value::as_str) {

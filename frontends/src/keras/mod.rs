@@ -28,6 +28,7 @@ pub mod layers;
 mod lower;
 pub mod model;
 pub mod summary;
+pub mod train;
 
 pub use import::{load_model, model_from_json};
 pub use layers::{
@@ -36,6 +37,7 @@ pub use layers::{
     SimpleRNNCell, StackedRNNCells, TimeDistributed, GRU, LSTM, RNN,
 };
 pub use model::{CallArgs, Functional, KerasTensor, LayerId, Model, Sequential, Weight};
+pub use train::{Evaluation, FitOptions, Gradients, History, Loss, Metric, Optimizer};
 
 /// Errors of the Keras frontend; each names the layer, input or file concerned.
 #[derive(Debug, thiserror::Error)]

@@ -69,7 +69,7 @@ pub(crate) struct TensorInfo {
 
 /// What a graph input of a lowered model is fed with, in graph-input order.
 #[derive(Clone, Debug, PartialEq)]
-enum Feed {
+pub(crate) enum Feed {
     /// Model input `i`.
     Input(usize),
     /// Weight `k` of layer slot `slot` (when weights are graph inputs).
@@ -81,13 +81,13 @@ enum Feed {
 }
 
 /// A model lowered to a graph, with what its extra inputs and outputs mean.
-struct Lowered {
-    graph: Graph,
-    feeds: Vec<Feed>,
+pub(crate) struct Lowered {
+    pub graph: Graph,
+    pub feeds: Vec<Feed>,
     /// Slots whose final states follow the model outputs, with their count.
-    states: Vec<(usize, usize)>,
+    pub states: Vec<(usize, usize)>,
     /// BatchNormalization slots (training mode) whose batch mean and variance follow.
-    bn: Vec<usize>,
+    pub bn: Vec<usize>,
 }
 
 /// Input dtypes and shapes, and training mode.
@@ -111,7 +111,12 @@ pub struct Model {
     seed: u64,
     rng: rand::rngs::StdRng,
     plans: HashMap<PlanKey, Compiled>,
+    pub(crate) grad_plans: HashMap<GradKey, super::train::GradPlan>,
+    pub(crate) training: Option<super::train::TrainState>,
 }
+
+/// Input signature, training mode, loss, output index.
+pub(crate) type GradKey = (Vec<(DType, Vec<usize>)>, bool, String, usize);
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -325,6 +330,8 @@ impl Model {
             seed,
             rng: rand::SeedableRng::seed_from_u64(seed ^ 0x5EED_D80F),
             plans: HashMap::new(),
+            grad_plans: HashMap::new(),
+            training: None,
         }
     }
 
@@ -721,7 +728,7 @@ impl Model {
         Ok(self.lower(inputs, false, false)?.graph)
     }
 
-    fn lower(
+    pub(crate) fn lower(
         &self,
         sig: &[(DType, Vec<usize>)],
         training: bool,
@@ -890,6 +897,34 @@ impl Model {
     /// `BatchNormalization` normalises with the batch statistics (masked steps excluded)
     /// and moves its moving mean and variance by `momentum`.
     pub fn call(&mut self, inputs: &[Tensor], training: bool) -> R<Vec<Tensor>> {
+        self.prepare(inputs)?;
+        let key = (signature(inputs), training);
+        if !self.plans.contains_key(&key) {
+            // Weights are graph inputs: set_weights and BatchNormalization updates need
+            // no recompilation.
+            let lowered = self.lower(&key.0, training, true)?;
+            cellgraph_ir::verify(&lowered.graph)?;
+            let plan = CpuBackend::new(RecurrentMode::Fused).compile(&lowered.graph)?;
+            self.plans.insert(key.clone(), Compiled { plan, lowered });
+        }
+        let (feeds, states, bn) = {
+            let c = &self.plans[&key].lowered;
+            (c.feeds.clone(), c.states.clone(), c.bn.clone())
+        };
+        let data = self.feed(&feeds, inputs, &[])?;
+        let plan = &mut self
+            .plans
+            .get_mut(&key)
+            .ok_or_else(|| KerasError::Internal("plan missing".into()))?
+            .plan;
+        let mut outs = run_plan(plan, data)?;
+        let rest = outs.split_off(self.outputs.len());
+        self.absorb(&states, &bn, rest)?;
+        Ok(outs)
+    }
+
+    /// Checks the inputs against the model's and prepares the state stores.
+    pub(crate) fn prepare(&mut self, inputs: &[Tensor]) -> R<()> {
         if inputs.len() != self.inputs.len() {
             return Err(KerasError::Input {
                 input: self.name.clone(),
@@ -959,25 +994,19 @@ impl Model {
                 }
             }
         }
-        let sig: Vec<(DType, Vec<usize>)> = inputs
-            .iter()
-            .map(|x| (x.dtype(), x.shape().to_vec()))
-            .collect();
-        let key = (sig, training);
-        if !self.plans.contains_key(&key) {
-            // Weights are graph inputs: set_weights and BatchNormalization updates need
-            // no recompilation.
-            let lowered = self.lower(&key.0, training, true)?;
-            cellgraph_ir::verify(&lowered.graph)?;
-            let plan = CpuBackend::new(RecurrentMode::Fused).compile(&lowered.graph)?;
-            self.plans.insert(key.clone(), Compiled { plan, lowered });
-        }
-        let compiled = self
-            .plans
-            .get_mut(&key)
-            .ok_or_else(|| KerasError::Internal("plan missing".into()))?;
-        let mut data: Vec<Data> = Vec::with_capacity(compiled.lowered.feeds.len());
-        for f in &compiled.lowered.feeds {
+        Ok(())
+    }
+
+    /// The data for a plan's graph inputs: model inputs, weights, states, fresh dropout
+    /// masks, then `extra` (loss targets).
+    pub(crate) fn feed(
+        &mut self,
+        feeds: &[Feed],
+        inputs: &[Tensor],
+        extra: &[Tensor],
+    ) -> R<Vec<Data>> {
+        let mut data: Vec<Data> = Vec::with_capacity(feeds.len() + extra.len());
+        for f in feeds {
             let t = match f {
                 Feed::Input(i) => inputs[*i].clone(),
                 Feed::Weight(s, k) => Tensor::F32(self.slots[*s].weights[*k].value.clone()),
@@ -1009,21 +1038,28 @@ impl Model {
             };
             data.push(Data::Tensor(t));
         }
-        let outs = compiled.plan.run(data)?;
-        let mut outs = outs
-            .into_iter()
-            .map(|d| d.into_tensor().map_err(KerasError::Internal))
-            .collect::<R<Vec<Tensor>>>()?;
-        let mut rest = outs.split_off(self.outputs.len()).into_iter();
+        data.extend(extra.iter().cloned().map(Data::Tensor));
+        Ok(data)
+    }
+
+    /// Takes the final states and BatchNormalization batch statistics that follow the
+    /// model outputs; returns what is left after them.
+    pub(crate) fn absorb(
+        &mut self,
+        states: &[(usize, usize)],
+        bn: &[usize],
+        rest: Vec<Tensor>,
+    ) -> R<Vec<Tensor>> {
+        let mut rest = rest.into_iter();
         let mut f32_out = || match rest.next() {
             Some(Tensor::F32(a)) => Ok(a),
             _ => Err(KerasError::Internal("extra output missing".into())),
         };
-        for &(slot, n) in &compiled.lowered.states {
+        for &(slot, n) in states {
             let new = (0..n).map(|_| f32_out()).collect::<R<Vec<_>>>()?;
             self.slots[slot].states = Some(new);
         }
-        for &slot in &compiled.lowered.bn {
+        for &slot in bn {
             let (mean, var) = (f32_out()?, f32_out()?);
             let momentum = match &self.slots[slot].layer {
                 Layer::BatchNormalization(b) => b.momentum,
@@ -1039,7 +1075,7 @@ impl Model {
                         * (1.0 - momentum));
             }
         }
-        Ok(outs)
+        Ok(rest.collect())
     }
 
     /// [`Model::predict`] on float32 arrays.
@@ -1056,6 +1092,22 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// Input dtypes and shapes.
+pub(crate) fn signature(inputs: &[Tensor]) -> Vec<(DType, Vec<usize>)> {
+    inputs
+        .iter()
+        .map(|x| (x.dtype(), x.shape().to_vec()))
+        .collect()
+}
+
+/// Runs a plan and unwraps its tensors.
+pub(crate) fn run_plan(plan: &mut CpuPlan, data: Vec<Data>) -> R<Vec<Tensor>> {
+    plan.run(data)?
+        .into_iter()
+        .map(|d| d.into_tensor().map_err(KerasError::Internal))
+        .collect()
 }
 
 pub(crate) fn dtype_of(name: &str) -> Option<DType> {

@@ -1,0 +1,1072 @@
+//! Vector-Jacobian product rules, one per differentiable op.
+//!
+//! A rule reads the node (its op, the values of its inputs and outputs in the gradient
+//! graph) and the cotangents of its outputs, and emits the cotangents of its inputs.
+//! Broadcasting is undone with [`Emit::unbroadcast`]; values whose gradient nobody needs
+//! (`need[i] == false`) are skipped.
+
+use crate::emit::Emit;
+use crate::{scan_body_vjp, Error, Result};
+use cellgraph_ir::{DType, Graph, NodeId, Op, Tensor, ValueRef};
+
+/// What a rule sees of one node.
+pub(crate) struct NodeCx<'a> {
+    /// The op.
+    pub op: &'a Op,
+    /// The node's display name (for errors).
+    pub name: String,
+    /// Input values in the gradient graph (`None`: an omitted optional input).
+    pub ins: &'a [Option<ValueRef>],
+    /// Output values in the gradient graph.
+    pub outs: &'a [ValueRef],
+    /// Cotangents of the outputs (`None`: nothing flows back through that output).
+    pub cots: &'a [Option<ValueRef>],
+    /// Whether each input's gradient is needed.
+    pub need: &'a [bool],
+    /// The extra per-step outputs of an augmented forward `Scan`.
+    pub residuals: &'a [ValueRef],
+    /// The source graph and node (for constant attributes held in inputs).
+    pub src: &'a Graph,
+    /// The node in `src`.
+    pub node: NodeId,
+}
+
+/// The cotangents a rule produces.
+#[derive(Default)]
+pub(crate) struct Grads {
+    /// One per input (`None`: no gradient).
+    pub inputs: Vec<Option<ValueRef>>,
+    /// Gradients of values the node's bodies read from outside, by name.
+    pub outer: Vec<(String, ValueRef)>,
+}
+
+impl NodeCx<'_> {
+    fn unsupported(&self, why: impl Into<String>) -> Error {
+        Error::Unsupported {
+            op: self.op.name().to_string(),
+            node: self.name.clone(),
+            why: why.into(),
+        }
+    }
+
+    fn input(&self, i: usize) -> Result<ValueRef> {
+        self.ins
+            .get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| self.unsupported(format!("input {i} is missing")))
+    }
+
+    fn g(&self) -> Result<ValueRef> {
+        self.cots
+            .first()
+            .copied()
+            .flatten()
+            .ok_or_else(|| Error::Internal("no output cotangent".into()))
+    }
+
+    fn need(&self, i: usize) -> bool {
+        self.need.get(i).copied().unwrap_or(false)
+    }
+
+    /// A constant input's integer values (axes, shapes, slice bounds).
+    fn const_ints(&self, i: usize) -> Option<Vec<i64>> {
+        let v = self.src.node_inputs(self.node).get(i).copied().flatten()?;
+        self.src.constant(v)?.as_i64_vec()
+    }
+}
+
+fn one(g: Option<ValueRef>) -> Grads {
+    Grads {
+        inputs: vec![g],
+        outer: Vec::new(),
+    }
+}
+
+fn norm_axis(a: i64, rank: usize) -> usize {
+    if a < 0 {
+        (a + rank as i64).max(0) as usize
+    } else {
+        a as usize
+    }
+}
+
+/// The ops with a VJP rule, by ONNX name.
+pub const WITH_RULES: &[&str] = &[
+    "Identity",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Sum",
+    "Mean",
+    "Min",
+    "Max",
+    "Where",
+    "Neg",
+    "Abs",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Sigmoid",
+    "Tanh",
+    "Relu",
+    "LeakyRelu",
+    "ThresholdedRelu",
+    "Elu",
+    "Softsign",
+    "Softplus",
+    "HardSigmoid",
+    "Clip",
+    "Cast",
+    "CastLike",
+    "Dropout",
+    "MatMul",
+    "Gemm",
+    "Softmax",
+    "LogSoftmax",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Expand",
+    "Transpose",
+    "Concat",
+    "Split",
+    "Slice",
+    "Gather",
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "BatchNormalization",
+    "Scan",
+];
+
+/// Runs the rule for `cx.op`.
+pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    let no_rule = || Error::NoRule {
+        op: cx.op.name().to_string(),
+        node: cx.name.clone(),
+    };
+    if crate::is_non_differentiable(cx.op) {
+        return Ok(Grads::default());
+    }
+    let x = || cx.input(0);
+    let y = cx.outs.first().copied();
+    match cx.op {
+        Op::Identity {} => Ok(one(Some(cx.g()?))),
+        Op::Add {} | Op::Sub {} => {
+            let g = cx.g()?;
+            let (a, b) = (cx.input(0)?, cx.input(1)?);
+            let ga = if cx.need(0) {
+                Some(e.unbroadcast(g, &e.static_shape(a, "Add/Sub operand")?)?)
+            } else {
+                None
+            };
+            let gb = if cx.need(1) {
+                let gg = if matches!(cx.op, Op::Sub {}) {
+                    e.neg(g)?
+                } else {
+                    g
+                };
+                Some(e.unbroadcast(gg, &e.static_shape(b, "Add/Sub operand")?)?)
+            } else {
+                None
+            };
+            Ok(Grads {
+                inputs: vec![ga, gb],
+                outer: vec![],
+            })
+        }
+        Op::Mul {} => {
+            let g = cx.g()?;
+            let (a, b) = (cx.input(0)?, cx.input(1)?);
+            let mut out = vec![None, None];
+            if cx.need(0) {
+                let t = e.mul(g, b)?;
+                out[0] = Some(e.unbroadcast(t, &e.static_shape(a, "Mul operand")?)?);
+            }
+            if cx.need(1) {
+                let t = e.mul(g, a)?;
+                out[1] = Some(e.unbroadcast(t, &e.static_shape(b, "Mul operand")?)?);
+            }
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::Div {} => {
+            let g = cx.g()?;
+            let (a, b) = (cx.input(0)?, cx.input(1)?);
+            let y = y.ok_or_else(no_rule)?;
+            let mut out = vec![None, None];
+            if cx.need(0) {
+                let t = e.div(g, b)?;
+                out[0] = Some(e.unbroadcast(t, &e.static_shape(a, "Div operand")?)?);
+            }
+            if cx.need(1) {
+                // d(a/b)/db = −y/b
+                let t = e.mul(g, y)?;
+                let t = e.div(t, b)?;
+                let t = e.neg(t)?;
+                out[1] = Some(e.unbroadcast(t, &e.static_shape(b, "Div operand")?)?);
+            }
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::Pow {} => {
+            let g = cx.g()?;
+            let (a, b) = (cx.input(0)?, cx.input(1)?);
+            let y = y.ok_or_else(no_rule)?;
+            let mut out = vec![None, None];
+            if cx.need(0) {
+                // b · a^(b−1) = b · y / a, written without the division (a may be 0):
+                let dt = e.dtype(a);
+                let one = e.scalar(dt, 1.0)?;
+                let bm1 = e.sub(b, one)?;
+                let p = e.op(Op::Pow {}, &[a, bm1], "pow")?;
+                let t = e.mul(p, b)?;
+                let t = e.mul(t, g)?;
+                out[0] = Some(e.unbroadcast(t, &e.static_shape(a, "Pow base")?)?);
+            }
+            if cx.need(1) {
+                let l = e.op(Op::Log {}, &[a], "log")?;
+                let t = e.mul(y, l)?;
+                let t = e.mul(t, g)?;
+                out[1] = Some(e.unbroadcast(t, &e.static_shape(b, "Pow exponent")?)?);
+            }
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::Sum {} | Op::Mean {} => {
+            let g = cx.g()?;
+            let n = cx.ins.len();
+            let g = if matches!(cx.op, Op::Mean {}) {
+                let dt = e.dtype(g);
+                let s = e.scalar(dt, 1.0 / n as f64)?;
+                e.mul(g, s)?
+            } else {
+                g
+            };
+            let mut out = Vec::new();
+            for i in 0..n {
+                out.push(if cx.need(i) {
+                    let v = cx.input(i)?;
+                    Some(e.unbroadcast(g, &e.static_shape(v, "Sum/Mean operand")?)?)
+                } else {
+                    None
+                });
+            }
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::Min {} | Op::Max {} => {
+            // The gradient goes to every operand equal to the result.
+            let g = cx.g()?;
+            let y = y.ok_or_else(no_rule)?;
+            let mut out = Vec::new();
+            for i in 0..cx.ins.len() {
+                out.push(if cx.need(i) {
+                    let v = cx.input(i)?;
+                    let eq = e.op(Op::Equal {}, &[v, y], "is_extreme")?;
+                    let z = e.scalar(e.dtype(g), 0.0)?;
+                    let t = e.where_(eq, g, z)?;
+                    Some(e.unbroadcast(t, &e.static_shape(v, "Min/Max operand")?)?)
+                } else {
+                    None
+                });
+            }
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::Where {} => {
+            let g = cx.g()?;
+            let (c, a, b) = (cx.input(0)?, cx.input(1)?, cx.input(2)?);
+            let z = e.scalar(e.dtype(g), 0.0)?;
+            let mut out = vec![None, None, None];
+            if cx.need(1) {
+                let t = e.where_(c, g, z)?;
+                out[1] = Some(e.unbroadcast(t, &e.static_shape(a, "Where operand")?)?);
+            }
+            if cx.need(2) {
+                let t = e.where_(c, z, g)?;
+                out[2] = Some(e.unbroadcast(t, &e.static_shape(b, "Where operand")?)?);
+            }
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::Neg {} => {
+            let g = cx.g()?;
+            Ok(one(Some(e.neg(g)?)))
+        }
+        Op::Abs {} => {
+            let g = cx.g()?;
+            let a = x()?;
+            let z = e.scalar(e.dtype(a), 0.0)?;
+            let pos = e.op(Op::Greater {}, &[a, z], "pos")?;
+            let neg = e.op(Op::Less {}, &[a, z], "neg")?;
+            let ng = e.neg(g)?;
+            let t = e.where_(neg, ng, z)?;
+            Ok(one(Some(e.where_(pos, g, t)?)))
+        }
+        Op::Exp {} => {
+            let g = cx.g()?;
+            Ok(one(Some(e.mul(g, y.ok_or_else(no_rule)?)?)))
+        }
+        Op::Log {} => {
+            let g = cx.g()?;
+            Ok(one(Some(e.div(g, x()?)?)))
+        }
+        Op::Sqrt {} => {
+            // g / (2·y)
+            let g = cx.g()?;
+            let y = y.ok_or_else(no_rule)?;
+            let two = e.scalar(e.dtype(y), 2.0)?;
+            let d = e.mul(y, two)?;
+            Ok(one(Some(e.div(g, d)?)))
+        }
+        Op::Reciprocal {} => {
+            let g = cx.g()?;
+            let y = y.ok_or_else(no_rule)?;
+            let yy = e.mul(y, y)?;
+            let t = e.mul(g, yy)?;
+            Ok(one(Some(e.neg(t)?)))
+        }
+        Op::Sigmoid {} => {
+            let g = cx.g()?;
+            let y = y.ok_or_else(no_rule)?;
+            let one_ = e.scalar(e.dtype(y), 1.0)?;
+            let omy = e.sub(one_, y)?;
+            let d = e.mul(y, omy)?;
+            Ok(one(Some(e.mul(g, d)?)))
+        }
+        Op::Tanh {} => {
+            let g = cx.g()?;
+            let y = y.ok_or_else(no_rule)?;
+            let one_ = e.scalar(e.dtype(y), 1.0)?;
+            let yy = e.mul(y, y)?;
+            let d = e.sub(one_, yy)?;
+            Ok(one(Some(e.mul(g, d)?)))
+        }
+        Op::Relu {} => {
+            let g = cx.g()?;
+            let a = x()?;
+            let z = e.scalar(e.dtype(a), 0.0)?;
+            let pos = e.op(Op::Greater {}, &[a, z], "pos")?;
+            Ok(one(Some(e.where_(pos, g, z)?)))
+        }
+        Op::LeakyRelu { alpha } => {
+            let g = cx.g()?;
+            let a = x()?;
+            let z = e.scalar(e.dtype(a), 0.0)?;
+            let al = e.scalar(e.dtype(a), *alpha as f64)?;
+            let pos = e.op(Op::Greater {}, &[a, z], "pos")?;
+            let ga = e.mul(g, al)?;
+            Ok(one(Some(e.where_(pos, g, ga)?)))
+        }
+        Op::ThresholdedRelu { alpha } => {
+            let g = cx.g()?;
+            let a = x()?;
+            let th = e.scalar(e.dtype(a), *alpha as f64)?;
+            let z = e.scalar(e.dtype(a), 0.0)?;
+            let on = e.op(Op::Greater {}, &[a, th], "on")?;
+            Ok(one(Some(e.where_(on, g, z)?)))
+        }
+        Op::Elu { alpha } => {
+            // x > 0: g; else g·(y + alpha)
+            let g = cx.g()?;
+            let a = x()?;
+            let y = y.ok_or_else(no_rule)?;
+            let z = e.scalar(e.dtype(a), 0.0)?;
+            let al = e.scalar(e.dtype(a), *alpha as f64)?;
+            let pos = e.op(Op::Greater {}, &[a, z], "pos")?;
+            let ya = e.add(y, al)?;
+            let gn = e.mul(g, ya)?;
+            Ok(one(Some(e.where_(pos, g, gn)?)))
+        }
+        Op::Softsign {} => {
+            // g / (1 + |x|)²
+            let g = cx.g()?;
+            let a = x()?;
+            let ab = e.op(Op::Abs {}, &[a], "abs")?;
+            let one_ = e.scalar(e.dtype(a), 1.0)?;
+            let d = e.add(one_, ab)?;
+            let dd = e.mul(d, d)?;
+            Ok(one(Some(e.div(g, dd)?)))
+        }
+        Op::Softplus {} => {
+            let g = cx.g()?;
+            let s = e.op(Op::Sigmoid {}, &[x()?], "sigmoid")?;
+            Ok(one(Some(e.mul(g, s)?)))
+        }
+        Op::HardSigmoid { alpha, .. } => {
+            // alpha·g where 0 < y < 1, else 0.
+            let g = cx.g()?;
+            let y = y.ok_or_else(no_rule)?;
+            let dt = e.dtype(y);
+            let z = e.scalar(dt, 0.0)?;
+            let o = e.scalar(dt, 1.0)?;
+            let al = e.scalar(dt, *alpha as f64)?;
+            let above = e.op(Op::Greater {}, &[y, z], "above")?;
+            let below = e.op(Op::Less {}, &[y, o], "below")?;
+            let inside = e.op(Op::And {}, &[above, below], "inside")?;
+            let ga = e.mul(g, al)?;
+            Ok(one(Some(e.where_(inside, ga, z)?)))
+        }
+        Op::Clip { .. } => {
+            // The gradient passes where the input is inside [min, max].
+            let g = cx.g()?;
+            let a = x()?;
+            let y = y.ok_or_else(no_rule)?;
+            let eq = e.op(Op::Equal {}, &[a, y], "unclipped")?;
+            let z = e.scalar(e.dtype(a), 0.0)?;
+            Ok(one(Some(e.where_(eq, g, z)?)))
+        }
+        Op::Cast { .. } | Op::CastLike { .. } => {
+            let a = x()?;
+            let from = e.dtype(a);
+            if !from.is_float() {
+                return Ok(Grads::default());
+            }
+            let g = cx.g()?;
+            Ok(one(Some(e.cast(g, from)?)))
+        }
+        Op::Dropout { .. } => {
+            // Inference-mode Dropout (no training_mode input, or a constant false) is the
+            // identity; a random training-mode Dropout has no rule.
+            let training = cx.ins.get(2).copied().flatten().is_some();
+            if training && cx.const_ints(2).is_none_or(|v| v.iter().any(|&t| t != 0)) {
+                return Err(cx.unsupported("training-mode Dropout (random) in the graph"));
+            }
+            Ok(one(Some(cx.g()?)))
+        }
+        Op::MatMul {} => matmul(e, cx),
+        Op::Gemm {
+            alpha,
+            beta,
+            transA,
+            transB,
+        } => gemm(e, cx, *alpha, *beta, *transA != 0, *transB != 0),
+        Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+            let g = cx.g()?;
+            let y = y.ok_or_else(no_rule)?;
+            let rank = e.static_shape(y, "Softmax output")?.len();
+            let ax = norm_axis(axis.unwrap_or(-1), rank) as i64;
+            if cx.src.opset("") < 13 && ax as usize != rank - 1 {
+                return Err(cx.unsupported("opset < 13 Softmax over a non-last axis"));
+            }
+            if matches!(cx.op, Op::Softmax { .. }) {
+                // y ⊙ (g − Σ g⊙y)
+                let gy = e.mul(g, y)?;
+                let s = e.reduce_sum(gy, &[ax], true)?;
+                let d = e.sub(g, s)?;
+                Ok(one(Some(e.mul(y, d)?)))
+            } else {
+                // g − exp(y) ⊙ Σ g
+                let s = e.reduce_sum(g, &[ax], true)?;
+                let p = e.op(Op::Exp {}, &[y], "exp")?;
+                let t = e.mul(p, s)?;
+                Ok(one(Some(e.sub(g, t)?)))
+            }
+        }
+        Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => {
+            let g = cx.g()?;
+            let s = e.static_shape(x()?, "the input of a reshape")?;
+            let mut out = vec![Some(e.reshape(g, &s)?)];
+            out.resize(cx.ins.len(), None);
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::Expand {} => {
+            let g = cx.g()?;
+            let s = e.static_shape(x()?, "the input of Expand")?;
+            Ok(Grads {
+                inputs: vec![Some(e.unbroadcast(g, &s)?), None],
+                outer: vec![],
+            })
+        }
+        Op::Transpose { perm } => {
+            let g = cx.g()?;
+            let rank = e.static_shape(x()?, "the input of Transpose")?.len();
+            let perm: Vec<i64> = perm
+                .clone()
+                .unwrap_or_else(|| (0..rank as i64).rev().collect());
+            let mut inv = vec![0i64; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inv[norm_axis(p, rank)] = i as i64;
+            }
+            Ok(one(Some(e.transpose(g, inv)?)))
+        }
+        Op::Concat { axis } => {
+            let g = cx.g()?;
+            let rank = e.static_shape(g, "the output of Concat")?.len();
+            let ax = norm_axis(*axis, rank);
+            let mut sizes = Vec::new();
+            for i in 0..cx.ins.len() {
+                sizes.push(e.static_shape(cx.input(i)?, "a Concat operand")?[ax]);
+            }
+            let parts = e.split(g, ax as i64, &sizes)?;
+            Ok(Grads {
+                inputs: parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| cx.need(i).then_some(p))
+                    .collect(),
+                outer: vec![],
+            })
+        }
+        Op::Split { axis, .. } => {
+            let a = x()?;
+            let rank = e.static_shape(a, "the input of Split")?.len();
+            let ax = norm_axis(*axis, rank);
+            let mut parts = Vec::new();
+            for (k, &o) in cx.outs.iter().enumerate() {
+                parts.push(match cx.cots.get(k).copied().flatten() {
+                    Some(c) => c,
+                    None => e.zeros_like(o, "an unused Split output")?,
+                });
+            }
+            let g = e.op(Op::Concat { axis: ax as i64 }, &parts, "concat")?;
+            let mut out = vec![Some(g)];
+            out.resize(cx.ins.len(), None);
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::Slice {} => slice(e, cx),
+        Op::Gather { axis } => gather(e, cx, *axis),
+        Op::ReduceSum { axes, keepdims, .. }
+        | Op::ReduceMean { axes, keepdims, .. }
+        | Op::ReduceMax { axes, keepdims, .. }
+        | Op::ReduceMin { axes, keepdims, .. } => {
+            let g = cx.g()?;
+            let a = x()?;
+            let xs = e.static_shape(a, "the input of a reduction")?;
+            let rank = xs.len();
+            let axes: Vec<usize> = match axes.clone().or_else(|| cx.const_ints(1)) {
+                Some(v) if !v.is_empty() => v.iter().map(|&a| norm_axis(a, rank)).collect(),
+                _ => (0..rank).collect(),
+            };
+            let mut kept = xs.clone();
+            for &a in &axes {
+                kept[a] = 1;
+            }
+            let gk = if *keepdims == 0 {
+                e.reshape(g, &kept)?
+            } else {
+                g
+            };
+            let ge = e.expand(gk, &xs)?;
+            let r = match cx.op {
+                Op::ReduceSum { .. } => ge,
+                Op::ReduceMean { .. } => {
+                    let n: usize = axes.iter().map(|&a| xs[a]).product();
+                    let s = e.scalar(e.dtype(a), 1.0 / n.max(1) as f64)?;
+                    e.mul(ge, s)?
+                }
+                _ => {
+                    let y = y.ok_or_else(no_rule)?;
+                    let yk = if *keepdims == 0 {
+                        e.reshape(y, &kept)?
+                    } else {
+                        y
+                    };
+                    let eq = e.op(Op::Equal {}, &[a, yk], "is_extreme")?;
+                    let z = e.scalar(e.dtype(a), 0.0)?;
+                    e.where_(eq, ge, z)?
+                }
+            };
+            let mut out = vec![Some(r)];
+            out.resize(cx.ins.len(), None);
+            Ok(Grads {
+                inputs: out,
+                outer: vec![],
+            })
+        }
+        Op::BatchNormalization {
+            epsilon,
+            training_mode,
+            ..
+        } => {
+            if *training_mode != 0 || cx.outs.len() > 1 {
+                return Err(cx.unsupported("training-mode BatchNormalization"));
+            }
+            batch_norm(e, cx, *epsilon)
+        }
+        Op::Scan { .. } => scan(e, cx),
+        _ => Err(no_rule()),
+    }
+}
+
+fn matmul(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    let g = cx.g()?;
+    let (a, b) = (cx.input(0)?, cx.input(1)?);
+    let sa = e.static_shape(a, "a MatMul operand")?;
+    let sb = e.static_shape(b, "a MatMul operand")?;
+    if sa.len() < 2 || sb.len() < 2 {
+        return Err(cx.unsupported("MatMul with a rank-1 operand"));
+    }
+    let mut out = vec![None, None];
+    if cx.need(0) {
+        let bt = e.swap_last(b, sb.len())?;
+        let t = e.matmul(g, bt)?;
+        out[0] = Some(e.unbroadcast(t, &sa)?);
+    }
+    if cx.need(1) {
+        let gs = e.static_shape(g, "the MatMul output")?;
+        let t = if sb.len() == 2 && sa.len() > 2 {
+            // Fold the batch axes: aᵀ·g over [n·m, k] and [n·m, p].
+            let rows: usize = sa[..sa.len() - 1].iter().product();
+            let a2 = e.reshape(a, &[rows, sa[sa.len() - 1]])?;
+            let g2 = e.reshape(g, &[rows, gs[gs.len() - 1]])?;
+            let at = e.swap_last(a2, 2)?;
+            e.matmul(at, g2)?
+        } else {
+            let at = e.swap_last(a, sa.len())?;
+            e.matmul(at, g)?
+        };
+        out[1] = Some(e.unbroadcast(t, &sb)?);
+    }
+    Ok(Grads {
+        inputs: out,
+        outer: vec![],
+    })
+}
+
+fn gemm(e: &mut Emit, cx: &NodeCx, alpha: f32, beta: f32, ta: bool, tb: bool) -> Result<Grads> {
+    let g = cx.g()?;
+    let (a, b) = (cx.input(0)?, cx.input(1)?);
+    let dt = e.dtype(g);
+    let ga_s = if alpha != 1.0 {
+        let s = e.scalar(dt, alpha as f64)?;
+        e.mul(g, s)?
+    } else {
+        g
+    };
+    let mut out = vec![None, None, None];
+    // Y = A'·B' with A' = op(A), B' = op(B): dA' = g·B'ᵀ, dB' = A'ᵀ·g.
+    if cx.need(0) {
+        out[0] = Some(if ta {
+            // dA = (g·B'ᵀ)ᵀ = B'·gᵀ
+            let bb = if tb { e.swap_last(b, 2)? } else { b };
+            let gt = e.swap_last(ga_s, 2)?;
+            e.matmul(bb, gt)?
+        } else {
+            let bt = if tb { b } else { e.swap_last(b, 2)? };
+            e.matmul(ga_s, bt)?
+        });
+    }
+    if cx.need(1) {
+        out[1] = Some(if tb {
+            // dB = (A'ᵀ·g)ᵀ = gᵀ·A'
+            let aa = if ta { e.swap_last(a, 2)? } else { a };
+            let gt = e.swap_last(ga_s, 2)?;
+            e.matmul(gt, aa)?
+        } else {
+            let at = if ta { a } else { e.swap_last(a, 2)? };
+            e.matmul(at, ga_s)?
+        });
+    }
+    if cx.need(2) {
+        let c = cx.input(2)?;
+        let gb = if beta != 1.0 {
+            let s = e.scalar(dt, beta as f64)?;
+            e.mul(g, s)?
+        } else {
+            g
+        };
+        out[2] = Some(e.unbroadcast(gb, &e.static_shape(c, "the Gemm C operand")?)?);
+    }
+    Ok(Grads {
+        inputs: out,
+        outer: vec![],
+    })
+}
+
+fn slice(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    let g = cx.g()?;
+    let a = cx.input(0)?;
+    let xs = e.static_shape(a, "the input of Slice")?;
+    let rank = xs.len();
+    let (Some(starts), Some(ends)) = (cx.const_ints(1), cx.const_ints(2)) else {
+        return Err(cx.unsupported("slice bounds that are not constants"));
+    };
+    let axes = match cx.ins.get(3).copied().flatten() {
+        Some(_) => cx
+            .const_ints(3)
+            .ok_or_else(|| cx.unsupported("slice axes that are not constants"))?,
+        None => (0..starts.len() as i64).collect(),
+    };
+    let steps = match cx.ins.get(4).copied().flatten() {
+        Some(_) => cx
+            .const_ints(4)
+            .ok_or_else(|| cx.unsupported("slice steps that are not constants"))?,
+        None => vec![1; starts.len()],
+    };
+    let mut r = g;
+    for i in 0..starts.len() {
+        let ax = norm_axis(axes[i], rank);
+        let n = xs[ax] as i64;
+        let step = steps[i];
+        if step == -1 {
+            // A full reversal along the axis: its gradient reverses back.
+            let s = if starts[i] < 0 {
+                starts[i] + n
+            } else {
+                starts[i]
+            }
+            .clamp(-1, n - 1);
+            let en = if ends[i] < -n {
+                -1
+            } else if ends[i] < 0 {
+                ends[i] + n
+            } else {
+                ends[i]
+            };
+            if s != n - 1 || en != -1 {
+                return Err(cx.unsupported("a reversed slice that is not the whole axis"));
+            }
+            r = {
+                let st = e.ints(&[-1])?;
+                let en = e.ints(&[i64::MIN])?;
+                let ax_v = e.ints(&[ax as i64])?;
+                let sp = e.ints(&[-1])?;
+                e.op(Op::Slice {}, &[r, st, en, ax_v, sp], "unreverse")?
+            };
+            continue;
+        }
+        if step != 1 {
+            return Err(cx.unsupported(format!("slice step {step}")));
+        }
+        let clampi = |v: i64| if v < 0 { (v + n).max(0) } else { v.min(n) };
+        let (s, en) = (clampi(starts[i]), clampi(ends[i]).max(clampi(starts[i])));
+        let cur = e.static_shape(r, "a slice gradient")?;
+        let mut parts = Vec::new();
+        if s > 0 {
+            let mut z = cur.clone();
+            z[ax] = s as usize;
+            parts.push(e.zeros(e.dtype(g), &z)?);
+        }
+        parts.push(r);
+        if en < n {
+            let mut z = cur.clone();
+            z[ax] = (n - en) as usize;
+            parts.push(e.zeros(e.dtype(g), &z)?);
+        }
+        if parts.len() > 1 {
+            r = e.op(Op::Concat { axis: ax as i64 }, &parts, "pad")?;
+        }
+    }
+    let mut out = vec![Some(r)];
+    out.resize(cx.ins.len(), None);
+    Ok(Grads {
+        inputs: out,
+        outer: vec![],
+    })
+}
+
+fn gather(e: &mut Emit, cx: &NodeCx, axis: i64) -> Result<Grads> {
+    let g = cx.g()?;
+    let (data, idx) = (cx.input(0)?, cx.input(1)?);
+    let ds = e.static_shape(data, "the data of Gather")?;
+    let is = e.static_shape(idx, "the indices of Gather")?;
+    let ax = norm_axis(axis, ds.len());
+    let n = ds[ax];
+    let dt = e.dtype(data);
+    // one_hot[..., k] = (index == k), indices wrapped like Gather does.
+    let idx64 = e.cast(idx, DType::I64)?;
+    let nn = e.constant(Tensor::I64(ndarray::ArrayD::from_elem(
+        ndarray::IxDyn(&[]),
+        n as i64,
+    )))?;
+    let zero = e.constant(Tensor::I64(ndarray::ArrayD::from_elem(
+        ndarray::IxDyn(&[]),
+        0,
+    )))?;
+    let neg = e.op(Op::Less {}, &[idx64, zero], "negative")?;
+    let wrapped = e.add(idx64, nn)?;
+    let idx_n = e.where_(neg, wrapped, idx64)?;
+    let one_ = e.constant(Tensor::I64(ndarray::ArrayD::from_elem(
+        ndarray::IxDyn(&[]),
+        1,
+    )))?;
+    let range = e.op(Op::Range {}, &[zero, nn, one_], "range")?;
+    let last = is.len() as i64;
+    let iu = e.unsqueeze(idx_n, &[last])?;
+    let eq = e.op(Op::Equal {}, &[iu, range], "one_hot")?;
+    let oh = e.cast(eq, dt)?; // indices shape + [n]
+    let s: usize = is.iter().product();
+    if ax == 0 {
+        // d data = one_hotᵀ · g over the flattened indices.
+        let rest: usize = ds[1..].iter().product();
+        let oh2 = e.reshape(oh, &[s, n])?;
+        let g2 = e.reshape(g, &[s, rest])?;
+        let oht = e.swap_last(oh2, 2)?;
+        let d = e.matmul(oht, g2)?;
+        return Ok(Grads {
+            inputs: vec![Some(e.reshape(d, &ds)?), None],
+            outer: vec![],
+        });
+    }
+    if is.is_empty() {
+        // A scalar index on another axis: g broadcast into its row of the axis.
+        let gu = e.unsqueeze(g, &[ax as i64])?;
+        let mut shape = vec![1usize; ds.len()];
+        shape[ax] = n;
+        let m = e.reshape(oh, &shape)?;
+        return Ok(Grads {
+            inputs: vec![Some(e.mul(gu, m)?), None],
+            outer: vec![],
+        });
+    }
+    Err(cx.unsupported("Gather with non-scalar indices on an axis other than 0"))
+}
+
+fn batch_norm(e: &mut Emit, cx: &NodeCx, eps: f32) -> Result<Grads> {
+    // y = (x − mean)·scale/√(var + ε) + b over channel axis 1.
+    let g = cx.g()?;
+    let (xv, scale, mean, var) = (cx.input(0)?, cx.input(1)?, cx.input(3)?, cx.input(4)?);
+    let xs = e.static_shape(xv, "the input of BatchNormalization")?;
+    let c = *xs
+        .get(1)
+        .ok_or_else(|| cx.unsupported("an input of rank < 2"))?;
+    let mut bshape = vec![1usize; xs.len()];
+    bshape[1] = c;
+    let axes: Vec<i64> = (0..xs.len() as i64).filter(|&a| a != 1).collect();
+    let dt = e.dtype(xv);
+    let ep = e.scalar(dt, eps as f64)?;
+    let ve = e.add(var, ep)?;
+    let sd = e.op(Op::Sqrt {}, &[ve], "sqrt")?;
+    let inv = e.op(Op::Reciprocal {}, &[sd], "inv")?;
+    let k = e.mul(scale, inv)?;
+    let kb = e.reshape(k, &bshape)?;
+    let mb = e.reshape(mean, &bshape)?;
+    let mut out = vec![None; 5];
+    if cx.need(0) {
+        out[0] = Some(e.mul(g, kb)?);
+    }
+    let xc = e.sub(xv, mb)?;
+    if cx.need(1) {
+        let ib = e.reshape(inv, &bshape)?;
+        let t = e.mul(xc, ib)?;
+        let t = e.mul(g, t)?;
+        let s = e.reduce_sum(t, &axes, false)?;
+        out[1] = Some(s);
+    }
+    if cx.need(2) {
+        out[2] = Some(e.reduce_sum(g, &axes, false)?);
+    }
+    if cx.need(3) {
+        let s = e.reduce_sum(g, &axes, false)?;
+        let t = e.mul(s, k)?;
+        out[3] = Some(e.neg(t)?);
+    }
+    if cx.need(4) {
+        // d/dvar = Σ g·(x − mean) · scale · (−½)(var + ε)^(−3/2)
+        let t = e.mul(g, xc)?;
+        let s = e.reduce_sum(t, &axes, false)?;
+        let i3 = e.mul(inv, inv)?;
+        let i3 = e.mul(i3, inv)?;
+        let h = e.scalar(dt, -0.5)?;
+        let f = e.mul(scale, i3)?;
+        let f = e.mul(f, h)?;
+        out[4] = Some(e.mul(s, f)?);
+    }
+    Ok(Grads {
+        inputs: out,
+        outer: vec![],
+    })
+}
+
+/// Scan attributes (opset 9+ form) with defaults filled in.
+struct ScanAttrs {
+    n_scan: usize,
+    in_axes: Vec<i64>,
+    in_dirs: Vec<i64>,
+    out_axes: Vec<i64>,
+    out_dirs: Vec<i64>,
+}
+
+fn scan_attrs(op: &Op, n_in: usize, n_out: usize, opset: i64, cx_name: &str) -> Result<ScanAttrs> {
+    let Op::Scan {
+        num_scan_inputs,
+        scan_input_axes,
+        scan_input_directions,
+        scan_output_axes,
+        scan_output_directions,
+        ..
+    } = op
+    else {
+        return Err(Error::Internal("not a Scan".into()));
+    };
+    if opset < 9 {
+        return Err(Error::Unsupported {
+            op: "Scan".into(),
+            node: cx_name.to_string(),
+            why: "the opset 8 form (batched, sequence_lens)".into(),
+        });
+    }
+    let m = usize::try_from(*num_scan_inputs).unwrap_or(0).min(n_in);
+    let n = n_in - m;
+    let k = n_out.saturating_sub(n);
+    let fill = |v: &Option<Vec<i64>>, len: usize| {
+        let mut v = v.clone().unwrap_or_default();
+        v.resize(len, 0);
+        v
+    };
+    Ok(ScanAttrs {
+        n_scan: m,
+        in_axes: fill(scan_input_axes, m),
+        in_dirs: fill(scan_input_directions, m),
+        out_axes: fill(scan_output_axes, k),
+        out_dirs: fill(scan_output_directions, k),
+    })
+}
+
+/// The forward Scan with one more scan output per state: the state each step starts
+/// from, stacked on axis 0 in iteration order. Returns the new op and the number of
+/// extra outputs.
+pub(crate) fn augment_scan(
+    op: &Op,
+    ins: &[Option<ValueRef>],
+    src: &Graph,
+    node: NodeId,
+) -> Result<(Op, usize)> {
+    let n_out = src.node(node).outputs.len();
+    let name = src.node(node).display_name();
+    let a = scan_attrs(op, ins.len(), n_out, src.opset(""), &name)?;
+    let n = ins.len() - a.n_scan;
+    let Op::Scan { body, .. } = op else {
+        return Err(Error::Internal("not a Scan".into()));
+    };
+    let mut body = (**body).clone();
+    let mut outs = body.outputs().to_vec();
+    let states: Vec<ValueRef> = body.input_values()[..n].to_vec();
+    for (k, s) in states.into_iter().enumerate() {
+        let mut e = Emit::new(&mut body, &format!("residual_{k}"));
+        outs.push(e.op(Op::Identity {}, &[s], "state")?);
+    }
+    body.set_outputs(outs)?;
+    let mut out_axes = a.out_axes.clone();
+    out_axes.resize(a.out_axes.len() + n, 0);
+    let mut out_dirs = a.out_dirs.clone();
+    out_dirs.resize(a.out_dirs.len() + n, 0);
+    Ok((
+        Op::Scan {
+            body: Box::new(body),
+            num_scan_inputs: a.n_scan as i64,
+            scan_input_axes: Some(a.in_axes),
+            scan_input_directions: Some(a.in_dirs),
+            scan_output_axes: Some(out_axes),
+            scan_output_directions: Some(out_dirs),
+            directions: None,
+        },
+        n,
+    ))
+}
+
+/// The VJP of a Scan: a backward Scan over the body's VJP, in the opposite direction.
+fn scan(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    let Op::Scan { body, .. } = cx.op else {
+        return Err(Error::Internal("not a Scan".into()));
+    };
+    let a = scan_attrs(
+        cx.op,
+        cx.ins.len(),
+        cx.outs.len(),
+        cx.src.opset(""),
+        &cx.name,
+    )?;
+    let m = a.n_scan;
+    let n = cx.ins.len() - m;
+    let k = cx.outs.len() - n;
+    if cx.residuals.len() != n {
+        return Err(Error::Internal(format!(
+            "Scan {}: {} residual outputs for {n} states",
+            cx.name,
+            cx.residuals.len()
+        )));
+    }
+    let (bwd_body, outer_names) = scan_body_vjp(body, n)?;
+    let mut ins = Vec::new();
+    // Carries: dS (the cotangents of the final states), then zero dW accumulators.
+    for s in 0..n {
+        ins.push(match cx.cots[s] {
+            Some(c) => c,
+            None => e.zeros_like(cx.outs[s], "a Scan state")?,
+        });
+    }
+    for name in &outer_names {
+        let w =
+            e.g.find(name)
+                .ok_or_else(|| cx.unsupported(format!("outer value {name} not found")))?;
+        ins.push(e.zeros_like(w, "a value a Scan body reads")?);
+    }
+    // Scanned, in the opposite direction: residual states, the scanned inputs, dy.
+    let mut axes = Vec::new();
+    let mut dirs = Vec::new();
+    for &r in cx.residuals {
+        ins.push(r);
+        axes.push(0);
+        dirs.push(1);
+    }
+    for j in 0..m {
+        ins.push(cx.input(n + j)?);
+        axes.push(a.in_axes[j]);
+        dirs.push(1 - a.in_dirs[j]);
+    }
+    for o in 0..k {
+        ins.push(match cx.cots[n + o] {
+            Some(c) => c,
+            None => e.zeros_like(cx.outs[n + o], "a Scan output")?,
+        });
+        axes.push(a.out_axes[o]);
+        dirs.push(1 - a.out_dirs[o]);
+    }
+    let n_carry = n + outer_names.len();
+    let mut hints: Vec<String> = (0..n).map(|s| format!("dinit_{s}")).collect();
+    hints.extend((0..outer_names.len()).map(|w| format!("douter_{w}")));
+    hints.extend((0..m).map(|j| format!("dxs_{j}")));
+    let hint_refs: Vec<&str> = hints.iter().map(String::as_str).collect();
+    let ins_opt: Vec<Option<ValueRef>> = ins.into_iter().map(Some).collect();
+    let id = e.node(
+        Op::Scan {
+            body: Box::new(bwd_body),
+            num_scan_inputs: (n + m + k) as i64,
+            scan_input_axes: Some(axes),
+            scan_input_directions: Some(dirs),
+            scan_output_axes: Some(a.in_axes.clone()),
+            scan_output_directions: Some(a.in_dirs.iter().map(|d| 1 - d).collect()),
+            directions: None,
+        },
+        &ins_opt,
+        &hint_refs,
+    )?;
+    let at = |slot| ValueRef { node: id, slot };
+    let mut inputs: Vec<Option<ValueRef>> = (0..n).map(|s| cx.need(s).then(|| at(s))).collect();
+    for j in 0..m {
+        inputs.push(cx.need(n + j).then(|| at(n_carry + j)));
+    }
+    let outer = outer_names
+        .into_iter()
+        .enumerate()
+        .map(|(w, name)| (name, at(n + w)))
+        .collect();
+    Ok(Grads { inputs, outer })
+}

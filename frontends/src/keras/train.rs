@@ -1,0 +1,1053 @@
+//! Training: losses, gradients through the IR, optimizers, metrics, `compile` and `fit`.
+//!
+//! The loss is appended to the model's lowered graph and [`cellgraph_autodiff::grad`]
+//! turns it into a graph that also computes the gradient of every trainable weight; the
+//! CPU backend runs it. Optimizers follow Keras's update rules and defaults.
+
+use super::model::{run_plan, signature, Feed, Lowered, Model};
+use super::KerasError;
+use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
+use cellgraph_backends::Backend;
+use cellgraph_ir::{DType, Graph, Op, Tensor, ValueRef, ValueType};
+use ndarray::{ArrayD, Axis, IxDyn};
+use std::fmt;
+use std::time::Instant;
+
+type R<T> = Result<T, KerasError>;
+
+/// A loss, by its Keras name.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Loss {
+    /// `mean_squared_error` / `mse`.
+    MeanSquaredError,
+    /// `mean_absolute_error` / `mae`.
+    MeanAbsoluteError,
+    /// `SparseCategoricalCrossentropy(from_logits)`: integer class targets.
+    SparseCategoricalCrossentropy {
+        /// The output is logits (softmax applied inside the loss).
+        from_logits: bool,
+    },
+    /// `CategoricalCrossentropy(from_logits)`: one-hot targets.
+    CategoricalCrossentropy {
+        /// The output is logits.
+        from_logits: bool,
+    },
+    /// `BinaryCrossentropy(from_logits)`: targets in [0, 1].
+    BinaryCrossentropy {
+        /// The output is logits.
+        from_logits: bool,
+    },
+}
+
+impl Loss {
+    /// The name Keras prints (`loss` is always printed as `loss`; this names the kind).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Loss::MeanSquaredError => "mean_squared_error",
+            Loss::MeanAbsoluteError => "mean_absolute_error",
+            Loss::SparseCategoricalCrossentropy { .. } => "sparse_categorical_crossentropy",
+            Loss::CategoricalCrossentropy { .. } => "categorical_crossentropy",
+            Loss::BinaryCrossentropy { .. } => "binary_crossentropy",
+        }
+    }
+
+    fn key(&self) -> String {
+        format!("{self:?}")
+    }
+
+    /// The targets as the loss graph reads them: class ids become one-hot rows.
+    fn prepare_targets(&self, output_shape: &[usize], t: &Tensor) -> R<Tensor> {
+        match self {
+            Loss::SparseCategoricalCrossentropy { .. } => {
+                let c = *output_shape.last().unwrap_or(&0);
+                let mut ids = t.to_f64_vec();
+                let mut tshape = t.shape().to_vec();
+                if tshape.len() == output_shape.len() && tshape.last() == Some(&1) {
+                    tshape.pop();
+                }
+                if tshape != output_shape[..output_shape.len().saturating_sub(1)] {
+                    return Err(KerasError::Input {
+                        input: "targets".into(),
+                        msg: format!(
+                            "class ids of shape {:?} do not fit outputs of shape {:?}",
+                            t.shape(),
+                            output_shape
+                        ),
+                    });
+                }
+                let mut v = vec![0f32; ids.len() * c];
+                for (r, id) in ids.iter_mut().enumerate() {
+                    if !(id.fract() == 0.0 && *id >= 0.0 && (*id as usize) < c) {
+                        return Err(KerasError::Input {
+                            input: "targets".into(),
+                            msg: format!("class id {id} is not in 0..{c}"),
+                        });
+                    }
+                    v[r * c + *id as usize] = 1.0;
+                }
+                Ok(Tensor::F32(
+                    ArrayD::from_shape_vec(IxDyn(output_shape), v)
+                        .map_err(|e| KerasError::Internal(e.to_string()))?,
+                ))
+            }
+            _ => {
+                if t.shape() != output_shape {
+                    return Err(KerasError::Input {
+                        input: "targets".into(),
+                        msg: format!(
+                            "targets of shape {:?} do not fit outputs of shape {:?}",
+                            t.shape(),
+                            output_shape
+                        ),
+                    });
+                }
+                Ok(Tensor::F32(
+                    ArrayD::from_shape_vec(
+                        IxDyn(t.shape()),
+                        t.to_f64_vec().into_iter().map(|v| v as f32).collect(),
+                    )
+                    .map_err(|e| KerasError::Internal(e.to_string()))?,
+                ))
+            }
+        }
+    }
+
+    /// Emits the scalar loss of `y` against the prepared targets `t`.
+    fn emit(&self, g: &mut Graph, y: ValueRef, t: ValueRef) -> R<ValueRef> {
+        let mut e = LossEmit { g, k: 0 };
+        let rank = e.rank(y);
+        let all: Vec<i64> = (0..rank as i64).collect();
+        match *self {
+            Loss::MeanSquaredError => {
+                let d = e.op(Op::Sub {}, &[y, t])?;
+                let sq = e.op(Op::Mul {}, &[d, d])?;
+                e.mean(sq, &all)
+            }
+            Loss::MeanAbsoluteError => {
+                let d = e.op(Op::Sub {}, &[y, t])?;
+                let a = e.op(Op::Abs {}, &[d])?;
+                e.mean(a, &all)
+            }
+            Loss::SparseCategoricalCrossentropy { from_logits }
+            | Loss::CategoricalCrossentropy { from_logits } => {
+                let lp = if from_logits {
+                    e.op(Op::LogSoftmax { axis: Some(-1) }, &[y])?
+                } else {
+                    // Keras: normalised over the class axis, clipped to [ε, 1 − ε].
+                    let s = e.sum(y, &[-1], true)?;
+                    let p = e.op(Op::Div {}, &[y, s])?;
+                    let p = e.clip(p)?;
+                    e.op(Op::Log {}, &[p])?
+                };
+                let tl = e.op(Op::Mul {}, &[t, lp])?;
+                let per = e.sum(tl, &[-1], false)?;
+                let m = e.mean(per, &all[..rank.saturating_sub(1)])?;
+                e.op(Op::Neg {}, &[m])
+            }
+            Loss::BinaryCrossentropy { from_logits } => {
+                let one = e.scalar(1.0)?;
+                let omt = e.op(Op::Sub {}, &[one, t])?;
+                let per = if from_logits {
+                    // t·softplus(−x) + (1 − t)·softplus(x)
+                    let nx = e.op(Op::Neg {}, &[y])?;
+                    let a = e.op(Op::Softplus {}, &[nx])?;
+                    let b = e.op(Op::Softplus {}, &[y])?;
+                    let ta = e.op(Op::Mul {}, &[t, a])?;
+                    let tb = e.op(Op::Mul {}, &[omt, b])?;
+                    e.op(Op::Add {}, &[ta, tb])?
+                } else {
+                    let p = e.clip(y)?;
+                    let lp = e.op(Op::Log {}, &[p])?;
+                    let omp = e.op(Op::Sub {}, &[one, p])?;
+                    let lq = e.op(Op::Log {}, &[omp])?;
+                    let a = e.op(Op::Mul {}, &[t, lp])?;
+                    let b = e.op(Op::Mul {}, &[omt, lq])?;
+                    let s = e.op(Op::Add {}, &[a, b])?;
+                    e.op(Op::Neg {}, &[s])?
+                };
+                e.mean(per, &all)
+            }
+        }
+    }
+}
+
+/// Adds the loss nodes (`loss/v<k>`).
+struct LossEmit<'g> {
+    g: &'g mut Graph,
+    k: usize,
+}
+
+impl LossEmit<'_> {
+    fn op(&mut self, op: Op, ins: &[ValueRef]) -> R<ValueRef> {
+        self.k += 1;
+        let ins: Vec<Option<ValueRef>> = ins.iter().copied().map(Some).collect();
+        let id = self
+            .g
+            .add_node("", op, &ins, &[&format!("loss/v{}", self.k)])?;
+        Ok(ValueRef { node: id, slot: 0 })
+    }
+    fn constant(&mut self, t: Tensor) -> R<ValueRef> {
+        self.op(
+            Op::Constant {
+                value: Some(t),
+                value_float: None,
+                value_floats: None,
+                value_int: None,
+                value_ints: None,
+            },
+            &[],
+        )
+    }
+    fn scalar(&mut self, v: f32) -> R<ValueRef> {
+        self.constant(Tensor::scalar_f32(v))
+    }
+    fn rank(&self, v: ValueRef) -> usize {
+        self.g.value(v).ty.dims().map_or(0, <[_]>::len)
+    }
+    fn mean(&mut self, v: ValueRef, axes: &[i64]) -> R<ValueRef> {
+        if axes.is_empty() {
+            return Ok(v);
+        }
+        let a = self.constant(Tensor::vec_i64(axes))?;
+        self.op(
+            Op::ReduceMean {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[v, a],
+        )
+    }
+    fn sum(&mut self, v: ValueRef, axes: &[i64], keepdims: bool) -> R<ValueRef> {
+        let a = self.constant(Tensor::vec_i64(axes))?;
+        self.op(
+            Op::ReduceSum {
+                axes: None,
+                keepdims: i64::from(keepdims),
+                noop_with_empty_axes: 0,
+            },
+            &[v, a],
+        )
+    }
+    fn clip(&mut self, v: ValueRef) -> R<ValueRef> {
+        let lo = self.scalar(1e-7)?;
+        let hi = self.scalar(1.0 - 1e-7)?;
+        self.op(
+            Op::Clip {
+                min: None,
+                max: None,
+            },
+            &[v, lo, hi],
+        )
+    }
+}
+
+/// A compiled training graph: forward, loss and the gradient of every trainable weight.
+pub(crate) struct GradPlan {
+    plan: CpuPlan,
+    lowered: Lowered,
+    /// (slot, weight index) of each gradient output, in order.
+    params: Vec<(usize, usize)>,
+}
+
+/// The loss and the gradient of each trainable weight (Keras's `trainable_weights`
+/// order) for one batch.
+#[derive(Clone, Debug)]
+pub struct Gradients {
+    /// The loss value.
+    pub loss: f32,
+    /// The model outputs of this forward pass.
+    pub outputs: Vec<Tensor>,
+    /// `d loss / d w` for each trainable weight, in `trainable_weights` order.
+    pub grads: Vec<ArrayD<f32>>,
+}
+
+impl Model {
+    /// The IR graph of `loss(model(x)[output], targets)` and its gradient with respect
+    /// to every trainable weight, for inputs of the given signature (weights are graph
+    /// inputs; see [`Model::to_graph`] for the inference form).
+    fn build_grad_plan(
+        &self,
+        sig: &[(DType, Vec<usize>)],
+        training: bool,
+        loss: Loss,
+        output: usize,
+    ) -> R<GradPlan> {
+        let mut lowered = self.lower(sig, training, true)?;
+        let g = &mut lowered.graph;
+        let outs = g.outputs().to_vec();
+        let y = *outs.get(output).ok_or_else(|| KerasError::Input {
+            input: "targets".into(),
+            msg: format!("the model has no output {output}"),
+        })?;
+        let ty = g.value(y).ty.clone();
+        let t = g.add_input(
+            "loss/targets",
+            ValueType::Tensor(
+                ty.as_tensor()
+                    .cloned()
+                    .ok_or_else(|| KerasError::Internal("output without a tensor type".into()))?,
+            ),
+        )?;
+        let lv = loss.emit(g, y, t)?;
+        let lid = g.add_node("", Op::Identity {}, &[Some(lv)], &["loss/value"])?;
+        let lv = ValueRef { node: lid, slot: 0 };
+        let mut all = outs.clone();
+        all.push(lv);
+        g.set_outputs(all)?;
+        let inputs = g.input_values();
+        let mut wrt = Vec::new();
+        let mut params = Vec::new();
+        for (pos, f) in lowered.feeds.iter().enumerate() {
+            if let Feed::Weight(s, k) = f {
+                if self.slots[*s].weights[*k].trainable {
+                    wrt.push(inputs[pos]);
+                    params.push((*s, *k));
+                }
+            }
+        }
+        let graph = cellgraph_autodiff::grad(&lowered.graph, lv, &wrt)
+            .map_err(|e| KerasError::Internal(format!("gradient pass: {e}")))?;
+        cellgraph_ir::verify(&graph)?;
+        let plan = CpuBackend::new(RecurrentMode::Fused).compile(&graph)?;
+        lowered.graph = graph;
+        Ok(GradPlan {
+            plan,
+            lowered,
+            params,
+        })
+    }
+
+    /// One forward and backward pass: the loss of output `output` against `targets`
+    /// (class ids for sparse categorical cross-entropy, else the target values) and the
+    /// gradient of every trainable weight. In training mode dropout is on and
+    /// BatchNormalization uses (and moves) batch statistics; stateful layers advance.
+    pub fn gradients(
+        &mut self,
+        inputs: &[Tensor],
+        targets: &Tensor,
+        loss: Loss,
+        output: usize,
+        training: bool,
+    ) -> R<Gradients> {
+        self.prepare(inputs)?;
+        let sig = signature(inputs);
+        let key = (sig.clone(), training, loss.key(), output);
+        if !self.grad_plans.contains_key(&key) {
+            let p = self.build_grad_plan(&sig, training, loss, output)?;
+            self.grad_plans.insert(key.clone(), p);
+        }
+        let (feeds, states, bn, out_shape) = {
+            let p = &self.grad_plans[&key];
+            let y = p.lowered.graph.outputs()[output];
+            let shape: Vec<usize> = p
+                .lowered
+                .graph
+                .value(y)
+                .ty
+                .dims()
+                .map(|d| d.iter().map(|d| d.known().unwrap_or(0) as usize).collect())
+                .unwrap_or_default();
+            (
+                p.lowered.feeds.clone(),
+                p.lowered.states.clone(),
+                p.lowered.bn.clone(),
+                shape,
+            )
+        };
+        let t = loss.prepare_targets(&out_shape, targets)?;
+        let data = self.feed(&feeds, inputs, &[t])?;
+        let p = self
+            .grad_plans
+            .get_mut(&key)
+            .ok_or_else(|| KerasError::Internal("plan missing".into()))?;
+        let n_params = p.params.len();
+        let mut outs = run_plan(&mut p.plan, data)?;
+        let grads = outs.split_off(outs.len() - n_params);
+        let loss_t = outs
+            .pop()
+            .ok_or_else(|| KerasError::Internal("no loss".into()))?;
+        let n_model = self.outputs.len();
+        let rest = outs.split_off(n_model);
+        self.absorb(&states, &bn, rest)?;
+        let grads = grads
+            .into_iter()
+            .map(|g| match g {
+                Tensor::F32(a) => Ok(a),
+                _ => Err(KerasError::Internal("a gradient is not float32".into())),
+            })
+            .collect::<R<Vec<_>>>()?;
+        let loss_v = loss_t.to_f64_vec().first().copied().unwrap_or(f64::NAN) as f32;
+        Ok(Gradients {
+            loss: loss_v,
+            outputs: outs,
+            grads,
+        })
+    }
+
+    /// The IR graph [`Model::gradients`] runs (for inspection and export).
+    pub fn gradient_graph(
+        &self,
+        inputs: &[(DType, Vec<usize>)],
+        loss: Loss,
+        output: usize,
+        training: bool,
+    ) -> R<Graph> {
+        Ok(self
+            .build_grad_plan(inputs, training, loss, output)?
+            .lowered
+            .graph)
+    }
+
+    /// The (slot, index) of each trainable weight, in `trainable_weights` order.
+    fn trainable(&self) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        for (s, slot) in self.slots.iter().enumerate() {
+            for (k, w) in slot.weights.iter().enumerate() {
+                if w.trainable {
+                    v.push((s, k));
+                }
+            }
+        }
+        v
+    }
+
+    /// The trainable weights' values, in `trainable_weights` order.
+    pub fn trainable_weights(&self) -> Vec<ArrayD<f32>> {
+        self.trainable()
+            .into_iter()
+            .map(|(s, k)| self.slots[s].weights[k].value.clone())
+            .collect()
+    }
+
+    /// `compile(optimizer, loss, metrics)`: what `fit` and `evaluate` use.
+    pub fn compile(&mut self, optimizer: Optimizer, loss: Loss, metrics: &[Metric]) {
+        self.training = Some(TrainState {
+            optimizer,
+            loss,
+            metrics: metrics.to_vec(),
+            slots: Vec::new(),
+            iterations: 0,
+        });
+    }
+
+    fn apply_gradients(&mut self, grads: Vec<ArrayD<f32>>) -> R<()> {
+        let params = self.trainable();
+        let mut st = self.training.take().ok_or_else(|| KerasError::Layer {
+            layer: self.name.clone(),
+            msg: "call compile() before fit()".into(),
+        })?;
+        st.iterations += 1;
+        if st.slots.len() != params.len() {
+            st.slots = params
+                .iter()
+                .map(|&(s, k)| OptSlot::zeros(self.slots[s].weights[k].value.raw_dim()))
+                .collect();
+        }
+        let t = st.iterations;
+        for ((&(s, k), g), slot) in params.iter().zip(grads).zip(&mut st.slots) {
+            let w = &mut self.slots[s].weights[k].value;
+            st.optimizer.update(w, &g, slot, t);
+        }
+        self.training = Some(st);
+        Ok(())
+    }
+
+    /// `fit`: trains on `x` (model inputs) and `y` (targets) for `epochs`, in batches,
+    /// shuffling with `seed`; prints Keras's progress line per epoch when `verbose`.
+    pub fn fit(&mut self, x: &[Tensor], y: &Tensor, opts: &FitOptions) -> R<History> {
+        let state = self.training.as_ref().ok_or_else(|| KerasError::Layer {
+            layer: self.name.clone(),
+            msg: "call compile() before fit()".into(),
+        })?;
+        let (loss, metrics) = (state.loss, state.metrics.clone());
+        let n = y.shape().first().copied().unwrap_or(0);
+        for (i, xi) in x.iter().enumerate() {
+            if xi.shape().first() != Some(&n) {
+                return Err(KerasError::Input {
+                    input: format!("x[{i}]"),
+                    msg: format!(
+                        "{} samples, the targets have {n}",
+                        xi.shape().first().unwrap_or(&0)
+                    ),
+                });
+            }
+        }
+        // validation_data wins over validation_split (taken from the end, as Keras).
+        let (train_idx, val): (Vec<usize>, Option<(Vec<Tensor>, Tensor)>) =
+            match (&opts.validation_data, opts.validation_split) {
+                (Some((vx, vy)), _) => ((0..n).collect(), Some((vx.clone(), vy.clone()))),
+                (None, s) if s > 0.0 => {
+                    let nv = ((n as f64) * s as f64).floor() as usize;
+                    let cut = n - nv;
+                    let idx: Vec<usize> = (cut..n).collect();
+                    let vx = x
+                        .iter()
+                        .map(|t| take_rows(t, &idx))
+                        .collect::<R<Vec<_>>>()?;
+                    let vy = take_rows(y, &idx)?;
+                    ((0..cut).collect(), Some((vx, vy)))
+                }
+                _ => ((0..n).collect(), None),
+            };
+        let bs = opts.batch_size.max(1);
+        let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(opts.seed);
+        let mut history = History::default();
+        for epoch in 0..opts.epochs {
+            let start = Instant::now();
+            let mut order = train_idx.clone();
+            if opts.shuffle {
+                use rand::seq::SliceRandom;
+                order.shuffle(&mut rng);
+            }
+            let steps = order.len().div_ceil(bs);
+            let (mut loss_sum, mut seen) = (0f64, 0usize);
+            let mut mstate = vec![(0f64, 0usize); metrics.len()];
+            for (b, chunk) in order.chunks(bs).enumerate() {
+                let bx = x
+                    .iter()
+                    .map(|t| take_rows(t, chunk))
+                    .collect::<R<Vec<_>>>()?;
+                let by = take_rows(y, chunk)?;
+                let gr = self.gradients(&bx, &by, loss, 0, true)?;
+                if !gr.loss.is_finite() {
+                    return Err(KerasError::Layer {
+                        layer: self.name.clone(),
+                        msg: format!(
+                            "the loss became {} at epoch {}, batch {}",
+                            gr.loss,
+                            epoch + 1,
+                            b + 1
+                        ),
+                    });
+                }
+                self.apply_gradients(gr.grads)?;
+                loss_sum += gr.loss as f64 * chunk.len() as f64;
+                seen += chunk.len();
+                for (m, st) in metrics.iter().zip(&mut mstate) {
+                    let (c, k) = m.count(&gr.outputs[0], &by, loss)?;
+                    st.0 += c;
+                    st.1 += k;
+                }
+                if opts.verbose && opts.progress_every_batch {
+                    eprint!(
+                        "\r{}/{} [{}] - loss: {:.4}",
+                        b + 1,
+                        steps,
+                        bar(b + 1, steps),
+                        loss_sum / seen.max(1) as f64
+                    );
+                }
+            }
+            let mut logs: Vec<(String, f64)> = vec![("loss".into(), loss_sum / seen.max(1) as f64)];
+            for (m, st) in metrics.iter().zip(&mstate) {
+                logs.push((m.name().into(), st.0 / st.1.max(1) as f64));
+            }
+            if let Some((vx, vy)) = &val {
+                let ev = self.evaluate_with(vx, vy, bs, loss, &metrics)?;
+                logs.push(("val_loss".into(), ev.loss));
+                for (name, v) in ev.metrics {
+                    logs.push((format!("val_{name}"), v));
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            for (k, v) in &logs {
+                history.push(k, *v);
+            }
+            history.epoch_seconds.push(secs);
+            if opts.verbose {
+                let ms_step = secs * 1000.0 / steps.max(1) as f64;
+                let parts: Vec<String> = logs.iter().map(|(k, v)| format!("{k}: {v:.4}")).collect();
+                if opts.progress_every_batch {
+                    eprintln!();
+                }
+                println!("Epoch {}/{}", epoch + 1, opts.epochs);
+                println!(
+                    "{steps}/{steps} [{}] - {:.0}s {:.0}ms/step - {}",
+                    bar(steps, steps),
+                    secs,
+                    ms_step,
+                    parts.join(" - ")
+                );
+            }
+            for cb in &opts.callbacks {
+                cb(epoch, &history);
+            }
+        }
+        Ok(history)
+    }
+
+    /// `evaluate`: the compiled loss and metrics over `x`, `y` in inference mode.
+    pub fn evaluate(&mut self, x: &[Tensor], y: &Tensor, batch_size: usize) -> R<Evaluation> {
+        let state = self.training.as_ref().ok_or_else(|| KerasError::Layer {
+            layer: self.name.clone(),
+            msg: "call compile() before evaluate()".into(),
+        })?;
+        let (loss, metrics) = (state.loss, state.metrics.clone());
+        self.evaluate_with(x, y, batch_size, loss, &metrics)
+    }
+
+    fn evaluate_with(
+        &mut self,
+        x: &[Tensor],
+        y: &Tensor,
+        batch_size: usize,
+        loss: Loss,
+        metrics: &[Metric],
+    ) -> R<Evaluation> {
+        let n = y.shape().first().copied().unwrap_or(0);
+        let idx: Vec<usize> = (0..n).collect();
+        let (mut loss_sum, mut seen) = (0f64, 0usize);
+        let mut mstate = vec![(0f64, 0usize); metrics.len()];
+        for chunk in idx.chunks(batch_size.max(1)) {
+            let bx = x
+                .iter()
+                .map(|t| take_rows(t, chunk))
+                .collect::<R<Vec<_>>>()?;
+            let by = take_rows(y, chunk)?;
+            let out = self.predict(&bx)?;
+            let l = loss_value(loss, &out[0], &by)?;
+            loss_sum += l * chunk.len() as f64;
+            seen += chunk.len();
+            for (m, st) in metrics.iter().zip(&mut mstate) {
+                let (c, k) = m.count(&out[0], &by, loss)?;
+                st.0 += c;
+                st.1 += k;
+            }
+        }
+        Ok(Evaluation {
+            loss: loss_sum / seen.max(1) as f64,
+            metrics: metrics
+                .iter()
+                .zip(&mstate)
+                .map(|(m, st)| (m.name().to_string(), st.0 / st.1.max(1) as f64))
+                .collect(),
+        })
+    }
+}
+
+/// The loss computed on the host (for `evaluate`), Keras's definitions.
+pub fn loss_value(loss: Loss, output: &Tensor, targets: &Tensor) -> R<f64> {
+    let y = output.to_f64_vec();
+    let t = targets.to_f64_vec();
+    let c = *output.shape().last().unwrap_or(&1);
+    let eps = 1e-7;
+    let bad = |msg: String| KerasError::Input {
+        input: "targets".into(),
+        msg,
+    };
+    Ok(match loss {
+        Loss::MeanSquaredError | Loss::MeanAbsoluteError | Loss::BinaryCrossentropy { .. } => {
+            if y.len() != t.len() {
+                return Err(bad(format!(
+                    "{} target values for {} outputs",
+                    t.len(),
+                    y.len()
+                )));
+            }
+            let per = |(a, b): (&f64, &f64)| match loss {
+                Loss::MeanSquaredError => (a - b).powi(2),
+                Loss::MeanAbsoluteError => (a - b).abs(),
+                Loss::BinaryCrossentropy { from_logits: true } => {
+                    let sp = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+                    b * sp(-a) + (1.0 - b) * sp(*a)
+                }
+                _ => {
+                    let p = a.clamp(eps, 1.0 - eps);
+                    -(b * p.ln() + (1.0 - b) * (1.0 - p).ln())
+                }
+            };
+            y.iter().zip(&t).map(per).sum::<f64>() / y.len().max(1) as f64
+        }
+        Loss::SparseCategoricalCrossentropy { from_logits }
+        | Loss::CategoricalCrossentropy { from_logits } => {
+            let rows = y.len() / c.max(1);
+            let sparse = matches!(loss, Loss::SparseCategoricalCrossentropy { .. });
+            if (sparse && t.len() != rows) || (!sparse && t.len() != y.len()) {
+                return Err(bad(format!("{} targets for {rows} rows", t.len())));
+            }
+            let mut sum = 0.0;
+            for r in 0..rows {
+                let row = &y[r * c..(r + 1) * c];
+                let lp: Vec<f64> = if from_logits {
+                    let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                    row.iter().map(|v| v - lse).collect()
+                } else {
+                    let s: f64 = row.iter().sum();
+                    row.iter()
+                        .map(|v| (v / s).clamp(eps, 1.0 - eps).ln())
+                        .collect()
+                };
+                if sparse {
+                    let k = t[r];
+                    if !(k >= 0.0 && (k as usize) < c) {
+                        return Err(bad(format!("class id {k} is not in 0..{c}")));
+                    }
+                    sum -= lp[k as usize];
+                } else {
+                    sum -= (0..c).map(|j| t[r * c + j] * lp[j]).sum::<f64>();
+                }
+            }
+            sum / rows.max(1) as f64
+        }
+    })
+}
+
+fn bar(done: usize, total: usize) -> String {
+    let w = 30;
+    let filled = (done * w) / total.max(1);
+    if filled >= w {
+        "=".repeat(w)
+    } else {
+        format!("{}>{}", "=".repeat(filled), ".".repeat(w - filled - 1))
+    }
+}
+
+/// Rows `idx` of a tensor's first axis.
+pub fn take_rows(t: &Tensor, idx: &[usize]) -> R<Tensor> {
+    macro_rules! rows {
+        ($a:expr, $v:ident) => {
+            Tensor::$v($a.select(Axis(0), idx))
+        };
+    }
+    Ok(match t {
+        Tensor::F32(a) => rows!(a, F32),
+        Tensor::F64(a) => rows!(a, F64),
+        Tensor::I32(a) => rows!(a, I32),
+        Tensor::I64(a) => rows!(a, I64),
+        Tensor::U8(a) => rows!(a, U8),
+        other => {
+            return Err(KerasError::Input {
+                input: "x".into(),
+                msg: format!("dtype {} is not supported for training data", other.dtype()),
+            })
+        }
+    })
+}
+
+/// A metric, by its Keras name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// `accuracy`: picks the right variant for the loss (sparse, categorical, binary).
+    Accuracy,
+    /// `sparse_categorical_accuracy`.
+    SparseCategoricalAccuracy,
+    /// `categorical_accuracy`.
+    CategoricalAccuracy,
+    /// `binary_accuracy` (threshold 0.5).
+    BinaryAccuracy,
+}
+
+impl Metric {
+    /// The name Keras prints.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy",
+            Metric::SparseCategoricalAccuracy => "sparse_categorical_accuracy",
+            Metric::CategoricalAccuracy => "categorical_accuracy",
+            Metric::BinaryAccuracy => "binary_accuracy",
+        }
+    }
+
+    /// (correct, counted) on one batch.
+    fn count(&self, out: &Tensor, y: &Tensor, loss: Loss) -> R<(f64, usize)> {
+        let kind = match self {
+            Metric::Accuracy => match loss {
+                Loss::SparseCategoricalCrossentropy { .. } => Metric::SparseCategoricalAccuracy,
+                Loss::CategoricalCrossentropy { .. } => Metric::CategoricalAccuracy,
+                _ => Metric::BinaryAccuracy,
+            },
+            m => *m,
+        };
+        let o = out.to_f64_vec();
+        let t = y.to_f64_vec();
+        let c = *out.shape().last().unwrap_or(&1);
+        let argmax = |row: &[f64]| {
+            row.iter()
+                .enumerate()
+                .fold(
+                    (0, f64::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0
+        };
+        Ok(match kind {
+            Metric::SparseCategoricalAccuracy => {
+                let rows = o.len() / c.max(1);
+                let hits = (0..rows)
+                    .filter(|&r| {
+                        t.get(r)
+                            .is_some_and(|&k| argmax(&o[r * c..(r + 1) * c]) as f64 == k)
+                    })
+                    .count();
+                (hits as f64, rows)
+            }
+            Metric::CategoricalAccuracy => {
+                let rows = o.len() / c.max(1);
+                let hits = (0..rows)
+                    .filter(|&r| argmax(&o[r * c..(r + 1) * c]) == argmax(&t[r * c..(r + 1) * c]))
+                    .count();
+                (hits as f64, rows)
+            }
+            _ => {
+                let logits = matches!(loss, Loss::BinaryCrossentropy { from_logits: true });
+                let th = if logits { 0.0 } else { 0.5 };
+                let hits = o
+                    .iter()
+                    .zip(&t)
+                    .filter(|(p, y)| ((**p > th) as i32 as f64) == **y)
+                    .count();
+                (hits as f64, o.len())
+            }
+        })
+    }
+}
+
+/// An optimizer with Keras's update rules and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    /// `SGD(learning_rate=0.01, momentum=0.0, nesterov=False)`.
+    SGD {
+        /// The learning rate.
+        learning_rate: f32,
+        /// Momentum.
+        momentum: f32,
+        /// Nesterov momentum.
+        nesterov: bool,
+    },
+    /// `Adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7)`.
+    Adam {
+        /// The learning rate.
+        learning_rate: f32,
+        /// β₁.
+        beta_1: f32,
+        /// β₂.
+        beta_2: f32,
+        /// ε.
+        epsilon: f32,
+    },
+    /// `RMSprop(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7)`.
+    RMSprop {
+        /// The learning rate.
+        learning_rate: f32,
+        /// ρ.
+        rho: f32,
+        /// Momentum.
+        momentum: f32,
+        /// ε.
+        epsilon: f32,
+    },
+}
+
+impl Optimizer {
+    /// `keras.optimizers.SGD()` with its defaults.
+    pub fn sgd() -> Optimizer {
+        Optimizer::SGD {
+            learning_rate: 0.01,
+            momentum: 0.0,
+            nesterov: false,
+        }
+    }
+    /// `keras.optimizers.Adam()` with its defaults.
+    pub fn adam() -> Optimizer {
+        Optimizer::Adam {
+            learning_rate: 0.001,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-7,
+        }
+    }
+    /// `keras.optimizers.RMSprop()` with its defaults.
+    pub fn rmsprop() -> Optimizer {
+        Optimizer::RMSprop {
+            learning_rate: 0.001,
+            rho: 0.9,
+            momentum: 0.0,
+            epsilon: 1e-7,
+        }
+    }
+
+    /// One Keras update of `w` with gradient `g` at step `t` (1-based).
+    fn update(&self, w: &mut ArrayD<f32>, g: &ArrayD<f32>, s: &mut OptSlot, t: u64) {
+        match *self {
+            Optimizer::SGD {
+                learning_rate: lr,
+                momentum,
+                nesterov,
+            } => {
+                if momentum == 0.0 {
+                    w.zip_mut_with(g, |w, &g| *w -= lr * g);
+                    return;
+                }
+                // Keras 3: m = momentum·m − lr·g; w += m (nesterov: w += momentum·m − lr·g)
+                ndarray::Zip::from(&mut *w)
+                    .and(&mut s.m)
+                    .and(g)
+                    .for_each(|w, m, &g| {
+                        *m = momentum * *m - lr * g;
+                        if nesterov {
+                            *w += momentum * *m - lr * g;
+                        } else {
+                            *w += *m;
+                        }
+                    });
+            }
+            Optimizer::Adam {
+                learning_rate: lr,
+                beta_1: b1,
+                beta_2: b2,
+                epsilon: eps,
+            } => {
+                // Keras 3: alpha = lr·√(1 − β₂ᵗ)/(1 − β₁ᵗ); m += (g − m)(1 − β₁);
+                // v += (g² − v)(1 − β₂); w −= alpha·m/(√v + ε)
+                let t = t as i32;
+                let alpha = lr * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
+                ndarray::Zip::from(&mut *w)
+                    .and(&mut s.m)
+                    .and(&mut s.v)
+                    .and(g)
+                    .for_each(|w, m, v, &g| {
+                        *m += (g - *m) * (1.0 - b1);
+                        *v += (g * g - *v) * (1.0 - b2);
+                        *w -= alpha * *m / (v.sqrt() + eps);
+                    });
+            }
+            Optimizer::RMSprop {
+                learning_rate: lr,
+                rho,
+                momentum,
+                epsilon: eps,
+            } => {
+                // Keras 3: v = ρv + (1 − ρ)g²; inc = lr·g/√(v + ε);
+                // momentum: m = momentum·m + inc, w −= m; else w −= inc
+                ndarray::Zip::from(&mut *w)
+                    .and(&mut s.v)
+                    .and(&mut s.m)
+                    .and(g)
+                    .for_each(|w, v, m, &g| {
+                        *v = rho * *v + (1.0 - rho) * g * g;
+                        let inc = lr * g / (*v + eps).sqrt();
+                        if momentum > 0.0 {
+                            *m = momentum * *m + inc;
+                            *w -= *m;
+                        } else {
+                            *w -= inc;
+                        }
+                    });
+            }
+        }
+    }
+}
+
+impl fmt::Display for Optimizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Optimizer::SGD { .. } => f.write_str("SGD"),
+            Optimizer::Adam { .. } => f.write_str("Adam"),
+            Optimizer::RMSprop { .. } => f.write_str("RMSprop"),
+        }
+    }
+}
+
+/// Per-weight optimizer state.
+#[derive(Clone, Debug)]
+pub(crate) struct OptSlot {
+    m: ArrayD<f32>,
+    v: ArrayD<f32>,
+}
+
+impl OptSlot {
+    fn zeros(dim: IxDyn) -> OptSlot {
+        OptSlot {
+            m: ArrayD::zeros(dim.clone()),
+            v: ArrayD::zeros(dim),
+        }
+    }
+}
+
+/// What `compile` set up.
+#[derive(Clone, Debug)]
+pub(crate) struct TrainState {
+    optimizer: Optimizer,
+    loss: Loss,
+    metrics: Vec<Metric>,
+    slots: Vec<OptSlot>,
+    iterations: u64,
+}
+
+/// A callback run after each epoch with the epoch index and the history so far.
+pub type Callback = Box<dyn Fn(usize, &History)>;
+
+/// Options of [`Model::fit`], with Keras's defaults.
+pub struct FitOptions {
+    /// Samples per gradient step (default 32).
+    pub batch_size: usize,
+    /// Passes over the data (default 1).
+    pub epochs: usize,
+    /// Fraction of the data, from the end, held out for validation.
+    pub validation_split: f32,
+    /// Validation inputs and targets (wins over `validation_split`).
+    pub validation_data: Option<(Vec<Tensor>, Tensor)>,
+    /// Shuffle the training samples every epoch (default true).
+    pub shuffle: bool,
+    /// The shuffling seed.
+    pub seed: u64,
+    /// Print the progress line per epoch.
+    pub verbose: bool,
+    /// Also redraw the progress bar after every batch (on standard error).
+    pub progress_every_batch: bool,
+    /// Run after each epoch.
+    pub callbacks: Vec<Callback>,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            batch_size: 32,
+            epochs: 1,
+            validation_split: 0.0,
+            validation_data: None,
+            shuffle: true,
+            seed: 0,
+            verbose: true,
+            progress_every_batch: false,
+            callbacks: Vec::new(),
+        }
+    }
+}
+
+/// `History.history`: one value per epoch for each logged quantity.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct History {
+    /// (name, per-epoch values), in the order Keras logs them.
+    pub history: Vec<(String, Vec<f64>)>,
+    /// Wall time of each epoch in seconds.
+    pub epoch_seconds: Vec<f64>,
+}
+
+impl History {
+    fn push(&mut self, key: &str, v: f64) {
+        match self.history.iter_mut().find(|(k, _)| k == key) {
+            Some((_, vals)) => vals.push(v),
+            None => self.history.push((key.to_string(), vec![v])),
+        }
+    }
+
+    /// The values logged under `key` (`loss`, `val_accuracy`, ...).
+    pub fn get(&self, key: &str) -> Option<&[f64]> {
+        self.history
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// What `evaluate` returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    /// The mean loss.
+    pub loss: f64,
+    /// (metric name, value).
+    pub metrics: Vec<(String, f64)>,
+}
