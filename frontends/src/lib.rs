@@ -20,6 +20,7 @@ pub mod bench;
 pub mod cli;
 pub mod conformance;
 pub mod keras;
+pub mod mnist;
 pub mod npy;
 
 pub use cellgraph_autodiff as autodiff;

@@ -746,6 +746,15 @@ pub(crate) fn recurrent(
     if rec.return_sequences {
         body_outs.push(out);
     }
+    // A value listed twice among the body outputs (h is the new state and the step's
+    // output) gets an Identity: onnxruntime mis-handles repeated graph outputs.
+    let mut seen = std::collections::HashSet::new();
+    let mut be = Emit::new(&mut body, "out");
+    for o in &mut body_outs {
+        if !seen.insert(*o) {
+            *o = be.op(Op::Identity {}, &[*o], "copy")?;
+        }
+    }
     body.set_outputs(body_outs)?;
 
     let mut ins = init.clone();

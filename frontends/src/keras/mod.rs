@@ -22,6 +22,7 @@
 //! ```
 
 pub mod conformance;
+mod export;
 pub mod import;
 pub mod init;
 pub mod layers;

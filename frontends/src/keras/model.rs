@@ -6,7 +6,7 @@ use super::lower::{self, Emit};
 use super::KerasError;
 use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
 use cellgraph_backends::{Backend, Data, Plan};
-use cellgraph_ir::{DType, Graph, Op, Tensor, ValueRef, ValueType};
+use cellgraph_ir::{DType, Dim, Graph, Op, Tensor, TensorType, ValueRef, ValueType};
 use ndarray::{ArrayD, IxDyn};
 use std::collections::HashMap;
 
@@ -734,13 +734,53 @@ impl Model {
         training: bool,
         weights_as_inputs: bool,
     ) -> R<Lowered> {
+        let dims: Vec<(DType, Vec<Dim>)> = sig
+            .iter()
+            .map(|(dt, s)| (*dt, s.iter().map(|&d| Dim::Known(d as u64)).collect()))
+            .collect();
+        self.lower_dims(&dims, training, weights_as_inputs)
+    }
+
+    /// The names of the model's inputs (their Input layers).
+    pub fn input_names(&self) -> Vec<String> {
+        self.inputs
+            .iter()
+            .map(|t| {
+                self.slots[self.nodes[self.tensors[t.0].node].slot]
+                    .name
+                    .clone()
+            })
+            .collect()
+    }
+
+    /// The dtypes the model's inputs declare (`float32` unless an Input says otherwise).
+    pub fn input_dtypes(&self) -> Vec<DType> {
+        self.inputs
+            .iter()
+            .map(
+                |t| match &self.slots[self.nodes[self.tensors[t.0].node].slot].layer {
+                    Layer::Input(i) => dtype_of(&i.dtype).unwrap_or(DType::F32),
+                    _ => DType::F32,
+                },
+            )
+            .collect()
+    }
+
+    pub(crate) fn lower_dims(
+        &self,
+        sig: &[(DType, Vec<Dim>)],
+        training: bool,
+        weights_as_inputs: bool,
+    ) -> R<Lowered> {
         let mut g = Graph::new(self.name.clone());
         let mut feeds = Vec::new();
         let mut vals: HashMap<KerasTensor, (ValueRef, Option<ValueRef>)> = HashMap::new();
-        for (i, (t, (dt, shape))) in self.inputs.iter().zip(sig).enumerate() {
+        for (i, (t, (dt, dims))) in self.inputs.iter().zip(sig).enumerate() {
             let slot = &self.slots[self.nodes[self.tensors[t.0].node].slot];
-            let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-            let v = g.add_input(&slot.name, ValueType::tensor(*dt, &dims))?;
+            let v = g.add_input(
+                &slot.name,
+                ValueType::Tensor(TensorType::with_dims(*dt, dims.clone())),
+            )?;
             feeds.push(Feed::Input(i));
             let want = match &slot.layer {
                 Layer::Input(i) => dtype_of(&i.dtype).ok_or_else(|| KerasError::Unsupported {
@@ -777,8 +817,8 @@ impl Model {
         let batch = sig
             .first()
             .and_then(|(_, s)| s.first())
-            .copied()
-            .unwrap_or(0);
+            .cloned()
+            .unwrap_or(Dim::Unknown);
         for node in &self.nodes {
             let slot = &self.slots[node.slot];
             if matches!(slot.layer, Layer::Input(_)) {
@@ -829,7 +869,10 @@ impl Model {
                     feeds.push(Feed::State(node.slot, k));
                     v.push(g.add_input(
                         &format!("{}/state_{k}", slot.name),
-                        ValueType::tensor(DType::F32, &[batch as u64, s as u64]),
+                        ValueType::Tensor(TensorType::with_dims(
+                            DType::F32,
+                            vec![batch.clone(), Dim::Known(s as u64)],
+                        )),
                     )?);
                 }
                 init = Some(v);

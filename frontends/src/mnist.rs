@@ -1,0 +1,261 @@
+//! MNIST in IDX format (gzip-compressed or raw), and the bundled 10,000-digit subset.
+//!
+//! The bundled files (`frontends/data/mnist-10k`, real MNIST digits; see its README and
+//! licence) are compiled into the binary, so the main job needs no download. A folder
+//! with the four standard file names (`train-images-idx3-ubyte[.gz]`, ...) reads the full
+//! 60,000/10,000 MNIST the same way.
+
+use flate2::read::GzDecoder;
+use ndarray::{ArrayD, IxDyn};
+use std::io::Read;
+use std::path::Path;
+
+/// An IDX or MNIST loading error, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {msg}")]
+pub struct IdxError {
+    /// The file (or bundled name).
+    pub file: String,
+    /// What is wrong.
+    pub msg: String,
+}
+
+/// The largest IDX payload accepted (bytes): far above full MNIST (47 MB).
+pub const MAX_IDX_BYTES: usize = 1 << 30;
+
+/// A decoded IDX file of unsigned bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Idx {
+    /// The dimensions.
+    pub dims: Vec<usize>,
+    /// The values, row-major.
+    pub data: Vec<u8>,
+}
+
+/// Parses an IDX file (ubyte data only), gunzipping it first when it starts with the
+/// gzip magic.
+pub fn parse_idx(bytes: &[u8], file: &str) -> Result<Idx, IdxError> {
+    let err = |msg: String| IdxError {
+        file: file.to_string(),
+        msg,
+    };
+    let raw: Vec<u8>;
+    let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        GzDecoder::new(bytes)
+            .take(MAX_IDX_BYTES as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| err(format!("gzip: {e}")))?;
+        if out.len() > MAX_IDX_BYTES {
+            return Err(err(format!("more than {MAX_IDX_BYTES} bytes uncompressed")));
+        }
+        raw = out;
+        &raw[..]
+    } else {
+        bytes
+    };
+    if bytes.len() < 4 {
+        return Err(err("shorter than the 4-byte IDX magic".into()));
+    }
+    if bytes[0] != 0 || bytes[1] != 0 {
+        return Err(err(format!(
+            "bad magic {:02x}{:02x}{:02x}{:02x} (IDX starts with two zero bytes)",
+            bytes[0], bytes[1], bytes[2], bytes[3]
+        )));
+    }
+    if bytes[2] != 0x08 {
+        return Err(err(format!(
+            "data type 0x{:02x} (only unsigned bytes, 0x08, are supported)",
+            bytes[2]
+        )));
+    }
+    let rank = bytes[3] as usize;
+    let header = 4 + 4 * rank;
+    if rank == 0 || bytes.len() < header {
+        return Err(err(format!(
+            "a header of rank {rank} does not fit the file"
+        )));
+    }
+    let mut dims = Vec::with_capacity(rank);
+    let mut total: usize = 1;
+    for k in 0..rank {
+        let b = &bytes[4 + 4 * k..8 + 4 * k];
+        let d = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        total = total
+            .checked_mul(d)
+            .filter(|&t| t <= MAX_IDX_BYTES)
+            .ok_or_else(|| err(format!("dimensions {dims:?} × {d} are too large")))?;
+        dims.push(d);
+    }
+    let payload = &bytes[header..];
+    if payload.len() != total {
+        return Err(err(format!(
+            "dimensions {dims:?} need {total} bytes, the file has {}",
+            payload.len()
+        )));
+    }
+    Ok(Idx {
+        dims,
+        data: payload.to_vec(),
+    })
+}
+
+/// A train/test split of MNIST: images as `(n, 28, 28)` floats in [0, 1], labels 0–9.
+#[derive(Clone, Debug)]
+pub struct Mnist {
+    /// Training images.
+    pub train_images: ArrayD<f32>,
+    /// Training labels.
+    pub train_labels: Vec<u8>,
+    /// Test images.
+    pub test_images: ArrayD<f32>,
+    /// Test labels.
+    pub test_labels: Vec<u8>,
+}
+
+const FILES: [&str; 4] = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+];
+
+static BUNDLED: [&[u8]; 4] = [
+    include_bytes!("../data/mnist-10k/train-images-idx3-ubyte.gz"),
+    include_bytes!("../data/mnist-10k/train-labels-idx1-ubyte.gz"),
+    include_bytes!("../data/mnist-10k/t10k-images-idx3-ubyte.gz"),
+    include_bytes!("../data/mnist-10k/t10k-labels-idx1-ubyte.gz"),
+];
+
+impl Mnist {
+    /// The bundled subset: 7,996 training and 2,004 test digits.
+    pub fn bundled() -> Result<Mnist, IdxError> {
+        let files: Vec<(String, Vec<u8>)> = FILES
+            .iter()
+            .zip(BUNDLED)
+            .map(|(n, b)| (format!("bundled {n}.gz"), b.to_vec()))
+            .collect();
+        Mnist::from_files(files)
+    }
+
+    /// Reads the four files from `dir` (`<name>.gz` or `<name>`).
+    pub fn load(dir: &Path) -> Result<Mnist, IdxError> {
+        let mut files = Vec::new();
+        for n in FILES {
+            let gz = dir.join(format!("{n}.gz"));
+            let plain = dir.join(n);
+            let path = if gz.is_file() { gz } else { plain };
+            let bytes = std::fs::read(&path).map_err(|e| IdxError {
+                file: path.display().to_string(),
+                msg: e.to_string(),
+            })?;
+            files.push((path.display().to_string(), bytes));
+        }
+        Mnist::from_files(files)
+    }
+
+    fn from_files(files: Vec<(String, Vec<u8>)>) -> Result<Mnist, IdxError> {
+        let mut parsed = Vec::new();
+        for (name, bytes) in &files {
+            parsed.push((name.clone(), parse_idx(bytes, name)?));
+        }
+        let images = |(name, idx): &(String, Idx)| -> Result<ArrayD<f32>, IdxError> {
+            if idx.dims.len() != 3 {
+                return Err(IdxError {
+                    file: name.clone(),
+                    msg: format!("images of shape {:?}, expected (n, rows, cols)", idx.dims),
+                });
+            }
+            let v: Vec<f32> = idx.data.iter().map(|&b| b as f32 / 255.0).collect();
+            ArrayD::from_shape_vec(IxDyn(&idx.dims), v).map_err(|e| IdxError {
+                file: name.clone(),
+                msg: e.to_string(),
+            })
+        };
+        let labels = |(name, idx): &(String, Idx), n: usize| -> Result<Vec<u8>, IdxError> {
+            if idx.dims != [n] {
+                return Err(IdxError {
+                    file: name.clone(),
+                    msg: format!("labels of shape {:?}, expected ({n},)", idx.dims),
+                });
+            }
+            if let Some(bad) = idx.data.iter().find(|&&l| l > 9) {
+                return Err(IdxError {
+                    file: name.clone(),
+                    msg: format!("label {bad} is not a digit"),
+                });
+            }
+            Ok(idx.data.clone())
+        };
+        let train_images = images(&parsed[0])?;
+        let test_images = images(&parsed[2])?;
+        Ok(Mnist {
+            train_labels: labels(&parsed[1], train_images.shape()[0])?,
+            test_labels: labels(&parsed[3], test_images.shape()[0])?,
+            train_images,
+            test_images,
+        })
+    }
+}
+
+/// A 28×28 digit drawn with characters, darkest pixels as `@`.
+pub fn render_digit(img: &ndarray::ArrayView2<f32>) -> String {
+    let ramp: &[u8] = b" .:-=+*#%@";
+    let mut s = String::new();
+    for row in img.rows() {
+        for &v in row {
+            let k = ((v.clamp(0.0, 1.0) * (ramp.len() - 1) as f32).round()) as usize;
+            let c = ramp[k] as char;
+            s.push(c);
+            s.push(c);
+        }
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_subset_has_the_documented_counts() {
+        let m = Mnist::bundled().unwrap();
+        assert_eq!(m.train_images.shape(), &[7996, 28, 28]);
+        assert_eq!(m.test_images.shape(), &[2004, 28, 28]);
+        let mut per = [0usize; 10];
+        for &l in &m.train_labels {
+            per[l as usize] += 1;
+        }
+        assert_eq!(per, [800, 901, 792, 825, 784, 690, 811, 856, 755, 782]);
+        assert!(m.train_images.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn malformed_idx_is_a_clear_error() {
+        let e = parse_idx(&[0, 0, 8], "x").unwrap_err().to_string();
+        assert!(e.contains("x: shorter than"), "{e}");
+        let e = parse_idx(&[1, 0, 8, 1, 0, 0, 0, 1, 5], "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad magic"), "{e}");
+        let e = parse_idx(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 5], "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data type 0x0d"), "{e}");
+        let e = parse_idx(&[0, 0, 8, 1, 0, 0, 0, 2, 5], "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("need 2 bytes, the file has 1"), "{e}");
+        // 2^32-ish dimensions are refused before allocating.
+        let e = parse_idx(&[0, 0, 8, 2, 255, 255, 255, 255, 255, 255, 255, 255], "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too large"), "{e}");
+        let e = parse_idx(&[0x1f, 0x8b, 0, 0], "x").unwrap_err().to_string();
+        assert!(e.contains("gzip"), "{e}");
+        let ok = parse_idx(&[0, 0, 8, 1, 0, 0, 0, 2, 5, 6], "x").unwrap();
+        assert_eq!(ok.dims, vec![2]);
+        assert_eq!(ok.data, vec![5, 6]);
+    }
+}

@@ -1,0 +1,139 @@
+//! Keras models round-trip through `Model::save` / `load_model` and predict identically;
+//! their exported inference ONNX files import back and predict the same on the CPU
+//! backend, and run in onnxruntime with Keras's outputs (tests/python/check_keras_onnx.py;
+//! needs `CELLGRAPH_PYTHON` with onnx and onnxruntime, else skips with the reason unless
+//! `CELLGRAPH_REQUIRE_PYTHON=1`).
+
+use cellgraph::backends::cpu::{CpuBackend, Recurrent};
+use cellgraph::backends::{Backend, Data, Plan};
+use cellgraph::ir::Tensor;
+use cellgraph::keras::conformance::find_cases;
+use cellgraph::keras::load_model;
+use cellgraph_tests::conformance_dir;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn inference_cases() -> Vec<PathBuf> {
+    let root = conformance_dir();
+    let mut cases = find_cases(&root.join("keras"));
+    cases.extend(find_cases(&root.join("keras-options")));
+    cases
+        .into_iter()
+        .filter(|c| {
+            let meta = std::fs::read_to_string(c.join("meta.json")).unwrap_or_default();
+            !meta.contains("\"call_training\": true") && meta.contains("\"stateful_steps\": null")
+        })
+        .collect()
+}
+
+fn inputs(case: &Path) -> Vec<Tensor> {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("meta.json")).unwrap()).unwrap();
+    meta["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| cellgraph::npy::read(&case.join(e["file"].as_str().unwrap()), None).unwrap())
+        .collect()
+}
+
+#[test]
+fn saved_models_load_back_and_predict_identically() {
+    let cases = inference_cases();
+    assert!(cases.len() >= 19, "{}", cases.len());
+    for case in cases {
+        let mut m = load_model(&case).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+        let x = inputs(&case);
+        let a = m.predict(&x).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        m.save(dir.path()).unwrap();
+        let mut back =
+            load_model(dir.path()).unwrap_or_else(|e| panic!("{}: reload: {e}", case.display()));
+        assert_eq!(back.summary(), m.summary(), "{}", case.display());
+        let b = back.predict(&x).unwrap();
+        assert_eq!(a, b, "{}", case.display());
+    }
+}
+
+#[test]
+fn exported_onnx_imports_back_and_predicts_the_same() {
+    for case in inference_cases() {
+        let mut m = load_model(&case).unwrap();
+        let x = inputs(&case);
+        let want = m.predict(&x).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.onnx");
+        m.save_onnx(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+        let onnx = cellgraph::ir::onnx::Model::load(&path).unwrap();
+        let mut plan = CpuBackend::new(Recurrent::Fused)
+            .compile(&onnx.graph)
+            .unwrap();
+        let dts = m.input_dtypes();
+        let data: Vec<Data> = x
+            .iter()
+            .zip(dts)
+            .map(|(t, dt)| {
+                Data::Tensor(Tensor::from_f64_vec(dt, t.shape(), &t.to_f64_vec()).unwrap())
+            })
+            .collect();
+        let got = plan.run(data).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            let g = g.tensor().unwrap();
+            assert_eq!(g.shape(), w.shape(), "{}", case.display());
+            let d = g
+                .to_f64_vec()
+                .iter()
+                .zip(w.to_f64_vec())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(d < 1e-6, "{}: {d}", case.display());
+        }
+    }
+}
+
+#[test]
+fn exported_onnx_runs_in_onnxruntime_with_kerass_outputs() {
+    let py = std::env::var("CELLGRAPH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import onnx, onnxruntime, numpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        let why = "SKIPPED keras onnx interop: no Python with onnx, onnxruntime and numpy (set CELLGRAPH_PYTHON)";
+        if std::env::var("CELLGRAPH_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
+            panic!("{why}, but CELLGRAPH_REQUIRE_PYTHON=1");
+        }
+        eprintln!("{why}");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let cases = inference_cases();
+    for case in &cases {
+        let m = load_model(case).unwrap();
+        let dst = out.path().join(case.file_name().unwrap());
+        std::fs::create_dir_all(&dst).unwrap();
+        m.save_onnx(&dst.join("model.onnx")).unwrap();
+    }
+    let root = conformance_dir();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/check_keras_onnx.py");
+    let res = Command::new(&py)
+        .arg(&script)
+        .arg(out.path())
+        .arg(root.join("keras"))
+        .arg(root.join("keras-options"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(
+        text.lines().last(),
+        Some(format!("{} passed, 0 failed", cases.len()).as_str()),
+        "{text}"
+    );
+}
