@@ -55,6 +55,37 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The main job: train the Keras guide's MNIST model (rows as sequences:
+    /// LSTM(64) → BatchNormalization → Dense(10)) on the bundled 10,000 digits, print its
+    /// summary, a progress line per epoch and a test digit with its prediction; save the
+    /// model, its inference ONNX graph and the loss/accuracy curves.
+    Mnist {
+        /// A folder with the full MNIST (`train-images-idx3-ubyte[.gz]`, ...) instead of
+        /// the bundled subset.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Training epochs.
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// The optimizer (Keras defaults: Adam lr 0.001, SGD lr 0.01, RMSprop lr 0.001).
+        #[arg(long, value_enum, default_value = "adam")]
+        optimizer: OptimizerArg,
+        /// Override the optimizer's learning rate.
+        #[arg(long)]
+        learning_rate: Option<f32>,
+        /// `lstm` (the LSTM layer) or `rnn-lstmcell` (RNN(LSTMCell(64))).
+        #[arg(long, value_enum, default_value = "lstm")]
+        cell: CellArg,
+        /// Seed for weights, shuffling and dropout.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder.
+        #[arg(long, default_value = "mnist-out")]
+        out: PathBuf,
+    },
     /// Print an ONNX model: opset imports, inputs and outputs with shapes, parameter
     /// count, and the IR text (one line per node).
     Inspect {
@@ -153,6 +184,26 @@ pub enum Suite {
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
     },
+}
+
+/// `--optimizer` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum OptimizerArg {
+    /// Adam.
+    Adam,
+    /// Stochastic gradient descent.
+    Sgd,
+    /// RMSprop.
+    Rmsprop,
+}
+
+/// `--cell` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum CellArg {
+    /// `LSTM(64)`.
+    Lstm,
+    /// `RNN(LSTMCell(64))`.
+    RnnLstmcell,
 }
 
 /// `--recurrent` values.
@@ -438,6 +489,51 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             println!("{passed} passed, {failed} failed");
             Ok(if failed > 0 || cases.is_empty() { 1 } else { 0 })
+        }
+        Command::Mnist {
+            data,
+            epochs,
+            batch_size,
+            optimizer,
+            learning_rate,
+            cell,
+            seed,
+            out,
+        } => {
+            use crate::keras::Optimizer;
+            let mut opt = match optimizer {
+                OptimizerArg::Adam => Optimizer::adam(),
+                OptimizerArg::Sgd => Optimizer::sgd(),
+                OptimizerArg::Rmsprop => Optimizer::rmsprop(),
+            };
+            if let Some(lr) = learning_rate {
+                if !(lr > 0.0 && lr.is_finite()) {
+                    return Err(CliError::Usage(format!(
+                        "--learning-rate {lr}: must be a positive number"
+                    )));
+                }
+                match &mut opt {
+                    Optimizer::Adam { learning_rate, .. }
+                    | Optimizer::SGD { learning_rate, .. }
+                    | Optimizer::RMSprop { learning_rate, .. } => *learning_rate = lr,
+                }
+            }
+            if epochs == 0 || batch_size == 0 {
+                return Err(CliError::Usage(
+                    "--epochs and --batch-size must be positive".into(),
+                ));
+            }
+            let opts = crate::mnist::JobOptions {
+                data,
+                epochs,
+                batch_size,
+                optimizer: opt,
+                rnn_lstmcell: matches!(cell, CellArg::RnnLstmcell),
+                seed,
+                out,
+            };
+            crate::mnist::main_job(&opts).map_err(CliError::Run)?;
+            Ok(0)
         }
         Command::Inspect { file, dot } => {
             if is_keras(&file) {

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod conformance;
 pub mod keras;
 pub mod mnist;
+pub mod plot;
 pub mod npy;
 
 pub use cellgraph_autodiff as autodiff;

@@ -259,3 +259,137 @@ mod tests {
         assert_eq!(ok.data, vec![5, 6]);
     }
 }
+
+/// Options of the main job (`cellgraph mnist`).
+#[derive(Clone, Debug)]
+pub struct JobOptions {
+    /// A folder with the full MNIST files; `None` uses the bundled subset.
+    pub data: Option<std::path::PathBuf>,
+    /// Training epochs.
+    pub epochs: usize,
+    /// Batch size.
+    pub batch_size: usize,
+    /// The optimizer.
+    pub optimizer: crate::keras::Optimizer,
+    /// `RNN(LSTMCell(64))` instead of `LSTM(64)`.
+    pub rnn_lstmcell: bool,
+    /// Weight initialisation, shuffling and dropout seed.
+    pub seed: u64,
+    /// Where the trained model, its ONNX graph and the curves go.
+    pub out: std::path::PathBuf,
+}
+
+/// What the main job measured.
+#[derive(Clone, Debug)]
+pub struct JobReport {
+    /// The training history (loss, accuracy, val_loss, val_accuracy per epoch).
+    pub history: crate::keras::History,
+    /// The final validation accuracy.
+    pub val_accuracy: f64,
+}
+
+/// The guide's MNIST model: rows of a digit as a sequence of 28 steps of 28 pixels,
+/// `LSTM(64)` (or `RNN(LSTMCell(64))`) → `BatchNormalization` → `Dense(10)` logits.
+pub fn guide_model(rnn_lstmcell: bool, seed: u64) -> Result<crate::keras::Model, crate::keras::KerasError> {
+    use crate::keras::{BatchNormalization, Dense, Input, LSTMCell, Layer, Sequential, LSTM, RNN};
+    let rnn: Layer = if rnn_lstmcell {
+        RNN::new(LSTMCell::new(64)).into()
+    } else {
+        LSTM::new(64).into()
+    };
+    let mut m = Sequential::with_seed(seed);
+    m.add(Input::new(&[None, Some(28)]))?;
+    m.add(rnn)?;
+    m.add(BatchNormalization::new())?;
+    m.add(Dense::new(10))?;
+    Ok(m)
+}
+
+/// The main job: trains the guide's model on MNIST rows as sequences, prints the
+/// summary, a progress line per epoch and one test digit with its prediction, and
+/// writes the model (`OUT/model/`), its inference ONNX graph (`OUT/mnist_lstm.onnx`)
+/// and the loss/accuracy curves (`OUT/curves.png`).
+pub fn main_job(o: &JobOptions) -> Result<JobReport, String> {
+    use crate::ir::Tensor;
+    use crate::keras::{FitOptions, Loss, Metric};
+    let e = |err: crate::keras::KerasError| err.to_string();
+    let data = match &o.data {
+        Some(dir) => Mnist::load(dir).map_err(|err| err.to_string())?,
+        None => Mnist::bundled().map_err(|err| err.to_string())?,
+    };
+    println!(
+        "MNIST: {} training and {} test digits ({})",
+        data.train_labels.len(),
+        data.test_labels.len(),
+        o.data
+            .as_ref()
+            .map_or("bundled subset".to_string(), |d| d.display().to_string())
+    );
+    let mut model = guide_model(o.rnn_lstmcell, o.seed).map_err(e)?;
+    print!("{}", model.summary());
+    model.compile(
+        o.optimizer,
+        Loss::SparseCategoricalCrossentropy { from_logits: true },
+        &[Metric::Accuracy],
+    );
+    let labels = |v: &[u8]| {
+        Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).expect("labels"))
+    };
+    let x = Tensor::F32(data.train_images.clone());
+    let y = labels(&data.train_labels);
+    let vx = Tensor::F32(data.test_images.clone());
+    let vy = labels(&data.test_labels);
+    let opts = FitOptions {
+        batch_size: o.batch_size,
+        epochs: o.epochs,
+        validation_data: Some((vec![vx.clone()], vy)),
+        seed: o.seed,
+        ..Default::default()
+    };
+    let history = model.fit(&[x], &y, &opts).map_err(e)?;
+    let series = |k: &str| history.get(k).map(<[f64]>::to_vec).unwrap_or_default();
+    let val_accuracy = series("val_accuracy").last().copied().unwrap_or(0.0);
+
+    std::fs::create_dir_all(&o.out).map_err(|err| format!("{}: {err}", o.out.display()))?;
+    let mdir = o.out.join("model");
+    model.save(&mdir).map_err(e)?;
+    let onnx = o.out.join("mnist_lstm.onnx");
+    model.save_onnx(&onnx).map_err(e)?;
+    let png = o.out.join("curves.png");
+    crate::plot::training_curves(
+        &png,
+        &series("loss"),
+        &series("val_loss"),
+        &series("accuracy"),
+        &series("val_accuracy"),
+    )?;
+    println!(
+        "saved {} (Keras model.json + weights), {} (inference ONNX), {} (curves)",
+        mdir.display(),
+        onnx.display(),
+        png.display()
+    );
+
+    // One test digit, as the guide shows with matplotlib.
+    let digit = data.test_images.index_axis(ndarray::Axis(0), 0);
+    let digit2 = digit
+        .clone()
+        .into_dimensionality::<ndarray::Ix2>()
+        .map_err(|err| err.to_string())?;
+    let one = digit.to_owned().insert_axis(ndarray::Axis(0));
+    let logits = model.predict(&[Tensor::F32(one)]).map_err(e)?;
+    let l = logits[0].to_f64_vec();
+    let pred = (0..l.len())
+        .max_by(|&a, &b| l[a].total_cmp(&l[b]))
+        .unwrap_or(0);
+    print!("{}", render_digit(&digit2));
+    println!(
+        "Predicted result is: {pred}, target result is: {}",
+        data.test_labels[0]
+    );
+    println!("val_accuracy: {val_accuracy:.4}");
+    Ok(JobReport {
+        history,
+        val_accuracy,
+    })
+}
