@@ -143,6 +143,8 @@ pub const WITH_RULES: &[&str] = &[
     "ReduceMin",
     "BatchNormalization",
     "Scan",
+    "Tile",
+    "Einsum",
 ];
 
 /// Runs the rule for `cx.op`.
@@ -610,6 +612,8 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
             batch_norm(e, cx, *epsilon)
         }
         Op::Scan { .. } => scan(e, cx),
+        Op::Tile {} => tile(e, cx),
+        Op::Einsum { equation } => einsum(e, cx, equation),
         _ => Err(no_rule()),
     }
 }
@@ -1069,4 +1073,116 @@ fn scan(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         .map(|(w, name)| (name, at(n + w)))
         .collect();
     Ok(Grads { inputs, outer })
+}
+
+fn tile(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    // y = tile(x, r): along each axis y[k·s + i] = x[i]; sum the r copies.
+    let g = cx.g()?;
+    let xs = e.static_shape(cx.input(0)?, "the input of Tile")?;
+    let reps = cx
+        .const_ints(1)
+        .ok_or_else(|| cx.unsupported("repeats that are not a constant"))?;
+    if reps.len() != xs.len() || reps.iter().any(|&r| r < 1) {
+        return Err(cx.unsupported(format!("repeats {reps:?} for a rank-{} input", xs.len())));
+    }
+    let mut split = Vec::new();
+    let mut axes = Vec::new();
+    for (k, (&s, &r)) in xs.iter().zip(&reps).enumerate() {
+        split.push(r as usize);
+        split.push(s);
+        axes.push(2 * k as i64);
+    }
+    let r = e.reshape(g, &split)?;
+    let s = e.reduce_sum(r, &axes, false)?;
+    let s = e.reshape(s, &xs)?;
+    Ok(Grads {
+        inputs: vec![Some(s), None],
+        outer: vec![],
+    })
+}
+
+/// Splits an einsum equation into operand specs and the output spec (letters only).
+fn parse_einsum(eq: &str, n: usize) -> Option<(Vec<Vec<char>>, Vec<char>)> {
+    let eq: String = eq.chars().filter(|c| !c.is_whitespace()).collect();
+    if eq.contains("...") {
+        return None;
+    }
+    let (lhs, out) = match eq.split_once("->") {
+        Some((l, o)) => (l.to_string(), Some(o.to_string())),
+        None => (eq.clone(), None),
+    };
+    let ins: Vec<Vec<char>> = lhs.split(',').map(|s| s.chars().collect()).collect();
+    if ins.len() != n || ins.iter().flatten().any(|c| !c.is_ascii_alphabetic()) {
+        return None;
+    }
+    let out: Vec<char> = match out {
+        Some(o) => o.chars().collect(),
+        None => {
+            // Implicit output: the letters that appear once, in alphabetical order.
+            let mut once: Vec<char> = ins
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|c| ins.iter().flatten().filter(|d| *d == c).count() == 1)
+                .collect();
+            once.sort_unstable();
+            once
+        }
+    };
+    Some((ins, out))
+}
+
+fn einsum(e: &mut Emit, cx: &NodeCx, equation: &str) -> Result<Grads> {
+    let g = cx.g()?;
+    let n = cx.ins.len();
+    let (specs, out) = parse_einsum(equation, n)
+        .ok_or_else(|| cx.unsupported(format!("equation {equation:?} (ellipsis or malformed)")))?;
+    let mut grads = Vec::new();
+    for i in 0..n {
+        if !cx.need(i) {
+            grads.push(None);
+            continue;
+        }
+        let spec = &specs[i];
+        let mut seen = std::collections::HashSet::new();
+        if !spec.iter().all(|c| seen.insert(*c)) {
+            return Err(cx.unsupported(format!("a repeated index in operand {i} (a diagonal)")));
+        }
+        // Letters of this operand that appear nowhere else were summed away: the gradient
+        // is constant along them (computed without them, then expanded).
+        let elsewhere = |c: &char| {
+            out.contains(c)
+                || specs
+                    .iter()
+                    .enumerate()
+                    .any(|(j, s)| j != i && s.contains(c))
+        };
+        let kept: Vec<char> = spec.iter().copied().filter(elsewhere).collect();
+        let mut terms = vec![out.iter().collect::<String>()];
+        let mut operands = vec![g];
+        for (j, s) in specs.iter().enumerate() {
+            if j != i {
+                terms.push(s.iter().collect());
+                operands.push(cx.input(j)?);
+            }
+        }
+        let eq = format!("{}->{}", terms.join(","), kept.iter().collect::<String>());
+        let mut r = e.op(Op::Einsum { equation: eq }, &operands, "einsum_grad")?;
+        let shape = e.static_shape(cx.input(i)?, "an Einsum operand")?;
+        if kept.len() != spec.len() {
+            let missing: Vec<i64> = spec
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !kept.contains(c))
+                .map(|(k, _)| k as i64)
+                .collect();
+            r = e.unsqueeze(r, &missing)?;
+            r = e.expand(r, &shape)?;
+        }
+        grads.push(Some(r));
+    }
+    Ok(Grads {
+        inputs: grads,
+        outer: vec![],
+    })
 }

@@ -21,8 +21,8 @@ pub mod cli;
 pub mod conformance;
 pub mod keras;
 pub mod mnist;
-pub mod plot;
 pub mod npy;
+pub mod plot;
 
 pub use cellgraph_autodiff as autodiff;
 pub use cellgraph_backends as backends;

@@ -290,7 +290,10 @@ pub struct JobReport {
 
 /// The guide's MNIST model: rows of a digit as a sequence of 28 steps of 28 pixels,
 /// `LSTM(64)` (or `RNN(LSTMCell(64))`) → `BatchNormalization` → `Dense(10)` logits.
-pub fn guide_model(rnn_lstmcell: bool, seed: u64) -> Result<crate::keras::Model, crate::keras::KerasError> {
+pub fn guide_model(
+    rnn_lstmcell: bool,
+    seed: u64,
+) -> Result<crate::keras::Model, crate::keras::KerasError> {
     use crate::keras::{BatchNormalization, Dense, Input, LSTMCell, Layer, Sequential, LSTM, RNN};
     let rnn: Layer = if rnn_lstmcell {
         RNN::new(LSTMCell::new(64)).into()

@@ -1,0 +1,575 @@
+//! The gradient pass against central finite differences in f64: random small graphs of
+//! the differentiable ops, random recurrent configurations (ONNX LSTM/GRU/RNN lowered to
+//! Scan loops, differentiated through the loop), a gradient of a gradient, and the list
+//! of ops without a VJP rule.
+
+use cellgraph::autodiff::{differentiability, grad, Differentiability};
+use cellgraph::backends::cpu::{CpuBackend, Recurrent};
+use cellgraph::backends::{lower::lower_recurrent, Backend, Data, Plan};
+use cellgraph::ir::{DType, Graph, Op, OpKind, Tensor, ValueRef, ValueType};
+use proptest::prelude::*;
+
+fn v(id: cellgraph::ir::NodeId) -> ValueRef {
+    ValueRef { node: id, slot: 0 }
+}
+
+fn t64(shape: &[usize], vals: &[f64]) -> Tensor {
+    Tensor::from_f64_vec(DType::F64, shape, vals).unwrap()
+}
+
+fn konst(g: &mut Graph, name: &str, t: Tensor) -> ValueRef {
+    v(g.add_node(
+        "",
+        Op::Constant {
+            value: Some(t),
+            value_float: None,
+            value_floats: None,
+            value_int: None,
+            value_ints: None,
+        },
+        &[],
+        &[name],
+    )
+    .unwrap())
+}
+
+fn run(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {
+    let mut plan = CpuBackend::new(Recurrent::Fused).compile(g).unwrap();
+    plan.run(inputs.iter().cloned().map(Data::Tensor).collect())
+        .unwrap()
+        .into_iter()
+        .map(|d| d.into_tensor().unwrap())
+        .collect()
+}
+
+/// Compares the pass's gradients of output `loss_index` with central differences for every
+/// element of the graph inputs; returns the worst relative error.
+fn check_against_fd(g: &Graph, loss: ValueRef, inputs: &[Tensor]) -> f64 {
+    let wrt = g.input_values();
+    let dg = grad(g, loss, &wrt).unwrap_or_else(|e| panic!("grad: {e}"));
+    cellgraph::ir::verify(&dg).unwrap();
+    let outs = run(&dg, inputs);
+    let n_out = g.outputs().len();
+    let li = g
+        .outputs()
+        .iter()
+        .position(|&o| o == loss)
+        .expect("loss is an output");
+    let f = |xs: &[Tensor]| run(g, xs)[li].to_f64_vec()[0];
+    let h = 1e-6;
+    let mut worst: f64 = 0.0;
+    for (k, x) in inputs.iter().enumerate() {
+        let got = outs[n_out + k].to_f64_vec();
+        let base = x.to_f64_vec();
+        for i in 0..base.len() {
+            let mut p = base.clone();
+            p[i] += h;
+            let mut m = base.clone();
+            m[i] -= h;
+            let mut xp = inputs.to_vec();
+            xp[k] = t64(x.shape(), &p);
+            let mut xm = inputs.to_vec();
+            xm[k] = t64(x.shape(), &m);
+            let fd = (f(&xp) - f(&xm)) / (2.0 * h);
+            let err = (got[i] - fd).abs() / got[i].abs().max(fd.abs()).max(1.0);
+            worst = worst.max(err);
+        }
+    }
+    worst
+}
+
+/// A random program over values of shape [2, 3]: each step applies one op to earlier
+/// values; the loss is Σ(last ⊙ C).
+fn random_graph(steps: &[(u8, usize, usize)], consts: &[f64]) -> (Graph, ValueRef) {
+    let mut g = Graph::new("random");
+    let x = g
+        .add_input("x", ValueType::tensor(DType::F64, &[2, 3]))
+        .unwrap();
+    let w = g
+        .add_input("w", ValueType::tensor(DType::F64, &[3, 3]))
+        .unwrap();
+    let mut vals = vec![x];
+    for (k, &(op, a, b)) in steps.iter().enumerate() {
+        let a = vals[a % vals.len()];
+        let b = vals[b % vals.len()];
+        let name = format!("s{k}");
+        let un = |g: &mut Graph, op: Op| v(g.add_node("", op, &[Some(a)], &[&name]).unwrap());
+        let bin = |g: &mut Graph, op: Op, l: ValueRef, r: ValueRef| {
+            v(g.add_node("", op, &[Some(l), Some(r)], &[&name]).unwrap())
+        };
+        let out = match op % 18 {
+            0 => un(&mut g, Op::Tanh {}),
+            1 => un(&mut g, Op::Sigmoid {}),
+            2 => un(&mut g, Op::Softplus {}),
+            3 => un(&mut g, Op::Softsign {}),
+            4 => bin(&mut g, Op::Add {}, a, b),
+            5 => bin(&mut g, Op::Mul {}, a, b),
+            6 => bin(&mut g, Op::Sub {}, a, b),
+            7 => bin(&mut g, Op::MatMul {}, a, w),
+            8 => un(&mut g, Op::Softmax { axis: Some(1) }),
+            9 => un(&mut g, Op::LogSoftmax { axis: Some(-1) }),
+            10 => {
+                // a / (1 + b²): a safe denominator
+                let bb = v(g
+                    .add_node("", Op::Mul {}, &[Some(b), Some(b)], &[&format!("sq{k}")])
+                    .unwrap());
+                let one = konst(&mut g, &format!("one{k}"), t64(&[], &[1.0]));
+                let d = v(g
+                    .add_node(
+                        "",
+                        Op::Add {},
+                        &[Some(bb), Some(one)],
+                        &[&format!("den{k}")],
+                    )
+                    .unwrap());
+                bin(&mut g, Op::Div {}, a, d)
+            }
+            11 => {
+                // Broadcast: a + mean over rows of b.
+                let ax = konst(&mut g, &format!("ax{k}"), Tensor::vec_i64(&[0]));
+                let m = v(g
+                    .add_node(
+                        "",
+                        Op::ReduceMean {
+                            axes: None,
+                            keepdims: 1,
+                            noop_with_empty_axes: 0,
+                        },
+                        &[Some(b), Some(ax)],
+                        &[&format!("mean{k}")],
+                    )
+                    .unwrap());
+                bin(&mut g, Op::Add {}, a, m)
+            }
+            12 => {
+                // Transpose, Reshape back.
+                let t = v(g
+                    .add_node(
+                        "",
+                        Op::Transpose {
+                            perm: Some(vec![1, 0]),
+                        },
+                        &[Some(a)],
+                        &[&format!("t{k}")],
+                    )
+                    .unwrap());
+                let s = konst(&mut g, &format!("shape{k}"), Tensor::vec_i64(&[2, 3]));
+                bin(&mut g, Op::Reshape { allowzero: 0 }, t, s)
+            }
+            13 => {
+                // Concat then Slice the second half.
+                let c = v(g
+                    .add_node(
+                        "",
+                        Op::Concat { axis: 1 },
+                        &[Some(a), Some(b)],
+                        &[&format!("cat{k}")],
+                    )
+                    .unwrap());
+                let st = konst(&mut g, &format!("st{k}"), Tensor::vec_i64(&[2]));
+                let en = konst(&mut g, &format!("en{k}"), Tensor::vec_i64(&[5]));
+                let axs = konst(&mut g, &format!("axs{k}"), Tensor::vec_i64(&[1]));
+                let sl = v(g
+                    .add_node(
+                        "",
+                        Op::Slice {},
+                        &[Some(c), Some(st), Some(en), Some(axs)],
+                        &[&format!("sl{k}")],
+                    )
+                    .unwrap());
+                // [2, 3] again
+                sl
+            }
+            14 => {
+                let z = konst(&mut g, &format!("z{k}"), t64(&[], &[0.0]));
+                let c = v(g
+                    .add_node(
+                        "",
+                        Op::Greater {},
+                        &[Some(b), Some(z)],
+                        &[&format!("cond{k}")],
+                    )
+                    .unwrap());
+                v(
+                    g.add_node("", Op::Where {}, &[Some(c), Some(a), Some(b)], &[&name])
+                        .unwrap(),
+                )
+            }
+            15 => {
+                // Einsum: (a ⊙ b) summed over rows, times w, broadcast back over rows.
+                let e1 = v(g
+                    .add_node(
+                        "",
+                        Op::Einsum {
+                            equation: "ij,ij,jk->k".into(),
+                        },
+                        &[Some(a), Some(b), Some(w)],
+                        &[&format!("ein{k}")],
+                    )
+                    .unwrap());
+                bin(&mut g, Op::Add {}, a, e1)
+            }
+            16 => {
+                // Tile rows twice, keep rows 1..3.
+                let r = konst(&mut g, &format!("reps{k}"), Tensor::vec_i64(&[2, 1]));
+                let t = v(g
+                    .add_node("", Op::Tile {}, &[Some(a), Some(r)], &[&format!("tile{k}")])
+                    .unwrap());
+                let st = konst(&mut g, &format!("st{k}"), Tensor::vec_i64(&[1]));
+                let en = konst(&mut g, &format!("en{k}"), Tensor::vec_i64(&[3]));
+                let axs = konst(&mut g, &format!("axs{k}"), Tensor::vec_i64(&[0]));
+                v(g.add_node(
+                    "",
+                    Op::Slice {},
+                    &[Some(t), Some(st), Some(en), Some(axs)],
+                    &[&name],
+                )
+                .unwrap())
+            }
+            _ => {
+                // Gather rows [1, 0] then Split/Concat round trip.
+                let idx = konst(&mut g, &format!("idx{k}"), Tensor::vec_i64(&[1, 0]));
+                let ga = v(g
+                    .add_node(
+                        "",
+                        Op::Gather { axis: 0 },
+                        &[Some(a), Some(idx)],
+                        &[&format!("g{k}")],
+                    )
+                    .unwrap());
+                let sz = konst(&mut g, &format!("sz{k}"), Tensor::vec_i64(&[1, 2]));
+                let sp = g
+                    .add_node(
+                        "",
+                        Op::Split {
+                            axis: 1,
+                            split: None,
+                            num_outputs: None,
+                        },
+                        &[Some(ga), Some(sz)],
+                        &[&format!("sa{k}"), &format!("sb{k}")],
+                    )
+                    .unwrap();
+                let (p, q) = (
+                    ValueRef { node: sp, slot: 0 },
+                    ValueRef { node: sp, slot: 1 },
+                );
+                v(
+                    g.add_node("", Op::Concat { axis: 1 }, &[Some(q), Some(p)], &[&name])
+                        .unwrap(),
+                )
+            }
+        };
+        vals.push(out);
+    }
+    let last = *vals.last().unwrap();
+    let c = konst(&mut g, "C", t64(&[2, 3], consts));
+    let prod = v(g
+        .add_node("", Op::Mul {}, &[Some(last), Some(c)], &["prod"])
+        .unwrap());
+    let loss = v(g
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(prod)],
+            &["loss"],
+        )
+        .unwrap());
+    g.set_outputs(vec![loss]).unwrap();
+    (g, loss)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_graphs_match_finite_differences(
+        steps in prop::collection::vec((0u8..18, 0usize..8, 0usize..8), 1..7),
+        x in prop::collection::vec(-1.5f64..1.5, 6),
+        w in prop::collection::vec(-1.0f64..1.0, 9),
+        c in prop::collection::vec(-1.0f64..1.0, 6),
+    ) {
+        let (g, loss) = random_graph(&steps, &c);
+        let worst = check_against_fd(&g, loss, &[t64(&[2, 3], &x), t64(&[3, 3], &w)]);
+        prop_assert!(worst < 1e-6, "relative error {worst} for {steps:?}");
+    }
+}
+
+/// An ONNX recurrent op on f64 inputs, lowered to a Scan loop; loss = Σ(Y ⊙ C) + Σ Y_h.
+fn recurrent_graph(
+    kind: u8,
+    hidden: usize,
+    input: usize,
+    batch: usize,
+    steps: usize,
+    dir: u8,
+    lbr: bool,
+) -> (Graph, ValueRef, Vec<usize>) {
+    let gates = match kind {
+        0 => 4,
+        1 => 3,
+        _ => 1,
+    };
+    let nd = if dir == 2 { 2 } else { 1 };
+    let direction = ["forward", "reverse", "bidirectional"][dir as usize].to_string();
+    let mut g = Graph::new("rnn");
+    let x = g
+        .add_input(
+            "X",
+            ValueType::tensor(DType::F64, &[steps as u64, batch as u64, input as u64]),
+        )
+        .unwrap();
+    let w = g
+        .add_input(
+            "W",
+            ValueType::tensor(
+                DType::F64,
+                &[nd as u64, (gates * hidden) as u64, input as u64],
+            ),
+        )
+        .unwrap();
+    let r = g
+        .add_input(
+            "R",
+            ValueType::tensor(
+                DType::F64,
+                &[nd as u64, (gates * hidden) as u64, hidden as u64],
+            ),
+        )
+        .unwrap();
+    let b = g
+        .add_input(
+            "B",
+            ValueType::tensor(DType::F64, &[nd as u64, (2 * gates * hidden) as u64]),
+        )
+        .unwrap();
+    let h0 = g
+        .add_input(
+            "H0",
+            ValueType::tensor(DType::F64, &[nd as u64, batch as u64, hidden as u64]),
+        )
+        .unwrap();
+    let op = match kind {
+        0 => Op::LSTM {
+            activation_alpha: None,
+            activation_beta: None,
+            activations: None,
+            clip: None,
+            direction,
+            hidden_size: Some(hidden as i64),
+            input_forget: 0,
+            layout: 0,
+        },
+        1 => Op::GRU {
+            activation_alpha: None,
+            activation_beta: None,
+            activations: None,
+            clip: None,
+            direction,
+            hidden_size: Some(hidden as i64),
+            layout: 0,
+            linear_before_reset: i64::from(lbr),
+        },
+        _ => Op::RNN {
+            activation_alpha: None,
+            activation_beta: None,
+            activations: None,
+            clip: None,
+            direction,
+            hidden_size: Some(hidden as i64),
+            layout: 0,
+        },
+    };
+    let ins = vec![Some(x), Some(w), Some(r), Some(b), None, Some(h0)];
+    let id = g.add_node("cell", op, &ins, &["Y", "Y_h"]).unwrap();
+    let (y, yh) = (
+        ValueRef { node: id, slot: 0 },
+        ValueRef { node: id, slot: 1 },
+    );
+    let ysum = v(g
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(y)],
+            &["ysum"],
+        )
+        .unwrap());
+    let ysq = v(g
+        .add_node("", Op::Mul {}, &[Some(yh), Some(yh)], &["yhsq"])
+        .unwrap());
+    let hsum = v(g
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(ysq)],
+            &["hsum"],
+        )
+        .unwrap());
+    let loss = v(g
+        .add_node("", Op::Add {}, &[Some(ysum), Some(hsum)], &["loss"])
+        .unwrap());
+    g.set_outputs(vec![loss]).unwrap();
+    let lowered = lower_recurrent(&g).unwrap();
+    let loss = lowered.outputs()[0];
+    (
+        lowered,
+        loss,
+        vec![
+            steps * batch * input,
+            nd * gates * hidden * input,
+            nd * gates * hidden * hidden,
+            nd * 2 * gates * hidden,
+            nd * batch * hidden,
+        ],
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn recurrent_loops_match_finite_differences(
+        kind in 0u8..3, hidden in 1usize..4, input in 1usize..4, batch in 1usize..3,
+        steps in 1usize..4, dir in 0u8..3, lbr in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let (g, loss, sizes) = recurrent_graph(kind, hidden, input, batch, steps, dir, lbr);
+        let mut s = seed | 1;
+        let mut rnd = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; ((s >> 11) as f64 / (1u64 << 53) as f64) * 1.6 - 0.8 };
+        let shapes: Vec<Vec<usize>> = g.input_values().iter().map(|&i| g.value(i).ty.dims().unwrap().iter().map(|d| d.known().unwrap() as usize).collect()).collect();
+        let inputs: Vec<Tensor> = shapes.iter().zip(&sizes).map(|(sh, &n)| t64(sh, &(0..n).map(|_| rnd()).collect::<Vec<_>>())).collect();
+        let worst = check_against_fd(&g, loss, &inputs);
+        prop_assert!(worst < 1e-6, "relative error {worst}");
+    }
+}
+
+#[test]
+fn gradient_of_a_gradient_matches_finite_differences() {
+    // f(x, w) = Σ tanh(x·w); h = Σ (∂f/∂x ⊙ V); check ∂h/∂x and ∂h/∂w.
+    let mut g = Graph::new("f");
+    let x = g
+        .add_input("x", ValueType::tensor(DType::F64, &[2, 3]))
+        .unwrap();
+    let w = g
+        .add_input("w", ValueType::tensor(DType::F64, &[3, 2]))
+        .unwrap();
+    let m = v(g
+        .add_node("", Op::MatMul {}, &[Some(x), Some(w)], &["m"])
+        .unwrap());
+    let t = v(g.add_node("", Op::Tanh {}, &[Some(m)], &["t"]).unwrap());
+    let f = v(g
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(t)],
+            &["f"],
+        )
+        .unwrap());
+    g.set_outputs(vec![f]).unwrap();
+    let mut dg = grad(&g, f, &[x]).unwrap();
+    let gx = dg.outputs()[1];
+    let vv = konst(
+        &mut dg,
+        "V",
+        t64(&[2, 3], &[0.3, -0.7, 0.2, 0.9, -0.1, 0.5]),
+    );
+    let p = v(dg
+        .add_node("", Op::Mul {}, &[Some(gx), Some(vv)], &["p"])
+        .unwrap());
+    let h = v(dg
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(p)],
+            &["h"],
+        )
+        .unwrap());
+    dg.set_outputs(vec![h]).unwrap();
+    let inputs = [
+        t64(&[2, 3], &[0.1, -0.4, 0.8, 0.5, 0.2, -0.9]),
+        t64(&[3, 2], &[0.7, -0.3, 0.2, 0.6, -0.5, 0.4]),
+    ];
+    let worst = check_against_fd(&dg, h, &inputs);
+    assert!(worst < 1e-6, "relative error {worst}");
+}
+
+#[test]
+fn every_differentiable_op_has_a_vjp_rule_or_is_named() {
+    let missing: Vec<&str> = OpKind::ALL
+        .iter()
+        .filter(|k| differentiability(**k) == Differentiability::Missing)
+        .map(|k| k.info().name)
+        .collect();
+    // The fused recurrent ops are differentiated through their Scan lowering
+    // (lower them first with `cellgraph::backends::lower::lower_recurrent`), the rest have no rule yet; any other op
+    // without a rule fails this test by name.
+    let known = ["LSTM", "GRU", "RNN", "Loop", "If"];
+    let unexpected: Vec<&&str> = missing.iter().filter(|m| !known.contains(m)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "differentiable ops without a VJP rule: {unexpected:?}"
+    );
+    eprintln!("ops without a VJP rule (documented): {missing:?}");
+    // And the pass refuses them by name.
+    let mut f = Graph::new("fused");
+    let xx = f
+        .add_input("X", ValueType::tensor(DType::F32, &[2, 1, 2]))
+        .unwrap();
+    let ww = f
+        .add_input("W", ValueType::tensor(DType::F32, &[1, 4, 2]))
+        .unwrap();
+    let rr = f
+        .add_input("R", ValueType::tensor(DType::F32, &[1, 4, 4]))
+        .unwrap();
+    let y = f
+        .add_node(
+            "my_rnn",
+            Op::RNN {
+                activation_alpha: None,
+                activation_beta: None,
+                activations: None,
+                clip: None,
+                direction: "forward".into(),
+                hidden_size: Some(4),
+                layout: 0,
+            },
+            &[Some(xx), Some(ww), Some(rr)],
+            &["Y"],
+        )
+        .map(v)
+        .unwrap();
+    let s = v(f
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(y)],
+            &["s"],
+        )
+        .unwrap());
+    f.set_outputs(vec![s]).unwrap();
+    let e = grad(&f, s, &[ww]).unwrap_err().to_string();
+    assert_eq!(e, "no VJP rule for op RNN at node my_rnn");
+}
