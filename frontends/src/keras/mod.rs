@@ -38,7 +38,9 @@ pub use layers::{
     SimpleRNNCell, StackedRNNCells, TimeDistributed, GRU, LSTM, RNN,
 };
 pub use model::{CallArgs, Functional, KerasTensor, LayerId, Model, Sequential, Weight};
-pub use train::{Evaluation, FitOptions, Gradients, History, Loss, Metric, Optimizer};
+pub use train::{
+    Evaluation, FitOptions, Gradients, History, Loss, Metric, Optimizer, OptimizerState,
+};
 
 /// Errors of the Keras frontend; each names the layer, input or file concerned.
 #[derive(Debug, thiserror::Error)]

@@ -426,8 +426,7 @@ impl Model {
             optimizer,
             loss,
             metrics: metrics.to_vec(),
-            slots: Vec::new(),
-            iterations: 0,
+            state: OptimizerState::default(),
         });
     }
 
@@ -437,20 +436,20 @@ impl Model {
             layer: self.name.clone(),
             msg: "call compile() before fit()".into(),
         })?;
-        st.iterations += 1;
-        if st.slots.len() != params.len() {
-            st.slots = params
-                .iter()
-                .map(|&(s, k)| OptSlot::zeros(self.slots[s].weights[k].value.raw_dim()))
-                .collect();
-        }
-        let t = st.iterations;
-        for ((&(s, k), g), slot) in params.iter().zip(grads).zip(&mut st.slots) {
-            let w = &mut self.slots[s].weights[k].value;
-            st.optimizer.update(w, &g, slot, t);
+        let mut values: Vec<ArrayD<f32>> = params
+            .iter()
+            .map(|&(s, k)| std::mem::take(&mut self.slots[s].weights[k].value))
+            .collect();
+        let res = {
+            let mut refs: Vec<&mut ArrayD<f32>> = values.iter_mut().collect();
+            st.optimizer
+                .apply_gradients(&mut st.state, &mut refs, &grads)
+        };
+        for (&(s, k), v) in params.iter().zip(values) {
+            self.slots[s].weights[k].value = v;
         }
         self.training = Some(st);
-        Ok(())
+        res
     }
 
     /// `fit`: trains on `x` (model inputs) and `y` (targets) for `epochs`, in batches,
@@ -940,6 +939,52 @@ impl Optimizer {
     }
 }
 
+/// An optimizer's per-weight state (momenta, second moments) and its step count.
+#[derive(Clone, Debug, Default)]
+pub struct OptimizerState {
+    slots: Vec<OptSlot>,
+    iterations: u64,
+}
+
+impl Optimizer {
+    /// One update of `weights` with `grads` (same order and shapes), as Keras's
+    /// `optimizer.apply_gradients`; `state` carries the moments between calls.
+    pub fn apply_gradients(
+        &self,
+        state: &mut OptimizerState,
+        weights: &mut [&mut ArrayD<f32>],
+        grads: &[ArrayD<f32>],
+    ) -> R<()> {
+        if weights.len() != grads.len() {
+            return Err(KerasError::Weights(format!(
+                "{} weights and {} gradients",
+                weights.len(),
+                grads.len()
+            )));
+        }
+        for (w, g) in weights.iter().zip(grads) {
+            if w.shape() != g.shape() {
+                return Err(KerasError::Weights(format!(
+                    "a gradient of shape {:?} for a weight of shape {:?}",
+                    g.shape(),
+                    w.shape()
+                )));
+            }
+        }
+        if state.slots.len() != weights.len() {
+            state.slots = weights
+                .iter()
+                .map(|w| OptSlot::zeros(w.raw_dim()))
+                .collect();
+        }
+        state.iterations += 1;
+        for ((w, g), slot) in weights.iter_mut().zip(grads).zip(&mut state.slots) {
+            self.update(w, g, slot, state.iterations);
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Optimizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -952,7 +997,7 @@ impl fmt::Display for Optimizer {
 
 /// Per-weight optimizer state.
 #[derive(Clone, Debug)]
-pub(crate) struct OptSlot {
+struct OptSlot {
     m: ArrayD<f32>,
     v: ArrayD<f32>,
 }
@@ -972,8 +1017,7 @@ pub(crate) struct TrainState {
     optimizer: Optimizer,
     loss: Loss,
     metrics: Vec<Metric>,
-    slots: Vec<OptSlot>,
-    iterations: u64,
+    state: OptimizerState,
 }
 
 /// A callback run after each epoch with the epoch index and the history so far.

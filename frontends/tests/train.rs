@@ -1,0 +1,143 @@
+//! Training: optimizers against Keras's own updates, `fit` on real digits, `evaluate`,
+//! and the main job's outputs.
+
+use cellgraph::ir::Tensor;
+use cellgraph::keras::{FitOptions, Loss, Metric, Optimizer, OptimizerState};
+use cellgraph::mnist::{guide_model, Mnist};
+use ndarray::{ArrayD, Axis, IxDyn};
+
+#[test]
+fn optimizers_match_keras_updates() {
+    // Three steps of each optimizer from w0 with the gradients below, computed by Keras
+    // 3.15.1 (JAX backend) with `optimizer.apply_gradients` on a `keras.Variable`.
+    let w0 = [0.5f32, -1.0, 2.0];
+    let gs = [[0.1f32, -0.2, 0.3], [-0.4, 0.5, 0.05], [0.2, 0.2, -0.6]];
+    let sgd = |momentum, nesterov| Optimizer::SGD {
+        learning_rate: 0.01,
+        momentum,
+        nesterov,
+    };
+    let rms = |momentum| Optimizer::RMSprop {
+        learning_rate: 0.001,
+        rho: 0.9,
+        momentum,
+        epsilon: 1e-7,
+    };
+    let keras: [(&str, Optimizer, [f32; 3]); 6] = [
+        (
+            "sgd",
+            Optimizer::sgd(),
+            [0.501_000_05, -1.004_999_9, 2.002_500_1],
+        ),
+        (
+            "sgd momentum",
+            sgd(0.9, false),
+            [0.502_889_99, -1.006_080_0, 1.996_919_9],
+        ),
+        (
+            "sgd nesterov",
+            sgd(0.9, true),
+            [0.503_601_0, -1.010_472_1, 1.999_728_1],
+        ),
+        (
+            "adam",
+            Optimizer::adam(),
+            [0.499_669_7, -0.999_985_16, 1.998_513_1],
+        ),
+        (
+            "rmsprop",
+            Optimizer::rmsprop(),
+            [0.498_471_8, -1.000_954, 1.999_166_8],
+        ),
+        (
+            "rmsprop momentum",
+            rms(0.5),
+            [0.497_638_67, -1.000_060_7, 1.996_521_6],
+        ),
+    ];
+    for (name, opt, want) in keras {
+        let mut w = ArrayD::from_shape_vec(IxDyn(&[3]), w0.to_vec()).unwrap();
+        let mut st = OptimizerState::default();
+        for g in gs {
+            let g = ArrayD::from_shape_vec(IxDyn(&[3]), g.to_vec()).unwrap();
+            opt.apply_gradients(&mut st, &mut [&mut w], &[g]).unwrap();
+        }
+        for (a, b) in w.iter().zip(want) {
+            assert!((a - b).abs() < 2e-6, "{name}: {w:?} vs Keras {want:?}");
+        }
+    }
+}
+
+fn subset(x: &ArrayD<f32>, y: &[u8], n: usize) -> (Tensor, Tensor) {
+    let idx: Vec<usize> = (0..n).collect();
+    let xs = x.select(Axis(0), &idx);
+    let ys = ArrayD::from_shape_vec(IxDyn(&[n]), y[..n].to_vec()).unwrap();
+    (Tensor::F32(xs), Tensor::U8(ys))
+}
+
+#[test]
+fn fit_learns_real_digits_and_evaluate_agrees() {
+    let data = Mnist::bundled().unwrap();
+    let (x, y) = subset(&data.train_images, &data.train_labels, 384);
+    let (vx, vy) = subset(&data.test_images, &data.test_labels, 256);
+    let mut model = guide_model(false, 3).unwrap();
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    model.compile(Optimizer::adam(), loss, &[Metric::Accuracy]);
+    let before = model.evaluate(std::slice::from_ref(&vx), &vy, 128).unwrap();
+    let opts = FitOptions {
+        batch_size: 64,
+        epochs: 4,
+        validation_data: Some((vec![vx.clone()], vy.clone())),
+        seed: 1,
+        verbose: false,
+        ..Default::default()
+    };
+    let h = model.fit(&[x], &y, &opts).unwrap();
+    let keys: Vec<&str> = h.history.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["loss", "accuracy", "val_loss", "val_accuracy"]);
+    let l = h.get("loss").unwrap();
+    assert!(l[3] < l[0] * 0.8, "training loss did not fall: {l:?}");
+    let va = h.get("val_accuracy").unwrap();
+    assert!(va[3] > 0.2, "validation accuracy {va:?} (chance is 0.1)");
+    let after = model.evaluate(&[vx], &vy, 100).unwrap();
+    assert!(after.loss < before.loss);
+    assert!((after.loss - h.get("val_loss").unwrap()[3]).abs() < 1e-4);
+    assert_eq!(after.metrics[0].0, "accuracy");
+    assert!((after.metrics[0].1 - va[3]).abs() < 1e-9);
+}
+
+#[test]
+fn fit_refuses_mismatched_data_and_uncompiled_models() {
+    let mut model = guide_model(false, 0).unwrap();
+    let x = Tensor::F32(ArrayD::zeros(IxDyn(&[4, 28, 28])));
+    let y = Tensor::U8(ArrayD::zeros(IxDyn(&[4])));
+    let e = model
+        .fit(std::slice::from_ref(&x), &y, &FitOptions::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("compile()"), "{e}");
+    model.compile(
+        Optimizer::sgd(),
+        Loss::SparseCategoricalCrossentropy { from_logits: true },
+        &[],
+    );
+    let y3 = Tensor::U8(ArrayD::zeros(IxDyn(&[3])));
+    let e = model
+        .fit(std::slice::from_ref(&x), &y3, &FitOptions::default())
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("4 samples, the targets have 3"),
+        "{e}"
+    );
+    let bad = Tensor::U8(ArrayD::from_elem(IxDyn(&[4]), 12));
+    let e = model
+        .fit(
+            &[x],
+            &bad,
+            &FitOptions {
+                verbose: false,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("class id 12 is not in 0..10"), "{e}");
+}
