@@ -145,6 +145,9 @@ pub const WITH_RULES: &[&str] = &[
     "Scan",
     "Tile",
     "Einsum",
+    "LSTM",
+    "GRU",
+    "RNN",
 ];
 
 /// Runs the rule for `cx.op`.
@@ -613,6 +616,7 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         }
         Op::Scan { .. } => scan(e, cx),
         Op::Tile {} => tile(e, cx),
+        Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. } => fused_rnn(e, cx),
         Op::Einsum { equation } => einsum(e, cx, equation),
         _ => Err(no_rule()),
     }
@@ -1183,6 +1187,134 @@ fn einsum(e: &mut Emit, cx: &NodeCx, equation: &str) -> Result<Grads> {
     }
     Ok(Grads {
         inputs: grads,
+        outer: vec![],
+    })
+}
+
+/// The fused recurrent ops: their backward is one fused op of the cellgraph domain
+/// (`LSTMGrad`/`GRUGrad`/`RNNGrad`, a CPU kernel that recomputes the forward and runs
+/// backpropagation through time).
+fn fused_rnn(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    let (op, n_fwd, n_cot, n_out) = match cx.op.clone() {
+        Op::LSTM {
+            activation_alpha,
+            activation_beta,
+            activations,
+            clip,
+            direction,
+            hidden_size,
+            input_forget,
+            layout,
+        } => (
+            Op::LSTMGrad {
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                input_forget,
+                layout,
+            },
+            8,
+            3,
+            7,
+        ),
+        Op::GRU {
+            activation_alpha,
+            activation_beta,
+            activations,
+            clip,
+            direction,
+            hidden_size,
+            layout,
+            linear_before_reset,
+        } => (
+            Op::GRUGrad {
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                layout,
+                linear_before_reset,
+            },
+            6,
+            2,
+            5,
+        ),
+        Op::RNN {
+            activation_alpha,
+            activation_beta,
+            activations,
+            clip,
+            direction,
+            hidden_size,
+            layout,
+        } => (
+            Op::RNNGrad {
+                activation_alpha,
+                activation_beta,
+                activations,
+                clip,
+                direction,
+                hidden_size,
+                layout,
+            },
+            6,
+            2,
+            5,
+        ),
+        _ => return Err(Error::Internal("not a recurrent op".into())),
+    };
+    let layout = match &op {
+        Op::LSTMGrad { layout, .. } | Op::GRUGrad { layout, .. } | Op::RNNGrad { layout, .. } => {
+            *layout
+        }
+        _ => 0,
+    };
+    if layout != 0 {
+        return Err(cx.unsupported("layout=1 (the importer canonicalises it to layout 0)"));
+    }
+    e.g.import_opset(cellgraph_ir::ops::CELLGRAPH_DOMAIN, 1);
+    let mut ins: Vec<Option<ValueRef>> = cx.ins.to_vec();
+    ins.resize(n_fwd, None);
+    for k in 0..n_cot {
+        ins.push(cx.cots.get(k).copied().flatten());
+    }
+    // Trailing omitted inputs are dropped (the op's arity allows it).
+    while ins.last().is_some_and(Option::is_none) {
+        ins.pop();
+    }
+    // Input slot of each gradient output: X, W, R, B, initial_h, initial_c, P.
+    let slots = [0usize, 1, 2, 3, 5, 6, 7];
+    let mut names = Vec::new();
+    for &s in &slots[..n_out] {
+        names.push(
+            if cx.need(s) && cx.ins.get(s).copied().flatten().is_some() {
+                e.fresh("d_rnn")
+            } else {
+                String::new()
+            },
+        );
+    }
+    while names.last().is_some_and(String::is_empty) {
+        names.pop();
+    }
+    if names.is_empty() {
+        return Ok(Grads::default());
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let id = e.g.add_node("", op, &ins, &refs)?;
+    let mut inputs = vec![None; cx.ins.len()];
+    for (k, name) in names.iter().enumerate() {
+        if !name.is_empty() && slots[k] < inputs.len() {
+            inputs[slots[k]] = Some(ValueRef { node: id, slot: k });
+        }
+    }
+    Ok(Grads {
+        inputs,
         outer: vec![],
     })
 }

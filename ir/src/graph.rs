@@ -171,6 +171,11 @@ impl Graph {
         }
     }
 
+    /// Imports `domain` at `version` unless the graph already imports it.
+    pub fn import_opset(&mut self, domain: &str, version: i64) {
+        self.opsets.entry(domain.to_string()).or_insert(version);
+    }
+
     /// The opset imports (domain → version).
     pub fn opsets(&self) -> &BTreeMap<String, i64> {
         &self.opsets

@@ -519,10 +519,10 @@ fn every_differentiable_op_has_a_vjp_rule_or_is_named() {
         .filter(|k| differentiability(**k) == Differentiability::Missing)
         .map(|k| k.info().name)
         .collect();
-    // The fused recurrent ops are differentiated through their Scan lowering
-    // (lower them first with `cellgraph::backends::lower::lower_recurrent`), the rest have no rule yet; any other op
-    // without a rule fails this test by name.
-    let known = ["LSTM", "GRU", "RNN", "Loop", "If"];
+    // Loop and If have no rule yet, nor do the fused backward ops (a second derivative
+    // through a fused recurrent op: lower it to Scan first); any other op without a rule
+    // fails this test by name.
+    let known = ["Loop", "If", "LSTMGrad", "GRUGrad", "RNNGrad"];
     let unexpected: Vec<&&str> = missing.iter().filter(|m| !known.contains(m)).collect();
     assert!(
         unexpected.is_empty(),
@@ -530,34 +530,51 @@ fn every_differentiable_op_has_a_vjp_rule_or_is_named() {
     );
     eprintln!("ops without a VJP rule (documented): {missing:?}");
     // And the pass refuses them by name.
-    let mut f = Graph::new("fused");
-    let xx = f
-        .add_input("X", ValueType::tensor(DType::F32, &[2, 1, 2]))
+    let mut f = Graph::new("loop");
+    let x = f
+        .add_input("x", ValueType::tensor(DType::F32, &[2]))
         .unwrap();
-    let ww = f
-        .add_input("W", ValueType::tensor(DType::F32, &[1, 4, 2]))
+    let mut body = Graph::new("body");
+    let _it = body
+        .add_input("i", ValueType::tensor(DType::I64, &[]))
         .unwrap();
-    let rr = f
-        .add_input("R", ValueType::tensor(DType::F32, &[1, 4, 4]))
+    let c = body
+        .add_input("c", ValueType::tensor(DType::Bool, &[]))
         .unwrap();
-    let y = f
+    let s = body
+        .add_input("s", ValueType::tensor(DType::F32, &[2]))
+        .unwrap();
+    let c2 = v(body
+        .add_node("", Op::Identity {}, &[Some(c)], &["c2"])
+        .unwrap());
+    let s2 = v(body.add_node("", Op::Tanh {}, &[Some(s)], &["s2"]).unwrap());
+    body.set_outputs(vec![c2, s2]).unwrap();
+    let trips = konst(&mut f, "trips", Tensor::vec_i64(&[3]));
+    let scalar = konst(&mut f, "scalar", Tensor::vec_i64(&[]));
+    let trips = v(f
         .add_node(
-            "my_rnn",
-            Op::RNN {
-                activation_alpha: None,
-                activation_beta: None,
-                activations: None,
-                clip: None,
-                direction: "forward".into(),
-                hidden_size: Some(4),
-                layout: 0,
-            },
-            &[Some(xx), Some(ww), Some(rr)],
-            &["Y"],
+            "",
+            Op::Reshape { allowzero: 0 },
+            &[Some(trips), Some(scalar)],
+            &["m"],
         )
-        .map(v)
-        .unwrap();
-    let s = v(f
+        .unwrap());
+    let cond = konst(
+        &mut f,
+        "cond",
+        Tensor::Bool(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), true)),
+    );
+    let l = v(f
+        .add_node(
+            "my_loop",
+            Op::Loop {
+                body: Box::new(body),
+            },
+            &[Some(trips), Some(cond), Some(x)],
+            &["out"],
+        )
+        .unwrap());
+    let sum = v(f
         .add_node(
             "",
             Op::ReduceSum {
@@ -565,11 +582,224 @@ fn every_differentiable_op_has_a_vjp_rule_or_is_named() {
                 keepdims: 0,
                 noop_with_empty_axes: 0,
             },
-            &[Some(y)],
-            &["s"],
+            &[Some(l)],
+            &["sum"],
         )
         .unwrap());
-    f.set_outputs(vec![s]).unwrap();
-    let e = grad(&f, s, &[ww]).unwrap_err().to_string();
-    assert_eq!(e, "no VJP rule for op RNN at node my_rnn");
+    f.set_outputs(vec![sum]).unwrap();
+    let e = grad(&f, sum, &[x]).unwrap_err().to_string();
+    assert_eq!(e, "no VJP rule for op Loop at node my_loop");
+}
+
+/// A fused recurrent op with every attribute the kernels support, on f64 inputs (not
+/// lowered: its gradient is the fused backward op).
+#[allow(clippy::too_many_arguments)]
+fn fused_graph(
+    kind: u8,
+    hidden: usize,
+    input: usize,
+    batch: usize,
+    steps: usize,
+    dir: u8,
+    flags: u8,
+    lens: &[i32],
+) -> (Graph, ValueRef) {
+    let gates = match kind {
+        0 => 4,
+        1 => 3,
+        _ => 1,
+    };
+    let nd = if dir == 2 { 2 } else { 1 };
+    let direction = ["forward", "reverse", "bidirectional"][dir as usize].to_string();
+    let clip = (flags & 1 != 0).then_some(0.9f32);
+    let acts = |per: &[&str]| {
+        let mut v = Vec::new();
+        for _ in 0..nd {
+            v.extend(per.iter().map(|s| s.to_string()));
+        }
+        Some(v)
+    };
+    let alt = flags & 2 != 0;
+    let mut g = Graph::new("fused");
+    let f64t = |d: &[usize]| {
+        ValueType::tensor(DType::F64, &d.iter().map(|&x| x as u64).collect::<Vec<_>>())
+    };
+    let x = g.add_input("X", f64t(&[steps, batch, input])).unwrap();
+    let w = g
+        .add_input("W", f64t(&[nd, gates * hidden, input]))
+        .unwrap();
+    let r = g
+        .add_input("R", f64t(&[nd, gates * hidden, hidden]))
+        .unwrap();
+    let b = g.add_input("B", f64t(&[nd, 2 * gates * hidden])).unwrap();
+    let h0 = g.add_input("H0", f64t(&[nd, batch, hidden])).unwrap();
+    let sl = konst(
+        &mut g,
+        "lens",
+        Tensor::I32(
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[batch]), lens.to_vec()).unwrap(),
+        ),
+    );
+    let (op, mut ins, outs): (Op, Vec<Option<ValueRef>>, Vec<&str>) = match kind {
+        0 => {
+            let c0 = g.add_input("C0", f64t(&[nd, batch, hidden])).unwrap();
+            let p = g.add_input("P", f64t(&[nd, 3 * hidden])).unwrap();
+            (
+                Op::LSTM {
+                    activation_alpha: alt.then(|| vec![0.7f32; nd]),
+                    activation_beta: alt.then(|| vec![0.6f32; nd]),
+                    activations: if alt {
+                        acts(&["HardSigmoid", "Softsign", "ScaledTanh"])
+                    } else {
+                        None
+                    },
+                    clip,
+                    direction,
+                    hidden_size: Some(hidden as i64),
+                    input_forget: i64::from(flags & 4 != 0),
+                    layout: 0,
+                },
+                vec![
+                    Some(x),
+                    Some(w),
+                    Some(r),
+                    Some(b),
+                    Some(sl),
+                    Some(h0),
+                    Some(c0),
+                    Some(p),
+                ],
+                vec!["Y", "Y_h", "Y_c"],
+            )
+        }
+        1 => (
+            Op::GRU {
+                activation_alpha: alt.then(|| vec![0.3f32; nd]),
+                activation_beta: None,
+                activations: if alt {
+                    acts(&["Sigmoid", "LeakyRelu"])
+                } else {
+                    None
+                },
+                clip,
+                direction,
+                hidden_size: Some(hidden as i64),
+                layout: 0,
+                linear_before_reset: i64::from(flags & 4 != 0),
+            },
+            vec![Some(x), Some(w), Some(r), Some(b), Some(sl), Some(h0)],
+            vec!["Y", "Y_h"],
+        ),
+        _ => (
+            Op::RNN {
+                activation_alpha: alt.then(|| vec![1.1f32; nd]),
+                activation_beta: None,
+                activations: if alt { acts(&["Elu"]) } else { None },
+                clip,
+                direction,
+                hidden_size: Some(hidden as i64),
+                layout: 0,
+            },
+            vec![Some(x), Some(w), Some(r), Some(b), Some(sl), Some(h0)],
+            vec!["Y", "Y_h"],
+        ),
+    };
+    if flags & 8 != 0 {
+        ins[4] = None; // no sequence_lens
+    }
+    let id = g.add_node("cell", op, &ins, &outs).unwrap();
+    // loss = Σ Y·C + Σ Y_h² (+ Σ Y_c³)
+    let y = ValueRef { node: id, slot: 0 };
+    let yh = ValueRef { node: id, slot: 1 };
+    let cy = konst(
+        &mut g,
+        "CY",
+        t64(
+            &[steps, nd, batch, hidden],
+            &(0..steps * nd * batch * hidden)
+                .map(|i| ((i * 7 % 11) as f64 - 5.0) / 5.0)
+                .collect::<Vec<_>>(),
+        ),
+    );
+    let yc = v(g
+        .add_node("", Op::Mul {}, &[Some(y), Some(cy)], &["yc"])
+        .unwrap());
+    let mut terms = vec![yc];
+    let sq = v(g
+        .add_node("", Op::Mul {}, &[Some(yh), Some(yh)], &["yh2"])
+        .unwrap());
+    terms.push(sq);
+    if kind == 0 {
+        let c = ValueRef { node: id, slot: 2 };
+        let c2 = v(g
+            .add_node("", Op::Mul {}, &[Some(c), Some(c)], &["c2"])
+            .unwrap());
+        let c3 = v(g
+            .add_node("", Op::Mul {}, &[Some(c2), Some(c)], &["c3"])
+            .unwrap());
+        terms.push(c3);
+    }
+    let sums: Vec<ValueRef> = terms
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| {
+            v(g.add_node(
+                "",
+                Op::ReduceSum {
+                    axes: None,
+                    keepdims: 0,
+                    noop_with_empty_axes: 0,
+                },
+                &[Some(t)],
+                &[&format!("sum{k}")],
+            )
+            .unwrap())
+        })
+        .collect();
+    let loss = v(g
+        .add_node(
+            "",
+            Op::Sum {},
+            &sums.iter().map(|&s| Some(s)).collect::<Vec<_>>(),
+            &["loss"],
+        )
+        .unwrap());
+    g.set_outputs(vec![loss]).unwrap();
+    (g, loss)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The fused backward kernels (LSTMGrad/GRUGrad/RNNGrad) against central differences,
+    /// with sequence_lens (unequal lengths, a zero length), clip, peepholes,
+    /// input_forget, linear_before_reset, non-default activations, every direction.
+    #[test]
+    fn fused_backward_matches_finite_differences(
+        kind in 0u8..3, hidden in 1usize..4, input in 1usize..4, batch in 1usize..4,
+        steps in 1usize..4, dir in 0u8..3, flags in 0u8..16, seed in any::<u64>(),
+        lens_seed in any::<u64>(),
+    ) {
+        let lens: Vec<i32> = (0..batch).map(|b| ((lens_seed >> (4 * b)) % (steps as u64 + 1)) as i32).collect();
+        let (g, loss) = fused_graph(kind, hidden, input, batch, steps, dir, flags, &lens);
+        let mut s = seed | 1;
+        let mut rnd = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; ((s >> 11) as f64 / (1u64 << 53) as f64) * 1.6 - 0.8 };
+        let inputs: Vec<Tensor> = g.input_values().iter().map(|&i| {
+            let shape: Vec<usize> = g.value(i).ty.dims().unwrap().iter().map(|d| d.known().unwrap() as usize).collect();
+            let n: usize = shape.iter().product();
+            t64(&shape, &(0..n).map(|_| rnd()).collect::<Vec<_>>())
+        }).collect();
+        // The gradient graph uses the fused backward op.
+        let dg = grad(&g, loss, &g.input_values()).unwrap();
+        let fused = dg.node_ids().into_iter().any(|n| {
+            matches!(dg.node(n).op(), Some(Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }))
+        });
+        prop_assert!(fused);
+        // The gradient graph, with its cellgraph-domain op, round-trips through ONNX.
+        let bytes = cellgraph::ir::onnx::Model::new(dg.clone()).to_bytes();
+        let back = cellgraph::ir::onnx::Model::from_bytes(&bytes).unwrap();
+        prop_assert_eq!(cellgraph::ir::print_graph(&back.graph), cellgraph::ir::print_graph(&dg));
+        let worst = check_against_fd(&g, loss, &inputs);
+        prop_assert!(worst < 1e-6, "relative error {worst} (lens {lens:?}, flags {flags})");
+    }
 }

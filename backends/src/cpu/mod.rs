@@ -8,6 +8,7 @@ pub mod fastmath;
 mod nn;
 mod reduce;
 pub mod rnn;
+pub mod rnn_grad;
 mod sequence;
 mod shape;
 pub(crate) mod util;
@@ -495,6 +496,14 @@ pub(crate) fn eval(
         "nn" => nn::eval(op, ins, out_types, opset),
         "shape" => shape::eval(op, ins, out_types),
         "reduce" => reduce::eval(op, ins),
+        "rnn"
+            if matches!(
+                op,
+                Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }
+            ) =>
+        {
+            rnn_grad::eval(op, ins, out_types.len())
+        }
         "rnn" => rnn::eval(op, ins, out_types.len()),
         "sequence" => sequence::eval(op, ins, out_types),
         other => Err(format!("no CPU kernel family {other}")),

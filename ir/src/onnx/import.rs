@@ -432,11 +432,7 @@ impl Importer<'_> {
             version,
             node: label.clone(),
         };
-        let kind = if domain.is_empty() {
-            OpKind::from_onnx(np.op_type()).ok_or_else(unsupported)?
-        } else {
-            return Err(unsupported());
-        };
+        let kind = OpKind::from_domain(&domain, np.op_type()).ok_or_else(unsupported)?;
         if !self.opsets.contains_key(&domain) || version < kind.info().since {
             return Err(unsupported());
         }

@@ -48,10 +48,23 @@ pub struct OpInfo {
     pub family: &'static str,
 }
 
+/// The domain an op is declared in: ONNX's default unless the list names one.
+macro_rules! op_domain {
+    () => {
+        ONNX_DOMAIN
+    };
+    ($d:literal) => {
+        $d
+    };
+}
+
+/// cellgraph's own domain, for ops ONNX does not have (fused recurrent backward ops).
+pub const CELLGRAPH_DOMAIN: &str = "com.cellgraph";
+
 macro_rules! define_ops {
     ($(
         $(#[doc = $doc:literal])*
-        $var:ident [$family:ident, since $since:literal, in $imin:literal..=$imax:expr, out $omin:literal..=$omax:expr]
+        $var:ident [$family:ident $(@ $dom:literal)?, since $since:literal, in $imin:literal..=$imax:expr, out $omin:literal..=$omax:expr]
         { $( $field:ident : $fty:ty $(= $default:expr)? ),* $(,)? }
     )*) => {
         /// An op instance: the kind and its typed attributes.
@@ -81,7 +94,7 @@ macro_rules! define_ops {
                 match self {
                     $( OpKind::$var => OpInfo {
                         name: stringify!($var),
-                        domain: ONNX_DOMAIN,
+                        domain: op_domain!($($dom)?),
                         since: $since,
                         inputs: ($imin, $imax),
                         outputs: ($omin, $omax),
@@ -92,10 +105,17 @@ macro_rules! define_ops {
 
             /// The kind for an ONNX op type in the default domain.
             pub fn from_onnx(op_type: &str) -> Option<OpKind> {
-                match op_type {
-                    $( stringify!($var) => Some(OpKind::$var), )*
-                    _ => None,
-                }
+                OpKind::from_domain(ONNX_DOMAIN, op_type)
+            }
+
+            /// The kind for an op type in a domain (`""` is ONNX's default domain).
+            pub fn from_domain(domain: &str, op_type: &str) -> Option<OpKind> {
+                $(
+                    if op_type == stringify!($var) && domain == op_domain!($($dom)?) {
+                        return Some(OpKind::$var);
+                    }
+                )*
+                None
             }
         }
 
@@ -328,6 +348,28 @@ define_ops! {
     }
     /// ONNX simple RNN.
     RNN [rnn, since 7, in 3..=6, out 0..=2] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        layout: i64 = 0
+    }
+    /// The backward of a fused LSTM (cellgraph domain): the LSTM's attributes; inputs
+    /// the LSTM's eight (X, W, R, B, sequence_lens, initial_h, initial_c, P) then the
+    /// cotangents dY, dY_h, dY_c; outputs dX, dW, dR, dB, d initial_h, d initial_c, dP.
+    LSTMGrad [rnn @ "com.cellgraph", since 1, in 3..=11, out 1..=7] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        input_forget: i64 = 0, layout: i64 = 0
+    }
+    /// The backward of a fused GRU (cellgraph domain): inputs X, W, R, B, sequence_lens,
+    /// initial_h, then dY, dY_h; outputs dX, dW, dR, dB, d initial_h.
+    GRUGrad [rnn @ "com.cellgraph", since 1, in 3..=8, out 1..=5] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        layout: i64 = 0, linear_before_reset: i64 = 0
+    }
+    /// The backward of a fused RNN (cellgraph domain): inputs X, W, R, B, sequence_lens,
+    /// initial_h, then dY, dY_h; outputs dX, dW, dR, dB, d initial_h.
+    RNNGrad [rnn @ "com.cellgraph", since 1, in 3..=8, out 1..=5] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
         layout: i64 = 0

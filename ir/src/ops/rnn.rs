@@ -31,8 +31,34 @@ pub fn num_directions(direction: &str) -> Result<usize, String> {
     }
 }
 
+/// Output types of a fused recurrent backward op: each gradient has its input's type.
+fn infer_grad(op: &Op, cx: &InferCtx<'_>) -> RuleResult {
+    let map: &[usize] = match op {
+        Op::LSTMGrad { .. } => &[0, 1, 2, 3, 5, 6, 7],
+        _ => &[0, 1, 2, 3, 5],
+    };
+    let x = cx.tensor(0)?;
+    let types = map
+        .iter()
+        .map(|&i| {
+            if cx.has(i) {
+                cx.input(i).cloned()
+            } else {
+                Ok(tensor(x.dtype, None))
+            }
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    outputs(cx, types)
+}
+
 /// Output types of a recurrent op.
 pub fn infer(op: &Op, cx: &InferCtx<'_>) -> RuleResult {
+    if matches!(
+        op,
+        Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }
+    ) {
+        return infer_grad(op, cx);
+    }
     let (gates, acts_per_dir, common) = match op {
         Op::LSTM {
             activations,
