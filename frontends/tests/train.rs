@@ -144,3 +144,86 @@ fn fit_refuses_mismatched_data_and_uncompiled_models() {
         .unwrap_err();
     assert!(e.to_string().contains("class id 12 is not in 0..10"), "{e}");
 }
+
+#[test]
+fn losses_match_keras_on_the_host_and_in_the_graph() {
+    use cellgraph::keras::train::loss_value;
+    use cellgraph::keras::{Dropout, Input, Sequential};
+    // Values from Keras 3.15.1 (JAX) `keras.losses.*()(targets, outputs)`.
+    let arr = |v: &[f32]| Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[2, 3]), v.to_vec()).unwrap());
+    let logits = arr(&[0.2, -1.0, 0.7, 1.5, 0.3, -0.4]);
+    let probs = arr(&[0.2, 0.5, 0.3, 0.6, 0.1, 0.3]);
+    let onehot = arr(&[0., 0., 1., 1., 0., 0.]);
+    let binary = arr(&[1., 0., 1., 0., 1., 1.]);
+    let targets = arr(&[0.1, 0.2, 0.3, -0.5, 0.5, 1.0]);
+    let ids = Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![2, 0]).unwrap());
+    let cases: [(Loss, &Tensor, &Tensor, f64); 8] = [
+        (
+            Loss::MeanSquaredError,
+            &logits,
+            &targets,
+            1.2683333158493042,
+        ),
+        (
+            Loss::MeanAbsoluteError,
+            &logits,
+            &targets,
+            0.8833333849906921,
+        ),
+        (
+            Loss::SparseCategoricalCrossentropy { from_logits: true },
+            &logits,
+            &ids,
+            0.47693297266960144,
+        ),
+        (
+            Loss::SparseCategoricalCrossentropy { from_logits: false },
+            &probs,
+            &ids,
+            0.8573992252349854,
+        ),
+        (
+            Loss::CategoricalCrossentropy { from_logits: true },
+            &logits,
+            &onehot,
+            0.47693297266960144,
+        ),
+        (
+            Loss::CategoricalCrossentropy { from_logits: false },
+            &probs,
+            &onehot,
+            0.8573992252349854,
+        ),
+        (
+            Loss::BinaryCrossentropy { from_logits: true },
+            &logits,
+            &binary,
+            0.7472284436225891,
+        ),
+        (
+            Loss::BinaryCrossentropy { from_logits: false },
+            &probs,
+            &binary,
+            1.3215677738189697,
+        ),
+    ];
+    for (loss, out, t, keras) in cases {
+        let host = loss_value(loss, out, t).unwrap();
+        assert!(
+            (host - keras).abs() < 1e-6,
+            "{loss:?} host {host} vs Keras {keras}"
+        );
+        // The same loss in the gradient graph, on a model whose output is its input.
+        let mut m = Sequential::new();
+        m.add(Input::new(&[Some(3)])).unwrap();
+        m.add(Dropout::new(0.0)).unwrap();
+        let g = m
+            .gradients(std::slice::from_ref(out), t, loss, 0, false)
+            .unwrap();
+        assert!(
+            (g.loss as f64 - keras).abs() < 1e-5,
+            "{loss:?} graph {} vs Keras {keras}",
+            g.loss
+        );
+    }
+}
