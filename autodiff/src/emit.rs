@@ -103,6 +103,25 @@ impl<'g> Emit<'g> {
         self.zeros(dt, &s)
     }
 
+    /// Zeros shaped like `v` at run time (for values whose shape is not static).
+    pub fn zeros_dyn(&mut self, v: ValueRef) -> Result<ValueRef> {
+        if self.shape_of(v).is_some() {
+            return self.zeros_like(v, "");
+        }
+        let dt = self.dtype(v);
+        let shape = self.op(
+            Op::Shape {
+                start: None,
+                end: None,
+            },
+            &[v],
+            "shape",
+        )?;
+        let zero =
+            Tensor::from_f64_vec(dt, &[1], &[0.0]).map_err(|e| Error::Internal(e.to_string()))?;
+        self.op(Op::ConstantOfShape { value: Some(zero) }, &[shape], "zeros")
+    }
+
     pub fn add(&mut self, a: ValueRef, b: ValueRef) -> Result<ValueRef> {
         self.op(Op::Add {}, &[a, b], "add")
     }

@@ -270,6 +270,7 @@ fn copy_graph(
         let names: Vec<String> = node.outputs.iter().map(|v| v.name.clone()).collect();
         let (op, extra) = match op {
             Op::Scan { .. } if active.contains(&n) => rules::augment_scan(op, &ins, src, n)?,
+            Op::Loop { .. } if active.contains(&n) => rules::augment_loop(op, &ins)?,
             _ => (op.clone(), 0),
         };
         let mut all_names = names.clone();
@@ -456,6 +457,149 @@ pub(crate) fn scan_body_vjp(body: &Graph, n: usize) -> Result<(Graph, Vec<String
     for k in n..nin {
         let c = cot_or_zero(&mut e, wrt[k], cots[k])?;
         results.push(e.op(Op::Identity {}, &[c], "dx")?);
+    }
+    dst.set_outputs(results)?;
+    let names = float_outers
+        .iter()
+        .map(|&v| body.value(v).name.clone())
+        .collect();
+    Ok((dst, names))
+}
+
+/// The VJP of a branch graph of `If` (no inputs; it reads values from outside by
+/// name). The returned graph reads the same values plus the cotangents of the branch's
+/// outputs (`cots`: the names of those values in the enclosing graph, `None` where no
+/// cotangent flows) and outputs the cotangent of each name in `wrt` (zeros of the type
+/// given where the branch does not depend on it).
+pub(crate) fn branch_vjp(
+    branch: &Graph,
+    cots: &[Option<(String, cellgraph_ir::ValueType)>],
+    wrt: &[(String, cellgraph_ir::ValueType)],
+) -> Result<Graph> {
+    let mut dst = Graph::with_opsets(format!("{}_grad", branch.name), branch.opsets().clone());
+    let outs = branch.outputs().to_vec();
+    let mut seeds_dst = Vec::new();
+    for c in cots {
+        seeds_dst.push(match c {
+            Some((name, ty)) => Some(dst.add_outer(name, ty.clone())?),
+            None => None,
+        });
+    }
+    let float_outers: Vec<ValueRef> = branch
+        .outers()
+        .iter()
+        .map(|&o| ValueRef { node: o, slot: 0 })
+        .filter(|&v| branch.value(v).ty.dtype().is_some_and(DType::is_float))
+        .collect();
+    let active = active_nodes(branch, &outs, &float_outers);
+    let (map, residuals) = copy_graph(branch, &mut dst, &active, Some(&[]))?;
+    let seeds: Vec<(ValueRef, ValueRef)> = outs
+        .iter()
+        .zip(&seeds_dst)
+        .filter_map(|(&o, s)| s.map(|s| (o, s)))
+        .collect();
+    let cots_out = backprop(
+        &mut dst,
+        branch,
+        &map,
+        &residuals,
+        &active,
+        seeds,
+        &float_outers,
+    )?;
+    let mut results = Vec::new();
+    for (name, ty) in wrt {
+        let found = float_outers
+            .iter()
+            .position(|&v| &branch.value(v).name == name)
+            .and_then(|k| cots_out[k]);
+        let mut e = Emit::new(&mut dst, "branch_grad");
+        let v = match found {
+            Some(c) => c,
+            None => {
+                let shape: Option<Vec<usize>> = ty
+                    .dims()
+                    .and_then(|d| d.iter().map(|x| x.known().map(|n| n as usize)).collect());
+                let shape = shape.ok_or_else(|| Error::Shape {
+                    value: name.clone(),
+                    why: "a zero gradient in an If branch".into(),
+                })?;
+                e.zeros(ty.dtype().unwrap_or(DType::F32), &shape)?
+            }
+        };
+        results.push(e.op(Op::Identity {}, &[v], "d")?);
+    }
+    dst.set_outputs(results)?;
+    Ok(dst)
+}
+
+/// The body of the backward `Scan` for a forward `Loop` body with `n` carried values:
+/// inputs `[dv (n), dW..., v_t (n), iter_t, dscan_t...]`, outputs `[dv_prev (n),
+/// dW + dW_t]`. The step is recomputed with the iteration number and a true condition
+/// (every recorded iteration ran). Returns the graph and the outer names of the carries.
+pub(crate) fn loop_body_vjp(body: &Graph, n: usize) -> Result<(Graph, Vec<String>)> {
+    let mut dst = Graph::with_opsets(format!("{}_grad", body.name), body.opsets().clone());
+    let outs = body.outputs().to_vec();
+    let ins = body.input_values();
+    if ins.len() != n + 2 || outs.len() < n + 1 {
+        return Err(Error::Internal("a Loop body of unexpected arity".into()));
+    }
+    let float_outers: Vec<ValueRef> = body
+        .outers()
+        .iter()
+        .map(|&o| ValueRef { node: o, slot: 0 })
+        .filter(|&v| body.value(v).ty.dtype().is_some_and(DType::is_float))
+        .collect();
+    let mut dv = Vec::new();
+    for (k, &o) in outs[1..=n].iter().enumerate() {
+        dv.push(dst.add_input(&format!("bwd/dv_{k}"), body.value(o).ty.clone())?);
+    }
+    let mut dw = Vec::new();
+    for (k, &w) in float_outers.iter().enumerate() {
+        dw.push(dst.add_input(&format!("bwd/dw_{k}"), body.value(w).ty.clone())?);
+    }
+    let mut vt = Vec::new();
+    for (k, &v) in ins[2..].iter().enumerate() {
+        vt.push(dst.add_input(&format!("bwd/v_{k}"), body.value(v).ty.clone())?);
+    }
+    let it = dst.add_input("bwd/iter", body.value(ins[0]).ty.clone())?;
+    let mut dy = Vec::new();
+    for (k, &o) in outs[n + 1..].iter().enumerate() {
+        dy.push(dst.add_input(&format!("bwd/dy_{k}"), body.value(o).ty.clone())?);
+    }
+    let cond = {
+        let mut e = Emit::new(&mut dst, "bwd");
+        e.constant(Tensor::Bool(ndarray::ArrayD::from_elem(
+            ndarray::IxDyn(&[]),
+            true,
+        )))?
+    };
+    let mut given = vec![it, cond];
+    given.extend(vt.iter().copied());
+    let mut wrt: Vec<ValueRef> = ins[2..].to_vec();
+    wrt.extend(float_outers.iter().copied());
+    let active = active_nodes(body, &outs, &wrt);
+    let (map, residuals) = copy_graph(body, &mut dst, &active, Some(&given))?;
+    let seeds: Vec<(ValueRef, ValueRef)> = outs[1..]
+        .iter()
+        .copied()
+        .zip(dv.iter().chain(&dy).copied())
+        .collect();
+    let cots = backprop(&mut dst, body, &map, &residuals, &active, seeds, &wrt)?;
+    let mut e = Emit::new(&mut dst, "bwd_out");
+    let mut results = Vec::new();
+    for k in 0..n {
+        let c = match cots[k] {
+            Some(c) => c,
+            None => e.zeros_like(map[&wrt[k]], "a Loop carry gradient that is zero")?,
+        };
+        results.push(e.op(Op::Identity {}, &[c], "dv")?);
+    }
+    for (k, acc) in dw.iter().enumerate() {
+        results.push(match cots[n + k] {
+            Some(c) => e.add(*acc, c)?,
+            None => e.op(Op::Identity {}, &[*acc], "dw")?,
+        });
     }
     dst.set_outputs(results)?;
     let names = float_outers

@@ -6,7 +6,7 @@
 //! (`need[i] == false`) are skipped.
 
 use crate::emit::Emit;
-use crate::{scan_body_vjp, Error, Result};
+use crate::{branch_vjp, loop_body_vjp, scan_body_vjp, Error, Result};
 use cellgraph_ir::{DType, Graph, NodeId, Op, Tensor, ValueRef};
 
 /// What a rule sees of one node.
@@ -148,6 +148,8 @@ pub const WITH_RULES: &[&str] = &[
     "LSTM",
     "GRU",
     "RNN",
+    "If",
+    "Loop",
 ];
 
 /// Runs the rule for `cx.op`.
@@ -560,35 +562,62 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         | Op::ReduceMean { axes, keepdims, .. }
         | Op::ReduceMax { axes, keepdims, .. }
         | Op::ReduceMin { axes, keepdims, .. } => {
+            // Works with dynamic sizes: only the rank must be known.
             let g = cx.g()?;
             let a = x()?;
-            let xs = e.static_shape(a, "the input of a reduction")?;
-            let rank = xs.len();
-            let axes: Vec<usize> = match axes.clone().or_else(|| cx.const_ints(1)) {
-                Some(v) if !v.is_empty() => v.iter().map(|&a| norm_axis(a, rank)).collect(),
-                _ => (0..rank).collect(),
+            let rank =
+                e.g.value(a)
+                    .ty
+                    .dims()
+                    .map(<[_]>::len)
+                    .ok_or_else(|| cx.unsupported("an input of unknown rank"))?;
+            let mut axes: Vec<i64> = match axes.clone().or_else(|| cx.const_ints(1)) {
+                Some(v) if !v.is_empty() => v.iter().map(|&a| norm_axis(a, rank) as i64).collect(),
+                _ => (0..rank as i64).collect(),
             };
-            let mut kept = xs.clone();
-            for &a in &axes {
-                kept[a] = 1;
-            }
+            axes.sort_unstable();
             let gk = if *keepdims == 0 {
-                e.reshape(g, &kept)?
+                e.unsqueeze(g, &axes)?
             } else {
                 g
             };
-            let ge = e.expand(gk, &xs)?;
+            // A constant target shape when it is static (keeps later shapes known).
+            let shape = match e.shape_of(a) {
+                Some(xs) => e.ints(&xs.iter().map(|&d| d as i64).collect::<Vec<_>>())?,
+                None => e.op(
+                    Op::Shape {
+                        start: None,
+                        end: None,
+                    },
+                    &[a],
+                    "shape",
+                )?,
+            };
+            let ge = e.op(Op::Expand {}, &[gk, shape], "expand")?;
             let r = match cx.op {
                 Op::ReduceSum { .. } => ge,
                 Op::ReduceMean { .. } => {
-                    let n: usize = axes.iter().map(|&a| xs[a]).product();
-                    let s = e.scalar(e.dtype(a), 1.0 / n.max(1) as f64)?;
-                    e.mul(ge, s)?
+                    let dt = e.dtype(a);
+                    let n = match e.shape_of(a) {
+                        Some(xs) => {
+                            let n: usize = axes.iter().map(|&k| xs[k as usize]).product();
+                            e.scalar(dt, n.max(1) as f64)?
+                        }
+                        None => {
+                            // The count of reduced elements, at run time.
+                            let one = Tensor::from_f64_vec(dt, &[1], &[1.0])
+                                .map_err(|err| Error::Internal(err.to_string()))?;
+                            let ones =
+                                e.op(Op::ConstantOfShape { value: Some(one) }, &[shape], "ones")?;
+                            e.reduce_sum(ones, &axes, true)?
+                        }
+                    };
+                    e.div(ge, n)?
                 }
                 _ => {
                     let y = y.ok_or_else(no_rule)?;
                     let yk = if *keepdims == 0 {
-                        e.reshape(y, &kept)?
+                        e.unsqueeze(y, &axes)?
                     } else {
                         y
                     };
@@ -617,6 +646,8 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         Op::Scan { .. } => scan(e, cx),
         Op::Tile {} => tile(e, cx),
         Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. } => fused_rnn(e, cx),
+        Op::If { .. } => if_rule(e, cx),
+        Op::Loop { .. } => loop_rule(e, cx),
         Op::Einsum { equation } => einsum(e, cx, equation),
         _ => Err(no_rule()),
     }
@@ -1316,5 +1347,157 @@ fn fused_rnn(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
     Ok(Grads {
         inputs,
         outer: vec![],
+    })
+}
+
+/// `If`: an `If` on the same condition whose branches are the branches' VJPs; it outputs
+/// the gradient of every float value either branch reads from outside.
+fn if_rule(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    let Op::If {
+        then_branch,
+        else_branch,
+    } = cx.op
+    else {
+        return Err(Error::Internal("not an If".into()));
+    };
+    let cond = cx.input(0)?;
+    let cots: Vec<Option<(String, cellgraph_ir::ValueType)>> = cx
+        .cots
+        .iter()
+        .map(|c| c.map(|c| (e.g.value(c).name.clone(), e.g.value(c).ty.clone())))
+        .collect();
+    let mut names: Vec<String> = Vec::new();
+    for b in [then_branch, else_branch] {
+        for &o in b.outers() {
+            let v = ValueRef { node: o, slot: 0 };
+            let val = b.value(v);
+            if val.ty.dtype().is_some_and(DType::is_float) && !names.contains(&val.name) {
+                names.push(val.name.clone());
+            }
+        }
+    }
+    let wrt: Vec<(String, cellgraph_ir::ValueType)> = names
+        .iter()
+        .filter_map(|n| e.g.find(n).map(|v| (n.clone(), e.g.value(v).ty.clone())))
+        .collect();
+    if wrt.is_empty() {
+        return Ok(Grads::default());
+    }
+    let then_g = branch_vjp(then_branch, &cots, &wrt)?;
+    let else_g = branch_vjp(else_branch, &cots, &wrt)?;
+    let hints: Vec<String> = (0..wrt.len()).map(|k| format!("dif_{k}")).collect();
+    let hint_refs: Vec<&str> = hints.iter().map(String::as_str).collect();
+    let id = e.node(
+        Op::If {
+            then_branch: Box::new(then_g),
+            else_branch: Box::new(else_g),
+        },
+        &[Some(cond)],
+        &hint_refs,
+    )?;
+    Ok(Grads {
+        inputs: vec![None; cx.ins.len()],
+        outer: wrt
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, _))| (name, ValueRef { node: id, slot: k }))
+            .collect(),
+    })
+}
+
+/// The forward Loop with more scan outputs: each carried value at the start of every
+/// iteration, then the iteration number.
+pub(crate) fn augment_loop(op: &Op, ins: &[Option<ValueRef>]) -> Result<(Op, usize)> {
+    let Op::Loop { body } = op else {
+        return Err(Error::Internal("not a Loop".into()));
+    };
+    let n = ins.len().saturating_sub(2);
+    let mut body = (**body).clone();
+    let mut outs = body.outputs().to_vec();
+    let bins = body.input_values();
+    for (k, v) in bins[2..].iter().enumerate() {
+        let mut e = Emit::new(&mut body, &format!("residual_{k}"));
+        outs.push(e.op(Op::Identity {}, &[*v], "carried")?);
+    }
+    let mut e = Emit::new(&mut body, "residual_iter");
+    outs.push(e.op(Op::Identity {}, &[bins[0]], "iter")?);
+    body.set_outputs(outs)?;
+    Ok((
+        Op::Loop {
+            body: Box::new(body),
+        },
+        n + 1,
+    ))
+}
+
+/// `Loop`: a backward `Scan` over the recorded iterations (carried values and iteration
+/// numbers), in reverse, whose body recomputes each iteration and runs its VJP.
+fn loop_rule(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    let Op::Loop { body } = cx.op else {
+        return Err(Error::Internal("not a Loop".into()));
+    };
+    let n = cx.ins.len().saturating_sub(2);
+    let k = cx.outs.len() - n;
+    if cx.residuals.len() != n + 1 {
+        return Err(Error::Internal(format!(
+            "Loop {}: {} residual outputs for {n} carried values",
+            cx.name,
+            cx.residuals.len()
+        )));
+    }
+    let (bwd, outer_names) = loop_body_vjp(body, n)?;
+    let mut ins = Vec::new();
+    for s in 0..n {
+        ins.push(match cx.cots[s] {
+            Some(c) => c,
+            None => e.zeros_dyn(cx.outs[s])?,
+        });
+    }
+    for name in &outer_names {
+        let w =
+            e.g.find(name)
+                .ok_or_else(|| cx.unsupported(format!("outer value {name} not found")))?;
+        ins.push(e.zeros_like(w, "a value a Loop body reads")?);
+    }
+    for &r in cx.residuals {
+        ins.push(r);
+    }
+    for o in 0..k {
+        ins.push(match cx.cots[n + o] {
+            Some(c) => c,
+            None => e.zeros_dyn(cx.outs[n + o])?,
+        });
+    }
+    let n_scan = n + 1 + k;
+    let mut hints: Vec<String> = (0..n).map(|s| format!("dloop_init_{s}")).collect();
+    hints.extend((0..outer_names.len()).map(|w| format!("dloop_outer_{w}")));
+    let hint_refs: Vec<&str> = hints.iter().map(String::as_str).collect();
+    let ins_opt: Vec<Option<ValueRef>> = ins.into_iter().map(Some).collect();
+    let id = e.node(
+        Op::Scan {
+            body: Box::new(bwd),
+            num_scan_inputs: n_scan as i64,
+            scan_input_axes: None,
+            scan_input_directions: Some(vec![1; n_scan]),
+            scan_output_axes: None,
+            scan_output_directions: None,
+            directions: None,
+        },
+        &ins_opt,
+        &hint_refs,
+    )?;
+    let at = |slot| ValueRef { node: id, slot };
+    let mut inputs = vec![None, None];
+    for s in 0..n {
+        inputs.push(cx.need(2 + s).then(|| at(s)));
+    }
+    inputs.truncate(cx.ins.len());
+    Ok(Grads {
+        inputs,
+        outer: outer_names
+            .into_iter()
+            .enumerate()
+            .map(|(w, name)| (name, at(n + w)))
+            .collect(),
     })
 }

@@ -519,10 +519,9 @@ fn every_differentiable_op_has_a_vjp_rule_or_is_named() {
         .filter(|k| differentiability(**k) == Differentiability::Missing)
         .map(|k| k.info().name)
         .collect();
-    // Loop and If have no rule yet, nor do the fused backward ops (a second derivative
-    // through a fused recurrent op: lower it to Scan first); any other op without a rule
-    // fails this test by name.
-    let known = ["Loop", "If", "LSTMGrad", "GRUGrad", "RNNGrad"];
+    // The fused backward ops have no rule (a second derivative through a fused recurrent
+    // op: lower it to Scan first); any other op without a rule fails this test by name.
+    let known = ["LSTMGrad", "GRUGrad", "RNNGrad"];
     let unexpected: Vec<&&str> = missing.iter().filter(|m| !known.contains(m)).collect();
     assert!(
         unexpected.is_empty(),
@@ -530,51 +529,11 @@ fn every_differentiable_op_has_a_vjp_rule_or_is_named() {
     );
     eprintln!("ops without a VJP rule (documented): {missing:?}");
     // And the pass refuses them by name.
-    let mut f = Graph::new("loop");
-    let x = f
-        .add_input("x", ValueType::tensor(DType::F32, &[2]))
-        .unwrap();
-    let mut body = Graph::new("body");
-    let _it = body
-        .add_input("i", ValueType::tensor(DType::I64, &[]))
-        .unwrap();
-    let c = body
-        .add_input("c", ValueType::tensor(DType::Bool, &[]))
-        .unwrap();
-    let s = body
-        .add_input("s", ValueType::tensor(DType::F32, &[2]))
-        .unwrap();
-    let c2 = v(body
-        .add_node("", Op::Identity {}, &[Some(c)], &["c2"])
-        .unwrap());
-    let s2 = v(body.add_node("", Op::Tanh {}, &[Some(s)], &["s2"]).unwrap());
-    body.set_outputs(vec![c2, s2]).unwrap();
-    let trips = konst(&mut f, "trips", Tensor::vec_i64(&[3]));
-    let scalar = konst(&mut f, "scalar", Tensor::vec_i64(&[]));
-    let trips = v(f
-        .add_node(
-            "",
-            Op::Reshape { allowzero: 0 },
-            &[Some(trips), Some(scalar)],
-            &["m"],
-        )
-        .unwrap());
-    let cond = konst(
-        &mut f,
-        "cond",
-        Tensor::Bool(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), true)),
-    );
-    let l = v(f
-        .add_node(
-            "my_loop",
-            Op::Loop {
-                body: Box::new(body),
-            },
-            &[Some(trips), Some(cond), Some(x)],
-            &["out"],
-        )
-        .unwrap());
-    let sum = v(f
+    let (g, loss) = fused_graph(2, 2, 2, 1, 2, 0, 0, &[2]);
+    let w = g.input_values()[1];
+    let mut dg = grad(&g, loss, &[w]).unwrap();
+    let dw = *dg.outputs().last().unwrap();
+    let s = v(dg
         .add_node(
             "",
             Op::ReduceSum {
@@ -582,13 +541,227 @@ fn every_differentiable_op_has_a_vjp_rule_or_is_named() {
                 keepdims: 0,
                 noop_with_empty_axes: 0,
             },
-            &[Some(l)],
-            &["sum"],
+            &[Some(dw)],
+            &["s2"],
         )
         .unwrap());
-    f.set_outputs(vec![sum]).unwrap();
-    let e = grad(&f, sum, &[x]).unwrap_err().to_string();
-    assert_eq!(e, "no VJP rule for op Loop at node my_loop");
+    dg.set_outputs(vec![s]).unwrap();
+    let w2 = dg.find("W").unwrap();
+    let e = grad(&dg, s, &[w2]).unwrap_err().to_string();
+    assert!(e.starts_with("no VJP rule for op RNNGrad at node "), "{e}");
+}
+
+/// `If` with both branches reading x and w from outside; the condition picks a branch.
+fn if_graph() -> (Graph, ValueRef) {
+    let mut g = Graph::new("if");
+    let x = g
+        .add_input("x", ValueType::tensor(DType::F64, &[2, 2]))
+        .unwrap();
+    let _w = g
+        .add_input("w", ValueType::tensor(DType::F64, &[2, 2]))
+        .unwrap();
+    let s = v(g
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(x)],
+            &["sx"],
+        )
+        .unwrap());
+    let z = konst(&mut g, "zero", t64(&[], &[0.0]));
+    let c = v(g
+        .add_node("", Op::Greater {}, &[Some(s), Some(z)], &["c"])
+        .unwrap());
+    let branch = |then: bool| {
+        let mut b = Graph::new(if then { "then" } else { "else" });
+        let bx = b
+            .add_outer("x", ValueType::tensor(DType::F64, &[2, 2]))
+            .unwrap();
+        let bw = b
+            .add_outer("w", ValueType::tensor(DType::F64, &[2, 2]))
+            .unwrap();
+        let out = if then {
+            let m = v(b
+                .add_node("", Op::MatMul {}, &[Some(bx), Some(bw)], &["m"])
+                .unwrap());
+            v(b.add_node("", Op::Tanh {}, &[Some(m)], &["o"]).unwrap())
+        } else {
+            let sg = v(b
+                .add_node("", Op::Sigmoid {}, &[Some(bx)], &["sg"])
+                .unwrap());
+            v(b.add_node("", Op::Mul {}, &[Some(sg), Some(bw)], &["o"])
+                .unwrap())
+        };
+        b.set_outputs(vec![out]).unwrap();
+        b
+    };
+    let y = v(g
+        .add_node(
+            "",
+            Op::If {
+                then_branch: Box::new(branch(true)),
+                else_branch: Box::new(branch(false)),
+            },
+            &[Some(c)],
+            &["y"],
+        )
+        .unwrap());
+    let yy = v(g
+        .add_node("", Op::Mul {}, &[Some(y), Some(y)], &["yy"])
+        .unwrap());
+    let loss = v(g
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(yy)],
+            &["loss"],
+        )
+        .unwrap());
+    g.set_outputs(vec![loss]).unwrap();
+    (g, loss)
+}
+
+#[test]
+fn if_gradients_match_finite_differences_in_both_branches() {
+    let (g, loss) = if_graph();
+    let w = t64(&[2, 2], &[0.3, -0.6, 0.8, 0.1]);
+    for x in [[0.5, -0.2, 0.4, 0.9], [-0.5, -0.2, 0.4, -0.9]] {
+        let worst = check_against_fd(&g, loss, &[t64(&[2, 2], &x), w.clone()]);
+        assert!(worst < 1e-6, "relative error {worst} for x {x:?}");
+    }
+}
+
+/// `Loop`: a carried state s' = tanh(s·w) + x with a scan output 2·s', run for M
+/// iterations or until the iteration number reaches `stop` (a condition in the body).
+fn loop_graph(trips: i64, stop: i64) -> (Graph, ValueRef) {
+    let mut g = Graph::new("loop");
+    let x = g
+        .add_input("x", ValueType::tensor(DType::F64, &[1, 2]))
+        .unwrap();
+    let _w = g
+        .add_input("w", ValueType::tensor(DType::F64, &[2, 2]))
+        .unwrap();
+    let s0 = g
+        .add_input("s0", ValueType::tensor(DType::F64, &[1, 2]))
+        .unwrap();
+    let mut body = Graph::new("body");
+    let it = body
+        .add_input("i", ValueType::tensor(DType::I64, &[]))
+        .unwrap();
+    let _c = body
+        .add_input("c", ValueType::tensor(DType::Bool, &[]))
+        .unwrap();
+    let s = body
+        .add_input("s", ValueType::tensor(DType::F64, &[1, 2]))
+        .unwrap();
+    let bw = body
+        .add_outer("w", ValueType::tensor(DType::F64, &[2, 2]))
+        .unwrap();
+    let bx = body
+        .add_outer("x", ValueType::tensor(DType::F64, &[1, 2]))
+        .unwrap();
+    let m = v(body
+        .add_node("", Op::MatMul {}, &[Some(s), Some(bw)], &["m"])
+        .unwrap());
+    let t = v(body.add_node("", Op::Tanh {}, &[Some(m)], &["t"]).unwrap());
+    let s2 = v(body
+        .add_node("", Op::Add {}, &[Some(t), Some(bx)], &["s2"])
+        .unwrap());
+    let two = konst(&mut body, "two", t64(&[], &[2.0]));
+    let so = v(body
+        .add_node("", Op::Mul {}, &[Some(s2), Some(two)], &["so"])
+        .unwrap());
+    let lim = konst(
+        &mut body,
+        "lim",
+        Tensor::I64(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), stop - 1)),
+    );
+    let co = v(body
+        .add_node("", Op::Less {}, &[Some(it), Some(lim)], &["co"])
+        .unwrap());
+    body.set_outputs(vec![co, s2, so]).unwrap();
+    let m_ = konst(
+        &mut g,
+        "M",
+        Tensor::I64(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), trips)),
+    );
+    let cond = konst(
+        &mut g,
+        "cond",
+        Tensor::Bool(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), true)),
+    );
+    let id = g
+        .add_node(
+            "my_loop",
+            Op::Loop {
+                body: Box::new(body),
+            },
+            &[Some(m_), Some(cond), Some(s0)],
+            &["sf", "scan"],
+        )
+        .unwrap();
+    let (sf, scan) = (
+        ValueRef { node: id, slot: 0 },
+        ValueRef { node: id, slot: 1 },
+    );
+    let a = v(g
+        .add_node("", Op::Mul {}, &[Some(sf), Some(sf)], &["sf2"])
+        .unwrap());
+    let ra = v(g
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(a)],
+            &["ra"],
+        )
+        .unwrap());
+    let rb = v(g
+        .add_node(
+            "",
+            Op::ReduceSum {
+                axes: None,
+                keepdims: 0,
+                noop_with_empty_axes: 0,
+            },
+            &[Some(scan)],
+            &["rb"],
+        )
+        .unwrap());
+    let loss = v(g
+        .add_node("", Op::Add {}, &[Some(ra), Some(rb)], &["loss"])
+        .unwrap());
+    g.set_outputs(vec![loss]).unwrap();
+    (g, loss)
+}
+
+#[test]
+fn loop_gradients_match_finite_differences() {
+    // 4 iterations by the trip count; 2 by the condition; none at all.
+    for (trips, stop) in [(4, 10), (5, 2), (0, 10)] {
+        let (g, loss) = loop_graph(trips, stop);
+        let inputs = [
+            t64(&[1, 2], &[0.2, -0.4]),
+            t64(&[2, 2], &[0.5, -0.3, 0.8, 0.2]),
+            t64(&[1, 2], &[0.1, 0.7]),
+        ];
+        let worst = check_against_fd(&g, loss, &inputs);
+        assert!(
+            worst < 1e-6,
+            "relative error {worst} (trips {trips}, stop {stop})"
+        );
+    }
 }
 
 /// A fused recurrent op with every attribute the kernels support, on f64 inputs (not
