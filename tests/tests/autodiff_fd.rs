@@ -643,7 +643,7 @@ fn if_gradients_match_finite_differences_in_both_branches() {
 /// iterations or until the iteration number reaches `stop` (a condition in the body).
 fn loop_graph(trips: i64, stop: i64) -> (Graph, ValueRef) {
     let mut g = Graph::new("loop");
-    let x = g
+    let _x = g
         .add_input("x", ValueType::tensor(DType::F64, &[1, 2]))
         .unwrap();
     let _w = g
