@@ -137,3 +137,81 @@ fn exported_onnx_runs_in_onnxruntime_with_kerass_outputs() {
         "{text}"
     );
 }
+
+#[test]
+fn a_trained_model_saves_loads_and_runs_in_onnxruntime_with_the_same_predictions() {
+    use cellgraph::keras::{FitOptions, Loss, Metric, Optimizer};
+    use cellgraph::mnist::{guide_model, Mnist};
+    // Train the guide's MNIST model briefly on real digits.
+    let data = Mnist::bundled().unwrap();
+    let idx: Vec<usize> = (0..128).collect();
+    let x = Tensor::F32(data.train_images.select(ndarray::Axis(0), &idx));
+    let y = Tensor::U8(
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[128]), data.train_labels[..128].to_vec())
+            .unwrap(),
+    );
+    let mut m = guide_model(false, 4).unwrap();
+    m.compile(
+        Optimizer::adam(),
+        Loss::SparseCategoricalCrossentropy { from_logits: true },
+        &[Metric::Accuracy],
+    );
+    let opts = FitOptions {
+        batch_size: 64,
+        epochs: 1,
+        verbose: false,
+        ..Default::default()
+    };
+    m.fit(std::slice::from_ref(&x), &y, &opts).unwrap();
+    let probe: Vec<usize> = (0..8).collect();
+    let px = Tensor::F32(data.test_images.select(ndarray::Axis(0), &probe));
+    let want = m.predict(std::slice::from_ref(&px)).unwrap();
+    // Save and load: identical predictions.
+    let dir = tempfile::tempdir().unwrap();
+    m.save(&dir.path().join("model")).unwrap();
+    let mut back = load_model(&dir.path().join("model")).unwrap();
+    assert_eq!(back.predict(std::slice::from_ref(&px)).unwrap(), want);
+    // The inference ONNX in onnxruntime, through the same checker as the Keras cases.
+    let py = std::env::var("CELLGRAPH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import onnx, onnxruntime, numpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        let why =
+            "SKIPPED trained-model onnxruntime check: no Python with onnx, onnxruntime and numpy";
+        if std::env::var("CELLGRAPH_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
+            panic!("{why}, but CELLGRAPH_REQUIRE_PYTHON=1");
+        }
+        eprintln!("{why}");
+        return;
+    }
+    let case = dir.path().join("cases/trained_mnist");
+    std::fs::create_dir_all(case.join("inputs")).unwrap();
+    std::fs::create_dir_all(case.join("outputs")).unwrap();
+    cellgraph::npy::write(&case.join("inputs/000.npy"), &px).unwrap();
+    cellgraph::npy::write(&case.join("outputs/000.npy"), &want[0]).unwrap();
+    std::fs::write(
+        case.join("meta.json"),
+        r#"{"tolerance": 1e-5, "inputs": [{"file": "inputs/000.npy"}], "outputs": [{"file": "outputs/000.npy"}]}"#,
+    )
+    .unwrap();
+    let exported = dir.path().join("exported/trained_mnist");
+    std::fs::create_dir_all(&exported).unwrap();
+    m.save_onnx(&exported.join("model.onnx")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/check_keras_onnx.py");
+    let res = Command::new(&py)
+        .arg(&script)
+        .arg(dir.path().join("exported"))
+        .arg(dir.path().join("cases"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(text.lines().last(), Some("1 passed, 0 failed"), "{text}");
+}
