@@ -85,6 +85,19 @@ pub enum Command {
         /// Output folder.
         #[arg(long, default_value = "mnist-out")]
         out: PathBuf,
+        /// Train on the first N training digits (validate on the first N/4 test digits).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Write a checkpoint (weights, optimizer state, epoch, history) after every
+        /// epoch, atomically; default OUT/checkpoints.
+        #[arg(long, value_name = "DIR")]
+        checkpoint_dir: Option<PathBuf>,
+        /// Resume from the newest complete checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Test fault: abort while writing the checkpoint of epoch E.
+        #[arg(long, hide = true, value_name = "E")]
+        fault_abort_in_checkpoint: Option<usize>,
     },
     /// Print an ONNX model: opset imports, inputs and outputs with shapes, parameter
     /// count, and the IR text (one line per node).
@@ -499,6 +512,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             cell,
             seed,
             out,
+            limit,
+            checkpoint_dir,
+            resume,
+            fault_abort_in_checkpoint,
         } => {
             use crate::keras::Optimizer;
             let mut opt = match optimizer {
@@ -530,7 +547,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 optimizer: opt,
                 rnn_lstmcell: matches!(cell, CellArg::RnnLstmcell),
                 seed,
+                checkpoint_dir: Some(checkpoint_dir.unwrap_or_else(|| out.join("checkpoints"))),
                 out,
+                limit,
+                resume,
+                abort_in_checkpoint: fault_abort_in_checkpoint,
             };
             crate::mnist::main_job(&opts).map_err(CliError::Run)?;
             Ok(0)

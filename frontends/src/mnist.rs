@@ -277,6 +277,15 @@ pub struct JobOptions {
     pub seed: u64,
     /// Where the trained model, its ONNX graph and the curves go.
     pub out: std::path::PathBuf,
+    /// Train on the first `n` training digits and validate on the first `n/4` test
+    /// digits (quick runs).
+    pub limit: Option<usize>,
+    /// Write a checkpoint after every epoch here.
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Resume from the newest checkpoint in `checkpoint_dir`.
+    pub resume: bool,
+    /// Test fault: abort while writing the checkpoint of this epoch.
+    pub abort_in_checkpoint: Option<usize>,
 }
 
 /// What the main job measured.
@@ -316,10 +325,20 @@ pub fn main_job(o: &JobOptions) -> Result<JobReport, String> {
     use crate::ir::Tensor;
     use crate::keras::{FitOptions, Loss, Metric};
     let e = |err: crate::keras::KerasError| err.to_string();
-    let data = match &o.data {
+    let mut data = match &o.data {
         Some(dir) => Mnist::load(dir).map_err(|err| err.to_string())?,
         None => Mnist::bundled().map_err(|err| err.to_string())?,
     };
+    if let Some(n) = o.limit {
+        let nt = n.clamp(1, data.train_labels.len());
+        let nv = (n / 4).clamp(1, data.test_labels.len());
+        let ti: Vec<usize> = (0..nt).collect();
+        let vi: Vec<usize> = (0..nv).collect();
+        data.train_images = data.train_images.select(ndarray::Axis(0), &ti);
+        data.train_labels.truncate(nt);
+        data.test_images = data.test_images.select(ndarray::Axis(0), &vi);
+        data.test_labels.truncate(nv);
+    }
     println!(
         "MNIST: {} training and {} test digits ({})",
         data.train_labels.len(),
@@ -347,6 +366,15 @@ pub fn main_job(o: &JobOptions) -> Result<JobReport, String> {
         epochs: o.epochs,
         validation_data: Some((vec![vx.clone()], vy)),
         seed: o.seed,
+        checkpoint: o
+            .checkpoint_dir
+            .as_ref()
+            .map(|dir| crate::keras::CheckpointOptions {
+                dir: dir.clone(),
+                keep: 2,
+                resume: o.resume,
+                abort_while_writing: o.abort_in_checkpoint,
+            }),
         ..Default::default()
     };
     let history = model.fit(&[x], &y, &opts).map_err(e)?;

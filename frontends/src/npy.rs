@@ -10,9 +10,98 @@ use std::path::Path;
 /// is whatever the file holds (f16/bf16 files are not supported by the reader).
 pub fn read(path: &Path, want: Option<DType>) -> Result<Tensor, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(&bytes, want, &path.display().to_string())
+}
+
+/// The largest `.npy` payload accepted (bytes).
+pub const MAX_NPY_BYTES: u64 = 4 << 30;
+
+/// Checks the header's shape and item size against the bytes that follow it, before
+/// anything is allocated: `(shape, item size)` of a little-endian, C-order array.
+pub fn check_header(bytes: &[u8]) -> Result<(Vec<usize>, usize), String> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err("not a .npy file (bad magic)".into());
+    }
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+        2 | 3 => {
+            if bytes.len() < 12 {
+                return Err("truncated header".into());
+            }
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
+        }
+        v => return Err(format!("format version {v}")),
+    };
+    let end = start
+        .checked_add(hlen)
+        .filter(|&e| e <= bytes.len())
+        .ok_or("the header is longer than the file")?;
+    let header = std::str::from_utf8(&bytes[start..end]).map_err(|_| "header is not text")?;
+    let field = |key: &str| -> Result<&str, String> {
+        let i = header
+            .find(&format!("'{key}'"))
+            .ok_or_else(|| format!("header has no '{key}'"))?;
+        Ok(header[i + key.len() + 2..]
+            .trim_start()
+            .trim_start_matches(':')
+            .trim_start())
+    };
+    let descr = field("descr")?;
+    let descr = descr
+        .strip_prefix('\'')
+        .and_then(|d| d.split('\'').next())
+        .ok_or("descr is not a string")?;
+    let item: usize = descr
+        .get(2..)
+        .and_then(|n| n.parse().ok())
+        .filter(|&n: &usize| (1..=16).contains(&n))
+        .ok_or_else(|| format!("unsupported descr {descr:?}"))?;
+    if descr.starts_with('>') && item > 1 {
+        return Err(format!("big-endian data ({descr})"));
+    }
+    if field("fortran_order")?.starts_with("True") {
+        return Err("Fortran-order arrays are not supported".into());
+    }
+    let shape_text = field("shape")?;
+    let shape_text = shape_text
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or("shape is not a tuple")?;
+    let mut shape = Vec::new();
+    for part in shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        shape.push(
+            part.parse::<usize>()
+                .map_err(|_| format!("shape entry {part:?}"))?,
+        );
+    }
+    let total = shape
+        .iter()
+        .try_fold(item as u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&t| t <= MAX_NPY_BYTES)
+        .ok_or_else(|| format!("shape {shape:?} is too large"))?;
+    if total != (bytes.len() - end) as u64 {
+        return Err(format!(
+            "shape {shape:?} of {item}-byte items needs {total} bytes, the file has {}",
+            bytes.len() - end
+        ));
+    }
+    Ok((shape, item))
+}
+
+/// Parses `.npy` bytes (`what` names them in errors); see [`read`].
+pub fn parse(bytes: &[u8], want: Option<DType>, what: &str) -> Result<Tensor, String> {
+    check_header(bytes).map_err(|e| format!("{what}: {e}"))?;
+    let path = Path::new(what);
     macro_rules! try_as {
         ($t:ty, $v:ident) => {
-            ArrayD::<$t>::read_npy(Cursor::new(&bytes)).map(Tensor::$v)
+            ArrayD::<$t>::read_npy(Cursor::new(bytes)).map(Tensor::$v)
         };
     }
     let attempt = |d: DType| -> Option<Result<Tensor, ndarray_npy::ReadNpyError>> {

@@ -486,3 +486,25 @@ fn batch_normalization_in_training_mode_uses_and_tracks_batch_statistics() {
         );
     }
 }
+
+#[test]
+fn a_model_file_declaring_huge_weights_is_refused_before_allocating() {
+    let e = err_text(model_from_json(
+        &seq_json(r#"{"class_name": "LSTM", "config": {"name": "big", "units": 2000000000}}"#),
+        "model.json",
+    ));
+    assert!(
+        e.contains("\"big\"") && e.contains("exceeds the limit"),
+        "{e}"
+    );
+    let e = err_text(model_from_json(
+        r#"{"class_name": "Sequential", "config": {"name": "s", "layers": [
+            {"class_name": "InputLayer", "config": {"batch_shape": [null, 3], "name": "in"}},
+            {"class_name": "Embedding", "config": {"name": "emb", "input_dim": 4000000000, "output_dim": 4000000000}}]}}"#,
+        "model.json",
+    ));
+    assert!(
+        e.contains("model.json (emb)") && e.contains("input_dim"),
+        "{e}"
+    );
+}

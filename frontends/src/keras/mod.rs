@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod checkpoint;
 pub mod conformance;
 mod export;
 pub mod import;
@@ -31,6 +32,7 @@ pub mod model;
 pub mod summary;
 pub mod train;
 
+pub use checkpoint::CheckpointOptions;
 pub use import::{load_model, model_from_json};
 pub use layers::{
     Activation, BatchNormalization, Bidirectional, Cell, CellKind, Dense, Dropout, Embedding,
@@ -39,7 +41,7 @@ pub use layers::{
 };
 pub use model::{CallArgs, Functional, KerasTensor, LayerId, Model, Sequential, Weight};
 pub use train::{
-    Evaluation, FitOptions, Gradients, History, Loss, Metric, Optimizer, OptimizerState,
+    Clipping, Evaluation, FitOptions, Gradients, History, Loss, Metric, Optimizer, OptimizerState,
 };
 
 /// Errors of the Keras frontend; each names the layer, input or file concerned.

@@ -90,6 +90,10 @@ pub(crate) struct Lowered {
     pub bn: Vec<usize>,
 }
 
+/// The most weight elements one layer may create (4 GiB of float32): far above any
+/// real recurrent model, far below what would exhaust memory on a declared size.
+pub const MAX_WEIGHT_ELEMENTS: usize = 1 << 30;
+
 /// Input dtypes and shapes, and training mode.
 type PlanKey = (Vec<(DType, Vec<usize>)>, bool);
 
@@ -316,6 +320,15 @@ impl Model {
         let x = f.input(input)?;
         let outs = f.apply(layer, &[x])?;
         f.build(&[x], &outs)
+    }
+
+    /// Restarts the dropout stream for an epoch of `fit` (derived from the model seed).
+    pub(crate) fn reseed_dropout(&mut self, epoch: usize) {
+        self.rng = rand::SeedableRng::seed_from_u64(super::init::weight_seed(
+            self.seed ^ 0x5EED_D80F,
+            epoch,
+            2,
+        ));
     }
 
     pub(crate) fn empty(name: &str, sequential: bool, seed: u64) -> Model {
@@ -1341,6 +1354,27 @@ fn build_weights(
         layer: name.to_string(),
         msg,
     })?;
+    // Sizes are checked before anything is allocated (a model file may declare any size).
+    let mut total: usize = 0;
+    for (wname, shape, _, _) in &specs {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= MAX_WEIGHT_ELEMENTS)
+            .ok_or_else(|| KerasError::Layer {
+                layer: name.to_string(),
+                msg: format!(
+                    "weight {wname} of shape {shape:?} exceeds the limit of {MAX_WEIGHT_ELEMENTS} elements"
+                ),
+            })?;
+        total = total.saturating_add(n);
+    }
+    if total > MAX_WEIGHT_ELEMENTS {
+        return Err(KerasError::Layer {
+            layer: name.to_string(),
+            msg: format!("{total} weights exceed the limit of {MAX_WEIGHT_ELEMENTS} elements"),
+        });
+    }
     Ok(specs
         .into_iter()
         .enumerate()

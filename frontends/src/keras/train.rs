@@ -4,6 +4,7 @@
 //! turns it into a graph that also computes the gradient of every trainable weight; the
 //! CPU backend runs it. Optimizers follow Keras's update rules and defaults.
 
+use super::checkpoint::CheckpointOptions;
 use super::model::{run_plan, signature, Feed, Lowered, Model};
 use super::KerasError;
 use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
@@ -427,7 +428,52 @@ impl Model {
             loss,
             metrics: metrics.to_vec(),
             state: OptimizerState::default(),
+            clipping: Clipping::default(),
         });
+    }
+
+    /// Sets gradient clipping (after `compile`); more than one bound is an error, as in
+    /// Keras.
+    pub fn set_clipping(&mut self, clipping: Clipping) -> R<()> {
+        let n = [
+            clipping.clipnorm,
+            clipping.global_clipnorm,
+            clipping.clipvalue,
+        ]
+        .iter()
+        .filter(|v| v.is_some())
+        .count();
+        if n > 1 {
+            return Err(KerasError::Layer {
+                layer: self.name.clone(),
+                msg: "set only one of clipnorm, global_clipnorm and clipvalue".into(),
+            });
+        }
+        for v in [
+            clipping.clipnorm,
+            clipping.global_clipnorm,
+            clipping.clipvalue,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(KerasError::Layer {
+                    layer: self.name.clone(),
+                    msg: format!("a clipping bound of {v} (it must be positive)"),
+                });
+            }
+        }
+        match self.training.as_mut() {
+            Some(t) => {
+                t.clipping = clipping;
+                Ok(())
+            }
+            None => Err(KerasError::Layer {
+                layer: self.name.clone(),
+                msg: "call compile() before set_clipping()".into(),
+            }),
+        }
     }
 
     fn apply_gradients(&mut self, grads: Vec<ArrayD<f32>>) -> R<()> {
@@ -490,10 +536,27 @@ impl Model {
                 _ => ((0..n).collect(), None),
             };
         let bs = opts.batch_size.max(1);
-        let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(opts.seed);
         let mut history = History::default();
-        for epoch in 0..opts.epochs {
+        let mut first = 0;
+        if let Some(ck) = &opts.checkpoint {
+            if ck.resume {
+                if let Some((epoch, path)) =
+                    self.restore_latest_checkpoint(&ck.dir, &mut history)?
+                {
+                    if opts.verbose {
+                        println!("resumed from {} (epoch {epoch} done)", path.display());
+                    }
+                    first = epoch;
+                }
+            }
+        }
+        for epoch in first..opts.epochs {
             let start = Instant::now();
+            // Per-epoch random streams (shuffling, dropout) derived from the seeds: an
+            // epoch resumed from a checkpoint draws exactly what it would have.
+            let mut rng: rand::rngs::StdRng =
+                rand::SeedableRng::seed_from_u64(super::init::weight_seed(opts.seed, epoch, 1));
+            self.reseed_dropout(epoch);
             let mut order = train_idx.clone();
             if opts.shuffle {
                 use rand::seq::SliceRandom;
@@ -520,7 +583,11 @@ impl Model {
                         ),
                     });
                 }
-                self.apply_gradients(gr.grads)?;
+                let grads = match self.training.as_ref().map(|t| t.clipping) {
+                    Some(c) => c.apply(gr.grads),
+                    None => gr.grads,
+                };
+                self.apply_gradients(grads)?;
                 loss_sum += gr.loss as f64 * chunk.len() as f64;
                 seen += chunk.len();
                 for (m, st) in metrics.iter().zip(&mut mstate) {
@@ -568,6 +635,9 @@ impl Model {
                     ms_step,
                     parts.join(" - ")
                 );
+            }
+            if let Some(ck) = &opts.checkpoint {
+                self.write_checkpoint(ck, epoch + 1, &history)?;
             }
             for cb in &opts.callbacks {
                 cb(epoch, &history);
@@ -946,6 +1016,25 @@ pub struct OptimizerState {
     iterations: u64,
 }
 
+impl OptimizerState {
+    /// The moments (m, v) per weight and the step count.
+    #[allow(clippy::type_complexity)]
+    pub fn parts(&self) -> (Vec<(&ArrayD<f32>, &ArrayD<f32>)>, u64) {
+        (
+            self.slots.iter().map(|s| (&s.m, &s.v)).collect(),
+            self.iterations,
+        )
+    }
+
+    /// A state from its moments and step count.
+    pub fn from_parts(moments: Vec<(ArrayD<f32>, ArrayD<f32>)>, iterations: u64) -> OptimizerState {
+        OptimizerState {
+            slots: moments.into_iter().map(|(m, v)| OptSlot { m, v }).collect(),
+            iterations,
+        }
+    }
+}
+
 impl Optimizer {
     /// One update of `weights` with `grads` (same order and shapes), as Keras's
     /// `optimizer.apply_gradients`; `state` carries the moments between calls.
@@ -1017,7 +1106,49 @@ pub(crate) struct TrainState {
     optimizer: Optimizer,
     loss: Loss,
     metrics: Vec<Metric>,
-    state: OptimizerState,
+    pub(crate) state: OptimizerState,
+    clipping: Clipping,
+}
+
+/// Gradient clipping as Keras's optimizer options (one at a time, as Keras requires):
+/// `clipnorm` rescales each gradient to at most that L2 norm, `global_clipnorm` all of
+/// them together, `clipvalue` clips each element to `[-v, v]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Clipping {
+    /// Per-gradient L2 norm bound.
+    pub clipnorm: Option<f32>,
+    /// Bound on the L2 norm of all gradients together.
+    pub global_clipnorm: Option<f32>,
+    /// Per-element bound.
+    pub clipvalue: Option<f32>,
+}
+
+impl Clipping {
+    fn apply(&self, mut grads: Vec<ArrayD<f32>>) -> Vec<ArrayD<f32>> {
+        let norm = |g: &ArrayD<f32>| g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        if let Some(c) = self.clipnorm {
+            for g in &mut grads {
+                let n = norm(g);
+                if n > c as f64 {
+                    let k = (c as f64 / n) as f32;
+                    g.mapv_inplace(|x| x * k);
+                }
+            }
+        } else if let Some(c) = self.global_clipnorm {
+            let n = grads.iter().map(|g| norm(g).powi(2)).sum::<f64>().sqrt();
+            if n > c as f64 {
+                let k = (c as f64 / n) as f32;
+                for g in &mut grads {
+                    g.mapv_inplace(|x| x * k);
+                }
+            }
+        } else if let Some(c) = self.clipvalue {
+            for g in &mut grads {
+                g.mapv_inplace(|x| x.clamp(-c, c));
+            }
+        }
+        grads
+    }
 }
 
 /// A callback run after each epoch with the epoch index and the history so far.
@@ -1043,6 +1174,8 @@ pub struct FitOptions {
     pub progress_every_batch: bool,
     /// Run after each epoch.
     pub callbacks: Vec<Callback>,
+    /// Write a checkpoint after every epoch (and resume from the newest one).
+    pub checkpoint: Option<CheckpointOptions>,
 }
 
 impl Default for FitOptions {
@@ -1057,6 +1190,7 @@ impl Default for FitOptions {
             verbose: true,
             progress_every_batch: false,
             callbacks: Vec::new(),
+            checkpoint: None,
         }
     }
 }
