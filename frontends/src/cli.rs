@@ -50,6 +50,72 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Resource limits for model files (checked before anything is allocated).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// `--max-*` flags: the limits a model file must stay within (defaults: 4 GiB per tensor,
+/// 16 GiB in all, subgraphs 32 deep, a million nodes, 8 GiB files, 2^24 loop iterations).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Largest single tensor, in bytes.
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_tensor_bytes: Option<u64>,
+    /// Largest total of all tensors, in bytes.
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_total_bytes: Option<u64>,
+    /// Deepest nesting of subgraphs.
+    #[arg(long, global = true, value_name = "N")]
+    pub max_nesting: Option<usize>,
+    /// Most nodes, counting nested graphs.
+    #[arg(long, global = true, value_name = "N")]
+    pub max_nodes: Option<usize>,
+    /// Largest model file, in bytes.
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_file_bytes: Option<u64>,
+    /// Most iterations of one Loop/Scan at run time.
+    #[arg(long, global = true, value_name = "N")]
+    pub max_loop_trips: Option<u64>,
+}
+
+impl LimitArgs {
+    /// The import limits these flags set (defaults elsewhere).
+    pub fn limits(&self) -> crate::ir::onnx::Limits {
+        let mut l = crate::ir::onnx::Limits::default();
+        if let Some(v) = self.max_tensor_bytes {
+            l.max_tensor_bytes = v;
+        }
+        if let Some(v) = self.max_total_bytes {
+            l.max_total_bytes = v;
+        }
+        if let Some(v) = self.max_nesting {
+            l.max_nesting = v;
+        }
+        if let Some(v) = self.max_nodes {
+            l.max_nodes = v;
+        }
+        if let Some(v) = self.max_file_bytes {
+            l.max_file_bytes = v;
+        }
+        l
+    }
+}
+
+thread_local! {
+    /// The limits of the command being run (set by [`run`] from the flags).
+    static LIMITS: std::cell::RefCell<crate::ir::onnx::Limits> =
+        std::cell::RefCell::new(crate::ir::onnx::Limits::default());
+    static MAX_TRIPS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// A CPU backend with the command's loop-trip limit.
+fn cpu_backend(r: crate::backends::cpu::Recurrent) -> crate::backends::cpu::CpuBackend {
+    let mut b = crate::backends::cpu::CpuBackend::new(r);
+    if let Some(t) = MAX_TRIPS.with(|m| m.get()) {
+        b.max_loop_trips = t;
+    }
+    b
 }
 
 /// The subcommands.
@@ -283,7 +349,7 @@ pub fn run_model(
             missing.join(", ")
         )));
     }
-    let mut plan = crate::backends::cpu::CpuBackend::new(recurrent)
+    let mut plan = cpu_backend(recurrent)
         .compile(g)
         .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
     let outs = plan
@@ -392,6 +458,8 @@ pub type ExitCode = i32;
 /// Runs a parsed command line; returns the exit status (0, or 1 when a conformance
 /// run had failures).
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    LIMITS.with(|l| *l.borrow_mut() = cli.limits.limits());
+    MAX_TRIPS.with(|m| m.set(cli.limits.max_loop_trips));
     match cli.command {
         Command::Bench {
             model,
@@ -602,7 +670,7 @@ pub fn load(path: &Path) -> Result<Model, CliError> {
     let m = if is_json(path) {
         load_json(path)?
     } else {
-        Model::load(path).map_err(|e| match e {
+        Model::load_with(path, &LIMITS.with(|l| l.borrow().clone())).map_err(|e| match e {
             crate::ir::Error::Io { path, source } => CliError::Io { path, source },
             other => wrap(other),
         })?

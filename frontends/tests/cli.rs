@@ -307,3 +307,27 @@ fn inspect_prints_a_keras_models_summary_and_graph() {
     assert!(text.contains("4 Scan loop(s)"), "{text}");
     assert!(text.contains("= Scan{"), "{text}");
 }
+
+#[test]
+fn limit_flags_refuse_big_tensors_with_clear_errors() {
+    let out = bin()
+        .arg("inspect")
+        .arg(case("onnx-rnn/lstm_stacked_torch"))
+        .args(["--max-tensor-bytes", "64"])
+        .output()
+        .expect("run cellgraph");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("limit exceeded: initializer \"onnx::LSTM_W_l0\"")
+            && err.contains("more than the limit of 64"),
+        "{err}"
+    );
+    // The same file within the defaults is fine.
+    let ok = bin()
+        .arg("inspect")
+        .arg(case("onnx-rnn/lstm_stacked_torch"))
+        .output()
+        .expect("run cellgraph");
+    assert!(ok.status.success());
+}
