@@ -227,3 +227,107 @@ fn losses_match_keras_on_the_host_and_in_the_graph() {
         );
     }
 }
+
+#[test]
+fn gradient_clipping_bounds_the_update() {
+    use cellgraph::keras::{Clipping, Input, Sequential};
+    let run = |clip: Option<Clipping>| {
+        let mut m = Sequential::with_seed(2);
+        m.add(Input::new(&[Some(2)])).unwrap();
+        m.add(cellgraph::keras::Dense::new(1)).unwrap();
+        m.compile(
+            Optimizer::SGD {
+                learning_rate: 1.0,
+                momentum: 0.0,
+                nesterov: false,
+            },
+            Loss::MeanSquaredError,
+            &[],
+        );
+        if let Some(c) = clip {
+            m.set_clipping(c).unwrap();
+        }
+        let before = m.get_weights();
+        let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[1, 2]), vec![10.0, -20.0]).unwrap());
+        let y = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[1, 1]), vec![100.0]).unwrap());
+        let opts = FitOptions {
+            batch_size: 1,
+            verbose: false,
+            shuffle: false,
+            ..Default::default()
+        };
+        m.fit(&[x], &y, &opts).unwrap();
+        let after = m.get_weights();
+        before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| (a - b).mapv(|v| v.abs()))
+            .collect::<Vec<_>>()
+    };
+    // With lr 1, the update equals the (clipped) gradient.
+    let free = run(None);
+    assert!(
+        free[0].iter().any(|&d| d > 100.0),
+        "unclipped step {free:?}"
+    );
+    let by_value = run(Some(Clipping {
+        clipvalue: Some(0.5),
+        ..Default::default()
+    }));
+    assert!(
+        by_value.iter().flatten().all(|&d| d <= 0.5 + 1e-6),
+        "{by_value:?}"
+    );
+    let by_norm = run(Some(Clipping {
+        clipnorm: Some(1.0),
+        ..Default::default()
+    }));
+    for d in &by_norm {
+        let n = d.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!(n <= 1.0 + 1e-5, "per-weight norm {n}");
+    }
+    let global = run(Some(Clipping {
+        global_clipnorm: Some(1.0),
+        ..Default::default()
+    }));
+    let n = global.iter().flatten().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((n - 1.0).abs() < 1e-4, "global norm {n}");
+    let mut m = Sequential::new();
+    m.add(Input::new(&[Some(2)])).unwrap();
+    m.compile(Optimizer::sgd(), Loss::MeanSquaredError, &[]);
+    let e = m
+        .set_clipping(Clipping {
+            clipnorm: Some(1.0),
+            clipvalue: Some(1.0),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("only one of"), "{e}");
+}
+
+#[test]
+fn a_non_finite_loss_stops_fit_naming_epoch_and_batch() {
+    let data = Mnist::bundled().unwrap();
+    let (x, y) = subset(&data.train_images, &data.train_labels, 64);
+    let mut model = guide_model(false, 1).unwrap();
+    model.compile(
+        Optimizer::SGD {
+            learning_rate: 1e30,
+            momentum: 0.0,
+            nesterov: false,
+        },
+        Loss::SparseCategoricalCrossentropy { from_logits: true },
+        &[],
+    );
+    let opts = FitOptions {
+        batch_size: 16,
+        epochs: 3,
+        verbose: false,
+        ..Default::default()
+    };
+    let e = model.fit(&[x], &y, &opts).unwrap_err().to_string();
+    assert!(
+        e.contains("the loss became") && e.contains("at epoch 1, batch"),
+        "{e}"
+    );
+}
