@@ -13,7 +13,12 @@ fuzz_target!(|data: &[u8]| {
             .input_shapes()
             .iter()
             .zip(m.input_dtypes())
-            .map(|(s, dt)| (dt, s.iter().map(|d| d.unwrap_or(1).min(4)).collect::<Vec<_>>()))
+            .map(|(s, dt)| {
+                (
+                    dt,
+                    s.iter().map(|d| d.unwrap_or(1).min(4)).collect::<Vec<_>>(),
+                )
+            })
             .collect();
         let _ = m.to_graph(&sig);
     }
