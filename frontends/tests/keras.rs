@@ -508,3 +508,22 @@ fn a_model_file_declaring_huge_weights_is_refused_before_allocating() {
         "{e}"
     );
 }
+
+#[test]
+fn fuzz_regression_a_huge_orthogonal_initialisation_is_refused_not_computed() {
+    // Found by the keras_json fuzz target: a GRU(3077) made the orthogonal
+    // initialisation of its 3077×9231 recurrent kernel run for minutes.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fuzz_regressions/keras_json_timeout_gru3077.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let e = err_text(model_from_json(&text, "f.json"));
+    assert!(
+        e.contains("orthogonal initialisation") && e.contains("too costly"),
+        "{e}"
+    );
+    // Loading for given weights does not initialise at all.
+    let m = cellgraph::keras::model_from_json_with(&text, "f.json", false).unwrap();
+    assert!(m.count_params() > 10_000_000, "{}", m.count_params());
+}

@@ -1,7 +1,7 @@
 //! `cellgraph conformance keras`: Keras reference cases (model.json, weights, inputs,
 //! outputs, states, loss) in the layout of `tests/conformance/keras/README.md`.
 
-use super::import::{model_from_json, read_f32};
+use super::import::{model_from_json_with, read_f32};
 use super::layers::Shape;
 use super::model::Model;
 use super::summary::SummaryRow;
@@ -63,8 +63,8 @@ fn files_of(list: &Value, what: &str) -> Result<Vec<String>, String> {
 fn load(dir: &Path, json: &str, weights: &[String]) -> Result<Model, String> {
     let path = dir.join(json);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut model =
-        model_from_json(&text, &path.display().to_string()).map_err(|e| e.to_string())?;
+    let mut model = model_from_json_with(&text, &path.display().to_string(), false)
+        .map_err(|e| e.to_string())?;
     let values = weights
         .iter()
         .map(|f| read_f32(&dir.join(f)).map_err(|e| e.to_string()))

@@ -31,8 +31,8 @@ pub fn load_model(path: &Path) -> R<Model> {
         path: json.display().to_string(),
         source,
     })?;
-    let mut model = model_from_json(&text, &json.display().to_string())?;
     let wdir = dir.join("weights");
+    let mut model = model_from_json_with(&text, &json.display().to_string(), !wdir.is_dir())?;
     if wdir.is_dir() {
         let values = read_weight_dir(&wdir)?;
         model.set_weights(values)?;
@@ -70,15 +70,26 @@ pub fn read_f32(path: &Path) -> R<ndarray::ArrayD<f32>> {
 /// Builds a model from the text of a Keras 3 `model.json`; weights are freshly
 /// initialised (use [`Model::set_weights`]). `source` names the file in errors.
 pub fn model_from_json(text: &str, source: &str) -> R<Model> {
+    model_from_json_with(text, source, true)
+}
+
+/// [`model_from_json`], with the weights left at zero when `initialize` is false (for
+/// files whose weights are loaded next: no initialisation cost).
+pub fn model_from_json_with(text: &str, source: &str, initialize: bool) -> R<Model> {
     let v: Value = serde_json::from_str(text).map_err(|e| KerasError::Config {
         path: source.to_string(),
         msg: format!("not JSON: {e}"),
     })?;
     let cx = Cx {
         file: source.to_string(),
+        initialize,
     };
     let class = cx.str(&v, "class_name", "model")?;
     let config = cx.get(&v, "config", "model")?;
+    let cx = Cx {
+        file: cx.file,
+        initialize,
+    };
     let mut model = match class {
         "Sequential" => cx.sequential(config)?,
         "Functional" | "Model" => cx.functional(config)?,
@@ -97,6 +108,7 @@ pub fn model_from_json(text: &str, source: &str) -> R<Model> {
 
 struct Cx {
     file: String,
+    initialize: bool,
 }
 
 impl Cx {
@@ -505,6 +517,7 @@ impl Cx {
             .as_array()
             .ok_or_else(|| self.err("config", "\"layers\" is not a list".into()))?;
         let mut model = Sequential::new();
+        model.skip_init = !self.initialize;
         let first_is_input = layers
             .first()
             .and_then(|l| l.get("class_name"))
@@ -595,6 +608,7 @@ impl Cx {
             .as_array()
             .ok_or_else(|| self.err("config", "\"layers\" is not a list".into()))?;
         let mut f = Functional::new();
+        f.skip_init(!self.initialize);
         // (layer name) → its slot and inbound nodes.
         let mut entries: Vec<(String, Option<LayerId>, Vec<Value>, bool)> = Vec::new();
         let mut made: HashMap<(String, usize, usize), KerasTensor> = HashMap::new();

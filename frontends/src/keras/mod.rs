@@ -33,7 +33,7 @@ pub mod summary;
 pub mod train;
 
 pub use checkpoint::CheckpointOptions;
-pub use import::{load_model, model_from_json};
+pub use import::{load_model, model_from_json, model_from_json_with};
 pub use layers::{
     Activation, BatchNormalization, Bidirectional, Cell, CellKind, Dense, Dropout, Embedding,
     GRUCell, Input, LSTMCell, Layer, Masking, MergeMode, Recurrent, RnnClass, Shape, SimpleRNN,

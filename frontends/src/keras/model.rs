@@ -90,6 +90,10 @@ pub(crate) struct Lowered {
     pub bn: Vec<usize>,
 }
 
+/// The most work an orthogonal initialisation may take (about 16 s of a slow core):
+/// `LSTM(2048)` fits, a file declaring far larger recurrent kernels is refused.
+const MAX_ORTHOGONAL_COST: u128 = 1 << 36;
+
 /// The most weight elements one layer may create (4 GiB of float32): far above any
 /// real recurrent model, far below what would exhaust memory on a declared size.
 pub const MAX_WEIGHT_ELEMENTS: usize = 1 << 30;
@@ -113,6 +117,9 @@ pub struct Model {
     pub(crate) inputs: Vec<KerasTensor>,
     pub(crate) outputs: Vec<KerasTensor>,
     seed: u64,
+    /// Create weights as zeros instead of drawing them (file imports whose weights
+    /// follow).
+    pub(crate) skip_init: bool,
     rng: rand::rngs::StdRng,
     plans: HashMap<PlanKey, Compiled>,
     pub(crate) grad_plans: HashMap<GradKey, super::train::GradPlan>,
@@ -206,6 +213,10 @@ impl Functional {
             model: Model::empty("functional", false, seed),
         }
     }
+    pub(crate) fn skip_init(&mut self, skip: bool) {
+        self.model.skip_init = skip;
+    }
+
     /// Declares an input.
     pub fn input(&mut self, input: Input) -> R<KerasTensor> {
         let slot = self.model.add_slot(Layer::Input(input))?;
@@ -341,6 +352,7 @@ impl Model {
             inputs: Vec::new(),
             outputs: Vec::new(),
             seed,
+            skip_init: false,
             rng: rand::SeedableRng::seed_from_u64(seed ^ 0x5EED_D80F),
             plans: HashMap::new(),
             grad_plans: HashMap::new(),
@@ -506,7 +518,8 @@ impl Model {
                 match &self.slots[slot].built {
                     Some(b) => check_same_width(b, &shape).map_err(err)?,
                     None => {
-                        let weights = build_weights(&layer, &name, &shape, self.seed, slot)?;
+                        let seed = (!self.skip_init).then_some(self.seed);
+                        let weights = build_weights(&layer, &name, &shape, seed, slot)?;
                         self.slots[slot].weights = weights;
                         self.slots[slot].built = Some(shape.clone());
                     }
@@ -1347,7 +1360,7 @@ fn build_weights(
     layer: &Layer,
     name: &str,
     input: &Shape,
-    seed: u64,
+    seed: Option<u64>,
     slot: usize,
 ) -> R<Vec<Weight>> {
     let specs = weight_specs(layer, name, input).map_err(|msg| KerasError::Layer {
@@ -1375,12 +1388,37 @@ fn build_weights(
             msg: format!("{total} weights exceed the limit of {MAX_WEIGHT_ELEMENTS} elements"),
         });
     }
+    if seed.is_some() {
+        for (wname, shape, _, init) in &specs {
+            if *init == Init::Orthogonal {
+                // QR of a max×min matrix costs about max·min² operations.
+                let rows: u128 = shape[..shape.len().saturating_sub(1)]
+                    .iter()
+                    .map(|&d| d as u128)
+                    .product();
+                let cols = *shape.last().unwrap_or(&1) as u128;
+                let cost = rows.max(cols) * rows.min(cols) * rows.min(cols);
+                if cost > MAX_ORTHOGONAL_COST {
+                    return Err(KerasError::Layer {
+                        layer: name.to_string(),
+                        msg: format!(
+                            "the orthogonal initialisation of {wname} {shape:?} is too costly \
+                             ({cost} operations); give the weights (set_weights or weights/NNN.npy)"
+                        ),
+                    });
+                }
+            }
+        }
+    }
     Ok(specs
         .into_iter()
         .enumerate()
         .map(|(i, (wname, shape, trainable, init))| Weight {
             name: wname,
-            value: init_tensor(init, &shape, weight_seed(seed, slot, i)),
+            value: match seed {
+                Some(seed) => init_tensor(init, &shape, weight_seed(seed, slot, i)),
+                None => ArrayD::zeros(IxDyn(&shape)),
+            },
             trainable,
         })
         .collect())
