@@ -46,17 +46,7 @@ impl<'g> Emit<'g> {
     }
 
     pub fn constant(&mut self, t: Tensor) -> Result<ValueRef> {
-        self.op(
-            Op::Constant {
-                value: Some(t),
-                value_float: None,
-                value_floats: None,
-                value_int: None,
-                value_ints: None,
-            },
-            &[],
-            "const",
-        )
+        self.op(Op::constant(t), &[], "const")
     }
 
     pub fn scalar(&mut self, dt: DType, v: f64) -> Result<ValueRef> {

@@ -1226,78 +1226,14 @@ fn einsum(e: &mut Emit, cx: &NodeCx, equation: &str) -> Result<Grads> {
 /// (`LSTMGrad`/`GRUGrad`/`RNNGrad`, a CPU kernel that recomputes the forward and runs
 /// backpropagation through time).
 fn fused_rnn(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
-    let (op, n_fwd, n_cot, n_out) = match cx.op.clone() {
-        Op::LSTM {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            input_forget,
-            layout,
-        } => (
-            Op::LSTMGrad {
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                input_forget,
-                layout,
-            },
-            8,
-            3,
-            7,
-        ),
-        Op::GRU {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            layout,
-            linear_before_reset,
-        } => (
-            Op::GRUGrad {
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                layout,
-                linear_before_reset,
-            },
-            6,
-            2,
-            5,
-        ),
-        Op::RNN {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            layout,
-        } => (
-            Op::RNNGrad {
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                layout,
-            },
-            6,
-            2,
-            5,
-        ),
-        _ => return Err(Error::Internal("not a recurrent op".into())),
+    let op = cx
+        .op
+        .recurrent_pair()
+        .ok_or_else(|| Error::Internal("not a recurrent op".into()))?;
+    // Forward inputs, cotangent inputs and gradient outputs of the backward op.
+    let (n_fwd, n_cot, n_out) = match cx.op {
+        Op::LSTM { .. } => (8, 3, 7),
+        _ => (6, 2, 5),
     };
     let layout = match &op {
         Op::LSTMGrad { layout, .. } | Op::GRUGrad { layout, .. } | Op::RNNGrad { layout, .. } => {

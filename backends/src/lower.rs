@@ -132,7 +132,7 @@ impl Builder<'_> {
     }
 
     fn constant(&mut self, t: Tensor, hint: &str) -> Result<ValueRef> {
-        self.op(const_op(t), &[], hint)
+        self.op(Op::constant(t), &[], hint)
     }
 
     fn scalar(&mut self, dt: DType, v: f64) -> Result<ValueRef> {
@@ -213,16 +213,6 @@ impl Builder<'_> {
 
     fn matmul(&mut self, a: ValueRef, b: ValueRef) -> Result<ValueRef> {
         self.op(Op::MatMul {}, &[Some(a), Some(b)], "matmul")
-    }
-}
-
-fn const_op(t: Tensor) -> Op {
-    Op::Constant {
-        value: Some(t),
-        value_float: None,
-        value_floats: None,
-        value_int: None,
-        value_ints: None,
     }
 }
 

@@ -30,14 +30,20 @@ impl Default for Tolerance {
 /// The case folders under `path`: `path` itself when it holds a `model.onnx`, otherwise
 /// every folder below it that does, sorted.
 pub fn find_cases(path: &Path) -> Vec<PathBuf> {
-    if path.join("model.onnx").is_file() {
+    find_folders_with(path, &["model.onnx"])
+}
+
+/// `path` itself when it holds every file in `markers`, otherwise every folder below it
+/// that does, sorted.
+pub fn find_folders_with(path: &Path, markers: &[&str]) -> Vec<PathBuf> {
+    if markers.iter().all(|m| path.join(m).is_file()) {
         return vec![path.to_path_buf()];
     }
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(path) {
         for e in rd.flatten() {
             if e.path().is_dir() {
-                out.extend(find_cases(&e.path()));
+                out.extend(find_folders_with(&e.path(), markers));
             }
         }
     }

@@ -18,19 +18,7 @@ fn t64(shape: &[usize], vals: &[f64]) -> Tensor {
 }
 
 fn konst(g: &mut Graph, name: &str, t: Tensor) -> ValueRef {
-    v(g.add_node(
-        "",
-        Op::Constant {
-            value: Some(t),
-            value_float: None,
-            value_floats: None,
-            value_int: None,
-            value_ints: None,
-        },
-        &[],
-        &[name],
-    )
-    .unwrap())
+    v(g.add_node("", Op::constant(t), &[], &[name]).unwrap())
 }
 
 fn run(g: &Graph, inputs: &[Tensor]) -> Vec<Tensor> {

@@ -17,64 +17,12 @@ type R<T> = Result<T, String>;
 
 /// The forward op a backward op differentiates.
 fn forward_op(op: &Op) -> R<Op> {
-    Ok(match op.clone() {
-        Op::LSTMGrad {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            input_forget,
-            layout,
-        } => Op::LSTM {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            input_forget,
-            layout,
-        },
-        Op::GRUGrad {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            layout,
-            linear_before_reset,
-        } => Op::GRU {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            layout,
-            linear_before_reset,
-        },
-        Op::RNNGrad {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            layout,
-        } => Op::RNN {
-            activation_alpha,
-            activation_beta,
-            activations,
-            clip,
-            direction,
-            hidden_size,
-            layout,
-        },
-        other => return Err(format!("{} is not a recurrent backward op", other.name())),
-    })
+    match op {
+        Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. } => op
+            .recurrent_pair()
+            .ok_or_else(|| format!("{} has no forward op", op.name())),
+        other => Err(format!("{} is not a recurrent backward op", other.name())),
+    }
 }
 
 /// d act(x) / dx at x.

@@ -22,19 +22,7 @@ pub struct CaseReport {
 /// Case folders under `path`: `path` itself when it holds a `meta.json` and a
 /// `model.json`, otherwise every folder below it that does, sorted.
 pub fn find_cases(path: &Path) -> Vec<PathBuf> {
-    if path.join("meta.json").is_file() && path.join("model.json").is_file() {
-        return vec![path.to_path_buf()];
-    }
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(path) {
-        for e in rd.flatten() {
-            if e.path().is_dir() {
-                out.extend(find_cases(&e.path()));
-            }
-        }
-    }
-    out.sort();
-    out
+    crate::conformance::find_folders_with(path, &["meta.json", "model.json"])
 }
 
 fn read_json(path: &Path) -> Result<Value, String> {

@@ -157,15 +157,10 @@ fn layer_entry(layer: &Layer, name: &str) -> Value {
 
 impl Model {
     fn tensor_json(&self, t: KerasTensor) -> Value {
-        let info = &self.tensors[t.0];
-        let node = &self.nodes[info.node];
-        let call = self.nodes[..info.node]
-            .iter()
-            .filter(|m| m.slot == node.slot)
-            .count();
+        let (layer, call, index) = self.history_of(t);
         json!({"class_name": "__keras_tensor__",
-               "config": {"shape": shape_json(&info.shape), "dtype": "float32",
-                          "keras_history": [self.slots[node.slot].name, call, info.index]}})
+               "config": {"shape": shape_json(&self.tensors[t.0].shape), "dtype": "float32",
+                          "keras_history": [layer, call, index]}})
     }
 
     /// The model as Keras 3 `model.to_json()` writes it (what [`super::model_from_json`]
@@ -217,13 +212,8 @@ impl Model {
                 .collect()
         };
         let endpoint = |t: &KerasTensor| {
-            let info = &self.tensors[t.0];
-            let node = &self.nodes[info.node];
-            let call = self.nodes[..info.node]
-                .iter()
-                .filter(|m| m.slot == node.slot)
-                .count();
-            json!([self.slots[node.slot].name, call, info.index])
+            let (layer, call, index) = self.history_of(*t);
+            json!([layer, call, index])
         };
         let mut config = json!({"name": self.name, "trainable": true, "layers": layers});
         if !self.sequential {

@@ -82,17 +82,7 @@ impl<'g> Emit<'g> {
     }
 
     pub fn constant(&mut self, t: Tensor, hint: &str) -> R<ValueRef> {
-        self.op(
-            Op::Constant {
-                value: Some(t),
-                value_float: None,
-                value_floats: None,
-                value_int: None,
-                value_ints: None,
-            },
-            &[],
-            hint,
-        )
+        self.op(Op::constant(t), &[], hint)
     }
 
     pub fn scalar(&mut self, v: f32) -> R<ValueRef> {

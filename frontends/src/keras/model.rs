@@ -342,6 +342,17 @@ impl Model {
         ));
     }
 
+    /// Keras's `keras_history` of a tensor: (layer name, call index, output index).
+    pub(crate) fn history_of(&self, t: KerasTensor) -> (String, usize, usize) {
+        let info = &self.tensors[t.0];
+        let node = &self.nodes[info.node];
+        let call = self.nodes[..info.node]
+            .iter()
+            .filter(|m| m.slot == node.slot)
+            .count();
+        (self.slots[node.slot].name.clone(), call, info.index)
+    }
+
     pub(crate) fn empty(name: &str, sequential: bool, seed: u64) -> Model {
         Model {
             name: name.to_string(),

@@ -44,14 +44,9 @@ impl Model {
                         .iter()
                         .chain(&n.args.initial_state)
                         .chain(&n.args.mask)
-                        .map(|t| {
-                            let info = &self.tensors[t.0];
-                            let node = &self.nodes[info.node];
-                            let call = self.nodes[..info.node]
-                                .iter()
-                                .filter(|m| m.slot == node.slot)
-                                .count();
-                            format!("{}[{call}][{}]", self.slots[node.slot].name, info.index)
+                        .map(|&t| {
+                            let (layer, call, index) = self.history_of(t);
+                            format!("{layer}[{call}][{index}]")
                         })
                         .collect()
                 })

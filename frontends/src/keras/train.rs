@@ -188,16 +188,7 @@ impl LossEmit<'_> {
         Ok(ValueRef { node: id, slot: 0 })
     }
     fn constant(&mut self, t: Tensor) -> R<ValueRef> {
-        self.op(
-            Op::Constant {
-                value: Some(t),
-                value_float: None,
-                value_floats: None,
-                value_int: None,
-                value_ints: None,
-            },
-            &[],
-        )
+        self.op(Op::constant(t), &[])
     }
     fn scalar(&mut self, v: f32) -> R<ValueRef> {
         self.constant(Tensor::scalar_f32(v))

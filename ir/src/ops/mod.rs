@@ -414,6 +414,37 @@ impl Op {
         self.kind().info().name
     }
 
+    /// A `Constant` holding `value`.
+    pub fn constant(value: Tensor) -> Op {
+        Op::Constant {
+            value: Some(value),
+            value_float: None,
+            value_floats: None,
+            value_int: None,
+            value_ints: None,
+        }
+    }
+
+    /// The fused backward op of an `LSTM`/`GRU`/`RNN` (same attributes), or of a backward
+    /// op the forward one: the pairs `LSTM` ↔ `LSTMGrad`, `GRU` ↔ `GRUGrad`,
+    /// `RNN` ↔ `RNNGrad`. `None` for other ops.
+    pub fn recurrent_pair(&self) -> Option<Op> {
+        macro_rules! swap {
+            ($from:ident => $to:ident { $($f:ident),* }) => {
+                if let Op::$from { $($f),* } = self.clone() {
+                    return Some(Op::$to { $($f),* });
+                }
+            };
+        }
+        swap!(LSTM => LSTMGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout });
+        swap!(LSTMGrad => LSTM { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout });
+        swap!(GRU => GRUGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset });
+        swap!(GRUGrad => GRU { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset });
+        swap!(RNN => RNNGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout });
+        swap!(RNNGrad => RNN { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout });
+        None
+    }
+
     /// The nested graphs this op carries (Scan/Loop bodies, If branches), by attribute.
     pub fn subgraphs(&self) -> Vec<(&'static str, &Graph)> {
         self.attrs()
