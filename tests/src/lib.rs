@@ -36,3 +36,26 @@ pub fn case_name(model: &Path) -> String {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
+
+/// The Python interpreter for interop checks (`CELLGRAPH_PYTHON`, default `python3`) when
+/// it has onnx, onnxruntime and numpy. Otherwise prints why `what` is skipped and returns
+/// `None` — or panics when `CELLGRAPH_REQUIRE_PYTHON=1` (CI), so nothing is skipped there.
+pub fn python_or_skip(what: &str) -> Option<String> {
+    let py = std::env::var("CELLGRAPH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import onnx, onnxruntime, numpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Some(py);
+    }
+    let why = format!(
+        "SKIPPED {what}: no Python with onnx, onnxruntime and numpy (set CELLGRAPH_PYTHON)"
+    );
+    if std::env::var("CELLGRAPH_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
+        panic!("{why}, but CELLGRAPH_REQUIRE_PYTHON=1");
+    }
+    eprintln!("{why}");
+    None
+}

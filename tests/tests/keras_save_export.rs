@@ -94,20 +94,9 @@ fn exported_onnx_imports_back_and_predicts_the_same() {
 
 #[test]
 fn exported_onnx_runs_in_onnxruntime_with_kerass_outputs() {
-    let py = std::env::var("CELLGRAPH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import onnx, onnxruntime, numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        let why = "SKIPPED keras onnx interop: no Python with onnx, onnxruntime and numpy (set CELLGRAPH_PYTHON)";
-        if std::env::var("CELLGRAPH_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
-            panic!("{why}, but CELLGRAPH_REQUIRE_PYTHON=1");
-        }
-        eprintln!("{why}");
+    let Some(py) = cellgraph_tests::python_or_skip("keras onnx interop") else {
         return;
-    }
+    };
     let out = tempfile::tempdir().unwrap();
     let cases = inference_cases();
     for case in &cases {
@@ -172,21 +161,9 @@ fn a_trained_model_saves_loads_and_runs_in_onnxruntime_with_the_same_predictions
     let mut back = load_model(&dir.path().join("model")).unwrap();
     assert_eq!(back.predict(std::slice::from_ref(&px)).unwrap(), want);
     // The inference ONNX in onnxruntime, through the same checker as the Keras cases.
-    let py = std::env::var("CELLGRAPH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import onnx, onnxruntime, numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        let why =
-            "SKIPPED trained-model onnxruntime check: no Python with onnx, onnxruntime and numpy";
-        if std::env::var("CELLGRAPH_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
-            panic!("{why}, but CELLGRAPH_REQUIRE_PYTHON=1");
-        }
-        eprintln!("{why}");
+    let Some(py) = cellgraph_tests::python_or_skip("trained-model onnxruntime check") else {
         return;
-    }
+    };
     let case = dir.path().join("cases/trained_mnist");
     std::fs::create_dir_all(case.join("inputs")).unwrap();
     std::fs::create_dir_all(case.join("outputs")).unwrap();

@@ -12,24 +12,9 @@ use clap::Parser;
 use std::path::Path;
 use std::process::Command;
 
-fn python() -> Option<String> {
-    let py = std::env::var("CELLGRAPH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import onnx, onnxruntime, numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ok.then_some(py)
-}
-
 #[test]
 fn converted_models_pass_onnx_checker_and_run_in_onnxruntime() {
-    let Some(py) = python() else {
-        let why = "SKIPPED onnx interop: no Python with onnx, onnxruntime and numpy (set CELLGRAPH_PYTHON)";
-        if std::env::var("CELLGRAPH_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
-            panic!("{why}, but CELLGRAPH_REQUIRE_PYTHON=1");
-        }
-        eprintln!("{why}");
+    let Some(py) = cellgraph_tests::python_or_skip("onnx interop") else {
         return;
     };
     let root = conformance_dir();
