@@ -500,35 +500,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         } => {
             let recurrent = recurrent.into();
             let tol = crate::conformance::Tolerance { rtol, atol };
-            let mut cases = Vec::new();
-            for p in &paths {
-                if !p.exists() {
-                    return Err(CliError::Usage(format!(
-                        "{}: no such file or folder",
-                        p.display()
-                    )));
-                }
-                cases.extend(crate::conformance::find_cases(p));
-            }
-            let (mut passed, mut failed) = (0, 0);
-            for case in &cases {
-                let name = case
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                match crate::conformance::run_case(case, recurrent, tol) {
-                    Ok(()) => {
-                        passed += 1;
-                        println!("PASS {name}");
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        println!("FAIL {name}: {e}");
-                    }
-                }
-            }
-            println!("{passed} passed, {failed} failed");
-            Ok(if failed > 0 || cases.is_empty() { 1 } else { 0 })
+            run_suite(&paths, crate::conformance::find_cases, |case| {
+                crate::conformance::run_case(case, recurrent, tol).map(|()| String::new())
+            })
         }
         Command::Conformance {
             suite:
@@ -536,41 +510,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     paths,
                     backend: BackendArg::Cpu,
                 },
-        } => {
-            let mut cases = Vec::new();
-            for p in &paths {
-                if !p.exists() {
-                    return Err(CliError::Usage(format!(
-                        "{}: no such file or folder",
-                        p.display()
-                    )));
+        } => run_suite(&paths, crate::keras::conformance::find_cases, |case| {
+            crate::keras::conformance::run_case(case).map(|r| {
+                let mut line = format!(" ({})", r.checked.join(", "));
+                if !r.skipped.is_empty() {
+                    line += &format!("; skipped: {}", r.skipped.join(", "));
                 }
-                cases.extend(crate::keras::conformance::find_cases(p));
-            }
-            let (mut passed, mut failed) = (0, 0);
-            for case in &cases {
-                let name = case
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                match crate::keras::conformance::run_case(case) {
-                    Ok(r) => {
-                        passed += 1;
-                        let mut line = format!("PASS {name} ({})", r.checked.join(", "));
-                        if !r.skipped.is_empty() {
-                            line += &format!("; skipped: {}", r.skipped.join(", "));
-                        }
-                        println!("{line}");
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        println!("FAIL {name}: {e}");
-                    }
-                }
-            }
-            println!("{passed} passed, {failed} failed");
-            Ok(if failed > 0 || cases.is_empty() { 1 } else { 0 })
-        }
+                line
+            })
+        }),
         Command::Mnist {
             data,
             epochs,
@@ -720,6 +668,44 @@ fn json_bytes(_: &Model, _: &Path) -> Result<Vec<u8>, CliError> {
     Err(CliError::Usage(
         "JSON needs cellgraph built with the `serde` feature".into(),
     ))
+}
+
+/// Runs the cases found under `paths`: `PASS <name><detail>` or `FAIL <name>: <reason>`
+/// per case, then `N passed, M failed`; exit status 1 when anything failed or nothing ran.
+fn run_suite(
+    paths: &[PathBuf],
+    find: impl Fn(&Path) -> Vec<PathBuf>,
+    run_one: impl Fn(&Path) -> Result<String, String>,
+) -> Result<ExitCode, CliError> {
+    let mut cases = Vec::new();
+    for p in paths {
+        if !p.exists() {
+            return Err(CliError::Usage(format!(
+                "{}: no such file or folder",
+                p.display()
+            )));
+        }
+        cases.extend(find(p));
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for case in &cases {
+        let name = case
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match run_one(case) {
+            Ok(detail) => {
+                passed += 1;
+                println!("PASS {name}{detail}");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {name}: {e}");
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed > 0 || cases.is_empty() { 1 } else { 0 })
 }
 
 /// Whether `path` is a Keras model: a folder with `model.json`, or a `.json` file whose

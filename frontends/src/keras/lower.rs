@@ -441,16 +441,7 @@ fn per_gate_step(
                 let hu = e.matmul(hs[g], w.ug[g])?;
                 z.push(e.add(xs[g], hu)?);
             }
-            let i = e.activation(ra, z[0])?;
-            let f = e.activation(ra, z[1])?;
-            let cc = e.activation(act, z[2])?;
-            let o = e.activation(ra, z[3])?;
-            let fc = e.mul(f, st[1])?;
-            let ic = e.mul(i, cc)?;
-            let c = e.add(fc, ic)?;
-            let ac = e.activation(act, c)?;
-            let h = e.mul(o, ac)?;
-            Ok((h, vec![h, c]))
+            lstm_gates(e, cell, &z, st[1])
         }
         CellKind::GRU => {
             let mut rec = Vec::new();
@@ -483,6 +474,27 @@ fn per_gate_step(
             "SimpleRNN has no per-gate form".into(),
         )),
     }
+}
+
+/// LSTM from its gate pre-activations (blocks i, f, c, o) and the previous cell state:
+/// `c' = f⊙c + i⊙act(z_c)`, `h' = o⊙act(c')`.
+fn lstm_gates(
+    e: &mut Emit,
+    cell: &Cell,
+    z: &[ValueRef],
+    c_prev: ValueRef,
+) -> R<(ValueRef, Vec<ValueRef>)> {
+    let (act, ra) = (cell.activation, cell.recurrent_activation);
+    let i = e.activation(ra, z[0])?;
+    let f = e.activation(ra, z[1])?;
+    let cc = e.activation(act, z[2])?;
+    let o = e.activation(ra, z[3])?;
+    let fc = e.mul(f, c_prev)?;
+    let ic = e.mul(i, cc)?;
+    let c = e.add(fc, ic)?;
+    let ac = e.activation(act, c)?;
+    let h = e.mul(o, ac)?;
+    Ok((h, vec![h, c]))
 }
 
 /// GRU's `h' = z⊙h + (1 − z)⊙ĥ`.
@@ -532,16 +544,7 @@ pub(crate) fn cell_step(
             let hu = e.matmul(st[0], w.u)?;
             let z = e.add(xz, hu)?;
             let g = e.split(z, 4)?;
-            let i = e.activation(ra, g[0])?;
-            let f = e.activation(ra, g[1])?;
-            let cc = e.activation(act, g[2])?;
-            let o = e.activation(ra, g[3])?;
-            let fc = e.mul(f, st[1])?;
-            let ic = e.mul(i, cc)?;
-            let c = e.add(fc, ic)?;
-            let ac = e.activation(act, c)?;
-            let h = e.mul(o, ac)?;
-            Ok((h, vec![h, c]))
+            lstm_gates(e, cell, &g, st[1])
         }
         CellKind::GRU => {
             let h0 = st[0];
