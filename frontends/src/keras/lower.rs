@@ -325,46 +325,34 @@ pub(crate) fn prep_cell(
     let (k, u) = (w[0], w[1]);
     let bias = w.get(2).copied();
     let units = cell.units as i64;
-    let mut cw = match cell.kind {
-        CellKind::GRU if cell.reset_after => CellW {
-            k,
+    // (recurrent kernel, input-side bias, GRU reset-after recurrent bias, GRU candidate block)
+    let (u_main, b, b_rec, u_h) = match cell.kind {
+        CellKind::GRU if cell.reset_after => (
             u,
-            b: bias.map(|b| e.pick(b, 0, 0)).transpose()?,
-            b_rec: bias.map(|b| e.pick(b, 1, 0)).transpose()?,
-            u_h: None,
-            dm: vec![],
-            rm: vec![],
-            kg: vec![],
-            ug: vec![],
-            bg: vec![],
-            brg: vec![],
-        },
-        CellKind::GRU => CellW {
-            k,
-            u: e.slice(u, 1, 0, 2 * units, 1)?,
-            b: bias,
-            b_rec: None,
-            u_h: Some(e.slice(u, 1, 2 * units, 3 * units, 1)?),
-            dm: vec![],
-            rm: vec![],
-            kg: vec![],
-            ug: vec![],
-            bg: vec![],
-            brg: vec![],
-        },
-        _ => CellW {
-            k,
-            u,
-            b: bias,
-            b_rec: None,
-            u_h: None,
-            dm: vec![],
-            rm: vec![],
-            kg: vec![],
-            ug: vec![],
-            bg: vec![],
-            brg: vec![],
-        },
+            bias.map(|b| e.pick(b, 0, 0)).transpose()?,
+            bias.map(|b| e.pick(b, 1, 0)).transpose()?,
+            None,
+        ),
+        CellKind::GRU => (
+            e.slice(u, 1, 0, 2 * units, 1)?,
+            bias,
+            None,
+            Some(e.slice(u, 1, 2 * units, 3 * units, 1)?),
+        ),
+        _ => (u, bias, None, None),
+    };
+    let mut cw = CellW {
+        k,
+        u: u_main,
+        b,
+        b_rec,
+        u_h,
+        dm: vec![],
+        rm: vec![],
+        kg: vec![],
+        ug: vec![],
+        bg: vec![],
+        brg: vec![],
     };
     let drop = cell.dropout > 0.0;
     let rdrop = cell.recurrent_dropout > 0.0;
