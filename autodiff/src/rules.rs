@@ -148,6 +148,9 @@ pub const WITH_RULES: &[&str] = &[
     "LSTM",
     "GRU",
     "RNN",
+    "LSTMMasked",
+    "GRUMasked",
+    "RNNMasked",
     "If",
     "Loop",
 ];
@@ -645,7 +648,12 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         }
         Op::Scan { .. } => scan(e, cx),
         Op::Tile {} => tile(e, cx),
-        Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. } => fused_rnn(e, cx),
+        Op::LSTM { .. }
+        | Op::GRU { .. }
+        | Op::RNN { .. }
+        | Op::LSTMMasked { .. }
+        | Op::GRUMasked { .. }
+        | Op::RNNMasked { .. } => fused_rnn(e, cx),
         Op::If { .. } => if_rule(e, cx),
         Op::Loop { .. } => loop_rule(e, cx),
         Op::Einsum { equation } => einsum(e, cx, equation),
@@ -1232,8 +1240,19 @@ fn fused_rnn(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         .ok_or_else(|| Error::Internal("not a recurrent op".into()))?;
     // Forward inputs, cotangent inputs and gradient outputs of the backward op.
     let (n_fwd, n_cot, n_out) = match cx.op {
-        Op::LSTM { .. } => (8, 3, 7),
+        Op::LSTM { .. } | Op::LSTMMasked { .. } => (8, 3, 7),
         _ => (6, 2, 5),
+    };
+    // A masked op's mask (after its forward inputs) goes last, after the cotangents.
+    let mask = match cx.op {
+        Op::LSTMMasked { .. } | Op::GRUMasked { .. } | Op::RNNMasked { .. } => Some(
+            cx.ins
+                .get(n_fwd)
+                .copied()
+                .flatten()
+                .ok_or_else(|| cx.unsupported("a masked recurrent op without its mask"))?,
+        ),
+        _ => None,
     };
     let layout = match &op {
         Op::LSTMGrad { layout, .. } | Op::GRUGrad { layout, .. } | Op::RNNGrad { layout, .. } => {
@@ -1253,6 +1272,10 @@ fn fused_rnn(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
     // Trailing omitted inputs are dropped (the op's arity allows it).
     while ins.last().is_some_and(Option::is_none) {
         ins.pop();
+    }
+    if let Some(m) = mask {
+        ins.resize(n_fwd + n_cot, None);
+        ins.push(Some(m));
     }
     // Input slot of each gradient output: X, W, R, B, initial_h, initial_c, P.
     let slots = [0usize, 1, 2, 3, 5, 6, 7];

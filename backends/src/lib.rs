@@ -14,6 +14,7 @@ pub mod error;
 pub mod gemm;
 pub mod lower;
 pub mod num;
+pub mod raise;
 
 pub use data::Data;
 pub use error::{Error, Result};

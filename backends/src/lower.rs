@@ -11,12 +11,53 @@
 
 use crate::cpu::rnn::{parse_activations, Act, Cell};
 use crate::error::{Error, Result};
-use cellgraph_ir::{DType, Dim, Graph, NodeKind, Op, Tensor, TensorType, ValueRef, ValueType};
+use cellgraph_ir::{
+    DType, Dim, Graph, NodeId, NodeKind, Op, Tensor, TensorType, ValueRef, ValueType,
+};
 use std::collections::HashMap;
 
 /// Returns a copy of `graph` (and of its nested graphs) in which every recurrent op runs
 /// as a `Scan` loop.
 pub fn lower_recurrent(graph: &Graph) -> Result<Graph> {
+    lower_where(graph, &|_| true)
+}
+
+/// Like [`lower_recurrent`], for the recurrent nodes `pick` selects (by op).
+pub fn lower_where(graph: &Graph, pick: &dyn Fn(&Op) -> bool) -> Result<Graph> {
+    rewrite(
+        graph,
+        &mut |dst, src, n, ins, names| {
+            let node = src.node(n);
+            match node.op() {
+                Some(op) if op.unmasked_recurrent().is_some() && !is_grad(op) && pick(op) => {
+                    expand(dst, &node.display_name(), op, ins, names).map(Some)
+                }
+                _ => Ok(None),
+            }
+        },
+        &mut |body| lower_where(body, pick),
+    )
+}
+
+/// What a [`rewrite`] callback returns for one node: `None` copies the node, `Some`
+/// gives the values standing for its outputs.
+pub(crate) type Replaced = Option<Vec<Option<ValueRef>>>;
+
+/// Copies `graph` node by node in topological order. `replace(dst, src, node, inputs,
+/// output_names)` may emit something else for a node (inputs already mapped into
+/// `dst`); nodes it leaves alone are copied with their nested graphs passed through
+/// `body`.
+pub(crate) fn rewrite(
+    graph: &Graph,
+    replace: &mut dyn FnMut(
+        &mut Graph,
+        &Graph,
+        NodeId,
+        &[Option<ValueRef>],
+        &[&str],
+    ) -> Result<Replaced>,
+    body: &mut dyn FnMut(&Graph) -> Result<Graph>,
+) -> Result<Graph> {
     let mut dst = Graph::with_opsets(graph.name.clone(), graph.opsets().clone());
     dst.doc = graph.doc.clone();
     let mut map: HashMap<ValueRef, ValueRef> = HashMap::new();
@@ -59,20 +100,19 @@ pub fn lower_recurrent(graph: &Graph) -> Result<Graph> {
             .map(|v| v.map(|v| map[&v]))
             .collect();
         let names: Vec<&str> = node.outputs.iter().map(|v| v.name.as_str()).collect();
-        let outs: Vec<Option<ValueRef>> =
-            if matches!(op, Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. }) {
-                let label = node.display_name();
-                expand(&mut dst, &label, op, &ins, &names)?
-            } else {
+        let outs: Vec<Option<ValueRef>> = match replace(&mut dst, graph, n, &ins, &names)? {
+            Some(outs) => outs,
+            None => {
                 let mut op = op.clone();
-                for body in op.subgraphs_mut() {
-                    *body = lower_recurrent(body)?;
+                for b in op.subgraphs_mut() {
+                    *b = body(b)?;
                 }
                 let id = dst.add_node(&node.name, op, &ins, &names)?;
                 (0..names.len())
                     .map(|s| Some(ValueRef { node: id, slot: s }))
                     .collect()
-            };
+            }
+        };
         for (s, (v, nv)) in node.outputs.iter().zip(outs).enumerate() {
             if let Some(nv) = nv {
                 if v.declared {
@@ -87,7 +127,10 @@ pub fn lower_recurrent(graph: &Graph) -> Result<Graph> {
         .iter()
         .map(|v| {
             map.get(v).copied().ok_or_else(|| {
-                Error::Compile(format!("output {:?} was not lowered", graph.value(*v).name))
+                Error::Compile(format!(
+                    "output {:?} was not rewritten",
+                    graph.value(*v).name
+                ))
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -95,11 +138,27 @@ pub fn lower_recurrent(graph: &Graph) -> Result<Graph> {
     Ok(dst)
 }
 
+/// `LSTMMasked`/`GRUMasked`/`RNNMasked`.
+fn is_masked(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::LSTMMasked { .. } | Op::GRUMasked { .. } | Op::RNNMasked { .. }
+    )
+}
+
+/// `LSTMGrad`/`GRUGrad`/`RNNGrad`.
+fn is_grad(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }
+    )
+}
+
 /// Adds nodes with generated unique names.
-struct Builder<'g> {
-    g: &'g mut Graph,
-    prefix: String,
-    k: usize,
+pub(crate) struct Builder<'g> {
+    pub(crate) g: &'g mut Graph,
+    pub(crate) prefix: String,
+    pub(crate) k: usize,
 }
 
 impl Builder<'_> {
@@ -113,11 +172,16 @@ impl Builder<'_> {
         }
     }
 
-    fn op(&mut self, op: Op, ins: &[Option<ValueRef>], hint: &str) -> Result<ValueRef> {
+    pub(crate) fn op(&mut self, op: Op, ins: &[Option<ValueRef>], hint: &str) -> Result<ValueRef> {
         Ok(self.multi(op, ins, &[hint])?[0])
     }
 
-    fn multi(&mut self, op: Op, ins: &[Option<ValueRef>], hints: &[&str]) -> Result<Vec<ValueRef>> {
+    pub(crate) fn multi(
+        &mut self,
+        op: Op,
+        ins: &[Option<ValueRef>],
+        hints: &[&str],
+    ) -> Result<Vec<ValueRef>> {
         let names: Vec<String> = hints.iter().map(|h| self.fresh(h)).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let id = self.g.add_node("", op, ins, &refs)?;
@@ -131,7 +195,7 @@ impl Builder<'_> {
         Ok(ValueRef { node: id, slot: 0 })
     }
 
-    fn constant(&mut self, t: Tensor, hint: &str) -> Result<ValueRef> {
+    pub(crate) fn constant(&mut self, t: Tensor, hint: &str) -> Result<ValueRef> {
         self.op(Op::constant(t), &[], hint)
     }
 
@@ -140,7 +204,7 @@ impl Builder<'_> {
         self.constant(t, "c")
     }
 
-    fn ints(&mut self, v: &[i64]) -> Result<ValueRef> {
+    pub(crate) fn ints(&mut self, v: &[i64]) -> Result<ValueRef> {
         self.constant(Tensor::vec_i64(v), "i")
     }
 
@@ -203,7 +267,7 @@ impl Builder<'_> {
         }
     }
 
-    fn add(&mut self, a: ValueRef, b: ValueRef) -> Result<ValueRef> {
+    pub(crate) fn add(&mut self, a: ValueRef, b: ValueRef) -> Result<ValueRef> {
         self.op(Op::Add {}, &[Some(a), Some(b)], "add")
     }
 
@@ -226,6 +290,7 @@ struct Rec {
     input_forget: bool,
     lbr: bool,
     layout1: bool,
+    hold: bool,
     dt: DType,
 }
 
@@ -265,6 +330,7 @@ fn facts(g: &Graph, op: &Op, ins: &[Option<ValueRef>]) -> Result<Rec> {
         input_forget: spec.input_forget,
         lbr: spec.linear_before_reset,
         layout1: spec.layout1,
+        hold: spec.hold,
         dt,
     })
 }
@@ -399,6 +465,34 @@ fn expand(
             Some(b.op(Op::Unsqueeze { axes: None }, &[Some(m), Some(ax2)], "mask")?)
         }
         None => None,
+    };
+    // A masked op's own mask, [T, N, 1], and-ed with the sequence_lens one.
+    let mask_slot = if f.cell == Cell::Lstm { 8 } else { 6 };
+    let own_mask = match input(mask_slot) {
+        Some(m) if is_masked(op) => {
+            let m = if f.layout1 {
+                b.op(
+                    Op::Transpose {
+                        perm: Some(vec![1, 0]),
+                    },
+                    &[Some(m)],
+                    "mask_time_major",
+                )?
+            } else {
+                m
+            };
+            let ax2 = b.ints(&[2])?;
+            Some(b.op(
+                Op::Unsqueeze { axes: None },
+                &[Some(m), Some(ax2)],
+                "own_mask",
+            )?)
+        }
+        _ => None,
+    };
+    let mask = match (mask, own_mask) {
+        (Some(a), Some(m)) => Some(b.op(Op::And {}, &[Some(a), Some(m)], "mask_and")?),
+        (a, m) => a.or(m),
     };
     let mut ys = Vec::new();
     let mut yhs = Vec::new();
@@ -752,8 +846,8 @@ fn cell_body(
                 }
                 _ => None,
             };
-            let zero = b.scalar(dt, 0.0)?;
-            let y = b.op(Op::Where {}, &[Some(m), Some(h_new), Some(zero)], "y_t")?;
+            let other = if f.hold { hp } else { b.scalar(dt, 0.0)? };
+            let y = b.op(Op::Where {}, &[Some(m), Some(h_new), Some(other)], "y_t")?;
             (h_out, c_out, y)
         }
         None => {

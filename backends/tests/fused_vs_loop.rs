@@ -302,3 +302,70 @@ fn check(c: &Cfg, dtype: DType) -> Result<(), TestCaseError> {
     }
     Ok(())
 }
+
+/// Whether the raise pass can express the configuration: no peepholes, no
+/// `input_forget`, activations the rules read (Affine and ScaledTanh lower to
+/// arithmetic, which is not raised).
+fn raisable(c: &Cfg, dir: usize) -> bool {
+    let per = [3, 2, 1][c.cell];
+    let acts_ok = c.acts.as_ref().is_none_or(|a| {
+        a.iter()
+            .cycle()
+            .skip(dir * per)
+            .take(per)
+            .all(|&k| !matches!(ACTS[k], "Affine" | "ScaledTanh"))
+    });
+    !(c.cell == 0 && (c.peep || c.input_forget)) && acts_ok
+}
+
+fn count_ops(g: &Graph, pred: &dyn Fn(&Op) -> bool) -> usize {
+    g.node_ids()
+        .iter()
+        .filter_map(|&n| g.node(n).op())
+        .map(|op| {
+            usize::from(pred(op))
+                + op.subgraphs()
+                    .iter()
+                    .map(|(_, b)| count_ops(b, pred))
+                    .sum::<usize>()
+        })
+        .sum()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// raise(lower(op)) is the fused op again: every direction's Scan is raised when the
+    /// configuration is one the rules read, and the outputs agree with the original op.
+    #[test]
+    fn raise_inverts_the_loop_lowering(c in cfg()) {
+        let dtype = DType::F64;
+        let (g, inputs) = build(&c, dtype);
+        let lowered = cellgraph_backends::lower::lower_recurrent(&g).expect("lower");
+        let raised = cellgraph_backends::raise::raise_recurrent(&lowered).expect("raise");
+        cellgraph_ir::verify(&raised.graph).expect("the raised graph verifies");
+        let dirs = if c.dir == 2 { 2 } else { 1 };
+        prop_assert_eq!(raised.decisions.len(), dirs);
+        for (d, dec) in raised.decisions.iter().enumerate() {
+            prop_assert_eq!(dec.rule.is_some(), raisable(&c, d), "decision: {:?}", dec);
+        }
+        let fired = raised.decisions.iter().filter(|d| d.rule.is_some()).count();
+        prop_assert_eq!(
+            count_ops(&raised.graph, &|op| matches!(op, Op::Scan { .. })),
+            dirs - fired
+        );
+        let mut want = CpuBackend::new(Recurrent::Fused).compile(&g).expect("compile");
+        let mut got = CpuBackend::new(Recurrent::Fused)
+            .compile(&raised.graph)
+            .expect("compile raised");
+        let a = got.run(inputs.clone()).expect("run raised");
+        let b = want.run(inputs).expect("run original");
+        prop_assert_eq!(a.len(), b.len());
+        for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+            let (x, y) = (x.tensor().expect("tensor"), y.tensor().expect("tensor"));
+            if let Err(e) = close(x, y) {
+                return Err(TestCaseError::fail(format!("output {k}: {e}")));
+            }
+        }
+    }
+}

@@ -305,11 +305,20 @@ pub struct Spec {
     pub linear_before_reset: bool,
     /// Batch-major layout.
     pub layout1: bool,
+    /// Masked ops: masked steps output the held state instead of zeros.
+    pub hold: bool,
 }
 
 impl Spec {
     /// Reads the spec of an LSTM/GRU/RNN op; `hidden` comes from R when the attribute is absent.
     pub fn from_op(op: &Op, r_hidden: usize) -> Result<Spec, String> {
+        if !matches!(op, Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. }) {
+            if let Some((base, hold)) = op.unmasked_recurrent() {
+                let mut spec = Spec::from_op(&base, r_hidden)?;
+                spec.hold = hold != 0;
+                return Ok(spec);
+            }
+        }
         let (cell, aa, ab, acts, clip, dir, hs, layout, inf, lbr) = match op {
             Op::LSTM {
                 activation_alpha,
@@ -414,6 +423,7 @@ impl Spec {
             input_forget: inf,
             linear_before_reset: lbr,
             layout1: *layout == 1,
+            hold: false,
         })
     }
 }
@@ -432,6 +442,8 @@ pub struct Inputs<'a, T> {
     pub b: Option<&'a [T]>,
     /// Per-row lengths.
     pub lens: Vec<usize>,
+    /// Masked ops: the step mask `[T, N]`, time-major (a row runs step t when set).
+    pub mask: Option<Vec<bool>>,
     /// initial_h `[D, N, H]`.
     pub h0: Option<&'a [T]>,
     /// initial_c `[D, N, H]`.
@@ -521,7 +533,10 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
         };
         let p = inp.p.map(|p| &p[d * 3 * h..(d + 1) * 3 * h]);
         let _ = &acts;
-        let max_len = inp.lens.iter().copied().max().unwrap_or(0);
+        let max_len = match &inp.mask {
+            Some(_) => t_len,
+            None => inp.lens.iter().copied().max().unwrap_or(0),
+        };
         let zeros = vec![zero; 3 * h];
         let p = p.unwrap_or(&zeros);
         let (pi, po, pf) = (&p[..h], &p[h..2 * h], &p[2 * h..3 * h]);
@@ -552,14 +567,22 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
                 &mut hr,
                 gh as isize,
             );
-            let row_t = |b: usize| if rev { inp.lens[b] - 1 - s } else { s };
+            // The time index row b runs at this step, if it runs: without a mask the
+            // reverse direction starts at each row's own last valid step; with one, all
+            // rows share the step and masked rows keep their state.
+            let step_t = if rev { t_len - 1 - s } else { s };
+            let active = |b: usize| -> Option<usize> {
+                match &inp.mask {
+                    None if s >= inp.lens[b] => None,
+                    None if rev => Some(inp.lens[b] - 1 - s),
+                    None => Some(s),
+                    Some(m) => (m[step_t * n + b] && step_t < inp.lens[b]).then_some(step_t),
+                }
+            };
             if gru_lbr0 {
                 // z and r for every active row, then (r ⊙ H) · R_hᵀ into the h columns.
                 for b in 0..n {
-                    if s >= inp.lens[b] {
-                        continue;
-                    }
-                    let t = row_t(b);
+                    let Some(t) = active(b) else { continue };
                     let x = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
                     let zr = &mut gates[b * gh..b * gh + 2 * h];
                     for u in 0..2 * h {
@@ -586,10 +609,13 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
                 );
             }
             for b in 0..n {
-                if s >= inp.lens[b] {
+                let Some(t) = active(b) else {
+                    if spec.hold && inp.mask.is_some() {
+                        let yo = ((step_t * d_n + d) * n + b) * h;
+                        y[yo..yo + h].copy_from_slice(&hs[b * h..(b + 1) * h]);
+                    }
                     continue;
-                }
-                let t = row_t(b);
+                };
                 let x = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
                 let hrow = &hr[b * gh..(b + 1) * gh];
                 let hv = &mut hs[b * h..(b + 1) * h];
@@ -778,6 +804,15 @@ fn generic<T: RFloat>(op: &Op, ins: &[Option<&Data>], nout: usize) -> Result<Vec
         None
     };
     check("P", p.as_deref(), d * 3 * h)?;
+    let mask = if matches!(
+        op,
+        Op::LSTMMasked { .. } | Op::GRUMasked { .. } | Op::RNNMasked { .. }
+    ) {
+        let slot = if spec.cell == Cell::Lstm { 8 } else { 6 };
+        Some(step_mask(input(ins, slot)?, t_len, n, spec.layout1)?)
+    } else {
+        None
+    };
     let x = slice_of(x_tm);
     let out = run(
         &spec,
@@ -788,6 +823,7 @@ fn generic<T: RFloat>(op: &Op, ins: &[Option<&Data>], nout: usize) -> Result<Vec
             r: &r,
             b: b.as_deref(),
             lens,
+            mask,
             h0: h0.as_deref(),
             c0: c0.as_deref(),
             p: p.as_deref(),
@@ -812,6 +848,22 @@ fn generic<T: RFloat>(op: &Op, ins: &[Option<&Data>], nout: usize) -> Result<Vec
     }
     res.truncate(nout);
     Ok(res)
+}
+
+/// A masked op's `mask` input as a time-major `[T, N]` vector (`[N, T]` with layout 1).
+pub fn step_mask(t: &Tensor, t_len: usize, n: usize, layout1: bool) -> Result<Vec<bool>, String> {
+    let Tensor::Bool(a) = t else {
+        return Err(format!("mask has dtype {}, bool expected", t.dtype()));
+    };
+    let want = if layout1 { [n, t_len] } else { [t_len, n] };
+    if a.shape() != want {
+        return Err(format!("mask has shape {:?}, expected {want:?}", a.shape()));
+    }
+    Ok(if layout1 {
+        a.view().reversed_axes().iter().copied().collect()
+    } else {
+        a.iter().copied().collect()
+    })
 }
 
 /// Runs an ONNX recurrent op with the fused kernel.

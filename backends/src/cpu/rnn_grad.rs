@@ -88,7 +88,7 @@ fn arr2(v: &[f64], r: usize, c: usize) -> Array2<f64> {
 
 /// Runs a recurrent backward op.
 pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
-    let fwd = forward_op(op)?;
+    forward_op(op)?;
     let get = |i: usize| ins.get(i).copied().flatten();
     let x_t = get(0).ok_or("X is missing")?.tensor()?;
     let dtype = x_t.dtype();
@@ -101,7 +101,7 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
     if xs.len() != 3 || ws.len() != 3 || rs.len() != 3 {
         return Err("X, W and R must have rank 3".into());
     }
-    let spec = Spec::from_op(&fwd, rs[2])?;
+    let spec = Spec::from_op(op, rs[2])?;
     if spec.layout1 {
         return Err("layout=1 (lower or canonicalise to layout 0 first)".into());
     }
@@ -142,6 +142,11 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
                 .collect::<R<_>>()?
         }
         None => vec![t_len; n],
+    };
+    let mask_slot = if lstm { 11 } else { 8 };
+    let mask = match get(mask_slot) {
+        Some(m) => Some(crate::cpu::rnn::step_mask(m.tensor()?, t_len, n, false)?),
+        None => None,
     };
     let state_shape = [d_n, n, h];
     let check_state = |v: &Option<(Vec<usize>, Vec<f64>)>, what: &str| -> R<()> {
@@ -220,6 +225,7 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
             rb: &rb,
             pd: &pd,
             lens: &lens,
+            mask: mask.as_deref(),
             x: &xa,
         };
         let dyd = dy.as_ref().map(|(_, v)| {
@@ -273,6 +279,8 @@ struct Dir<'a> {
     rb: &'a Array1<f64>,
     pd: &'a Array1<f64>,
     lens: &'a [usize],
+    /// Masked ops: the step mask `[T, N]`, time-major.
+    mask: Option<&'a [bool]>,
     x: &'a Array3<f64>,
 }
 
@@ -328,7 +336,12 @@ impl Dir<'_> {
         for &t in &order {
             // A row runs step t when t < its length (the reverse direction starts at its
             // own last valid step).
-            let active: Vec<bool> = self.lens.iter().map(|&l| t < l).collect();
+            let active: Vec<bool> = self
+                .lens
+                .iter()
+                .enumerate()
+                .map(|(b_, &l)| t < l && self.mask.is_none_or(|m| m[t * n + b_]))
+                .collect();
             let xt = self.x.index_axis(Axis(0), t);
             let mut xw = xt.dot(&self.wd.t()) + self.wb;
             let hr = hs.dot(&self.rd.t()) + self.rb;
@@ -455,9 +468,10 @@ impl Dir<'_> {
         let (mut dh, mut dc) = (dyh, dyc);
         for st in steps.iter().rev() {
             if let Some(dy) = &dy {
-                // Y is zero on inactive rows: their dY does not flow.
+                // Y is zero on inactive rows (their dY does not flow), or with
+                // `hold_output` the held state, which flows on to the previous step.
                 for b_ in 0..n {
-                    if st.active[b_] {
+                    if st.active[b_] || spec.hold {
                         let row = dy.slice(s![st.t, b_, ..]);
                         let mut dhr = dh.row_mut(b_);
                         dhr += &row;

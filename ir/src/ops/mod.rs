@@ -352,27 +352,53 @@ define_ops! {
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
         layout: i64 = 0
     }
+    /// An `LSTM` with a per-step mask (cellgraph domain; what Keras masks raise to): the
+    /// LSTM's eight inputs, then `mask` bool `[T, N]` (`[N, T]` with `layout=1`). A row
+    /// whose mask is false at step t keeps its states; `Y` there is zero, or with
+    /// `hold_output=1` the held hidden state. Masks may have holes and left padding.
+    LSTMMasked [rnn @ "com.cellgraph", since 1, in 9..=9, out 0..=3] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        input_forget: i64 = 0, layout: i64 = 0, hold_output: i64 = 0
+    }
+    /// A `GRU` with a per-step mask (cellgraph domain): the GRU's six inputs, then `mask`;
+    /// masked steps as for `LSTMMasked`.
+    GRUMasked [rnn @ "com.cellgraph", since 1, in 7..=7, out 0..=2] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        layout: i64 = 0, linear_before_reset: i64 = 0, hold_output: i64 = 0
+    }
+    /// An `RNN` with a per-step mask (cellgraph domain): the RNN's six inputs, then
+    /// `mask`; masked steps as for `LSTMMasked`.
+    RNNMasked [rnn @ "com.cellgraph", since 1, in 7..=7, out 0..=2] {
+        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
+        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        layout: i64 = 0, hold_output: i64 = 0
+    }
     /// The backward of a fused LSTM (cellgraph domain): the LSTM's attributes; inputs
     /// the LSTM's eight (X, W, R, B, sequence_lens, initial_h, initial_c, P) then the
-    /// cotangents dY, dY_h, dY_c; outputs dX, dW, dR, dB, d initial_h, d initial_c, dP.
-    LSTMGrad [rnn @ "com.cellgraph", since 1, in 3..=11, out 1..=7] {
+    /// cotangents dY, dY_h, dY_c, then (for `LSTMMasked`) the mask; outputs dX, dW, dR,
+    /// dB, d initial_h, d initial_c, dP.
+    LSTMGrad [rnn @ "com.cellgraph", since 1, in 3..=12, out 1..=7] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
-        input_forget: i64 = 0, layout: i64 = 0
+        input_forget: i64 = 0, layout: i64 = 0, hold_output: i64 = 0
     }
     /// The backward of a fused GRU (cellgraph domain): inputs X, W, R, B, sequence_lens,
-    /// initial_h, then dY, dY_h; outputs dX, dW, dR, dB, d initial_h.
-    GRUGrad [rnn @ "com.cellgraph", since 1, in 3..=8, out 1..=5] {
+    /// initial_h, then dY, dY_h, then (for `GRUMasked`) the mask; outputs dX, dW, dR, dB,
+    /// d initial_h.
+    GRUGrad [rnn @ "com.cellgraph", since 1, in 3..=9, out 1..=5] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
-        layout: i64 = 0, linear_before_reset: i64 = 0
+        layout: i64 = 0, linear_before_reset: i64 = 0, hold_output: i64 = 0
     }
     /// The backward of a fused RNN (cellgraph domain): inputs X, W, R, B, sequence_lens,
-    /// initial_h, then dY, dY_h; outputs dX, dW, dR, dB, d initial_h.
-    RNNGrad [rnn @ "com.cellgraph", since 1, in 3..=8, out 1..=5] {
+    /// initial_h, then dY, dY_h, then (for `RNNMasked`) the mask; outputs dX, dW, dR, dB,
+    /// d initial_h.
+    RNNGrad [rnn @ "com.cellgraph", since 1, in 3..=9, out 1..=5] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
-        layout: i64 = 0
+        layout: i64 = 0, hold_output: i64 = 0
     }
 
     // ---- control: ops with body graphs ----
@@ -425,23 +451,71 @@ impl Op {
         }
     }
 
-    /// The fused backward op of an `LSTM`/`GRU`/`RNN` (same attributes), or of a backward
-    /// op the forward one: the pairs `LSTM` ↔ `LSTMGrad`, `GRU` ↔ `GRUGrad`,
-    /// `RNN` ↔ `RNNGrad`. `None` for other ops.
+    /// The fused backward op of a recurrent forward op (same attributes), or the forward
+    /// op of a backward one: `LSTM`/`LSTMMasked` → `LSTMGrad` → `LSTM` (likewise GRU,
+    /// RNN). `None` for other ops. The backward op of a masked forward takes the mask as
+    /// its last input and keeps `hold_output`.
     pub fn recurrent_pair(&self) -> Option<Op> {
         macro_rules! swap {
+            ($from:ident => $to:ident { $($f:ident),* } $(+ $extra:ident)?) => {
+                if let Op::$from { $($f,)* .. } = self.clone() {
+                    return Some(Op::$to { $($f,)* $($extra: 0)? });
+                }
+            };
+        }
+        macro_rules! keep {
             ($from:ident => $to:ident { $($f:ident),* }) => {
                 if let Op::$from { $($f),* } = self.clone() {
                     return Some(Op::$to { $($f),* });
                 }
             };
         }
-        swap!(LSTM => LSTMGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout });
+        swap!(LSTM => LSTMGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout } + hold_output);
+        keep!(LSTMMasked => LSTMGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout, hold_output });
         swap!(LSTMGrad => LSTM { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout });
-        swap!(GRU => GRUGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset });
+        swap!(GRU => GRUGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset } + hold_output);
+        keep!(GRUMasked => GRUGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset, hold_output });
         swap!(GRUGrad => GRU { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset });
-        swap!(RNN => RNNGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout });
+        swap!(RNN => RNNGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout } + hold_output);
+        keep!(RNNMasked => RNNGrad { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, hold_output });
         swap!(RNNGrad => RNN { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout });
+        None
+    }
+
+    /// For `LSTMMasked`/`GRUMasked`/`RNNMasked` and the backward ops: the ONNX op with the
+    /// same attributes and `hold_output`. For `LSTM`/`GRU`/`RNN`: a clone and 0.
+    pub fn unmasked_recurrent(&self) -> Option<(Op, i64)> {
+        macro_rules! base {
+            ($from:ident => $to:ident { $($f:ident),* }) => {
+                if let Op::$from { $($f,)* hold_output, .. } = self.clone() {
+                    return Some((Op::$to { $($f),* }, hold_output));
+                }
+            };
+        }
+        if matches!(self, Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. }) {
+            return Some((self.clone(), 0));
+        }
+        base!(LSTMMasked => LSTM { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout });
+        base!(LSTMGrad => LSTM { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout });
+        base!(GRUMasked => GRU { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset });
+        base!(GRUGrad => GRU { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset });
+        base!(RNNMasked => RNN { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout });
+        base!(RNNGrad => RNN { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout });
+        None
+    }
+
+    /// The masked form of an `LSTM`/`GRU`/`RNN` (same attributes, `hold_output`).
+    pub fn masked_recurrent(&self, hold_output: i64) -> Option<Op> {
+        macro_rules! to {
+            ($from:ident => $to:ident { $($f:ident),* }) => {
+                if let Op::$from { $($f),* } = self.clone() {
+                    return Some(Op::$to { $($f,)* hold_output });
+                }
+            };
+        }
+        to!(LSTM => LSTMMasked { activation_alpha, activation_beta, activations, clip, direction, hidden_size, input_forget, layout });
+        to!(GRU => GRUMasked { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout, linear_before_reset });
+        to!(RNN => RNNMasked { activation_alpha, activation_beta, activations, clip, direction, hidden_size, layout });
         None
     }
 

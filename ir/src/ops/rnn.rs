@@ -59,6 +59,24 @@ pub fn infer(op: &Op, cx: &InferCtx<'_>) -> RuleResult {
     ) {
         return infer_grad(op, cx);
     }
+    // The masked ops: the base op's rules, and a bool mask `[T, N]` (`[N, T]`, layout 1).
+    let base;
+    let (op, mask_slot) = match op {
+        Op::LSTMMasked { .. } | Op::GRUMasked { .. } | Op::RNNMasked { .. } => {
+            let Some((b, _)) = op.unmasked_recurrent() else {
+                return Err(format!("{} has no base op", op.name()));
+            };
+            base = b;
+            let slot = if matches!(base, Op::LSTM { .. }) {
+                8
+            } else {
+                6
+            };
+            (&base, Some(slot))
+        }
+        _ => (op, None),
+    };
+    let is_lstm = matches!(op, Op::LSTM { .. });
     let (gates, acts_per_dir, common) = match op {
         Op::LSTM {
             activations,
@@ -112,7 +130,7 @@ pub fn infer(op: &Op, cx: &InferCtx<'_>) -> RuleResult {
     }
     let float_inputs: Vec<usize> = [0, 1, 2, 3, 5, 6, 7]
         .into_iter()
-        .filter(|&i| i < cx.inputs.len())
+        .filter(|&i| i < cx.inputs.len() && Some(i) != mask_slot && (is_lstm || i < 6))
         .collect();
     let dt = cx.same_dtype(&float_inputs)?;
     if let Some(t) = dt {
@@ -194,8 +212,17 @@ pub fn infer(op: &Op, cx: &InferCtx<'_>) -> RuleResult {
     } else {
         vec![n_dim.clone(), dd.clone(), h.clone()]
     };
+    if let Some(m) = mask_slot {
+        cx.dtype_in(m, |t| t == DType::Bool, "bool")?;
+        let want = if *layout == 0 {
+            vec![t_dim.clone(), n_dim.clone()]
+        } else {
+            vec![n_dim.clone(), t_dim.clone()]
+        };
+        check("mask", &cx.tensor(m)?.shape, want)?;
+    }
     for (i, name) in [(5, "initial_h"), (6, "initial_c")] {
-        if cx.has(i) {
+        if cx.has(i) && (is_lstm || i == 5) {
             check(name, &cx.tensor(i)?.shape, state.clone())?;
         }
     }

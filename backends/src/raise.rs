@@ -1,0 +1,1416 @@
+//! Raise: recognise `Scan` loops whose body computes an LSTM, a GRU (both reset forms) or
+//! a simple RNN cell, and replace them with the fused op — the inverse of [`crate::lower`].
+//!
+//! The body is first read in a canonical form: every gate pre-activation becomes an
+//! [`Affine`] sum of projections `src · W[:, lo..hi]` and bias slices, whatever mix of
+//! `MatMul`/`Gemm`, `Add` (operands in any order), `Split`/`Slice` (before or after the
+//! product), one concatenated matrix or one matrix per gate produced it. `Identity` is
+//! looked through. The rules ([`RULES`], tried by priority) then match the cell equations
+//! on top of that form, with commutative `Add`/`Mul` matched both ways:
+//!
+//! - `lstm`: two states; `c' = f⊙c + i⊙g`, `h' = o⊙act(c')`.
+//! - `gru`: one state; `h' = z⊙h + (1 − z)⊙ĥ` with the reset applied after the recurrent
+//!   product (`linear_before_reset=1`, Keras's default) or before it.
+//! - `rnn`: one state; `h' = act(x·W + h·R + b)`.
+//!
+//! Keras masks (`Where(mask_t, new, old)` on every state) raise to the `*Masked` ops of the
+//! cellgraph domain, any mask pattern; the step output may be zero or the held state at
+//! masked steps. A reversed scan becomes `direction="reverse"` with the output sequence
+//! flipped back into processing order. Whatever a rule cannot prove it refuses, with the
+//! reason recorded in a [`Decision`]; the Scan then stays a loop.
+
+use crate::cpu::rnn::{Act, Cell};
+use crate::error::{Error, Result};
+use crate::lower::{rewrite, Builder};
+use cellgraph_ir::{DType, Dim, Graph, NodeId, NodeKind, Op, Tensor, ValueRef};
+use std::cell::RefCell;
+
+/// A raise rule: its name, its priority (lower first) and the number of states it needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Rule {
+    /// The rule's name, as decisions report it.
+    pub name: &'static str,
+    /// Rules are tried in increasing priority.
+    pub priority: u8,
+    /// The Scan must carry exactly this many states (the first capability guard).
+    pub states: usize,
+    matcher: fn(&Body<'_>) -> std::result::Result<CellMatch, String>,
+}
+
+/// The raise rules, by priority.
+pub const RULES: [Rule; 3] = [
+    Rule {
+        name: "lstm",
+        priority: 0,
+        states: 2,
+        matcher: match_lstm,
+    },
+    Rule {
+        name: "gru",
+        priority: 1,
+        states: 1,
+        matcher: match_gru,
+    },
+    Rule {
+        name: "rnn",
+        priority: 2,
+        states: 1,
+        matcher: match_rnn,
+    },
+];
+
+/// What the raise pass decided for one `Scan`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The Scan node's name (`outer/inner` inside nested graphs).
+    pub node: String,
+    /// The rule that fired, if one did.
+    pub rule: Option<&'static str>,
+    /// The fused op it became (`LSTM`, `GRUMasked`, ...), or why it stays a loop.
+    pub detail: String,
+}
+
+/// A graph after raising, with one decision per `Scan` looked at.
+#[derive(Clone, Debug)]
+pub struct Raised {
+    /// The rewritten graph.
+    pub graph: Graph,
+    /// One decision per `Scan`, in graph order.
+    pub decisions: Vec<Decision>,
+}
+
+/// Replaces every `Scan` whose body is a recognised cell with the fused op (in nested
+/// graphs too); the others stay as they are, with the reason in their decision.
+pub fn raise_recurrent(graph: &Graph) -> Result<Raised> {
+    let decisions = RefCell::new(Vec::new());
+    let graph = raise_in(graph, "", &decisions)?;
+    Ok(Raised {
+        graph,
+        decisions: decisions.into_inner(),
+    })
+}
+
+fn raise_in(graph: &Graph, path: &str, decisions: &RefCell<Vec<Decision>>) -> Result<Graph> {
+    let prefix = |name: &str| {
+        if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}/{name}")
+        }
+    };
+    rewrite(
+        graph,
+        &mut |dst, src, n, ins, names| {
+            let node = src.node(n);
+            let Some(Op::Scan { .. }) = node.op() else {
+                return Ok(None);
+            };
+            let label = prefix(&node.display_name());
+            match try_raise(dst, src, n, ins, names) {
+                Ok(Some((rule, op, outs))) => {
+                    decisions.borrow_mut().push(Decision {
+                        node: label,
+                        rule: Some(rule),
+                        detail: op,
+                    });
+                    Ok(Some(outs))
+                }
+                Ok(None) => Ok(None),
+                Err(Refusal(why)) => {
+                    decisions.borrow_mut().push(Decision {
+                        node: label,
+                        rule: None,
+                        detail: why,
+                    });
+                    Ok(None)
+                }
+            }
+        },
+        &mut |body| raise_in(body, &prefix(&body.name), decisions),
+    )
+}
+
+/// Why a Scan was not raised (or an internal error building the replacement).
+struct Refusal(String);
+
+impl From<String> for Refusal {
+    fn from(s: String) -> Refusal {
+        Refusal(s)
+    }
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Refusal {
+        Refusal(format!("building the fused op failed: {e}"))
+    }
+}
+
+type Try<T> = std::result::Result<T, Refusal>;
+
+/// A loop-invariant value the body reads: an outer value by name, or a constant.
+#[derive(Clone, Debug)]
+enum Param {
+    Outer(String, Vec<usize>),
+    Const(Tensor),
+}
+
+impl Param {
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            Param::Outer(_, d) => d.clone(),
+            Param::Const(t) => t.shape().to_vec(),
+        }
+    }
+}
+
+/// `src · W[:, lo..hi]` (`W` stored `[K, M]`, or `[M, K]` when `trans`).
+#[derive(Clone, Debug)]
+struct Term {
+    src: ValueRef,
+    w: Param,
+    trans: bool,
+    lo: usize,
+    hi: usize,
+}
+
+/// `b[lo..hi]` (`b` stored `[M]` or `[1, M]`).
+#[derive(Clone, Debug)]
+struct BiasT {
+    b: Param,
+    lo: usize,
+    hi: usize,
+}
+
+/// A canonical gate pre-activation: projections plus biases (plus, where the caller
+/// allows it, summands that are not affine, left for the rule to read).
+#[derive(Clone, Debug, Default)]
+struct Affine {
+    width: Option<usize>,
+    terms: Vec<Term>,
+    biases: Vec<BiasT>,
+    extras: Vec<ValueRef>,
+}
+
+/// The Scan body as the rules see it.
+pub struct Body<'a> {
+    g: &'a Graph,
+    states: Vec<ValueRef>,
+    x: ValueRef,
+    mask: Option<ValueRef>,
+    /// The new state values, `Where(mask, ·, old)` stripped.
+    new_states: Vec<ValueRef>,
+}
+
+/// A gate: activation over a (clipped) pre-activation.
+#[derive(Clone, Debug)]
+struct Gate {
+    value: ValueRef,
+    act: Act,
+    clip: Option<f32>,
+    pre: Affine,
+}
+
+/// One gate's weights, read off its pre-activation.
+#[derive(Clone, Debug, Default)]
+struct GateW {
+    x: Vec<Term>,
+    h: Vec<Term>,
+    wb: Vec<BiasT>,
+    rb: Vec<BiasT>,
+}
+
+/// What a rule found.
+#[derive(Clone, Debug)]
+struct CellMatch {
+    cell: Cell,
+    acts: Vec<Act>,
+    clip: Option<f32>,
+    lbr: bool,
+    /// In ONNX gate order (LSTM i, o, f, c; GRU z, r, h).
+    gates: Vec<GateW>,
+    /// State index of `h` (and `c`).
+    h_state: usize,
+    c_state: Option<usize>,
+    /// The unmasked new `h`.
+    h_new: ValueRef,
+}
+
+impl Body<'_> {
+    fn strip(&self, mut v: ValueRef) -> ValueRef {
+        while let Some(Op::Identity {}) = self.g.node(v.node).op() {
+            match self.g.node_inputs(v.node).first().copied().flatten() {
+                Some(i) => v = i,
+                None => break,
+            }
+        }
+        v
+    }
+
+    /// The producing op of `v` (Identity looked through) and its inputs.
+    fn op(&self, v: ValueRef) -> Option<(&Op, Vec<Option<ValueRef>>, usize)> {
+        let v = self.strip(v);
+        let op = self.g.node(v.node).op()?;
+        Some((op, self.g.node_inputs(v.node), v.slot))
+    }
+
+    fn input(ins: &[Option<ValueRef>], i: usize) -> std::result::Result<ValueRef, String> {
+        ins.get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("input {i} is missing"))
+    }
+
+    fn name(&self, v: ValueRef) -> String {
+        let v = self.strip(v);
+        let val = self.g.value(v);
+        match self.g.node(v.node).op() {
+            Some(op) => format!("{} ({})", val.name, op.name()),
+            None => val.name.clone(),
+        }
+    }
+
+    fn param(&self, v: ValueRef) -> Option<Param> {
+        let v = self.strip(v);
+        let node = self.g.node(v.node);
+        match &node.kind {
+            NodeKind::Outer => {
+                let dims = node.outputs[0]
+                    .ty
+                    .dims()?
+                    .iter()
+                    .map(|d| d.known().map(|k| k as usize))
+                    .collect::<Option<Vec<_>>>()?;
+                Some(Param::Outer(node.name.clone(), dims))
+            }
+            _ => self.g.constant(v).map(Param::Const),
+        }
+    }
+
+    fn const_ints(&self, v: Option<ValueRef>) -> Option<Vec<i64>> {
+        self.g.constant(self.strip(v?))?.as_i64_vec()
+    }
+
+    fn scalar(&self, v: ValueRef) -> Option<f64> {
+        let t = self.g.constant(self.strip(v))?;
+        let vals = t.to_f64_vec();
+        (vals.len() == 1).then(|| vals[0])
+    }
+
+    /// The canonical affine form of `v`.
+    fn affine(&self, v: ValueRef, extras: bool) -> std::result::Result<Affine, String> {
+        let v = self.strip(v);
+        let not_affine = || {
+            if extras {
+                Ok(Affine {
+                    extras: vec![v],
+                    ..Affine::default()
+                })
+            } else {
+                Err(format!(
+                    "{} is not a linear function of the step's input and state",
+                    self.name(v)
+                ))
+            }
+        };
+        if let Some(p) = self.param(v) {
+            let d = p.dims();
+            let m = match d.as_slice() {
+                [m] | [1, m] => *m,
+                _ => return Err(format!("{} is not a bias vector", self.name(v))),
+            };
+            return Ok(Affine {
+                width: Some(m),
+                biases: vec![BiasT { b: p, lo: 0, hi: m }],
+                ..Affine::default()
+            });
+        }
+        let Some((op, ins, slot)) = self.op(v) else {
+            return not_affine();
+        };
+        match op {
+            Op::MatMul {} => {
+                let (a, b) = (Self::input(&ins, 0)?, Self::input(&ins, 1)?);
+                match self.param(b) {
+                    Some(w) if w.dims().len() == 2 && self.param(a).is_none() => {
+                        let m = w.dims()[1];
+                        Ok(Affine {
+                            width: Some(m),
+                            terms: vec![Term {
+                                src: self.strip(a),
+                                w,
+                                trans: false,
+                                lo: 0,
+                                hi: m,
+                            }],
+                            ..Affine::default()
+                        })
+                    }
+                    _ => not_affine(),
+                }
+            }
+            Op::Gemm {
+                alpha,
+                beta,
+                transA,
+                transB,
+            } if *alpha == 1.0 && *beta == 1.0 && *transA == 0 => {
+                let (a, b) = (Self::input(&ins, 0)?, Self::input(&ins, 1)?);
+                let Some(w) = self.param(b).filter(|w| w.dims().len() == 2) else {
+                    return not_affine();
+                };
+                let m = if *transB != 0 {
+                    w.dims()[0]
+                } else {
+                    w.dims()[1]
+                };
+                let mut aff = Affine {
+                    width: Some(m),
+                    terms: vec![Term {
+                        src: self.strip(a),
+                        w,
+                        trans: *transB != 0,
+                        lo: 0,
+                        hi: m,
+                    }],
+                    ..Affine::default()
+                };
+                if let Some(c) = ins.get(2).copied().flatten() {
+                    let cb = self.affine(c, false)?;
+                    if !cb.terms.is_empty() {
+                        return not_affine();
+                    }
+                    aff = sum(aff, cb).map_err(|e| format!("{}: {e}", self.name(v)))?;
+                }
+                Ok(aff)
+            }
+            Op::Add {} => {
+                let a = self.affine(Self::input(&ins, 0)?, extras)?;
+                let b = self.affine(Self::input(&ins, 1)?, extras)?;
+                sum(a, b).map_err(|e| format!("{}: {e}", self.name(v)))
+            }
+            Op::Slice {} => {
+                let starts = self.const_ints(ins.get(1).copied().flatten());
+                let ends = self.const_ints(ins.get(2).copied().flatten());
+                let axes = match ins.get(3).copied().flatten() {
+                    Some(a) => self.const_ints(Some(a)),
+                    None => Some(vec![0]),
+                };
+                let steps = match ins.get(4).copied().flatten() {
+                    Some(s) => self.const_ints(Some(s)),
+                    None => Some(vec![1]),
+                };
+                let (Some([s]), Some([e]), Some([ax]), Some([1])) = (
+                    starts.as_deref(),
+                    ends.as_deref(),
+                    axes.as_deref(),
+                    steps.as_deref(),
+                ) else {
+                    return not_affine();
+                };
+                let inner = self.affine(Self::input(&ins, 0)?, false)?;
+                if !self.last_axis(Self::input(&ins, 0)?, *ax) {
+                    return not_affine();
+                }
+                let w = inner.width.ok_or("a slice of unknown width")?;
+                let clamp = |i: i64| -> usize {
+                    let i = if i < 0 { i + w as i64 } else { i };
+                    i.clamp(0, w as i64) as usize
+                };
+                restrict(inner, clamp(*s), clamp(*e)).map_err(|e| format!("{}: {e}", self.name(v)))
+            }
+            Op::Split {
+                axis,
+                split,
+                num_outputs,
+            } => {
+                let data = Self::input(&ins, 0)?;
+                if !self.last_axis(data, *axis) {
+                    return not_affine();
+                }
+                let inner = self.affine(data, false)?;
+                let w = inner.width.ok_or("a split of unknown width")?;
+                let parts = self.g.node(self.strip(v).node).outputs.len();
+                let sizes: Vec<usize> = match (split, ins.get(1).copied().flatten()) {
+                    (Some(s), _) => s.iter().map(|&k| k.max(0) as usize).collect(),
+                    (None, Some(s)) => self
+                        .const_ints(Some(s))
+                        .ok_or("split sizes are not constant")?
+                        .iter()
+                        .map(|&k| k.max(0) as usize)
+                        .collect(),
+                    (None, None) => {
+                        let n = num_outputs.map_or(parts, |n| n.max(1) as usize);
+                        if w % n != 0 {
+                            return not_affine();
+                        }
+                        vec![w / n; n]
+                    }
+                };
+                let lo: usize = sizes.iter().take(slot).sum();
+                let size = *sizes.get(slot).ok_or("split output out of range")?;
+                restrict(inner, lo, lo + size).map_err(|e| format!("{}: {e}", self.name(v)))
+            }
+            _ => not_affine(),
+        }
+    }
+
+    /// Whether `axis` is the last axis of the rank-2 value `v`.
+    fn last_axis(&self, v: ValueRef, axis: i64) -> bool {
+        axis == -1
+            || (axis == 1 && self.g.value(self.strip(v)).ty.dims().map(<[_]>::len) == Some(2))
+    }
+
+    /// A gate: an activation of a (possibly clipped) affine pre-activation. A value that
+    /// is not an activation is the identity (`Affine(1, 0)`) of its own affine form.
+    fn gate(&self, v: ValueRef, extras: bool) -> std::result::Result<Gate, String> {
+        let v = self.strip(v);
+        let (act, mut inner) = match self.op(v) {
+            Some((op, ins, _)) => match act_of(op) {
+                Some(a) => (a, Self::input(&ins, 0)?),
+                None => (Act::Affine(1.0, 0.0), v),
+            },
+            None => (Act::Affine(1.0, 0.0), v),
+        };
+        let mut clip = None;
+        if let Some((Op::Clip { min, max }, ins, _)) = self.op(inner) {
+            let lo = min
+                .map(f64::from)
+                .or_else(|| self.scalar(ins.get(1).copied().flatten()?));
+            let hi = max
+                .map(f64::from)
+                .or_else(|| self.scalar(ins.get(2).copied().flatten()?));
+            match (lo, hi) {
+                (Some(lo), Some(hi)) if lo == -hi && hi >= 0.0 => {
+                    clip = Some(hi as f32);
+                    inner = Self::input(&ins, 0)?;
+                }
+                _ => return Err(format!("{} is not a symmetric clip", self.name(inner))),
+            }
+        }
+        Ok(Gate {
+            value: v,
+            act,
+            clip,
+            pre: self.affine(inner, extras)?,
+        })
+    }
+
+    /// Splits a gate's affine form into its step-input and state parts.
+    fn weights(&self, a: &Affine, h: ValueRef, units: usize) -> std::result::Result<GateW, String> {
+        if a.width != Some(units) {
+            return Err(format!(
+                "a gate is {} wide, the state {units}",
+                a.width.map_or("?".into(), |w| w.to_string())
+            ));
+        }
+        if let Some(&e) = a.extras.first() {
+            return Err(format!("{} is not part of a known cell", self.name(e)));
+        }
+        let mut w = GateW {
+            wb: a.biases.clone(),
+            ..GateW::default()
+        };
+        for t in &a.terms {
+            if t.src == self.x {
+                w.x.push(t.clone());
+            } else if t.src == h {
+                w.h.push(t.clone());
+            } else {
+                return Err(format!(
+                    "a gate multiplies {}, neither the step input nor the state",
+                    self.name(t.src)
+                ));
+            }
+        }
+        Ok(w)
+    }
+
+    /// `Mul(a, b)` as its two operands, in both orders.
+    fn mul_pairs(&self, v: ValueRef) -> Vec<(ValueRef, ValueRef)> {
+        match self.op(v) {
+            Some((Op::Mul {}, ins, _)) => match (
+                ins.first().copied().flatten(),
+                ins.get(1).copied().flatten(),
+            ) {
+                (Some(a), Some(b)) => {
+                    let (a, b) = (self.strip(a), self.strip(b));
+                    vec![(a, b), (b, a)]
+                }
+                _ => vec![],
+            },
+            _ => vec![],
+        }
+    }
+
+    fn add_pairs(&self, v: ValueRef) -> Vec<(ValueRef, ValueRef)> {
+        match self.op(v) {
+            Some((Op::Add {}, ins, _)) => match (
+                ins.first().copied().flatten(),
+                ins.get(1).copied().flatten(),
+            ) {
+                (Some(a), Some(b)) => {
+                    let (a, b) = (self.strip(a), self.strip(b));
+                    vec![(a, b), (b, a)]
+                }
+                _ => vec![],
+            },
+            _ => vec![],
+        }
+    }
+
+    fn units(&self, state: usize) -> std::result::Result<usize, String> {
+        let s = self.states[state];
+        match self.g.value(s).ty.dims() {
+            Some([_, Dim::Known(u)]) => Ok(*u as usize),
+            _ => Err(format!(
+                "state {} is not [batch, units] with known units",
+                self.name(s)
+            )),
+        }
+    }
+}
+
+/// The sum of two affine forms.
+fn sum(mut a: Affine, b: Affine) -> std::result::Result<Affine, String> {
+    a.width = match (a.width, b.width) {
+        (Some(x), Some(y)) if x != y => return Err(format!("adds widths {x} and {y}")),
+        (x, y) => x.or(y),
+    };
+    a.terms.extend(b.terms);
+    a.biases.extend(b.biases);
+    a.extras.extend(b.extras);
+    Ok(a)
+}
+
+/// Columns `lo..hi` of an affine form.
+fn restrict(a: Affine, lo: usize, hi: usize) -> std::result::Result<Affine, String> {
+    if !a.extras.is_empty() {
+        return Err("slices a value that is not affine".into());
+    }
+    if hi < lo {
+        return Err("an empty slice".into());
+    }
+    Ok(Affine {
+        width: Some(hi - lo),
+        terms: a
+            .terms
+            .into_iter()
+            .map(|t| Term {
+                lo: t.lo + lo,
+                hi: t.lo + hi,
+                ..t
+            })
+            .collect(),
+        biases: a
+            .biases
+            .into_iter()
+            .map(|b| BiasT {
+                lo: b.lo + lo,
+                hi: b.lo + hi,
+                ..b
+            })
+            .collect(),
+        extras: vec![],
+    })
+}
+
+/// The recurrent activation an op computes, if it is one.
+fn act_of(op: &Op) -> Option<Act> {
+    Some(match op {
+        Op::Sigmoid {} => Act::Sigmoid,
+        Op::Tanh {} => Act::Tanh,
+        Op::Relu {} => Act::Relu,
+        Op::Softsign {} => Act::Softsign,
+        Op::Softplus {} => Act::Softplus,
+        Op::HardSigmoid { alpha, beta } => Act::HardSigmoid(*alpha, *beta),
+        Op::LeakyRelu { alpha } => Act::LeakyRelu(*alpha),
+        Op::ThresholdedRelu { alpha } => Act::ThresholdedRelu(*alpha),
+        Op::Elu { alpha } => Act::Elu(*alpha),
+        _ => return None,
+    })
+}
+
+/// One activation and clip for all the gates that share them.
+fn same(gates: &[&Gate]) -> std::result::Result<(Act, Option<f32>), String> {
+    let first = gates[0];
+    for g in gates {
+        if g.act != first.act {
+            return Err(format!(
+                "gates use different activations ({:?} and {:?})",
+                first.act, g.act
+            ));
+        }
+        if g.clip != first.clip {
+            return Err("gates are clipped differently".into());
+        }
+    }
+    Ok((first.act, first.clip))
+}
+
+fn match_lstm(b: &Body<'_>) -> std::result::Result<CellMatch, String> {
+    let mut why = String::from("no state is c' = f⊙c + i⊙g");
+    for (hs, cs) in [(0usize, 1usize), (1, 0)] {
+        match lstm_with(b, hs, cs) {
+            Ok(m) => return Ok(m),
+            Err(e) => why = e,
+        }
+    }
+    Err(why)
+}
+
+fn lstm_with(b: &Body<'_>, hs: usize, cs: usize) -> std::result::Result<CellMatch, String> {
+    let (h, c) = (b.states[hs], b.states[cs]);
+    let (h_new, c_new) = (b.new_states[hs], b.new_states[cs]);
+    let units = b.units(hs)?;
+    if b.units(cs)? != units {
+        return Err("h and c have different widths".into());
+    }
+    // c' = f⊙c + i⊙g
+    let mut found = None;
+    'outer: for (keep, write) in b.add_pairs(c_new) {
+        for (f, cc) in b.mul_pairs(keep) {
+            if cc != c {
+                continue;
+            }
+            for (i, g) in b.mul_pairs(write) {
+                found = Some((f, i, g));
+                break 'outer;
+            }
+        }
+    }
+    let (f, i, g) = found.ok_or_else(|| format!("the new {} is not f⊙c + i⊙g", b.name(c_new)))?;
+    // h' = o⊙act(c')
+    let mut found = None;
+    for (o, t) in b.mul_pairs(h_new) {
+        if t == c_new {
+            found = Some((o, Act::Affine(1.0, 0.0)));
+            break;
+        }
+        if let Some((op, ins, _)) = b.op(t) {
+            let arg = ins.first().copied().flatten().map(|a| b.strip(a));
+            if let (Some(a), Some(act)) = (arg, act_of(op)) {
+                if a == c_new {
+                    found = Some((o, act));
+                    break;
+                }
+            }
+        }
+    }
+    let (o, act_h) = found.ok_or_else(|| format!("the new {} is not o⊙act(c')", b.name(h_new)))?;
+    let gf = b.gate(f, false)?;
+    let (mut gi, mut gg) = (b.gate(i, false)?, b.gate(g, false)?);
+    let go = b.gate(o, false)?;
+    // i and g commute in i⊙g: i is the one sharing f's activation.
+    if gi.act != gf.act && gg.act == gf.act {
+        std::mem::swap(&mut gi, &mut gg);
+    }
+    let (act_f, clip) = same(&[&gi, &go, &gf])?;
+    if gg.clip != clip {
+        return Err("gates are clipped differently".into());
+    }
+    let gates = [&gi, &go, &gf, &gg]
+        .iter()
+        .map(|gt| b.weights(&gt.pre, h, units))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(CellMatch {
+        cell: Cell::Lstm,
+        acts: vec![act_f, gg.act, act_h],
+        clip,
+        lbr: false,
+        gates,
+        h_state: hs,
+        c_state: Some(cs),
+        h_new,
+    })
+}
+
+fn match_gru(b: &Body<'_>) -> std::result::Result<CellMatch, String> {
+    let h = b.states[0];
+    let h_new = b.new_states[0];
+    let units = b.units(0)?;
+    // h' = z⊙h + (1 − z)⊙ĥ
+    let mut found = None;
+    'outer: for (keep, write) in b.add_pairs(h_new) {
+        for (z, hh) in b.mul_pairs(keep) {
+            if hh != h {
+                continue;
+            }
+            for (omz, cand) in b.mul_pairs(write) {
+                if let Some((Op::Sub {}, ins, _)) = b.op(omz) {
+                    let one = ins.first().copied().flatten().and_then(|v| b.scalar(v));
+                    let z2 = ins.get(1).copied().flatten().map(|v| b.strip(v));
+                    if one == Some(1.0) && z2 == Some(z) {
+                        found = Some((z, cand));
+                        break 'outer;
+                    }
+                }
+            }
+        }
+    }
+    let (z, cand) =
+        found.ok_or_else(|| format!("the new {} is not z⊙h + (1 − z)⊙ĥ", b.name(h_new)))?;
+    let gz = b.gate(z, false)?;
+    let gc = b.gate(cand, true)?;
+    let wz = b.weights(&gz.pre, h, units)?;
+    // The candidate: x-side terms and biases, plus either r⊙(h·R_h + b_rh) (reset after)
+    // or (r⊙h)·R_h (reset before).
+    let mut cand_aff = gc.pre.clone();
+    let extras = std::mem::take(&mut cand_aff.extras);
+    let (lbr, r, wh) = match extras.as_slice() {
+        [prod] => {
+            // reset after: r ⊙ (h·R_h + b_rh)
+            let mut hit = None;
+            for (r, lin) in b.mul_pairs(*prod) {
+                let Ok(gr) = b.gate(r, false) else { continue };
+                let Ok(la) = b.affine(lin, false) else {
+                    continue;
+                };
+                let Ok(lw) = b.weights(&la, h, units) else {
+                    continue;
+                };
+                if lw.x.is_empty() && !lw.h.is_empty() {
+                    hit = Some((gr, lw));
+                    break;
+                }
+            }
+            let (gr, lw) = hit.ok_or_else(|| format!("{} is not r⊙(h·R + b)", b.name(*prod)))?;
+            let mut w = GateW::default();
+            for t in &cand_aff.terms {
+                if t.src == b.x {
+                    w.x.push(t.clone());
+                } else {
+                    return Err(format!(
+                        "the candidate multiplies {} outside the reset product",
+                        b.name(t.src)
+                    ));
+                }
+            }
+            w.wb = cand_aff.biases.clone();
+            w.h = lw.h;
+            w.rb = lw.wb;
+            if cand_aff.width.is_some_and(|wd| wd != units) {
+                return Err("the candidate's width differs from the state's".into());
+            }
+            (true, gr, w)
+        }
+        [] => {
+            // reset before: a projection of r⊙h
+            let mut w = GateW {
+                wb: cand_aff.biases.clone(),
+                ..GateW::default()
+            };
+            let mut r_gate = None;
+            for t in &cand_aff.terms {
+                if t.src == b.x {
+                    w.x.push(t.clone());
+                    continue;
+                }
+                let mut ok = false;
+                for (r, hh) in b.mul_pairs(t.src) {
+                    if hh != h {
+                        continue;
+                    }
+                    if let Ok(gr) = b.gate(r, false) {
+                        if r_gate.as_ref().is_none_or(|g: &Gate| g.value == gr.value) {
+                            r_gate = Some(gr);
+                            ok = true;
+                            break;
+                        }
+                    }
+                }
+                if !ok {
+                    return Err(format!(
+                        "the candidate multiplies {}, not the step input or r⊙h",
+                        b.name(t.src)
+                    ));
+                }
+                w.h.push(t.clone());
+            }
+            let gr = r_gate.ok_or("the candidate does not read the state")?;
+            if cand_aff.width != Some(units) {
+                return Err("the candidate's width differs from the state's".into());
+            }
+            (false, gr, w)
+        }
+        _ => return Err("the candidate has more than one reset product".into()),
+    };
+    let wr = b.weights(&r.pre, h, units)?;
+    let (act_f, clip) = same(&[&gz, &r])?;
+    if gc.clip != clip {
+        return Err("gates are clipped differently".into());
+    }
+    Ok(CellMatch {
+        cell: Cell::Gru,
+        acts: vec![act_f, gc.act],
+        clip,
+        lbr,
+        gates: vec![wz, wr, wh],
+        h_state: 0,
+        c_state: None,
+        h_new,
+    })
+}
+
+fn match_rnn(b: &Body<'_>) -> std::result::Result<CellMatch, String> {
+    let h = b.states[0];
+    let h_new = b.new_states[0];
+    let units = b.units(0)?;
+    let g = b.gate(h_new, false)?;
+    let w = b.weights(&g.pre, h, units)?;
+    if w.h.is_empty() {
+        return Err(format!("the new {} does not read the state", b.name(h_new)));
+    }
+    Ok(CellMatch {
+        cell: Cell::Rnn,
+        acts: vec![g.act],
+        clip: g.clip,
+        lbr: false,
+        gates: vec![w],
+        h_state: 0,
+        c_state: None,
+        h_new,
+    })
+}
+
+/// The ONNX name of an activation and the alpha/beta it consumes.
+fn act_attr(a: Act) -> (&'static str, Option<f32>, Option<f32>) {
+    match a {
+        Act::Relu => ("Relu", None, None),
+        Act::Tanh => ("Tanh", None, None),
+        Act::Sigmoid => ("Sigmoid", None, None),
+        Act::Affine(x, y) => ("Affine", Some(x), Some(y)),
+        Act::LeakyRelu(x) => ("LeakyRelu", Some(x), None),
+        Act::ThresholdedRelu(x) => ("ThresholdedRelu", Some(x), None),
+        Act::ScaledTanh(x, y) => ("ScaledTanh", Some(x), Some(y)),
+        Act::HardSigmoid(x, y) => ("HardSigmoid", Some(x), Some(y)),
+        Act::Elu(x) => ("Elu", Some(x), None),
+        Act::Softsign => ("Softsign", None, None),
+        Act::Softplus => ("Softplus", None, None),
+    }
+}
+
+/// Tries to raise one Scan: `Ok(None)` when it is not a candidate at all.
+fn try_raise(
+    dst: &mut Graph,
+    src: &Graph,
+    n: NodeId,
+    ins: &[Option<ValueRef>],
+    names: &[&str],
+) -> Try<Option<(&'static str, String, Vec<Option<ValueRef>>)>> {
+    let node = src.node(n);
+    let Some(Op::Scan {
+        body,
+        num_scan_inputs,
+        scan_input_axes,
+        scan_input_directions,
+        scan_output_axes,
+        scan_output_directions,
+        ..
+    }) = node.op()
+    else {
+        return Ok(None);
+    };
+    if src.opset("") < 9 {
+        return Err(Refusal("Scan-8 (batch axis) is not raised".into()));
+    }
+    let n_scan = *num_scan_inputs as usize;
+    let n_in = body.inputs().len();
+    if n_scan == 0 || n_scan > 2 || n_in < n_scan {
+        return Err(Refusal(format!(
+            "{n_scan} scanned inputs (a cell scans its input and perhaps a mask)"
+        )));
+    }
+    let n_states = n_in - n_scan;
+    let n_outs = body.outputs().len();
+    if n_outs < n_states || n_outs > n_states + 1 {
+        return Err(Refusal(format!(
+            "{} scan outputs (a cell emits at most its output sequence)",
+            n_outs - n_states.min(n_outs)
+        )));
+    }
+    if scan_input_axes
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|&x| x != 0))
+    {
+        return Err(Refusal("a scan input axis other than 0".into()));
+    }
+    let dirs = scan_input_directions.clone().unwrap_or_default();
+    let in_rev = dirs.first().copied().unwrap_or(0) != 0;
+    if dirs.iter().any(|&d| (d != 0) != in_rev) {
+        return Err(Refusal(
+            "the input and mask scan in different directions".into(),
+        ));
+    }
+    let out_axis = scan_output_axes
+        .as_ref()
+        .and_then(|a| a.first().copied())
+        .unwrap_or(0);
+    let out_rev = scan_output_directions
+        .as_ref()
+        .and_then(|d| d.first().copied())
+        .unwrap_or(0)
+        != 0;
+    if out_axis != 0 && out_axis != 1 && out_axis != -2 {
+        return Err(Refusal(format!("scan output axis {out_axis}")));
+    }
+    let bin = body.input_values();
+    let x = bin[n_states];
+    let xdt = body.value(x).ty.dtype();
+    let dt = match xdt {
+        Some(d @ (DType::F32 | DType::F64)) => d,
+        other => {
+            return Err(Refusal(format!(
+                "the step input is {}, the fused kernels run f32 and f64",
+                other.map_or("of unknown dtype".to_string(), |d| d.to_string())
+            )))
+        }
+    };
+    let isz = match body.value(x).ty.dims() {
+        Some([_, Dim::Known(i)]) => *i as usize,
+        _ => {
+            return Err(Refusal(
+                "the step input is not [batch, features] with known features".into(),
+            ))
+        }
+    };
+    let mask = (n_scan == 2).then(|| bin[n_states + 1]);
+    if let Some(m) = mask {
+        let ty = &body.value(m).ty;
+        if ty.dtype() != Some(DType::Bool) || !matches!(ty.dims(), Some([_, Dim::Known(1)])) {
+            return Err(Refusal(
+                "the second scanned input is not a [batch, 1] bool mask".into(),
+            ));
+        }
+    }
+    let mut b = Body {
+        g: body,
+        states: bin[..n_states].to_vec(),
+        x,
+        mask,
+        new_states: vec![],
+    };
+    // States: `Where(mask, new, old)` when masked.
+    let outs = body.outputs().to_vec();
+    for (s, &o) in outs[..n_states].iter().enumerate() {
+        let o = b.strip(o);
+        let new = match b.mask {
+            Some(m) => match b.op(o) {
+                Some((Op::Where {}, wi, _))
+                    if wi.first().copied().flatten().map(|v| b.strip(v)) == Some(m)
+                        && wi.get(2).copied().flatten().map(|v| b.strip(v))
+                            == Some(b.states[s]) =>
+                {
+                    b.strip(wi[1].ok_or_else(|| Refusal("Where without a value".into()))?)
+                }
+                _ => {
+                    return Err(Refusal(format!(
+                        "state {s} is not kept at masked steps (Where(mask, new, old))"
+                    )))
+                }
+            },
+            None => o,
+        };
+        b.new_states.push(new);
+    }
+    let mut why = Vec::new();
+    let mut matched = None;
+    let mut rules = RULES;
+    rules.sort_by_key(|r| r.priority);
+    for rule in rules {
+        if rule.states != n_states {
+            continue;
+        }
+        match (rule.matcher)(&b) {
+            Ok(m) => {
+                matched = Some((rule.name, m));
+                break;
+            }
+            Err(e) => why.push(format!("{}: {e}", rule.name)),
+        }
+    }
+    let Some((rule, m)) = matched else {
+        if why.is_empty() {
+            return Err(Refusal(format!(
+                "{n_states} states (LSTM has 2, GRU and RNN 1)"
+            )));
+        }
+        return Err(Refusal(why.join("; ")));
+    };
+    // The output sequence: h', or at masked steps zero or the held h.
+    let mut hold = 0;
+    if n_outs == n_states + 1 {
+        let y = b.strip(outs[n_states]);
+        let new_h_out = b.strip(outs[m.h_state]);
+        let ok = match b.mask {
+            None => y == m.h_new,
+            Some(mk) => {
+                if y == new_h_out {
+                    hold = 1;
+                    true
+                } else if let Some((Op::Where {}, wi, _)) = b.op(y) {
+                    let c = wi.first().copied().flatten().map(|v| b.strip(v));
+                    let a = wi.get(1).copied().flatten().map(|v| b.strip(v));
+                    let o = wi.get(2).copied().flatten();
+                    let other_zero = o.and_then(|v| b.scalar(v)) == Some(0.0);
+                    let other_h = o.map(|v| b.strip(v)) == Some(b.states[m.h_state]);
+                    if other_h {
+                        hold = 1;
+                    }
+                    c == Some(mk) && a == Some(m.h_new) && (other_zero || other_h)
+                } else {
+                    false
+                }
+            }
+        };
+        if !ok {
+            return Err(Refusal(format!(
+                "{rule}: the step output {} is not the new h",
+                b.name(y)
+            )));
+        }
+    }
+    let units = b.units(m.h_state)?;
+    let built = emit(
+        dst,
+        &node.display_name(),
+        &m,
+        Emitted {
+            ins,
+            names,
+            n_states,
+            dt,
+            isz,
+            units,
+            reverse: in_rev,
+            flip: in_rev != out_rev,
+            out_axis1: out_axis != 0,
+            hold,
+            masked: mask.is_some(),
+            has_y: n_outs == n_states + 1,
+        },
+    )?;
+    Ok(Some((rule, built.0, built.1)))
+}
+
+/// The facts the emitter needs beyond the match.
+struct Emitted<'a> {
+    ins: &'a [Option<ValueRef>],
+    names: &'a [&'a str],
+    n_states: usize,
+    dt: DType,
+    isz: usize,
+    units: usize,
+    reverse: bool,
+    flip: bool,
+    out_axis1: bool,
+    hold: i64,
+    masked: bool,
+    has_y: bool,
+}
+
+/// Builds the fused op and the values standing for the Scan's outputs.
+fn emit(
+    dst: &mut Graph,
+    label: &str,
+    m: &CellMatch,
+    e: Emitted<'_>,
+) -> Try<(String, Vec<Option<ValueRef>>)> {
+    let mut b = Builder {
+        g: dst,
+        prefix: format!("{label}/raise"),
+        k: 0,
+    };
+    let (h, k, dt) = (e.units, e.isz, e.dt);
+    let zeros = |b: &mut Builder<'_>, shape: &[usize]| -> Try<ValueRef> {
+        let n: usize = shape.iter().product();
+        let t =
+            Tensor::from_f64_vec(dt, shape, &vec![0.0; n]).map_err(|er| Refusal(er.to_string()))?;
+        Ok(b.constant(t, "zeros")?)
+    };
+    let param = |b: &mut Builder<'_>, p: &Param| -> Try<ValueRef> {
+        match p {
+            Param::Const(t) => Ok(b.constant(t.clone(), "w")?),
+            Param::Outer(name, _) => match b.g.find(name) {
+                Some(v) => Ok(v),
+                None => Err(Refusal(format!(
+                    "weight {name:?} is not visible outside the loop"
+                ))),
+            },
+        }
+    };
+    // [rows, cols] block of a projection, as ONNX wants it: [H, K].
+    let block = |b: &mut Builder<'_>, t: &Term| -> Try<ValueRef> {
+        let w = param(b, &t.w)?;
+        let d = t.w.dims();
+        let (axis, full) = if t.trans { (0, d[0]) } else { (1, d[1]) };
+        let w = if t.lo == 0 && t.hi == full {
+            w
+        } else {
+            let (s, en, ax) = (
+                b.ints(&[t.lo as i64])?,
+                b.ints(&[t.hi as i64])?,
+                b.ints(&[axis])?,
+            );
+            b.op(
+                Op::Slice {},
+                &[Some(w), Some(s), Some(en), Some(ax)],
+                "gate_w",
+            )?
+        };
+        if t.trans {
+            Ok(w)
+        } else {
+            Ok(b.op(
+                Op::Transpose {
+                    perm: Some(vec![1, 0]),
+                },
+                &[Some(w)],
+                "gate_wt",
+            )?)
+        }
+    };
+    let sum_blocks = |b: &mut Builder<'_>, terms: &[Term], cols: usize| -> Try<ValueRef> {
+        let mut acc: Option<ValueRef> = None;
+        for t in terms {
+            let v = block(b, t)?;
+            acc = Some(match acc {
+                Some(a) => b.add(a, v)?,
+                None => v,
+            });
+        }
+        match acc {
+            Some(a) => Ok(a),
+            None => zeros(b, &[h, cols]),
+        }
+    };
+    let bias = |b: &mut Builder<'_>, parts: &[BiasT]| -> Try<ValueRef> {
+        let mut acc: Option<ValueRef> = None;
+        for p in parts {
+            let mut v = param(b, &p.b)?;
+            let d = p.b.dims();
+            let full = *d.last().unwrap_or(&0);
+            if d.len() == 2 {
+                let shape = b.ints(&[full as i64])?;
+                v = b.op(
+                    Op::Reshape { allowzero: 0 },
+                    &[Some(v), Some(shape)],
+                    "bias_flat",
+                )?;
+            }
+            if p.lo != 0 || p.hi != full {
+                let (s, en, ax) = (
+                    b.ints(&[p.lo as i64])?,
+                    b.ints(&[p.hi as i64])?,
+                    b.ints(&[0])?,
+                );
+                v = b.op(
+                    Op::Slice {},
+                    &[Some(v), Some(s), Some(en), Some(ax)],
+                    "gate_b",
+                )?;
+            }
+            acc = Some(match acc {
+                Some(a) => b.add(a, v)?,
+                None => v,
+            });
+        }
+        match acc {
+            Some(a) => Ok(a),
+            None => zeros(b, &[h]),
+        }
+    };
+    let mut ws = Vec::new();
+    let mut rs = Vec::new();
+    let mut wbs = Vec::new();
+    let mut rbs = Vec::new();
+    for g in &m.gates {
+        ws.push(Some(sum_blocks(&mut b, &g.x, k)?));
+        rs.push(Some(sum_blocks(&mut b, &g.h, h)?));
+        wbs.push(Some(bias(&mut b, &g.wb)?));
+        rbs.push(Some(bias(&mut b, &g.rb)?));
+    }
+    let stack = |b: &mut Builder<'_>, parts: &[Option<ValueRef>], hint: &str| -> Try<ValueRef> {
+        let cat = b.op(Op::Concat { axis: 0 }, parts, hint)?;
+        let ax = b.ints(&[0])?;
+        Ok(b.op(Op::Unsqueeze { axes: None }, &[Some(cat), Some(ax)], hint)?)
+    };
+    let w = stack(&mut b, &ws, "W")?;
+    let r = stack(&mut b, &rs, "R")?;
+    let mut all_b = wbs;
+    all_b.extend(rbs);
+    let bb = stack(&mut b, &all_b, "B")?;
+    let unsq0 = |b: &mut Builder<'_>, v: Option<ValueRef>| -> Try<Option<ValueRef>> {
+        match v {
+            Some(v) => {
+                let ax = b.ints(&[0])?;
+                Ok(Some(b.op(
+                    Op::Unsqueeze { axes: None },
+                    &[Some(v), Some(ax)],
+                    "init",
+                )?))
+            }
+            None => Ok(None),
+        }
+    };
+    let h0 = unsq0(&mut b, e.ins.get(m.h_state).copied().flatten())?;
+    let c0 = match m.c_state {
+        Some(c) => unsq0(&mut b, e.ins.get(c).copied().flatten())?,
+        None => None,
+    };
+    let x = e
+        .ins
+        .get(e.n_states)
+        .copied()
+        .flatten()
+        .ok_or_else(|| Refusal("the Scan has no input sequence".into()))?;
+    let mask = if e.masked {
+        let mv = e
+            .ins
+            .get(e.n_states + 1)
+            .copied()
+            .flatten()
+            .ok_or_else(|| Refusal("the Scan has no mask sequence".into()))?;
+        match b.g.value(mv).ty.dims().map(<[_]>::len) {
+            Some(3) => {
+                let ax = b.ints(&[2])?;
+                Some(b.op(Op::Squeeze { axes: None }, &[Some(mv), Some(ax)], "mask")?)
+            }
+            _ => return Err(Refusal("the mask sequence is not [T, batch, 1]".into())),
+        }
+    } else {
+        None
+    };
+    let mut acts = Vec::new();
+    let (mut alpha, mut beta) = (Vec::new(), Vec::new());
+    for &a in &m.acts {
+        let (name, al, be) = act_attr(a);
+        acts.push(name.to_string());
+        alpha.extend(al);
+        beta.extend(be);
+    }
+    let default_acts: &[&str] = match m.cell {
+        Cell::Lstm => &["Sigmoid", "Tanh", "Tanh"],
+        Cell::Gru => &["Sigmoid", "Tanh"],
+        Cell::Rnn => &["Tanh"],
+    };
+    let is_default = acts
+        .iter()
+        .map(String::as_str)
+        .eq(default_acts.iter().copied());
+    let activations = (!is_default).then_some(acts);
+    let activation_alpha = (!alpha.is_empty()).then_some(alpha);
+    let activation_beta = (!beta.is_empty()).then_some(beta);
+    let direction = if e.reverse { "reverse" } else { "forward" }.to_string();
+    let hidden_size = Some(h as i64);
+    let op = match m.cell {
+        Cell::Lstm => Op::LSTM {
+            activation_alpha,
+            activation_beta,
+            activations,
+            clip: m.clip,
+            direction,
+            hidden_size,
+            input_forget: 0,
+            layout: 0,
+        },
+        Cell::Gru => Op::GRU {
+            activation_alpha,
+            activation_beta,
+            activations,
+            clip: m.clip,
+            direction,
+            hidden_size,
+            layout: 0,
+            linear_before_reset: i64::from(m.lbr),
+        },
+        Cell::Rnn => Op::RNN {
+            activation_alpha,
+            activation_beta,
+            activations,
+            clip: m.clip,
+            direction,
+            hidden_size,
+            layout: 0,
+        },
+    };
+    let mut op_ins = vec![Some(x), Some(w), Some(r), Some(bb), None, h0];
+    if m.cell == Cell::Lstm {
+        op_ins.push(c0);
+        op_ins.push(None);
+    }
+    let op = match mask {
+        Some(mk) => {
+            op_ins.push(Some(mk));
+            b.g.import_opset(cellgraph_ir::ops::CELLGRAPH_DOMAIN, 1);
+            op.masked_recurrent(e.hold)
+                .ok_or_else(|| Refusal("no masked form".into()))?
+        }
+        None => op,
+    };
+    let op_name = op.name().to_string();
+    let hints: &[&str] = if m.cell == Cell::Lstm {
+        &["Y", "Y_h", "Y_c"]
+    } else {
+        &["Y", "Y_h"]
+    };
+    let fused = b.multi(op, &op_ins, hints)?;
+    // Scan outputs: final states (in the Scan's state order), then the sequence.
+    let mut outs: Vec<Option<ValueRef>> = vec![None; e.names.len()];
+    for s in 0..e.n_states {
+        if e.names.get(s).is_none_or(|n| n.is_empty()) {
+            continue;
+        }
+        let src = if s == m.h_state { fused[1] } else { fused[2] };
+        let ax = b.ints(&[0])?;
+        outs[s] = Some(b.op(
+            Op::Squeeze { axes: None },
+            &[Some(src), Some(ax)],
+            "final_state",
+        )?);
+    }
+    if e.has_y && e.names.get(e.n_states).is_some_and(|n| !n.is_empty()) {
+        let ax = b.ints(&[1])?;
+        let mut y = b.op(
+            Op::Squeeze { axes: None },
+            &[Some(fused[0]), Some(ax)],
+            "sequence",
+        )?;
+        if e.flip {
+            let (s, en, ax, st) = (
+                b.ints(&[-1])?,
+                b.ints(&[i64::MIN])?,
+                b.ints(&[0])?,
+                b.ints(&[-1])?,
+            );
+            y = b.op(
+                Op::Slice {},
+                &[Some(y), Some(s), Some(en), Some(ax), Some(st)],
+                "processing_order",
+            )?;
+        }
+        if e.out_axis1 {
+            y = b.op(
+                Op::Transpose {
+                    perm: Some(vec![1, 0, 2]),
+                },
+                &[Some(y)],
+                "batch_major",
+            )?;
+        }
+        outs[e.n_states] = Some(y);
+    }
+    Ok((op_name, outs))
+}
+
+/// The names of the recurrent ops the fused kernels run.
+pub fn is_fused_recurrent(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::LSTM { .. }
+            | Op::GRU { .. }
+            | Op::RNN { .. }
+            | Op::LSTMMasked { .. }
+            | Op::GRUMasked { .. }
+            | Op::RNNMasked { .. }
+    )
+}
