@@ -4,7 +4,10 @@
 //! with ONNX semantics, `Scan`/`Loop`/`If` run as loops over their compiled bodies, and
 //! fused kernels for ONNX `LSTM`/`GRU`/`RNN`. [`lower`] expands the recurrent ops into
 //! `Scan` loops over the cell's primitive ops: the reference the fused kernels are
-//! checked against. This crate depends only on `cellgraph-ir`.
+//! checked against; [`raise`] is its inverse, recognising cells written as `Scan` loops
+//! (by the Keras frontend, by hand, in ONNX files) and [`select`] decides per recurrent
+//! node whether it runs on a backend's fused kernel or as a loop, and why. This crate
+//! depends only on `cellgraph-ir`.
 
 #![warn(missing_docs)]
 
@@ -15,6 +18,7 @@ pub mod gemm;
 pub mod lower;
 pub mod num;
 pub mod raise;
+pub mod select;
 
 pub use data::Data;
 pub use error::{Error, Result};
@@ -29,6 +33,13 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     /// Compiles `graph` (verified by the caller) into a plan.
     fn compile(&self, graph: &Graph) -> Result<Self::Plan>;
+    /// Whether the backend's fused kernel runs this recurrent op (`LSTM`, `GRUMasked`,
+    /// ...) with its attributes; `Err` says why not, and the selector
+    /// ([`select::select`]) then runs it as a loop.
+    fn fused_recurrent(&self, op: &cellgraph_ir::Op) -> std::result::Result<(), String> {
+        let _ = op;
+        Ok(())
+    }
 }
 
 /// A compiled graph.

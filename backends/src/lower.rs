@@ -43,19 +43,18 @@ pub fn lower_where(graph: &Graph, pick: &dyn Fn(&Op) -> bool) -> Result<Graph> {
 /// gives the values standing for its outputs.
 pub(crate) type Replaced = Option<Vec<Option<ValueRef>>>;
 
+/// The callback of [`rewrite`]: `(dst, src, node, mapped inputs, output names)`.
+pub(crate) type ReplaceFn<'a> =
+    dyn FnMut(&mut Graph, &Graph, NodeId, &[Option<ValueRef>], &[&str]) -> Result<Replaced> + 'a;
+
 /// Copies `graph` node by node in topological order. `replace(dst, src, node, inputs,
 /// output_names)` may emit something else for a node (inputs already mapped into
 /// `dst`); nodes it leaves alone are copied with their nested graphs passed through
 /// `body`.
+
 pub(crate) fn rewrite(
     graph: &Graph,
-    replace: &mut dyn FnMut(
-        &mut Graph,
-        &Graph,
-        NodeId,
-        &[Option<ValueRef>],
-        &[&str],
-    ) -> Result<Replaced>,
+    replace: &mut ReplaceFn<'_>,
     body: &mut dyn FnMut(&Graph) -> Result<Graph>,
 ) -> Result<Graph> {
     let mut dst = Graph::with_opsets(graph.name.clone(), graph.opsets().clone());
@@ -162,7 +161,7 @@ pub(crate) struct Builder<'g> {
 }
 
 impl Builder<'_> {
-    fn fresh(&mut self, hint: &str) -> String {
+    pub(crate) fn fresh(&mut self, hint: &str) -> String {
         loop {
             self.k += 1;
             let name = format!("{}/{hint}_{}", self.prefix, self.k);

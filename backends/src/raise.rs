@@ -672,7 +672,7 @@ fn lstm_with(b: &Body<'_>, hs: usize, cs: usize) -> std::result::Result<CellMatc
             if cc != c {
                 continue;
             }
-            for (i, g) in b.mul_pairs(write) {
+            if let Some(&(i, g)) = b.mul_pairs(write).first() {
                 found = Some((f, i, g));
                 break 'outer;
             }
@@ -889,6 +889,9 @@ fn act_attr(a: Act) -> (&'static str, Option<f32>, Option<f32>) {
     }
 }
 
+/// A raised Scan: the rule, the fused op's name, the values for the Scan's outputs.
+type RaisedScan = (&'static str, String, Vec<Option<ValueRef>>);
+
 /// Tries to raise one Scan: `Ok(None)` when it is not a candidate at all.
 fn try_raise(
     dst: &mut Graph,
@@ -896,7 +899,7 @@ fn try_raise(
     n: NodeId,
     ins: &[Option<ValueRef>],
     names: &[&str],
-) -> Try<Option<(&'static str, String, Vec<Option<ValueRef>>)>> {
+) -> Try<Option<RaisedScan>> {
     let node = src.node(n);
     let Some(Op::Scan {
         body,
@@ -1353,16 +1356,23 @@ fn emit(
     } else {
         &["Y", "Y_h"]
     };
-    let fused = b.multi(op, &op_ins, hints)?;
+    let out_names: Vec<String> = hints.iter().map(|h| b.fresh(h)).collect();
+    let refs: Vec<&str> = out_names.iter().map(String::as_str).collect();
+    let id =
+        b.g.add_node(label, op, &op_ins, &refs)
+            .map_err(|er| Refusal(format!("the fused op does not type-check: {er}")))?;
+    let fused: Vec<ValueRef> = (0..refs.len())
+        .map(|slot| ValueRef { node: id, slot })
+        .collect();
     // Scan outputs: final states (in the Scan's state order), then the sequence.
     let mut outs: Vec<Option<ValueRef>> = vec![None; e.names.len()];
-    for s in 0..e.n_states {
+    for (s, out) in outs.iter_mut().enumerate().take(e.n_states) {
         if e.names.get(s).is_none_or(|n| n.is_empty()) {
             continue;
         }
         let src = if s == m.h_state { fused[1] } else { fused[2] };
         let ax = b.ints(&[0])?;
-        outs[s] = Some(b.op(
+        *out = Some(b.op(
             Op::Squeeze { axes: None },
             &[Some(src), Some(ax)],
             "final_state",

@@ -747,16 +747,7 @@ pub fn inspect_keras(path: &Path) -> Result<String, CliError> {
         "IR graph (inference; inputs {:?}, unknown sizes taken as 1):",
         sig.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>()
     );
-    let scans = g
-        .node_ids()
-        .into_iter()
-        .filter(|&n| matches!(g.node(n).op(), Some(crate::ir::Op::Scan { .. })))
-        .count();
-    let _ = writeln!(
-        s,
-        "recurrent layers: {scans} Scan loop(s) over their cells (CPU loop with the input \
-         projection hoisted; fused kernels come with the raise pass)"
-    );
+    s += &recurrent_report(&g);
     s += &print_graph(&g);
     Ok(s)
 }
@@ -805,7 +796,30 @@ pub fn inspect_text(path: &Path, m: &Model) -> String {
         trainable
     );
     let _ = writeln!(s, "ops: {}", g.op_count());
+    s += &recurrent_report(g);
     let _ = writeln!(s, "graph:");
     s.push_str(&print_graph(g));
+    s
+}
+
+/// The selector's decision for every recurrent node of `g` on the CPU backend: one line
+/// per `Scan` loop or recurrent op, `LSTM → fused cpu` or `loop: <why>`.
+pub fn recurrent_report(g: &crate::ir::Graph) -> String {
+    let backend = crate::backends::cpu::CpuBackend::default();
+    let mut s = String::new();
+    match crate::backends::select::select(&backend, g, true) {
+        Ok(sel) if sel.choices.is_empty() => {
+            let _ = writeln!(s, "recurrent nodes: none");
+        }
+        Ok(sel) => {
+            let _ = writeln!(s, "recurrent nodes (backend cpu):");
+            for c in &sel.choices {
+                let _ = writeln!(s, "  {c}");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(s, "recurrent nodes: the selector failed: {e}");
+        }
+    }
     s
 }

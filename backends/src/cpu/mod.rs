@@ -63,6 +63,15 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    /// The CPU kernels run every recurrent configuration: any mask, activation, clip,
+    /// direction and both GRU reset forms. Only `Recurrent::Loop` refuses.
+    fn fused_recurrent(&self, op: &Op) -> std::result::Result<(), String> {
+        match self.recurrent {
+            Recurrent::Fused => Ok(()),
+            Recurrent::Loop => Err(format!("{} asked to run as a loop", op.name())),
+        }
+    }
+
     fn compile(&self, graph: &Graph) -> Result<CpuPlan> {
         let g = match self.recurrent {
             Recurrent::Fused => graph.clone(),

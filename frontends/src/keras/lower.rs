@@ -72,10 +72,21 @@ impl<'g> Emit<'g> {
     }
 
     pub fn multi(&mut self, op: Op, ins: &[ValueRef], hints: &[&str]) -> R<Vec<ValueRef>> {
+        self.node("", op, ins, hints)
+    }
+
+    /// Adds a node with a name of its own (reports name recurrent loops by it).
+    pub fn node(
+        &mut self,
+        node: &str,
+        op: Op,
+        ins: &[ValueRef],
+        hints: &[&str],
+    ) -> R<Vec<ValueRef>> {
         let names: Vec<String> = hints.iter().map(|h| self.fresh(h)).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let ins: Vec<Option<ValueRef>> = ins.iter().copied().map(Some).collect();
-        let id = self.g.add_node("", op, &ins, &refs)?;
+        let id = self.g.add_node(node, op, &ins, &refs)?;
         Ok((0..names.len())
             .map(|slot| ValueRef { node: id, slot })
             .collect())
@@ -750,7 +761,13 @@ pub(crate) fn recurrent(
         hints.push("sequence".into());
     }
     let hint_refs: Vec<&str> = hints.iter().map(String::as_str).collect();
-    let outs = e.multi(
+    let scan_name = if rec.go_backwards {
+        format!("{}/backward_scan", e.prefix)
+    } else {
+        format!("{}/scan", e.prefix)
+    };
+    let outs = e.node(
+        &scan_name,
         Op::Scan {
             body: Box::new(body),
             num_scan_inputs: n_scan as i64,

@@ -122,6 +122,8 @@ pub struct Model {
     pub(crate) skip_init: bool,
     rng: rand::rngs::StdRng,
     plans: HashMap<PlanKey, Compiled>,
+    /// How recurrent layers run: raised to fused kernels (default) or as loops.
+    pub(crate) recurrent: RecurrentMode,
     pub(crate) grad_plans: HashMap<GradKey, super::train::GradPlan>,
     pub(crate) training: Option<super::train::TrainState>,
 }
@@ -366,9 +368,50 @@ impl Model {
             skip_init: false,
             rng: rand::SeedableRng::seed_from_u64(seed ^ 0x5EED_D80F),
             plans: HashMap::new(),
+            recurrent: RecurrentMode::Fused,
             grad_plans: HashMap::new(),
             training: None,
         }
+    }
+
+    /// How recurrent layers run from now on. `Fused` (the default): the selector raises
+    /// each layer's `Scan` loop to the fused `LSTM`/`GRU`/`RNN` op (masked forms for
+    /// masks) when its cell is one the rules recognise, for inference and training (the
+    /// gradient of a fused op is the fused backward op). `Loop`: every layer runs as its
+    /// `Scan` loop. Compiled plans are dropped.
+    pub fn set_recurrent(&mut self, mode: RecurrentMode) {
+        self.recurrent = mode;
+        self.plans.clear();
+        self.grad_plans.clear();
+    }
+
+    /// What the selector decides for each recurrent layer for inputs of this signature
+    /// (inference form): fused on the CPU, or a loop and why.
+    pub fn recurrent_choices(
+        &self,
+        sig: &[(DType, Vec<usize>)],
+    ) -> R<Vec<cellgraph_backends::select::Choice>> {
+        let lowered = self.lower(sig, false, true)?;
+        Ok(self.select(&lowered.graph)?.choices)
+    }
+
+    /// The graphs of every plan compiled so far (inference and training), as they run.
+    pub fn compiled_graphs(&self) -> Vec<&Graph> {
+        self.plans
+            .values()
+            .map(|c| c.plan.graph())
+            .chain(self.grad_plans.values().map(|p| p.plan.graph()))
+            .collect()
+    }
+
+    /// The selector over a lowered graph, for this model's recurrent mode.
+    pub(crate) fn select(&self, g: &Graph) -> R<cellgraph_backends::select::Selected> {
+        let backend = CpuBackend::new(self.recurrent);
+        Ok(cellgraph_backends::select::select(
+            &backend,
+            g,
+            self.recurrent == RecurrentMode::Fused,
+        )?)
     }
 
     fn tensor(&self, t: KerasTensor) -> R<&TensorInfo> {
@@ -982,7 +1025,8 @@ impl Model {
         if !self.plans.contains_key(&key) {
             // Weights are graph inputs: set_weights and BatchNormalization updates need
             // no recompilation.
-            let lowered = self.lower(&key.0, training, true)?;
+            let mut lowered = self.lower(&key.0, training, true)?;
+            lowered.graph = self.select(&lowered.graph)?.graph;
             cellgraph_ir::verify(&lowered.graph)?;
             let plan = CpuBackend::new(RecurrentMode::Fused).compile(&lowered.graph)?;
             self.plans.insert(key.clone(), Compiled { plan, lowered });

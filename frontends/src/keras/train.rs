@@ -236,7 +236,7 @@ impl LossEmit<'_> {
 
 /// A compiled training graph: forward, loss and the gradient of every trainable weight.
 pub(crate) struct GradPlan {
-    plan: CpuPlan,
+    pub(crate) plan: CpuPlan,
     lowered: Lowered,
     /// (slot, weight index) of each gradient output, in order.
     params: Vec<(usize, usize)>,
@@ -266,6 +266,8 @@ impl Model {
         output: usize,
     ) -> R<GradPlan> {
         let mut lowered = self.lower(sig, training, true)?;
+        // Recurrent loops raised to fused ops first: their gradient is the fused backward.
+        lowered.graph = self.select(&lowered.graph)?.graph;
         let g = &mut lowered.graph;
         let outs = g.outputs().to_vec();
         let y = *outs.get(output).ok_or_else(|| KerasError::Input {

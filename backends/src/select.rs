@@ -1,0 +1,145 @@
+//! The backend selector: raise recurrent loops into fused ops, then keep each fused op
+//! on the backend's fused kernel when the backend supports its configuration, or lower
+//! it back to a loop, recording why for every recurrent node.
+
+use crate::error::Result;
+use crate::lower::lower_where;
+use crate::raise::{is_fused_recurrent, raise_recurrent};
+use crate::Backend;
+use cellgraph_ir::Graph;
+use std::fmt;
+
+/// Where one recurrent node runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On the backend's fused kernel.
+    Fused {
+        /// The backend (`cpu`, `cuda`).
+        backend: &'static str,
+    },
+    /// As a `Scan` loop over the cell's primitive ops.
+    Loop {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The selector's decision for one recurrent node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    /// The node (a `Scan` or a recurrent op), `outer/inner` inside nested graphs.
+    pub node: String,
+    /// The fused op (`LSTM`, `GRUMasked`, ...), or `Scan` for a loop no rule raised.
+    pub op: String,
+    /// The raise rule that produced the op, if it came from a loop.
+    pub rule: Option<&'static str>,
+    /// Where it runs.
+    pub placement: Placement,
+}
+
+impl fmt::Display for Choice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.node)?;
+        match &self.placement {
+            Placement::Fused { backend } => {
+                write!(f, "{} → fused {backend}", self.op)?;
+                if let Some(r) = self.rule {
+                    write!(f, " (raised from a Scan by rule {r})")?;
+                }
+                Ok(())
+            }
+            Placement::Loop { reason } => write!(f, "loop: {reason}"),
+        }
+    }
+}
+
+/// A graph ready for a backend, and the choices that made it.
+#[derive(Clone, Debug)]
+pub struct Selected {
+    /// The graph: fused ops where the backend runs them, loops elsewhere.
+    pub graph: Graph,
+    /// One choice per recurrent node: the loops no rule raised, then the fused ops in
+    /// graph order.
+    pub choices: Vec<Choice>,
+}
+
+impl Selected {
+    /// Whether every recurrent node runs fused.
+    pub fn all_fused(&self) -> bool {
+        self.choices
+            .iter()
+            .all(|c| matches!(c.placement, Placement::Fused { .. }))
+    }
+}
+
+/// Raises recurrent loops (when `raise`), asks `backend` about every fused recurrent op,
+/// and lowers those it refuses to loops.
+pub fn select<B: Backend + ?Sized>(backend: &B, graph: &Graph, raise: bool) -> Result<Selected> {
+    let mut choices = Vec::new();
+    let mut rules = std::collections::HashMap::new();
+    let graph = if raise {
+        let raised = raise_recurrent(graph)?;
+        for d in raised.decisions {
+            match d.rule {
+                Some(rule) => {
+                    rules.insert(d.node, rule);
+                }
+                None => choices.push(Choice {
+                    node: d.node,
+                    op: "Scan".into(),
+                    rule: None,
+                    placement: Placement::Loop { reason: d.detail },
+                }),
+            }
+        }
+        raised.graph
+    } else {
+        graph.clone()
+    };
+    collect(backend, &graph, "", &rules, &mut choices);
+    let graph = lower_where(&graph, &|op| backend.fused_recurrent(op).is_err())?;
+    Ok(Selected { graph, choices })
+}
+
+fn collect<B: Backend + ?Sized>(
+    backend: &B,
+    g: &Graph,
+    path: &str,
+    rules: &std::collections::HashMap<String, &'static str>,
+    out: &mut Vec<Choice>,
+) {
+    let Ok(order) = g.topo_order() else { return };
+    for n in order {
+        let node = g.node(n);
+        let Some(op) = node.op() else { continue };
+        let name = if path.is_empty() {
+            node.display_name()
+        } else {
+            format!("{path}/{}", node.display_name())
+        };
+        if is_fused_recurrent(op) {
+            let placement = match backend.fused_recurrent(op) {
+                Ok(()) => Placement::Fused {
+                    backend: backend.name(),
+                },
+                Err(reason) => Placement::Loop {
+                    reason: format!("{reason} (the {} kernel)", backend.name()),
+                },
+            };
+            out.push(Choice {
+                rule: rules.get(&name).copied(),
+                node: name,
+                op: op.name().to_string(),
+                placement,
+            });
+        }
+        for (_, body) in op.subgraphs() {
+            let p = if path.is_empty() {
+                body.name.clone()
+            } else {
+                format!("{path}/{}", body.name)
+            };
+            collect(backend, body, &p, rules, out);
+        }
+    }
+}
