@@ -94,11 +94,44 @@ pub fn select<B: Backend + ?Sized>(backend: &B, graph: &Graph, raise: bool) -> R
         }
         raised.graph
     } else {
+        list_scans(graph, "", &mut choices);
         graph.clone()
     };
     collect(backend, &graph, "", &rules, &mut choices);
     let graph = lower_where(&graph, &|op| backend.fused_recurrent(op).is_err())?;
     Ok(Selected { graph, choices })
+}
+
+/// Without raising, every `Scan` stays a loop.
+fn list_scans(g: &Graph, path: &str, out: &mut Vec<Choice>) {
+    let Ok(order) = g.topo_order() else { return };
+    for n in order {
+        let node = g.node(n);
+        let Some(op) = node.op() else { continue };
+        let name = if path.is_empty() {
+            node.display_name()
+        } else {
+            format!("{path}/{}", node.display_name())
+        };
+        if let cellgraph_ir::Op::Scan { .. } = op {
+            out.push(Choice {
+                node: name,
+                op: "Scan".into(),
+                rule: None,
+                placement: Placement::Loop {
+                    reason: "raising is off (the loop path was asked for)".into(),
+                },
+            });
+        }
+        for (_, body) in op.subgraphs() {
+            let p = if path.is_empty() {
+                body.name.clone()
+            } else {
+                format!("{path}/{}", body.name)
+            };
+            list_scans(body, &p, out);
+        }
+    }
 }
 
 fn collect<B: Backend + ?Sized>(

@@ -13,7 +13,10 @@ const I: usize = 4;
 const H: usize = 6;
 
 fn ty(dims: &[usize]) -> ValueType {
-    ValueType::tensor(DType::F32, &dims.iter().map(|&d| d as u64).collect::<Vec<_>>())
+    ValueType::tensor(
+        DType::F32,
+        &dims.iter().map(|&d| d as u64).collect::<Vec<_>>(),
+    )
 }
 
 /// Deterministic values in [-1, 1).
@@ -97,7 +100,9 @@ fn scan_graph(body: Body, weights: &[(&str, Vec<usize>)], states: usize) -> (Gra
     let mut data = Vec::new();
     let mut ins = Vec::new();
     for s in 0..states {
-        ins.push(Some(g.add_input(&format!("init{s}"), ty(&[N, H])).expect("init")));
+        ins.push(Some(
+            g.add_input(&format!("init{s}"), ty(&[N, H])).expect("init"),
+        ));
         data.push(Data::Tensor(tensor(&[N, H], 100 + s as u64, 0.5)));
     }
     let x = g.add_input("X", ty(&[T, N, I])).expect("X");
@@ -128,14 +133,20 @@ fn scan_graph(body: Body, weights: &[(&str, Vec<usize>)], states: usize) -> (Gra
             &refs,
         )
         .expect("scan");
-    g.set_outputs((0..=states).map(|slot| ValueRef { node: id, slot }).collect())
-        .expect("outputs");
+    g.set_outputs(
+        (0..=states)
+            .map(|slot| ValueRef { node: id, slot })
+            .collect(),
+    )
+    .expect("outputs");
     cellgraph_ir::verify(&g).expect("valid");
     (g, data)
 }
 
 fn run(g: &Graph, data: &[Data]) -> Vec<Tensor> {
-    let mut plan = CpuBackend::new(Recurrent::Fused).compile(g).expect("compile");
+    let mut plan = CpuBackend::new(Recurrent::Fused)
+        .compile(g)
+        .expect("compile");
     plan.run(data.to_vec())
         .expect("run")
         .into_iter()
@@ -148,7 +159,10 @@ fn assert_same(a: &[Tensor], b: &[Tensor]) {
     for (k, (x, y)) in a.iter().zip(b).enumerate() {
         assert_eq!(x.shape(), y.shape(), "output {k}");
         for (p, q) in x.to_f64_vec().iter().zip(y.to_f64_vec()) {
-            assert!((p - q).abs() <= 1e-5 + 1e-4 * q.abs(), "output {k}: {p} vs {q}");
+            assert!(
+                (p - q).abs() <= 1e-5 + 1e-4 * q.abs(),
+                "output {k}: {p} vs {q}"
+            );
         }
     }
 }
@@ -213,7 +227,11 @@ fn hand_lstm(change_a_gate: bool) -> (Graph, Vec<Data>) {
     let g = b.tanh(pg);
     let ig = b.mul(g, i);
     // The changed cell forgets from h instead of c.
-    let fc = if change_a_gate { b.mul(h, f) } else { b.mul(c, f) };
+    let fc = if change_a_gate {
+        b.mul(h, f)
+    } else {
+        b.mul(c, f)
+    };
     let c_new = b.add(ig, fc);
     let tc = b.tanh(c_new);
     let h_new = b.mul(tc, o);

@@ -349,8 +349,15 @@ pub fn run_model(
             missing.join(", ")
         )));
     }
-    let mut plan = cpu_backend(recurrent)
-        .compile(g)
+    let backend = cpu_backend(recurrent);
+    let selected = crate::backends::select::select(
+        &backend,
+        g,
+        recurrent == crate::backends::cpu::Recurrent::Fused,
+    )
+    .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
+    let mut plan = backend
+        .compile(&selected.graph)
         .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
     let outs = plan
         .run(given.into_iter().flatten().collect())

@@ -155,8 +155,12 @@ pub fn run_case(dir: &Path, recurrent: Recurrent, tol: Tolerance) -> Result<(), 
     let model = Model::load(dir.join("model.onnx")).map_err(|e| format!("import: {e}"))?;
     verify(&model.graph).map_err(|e| format!("verify: {e}"))?;
     let backend = CpuBackend::new(recurrent);
+    // With fused recurrent ops the selector first raises Scan loops that compute a cell.
+    let selected =
+        crate::backends::select::select(&backend, &model.graph, recurrent == Recurrent::Fused)
+            .map_err(|e| format!("select: {e}"))?;
     let mut plan = backend
-        .compile(&model.graph)
+        .compile(&selected.graph)
         .map_err(|e| format!("compile: {e}"))?;
     let g = &model.graph;
     let in_types = g.input_types();
