@@ -256,3 +256,66 @@ pub fn bench_model(
             .map_err(|e| e.to_string())
     })
 }
+
+/// One row of `cellgraph bench --keras`: a Keras `LSTM(H)` + `Dense(10)` model run on the
+/// loop path and on the fused path the selector raises it to.
+#[derive(Clone, Debug)]
+pub struct KerasRow {
+    /// `lstm_b64_t28_i28_h64 inference` and the like.
+    pub name: String,
+    /// The loop path (each layer's `Scan` over its cell).
+    pub looped: Timing,
+    /// The fused path (raised to `LSTM`, backward `LSTMGrad`).
+    pub fused: Timing,
+}
+
+/// The selector workloads (batch, steps, input, units).
+pub const KERAS_WORKLOADS: [(usize, usize, usize, usize); 2] =
+    [(64, 28, 28, 64), (64, 100, 512, 512)];
+
+/// Times a Keras `Input(T, I) → LSTM(H) → Dense(10)` model on both paths: inference
+/// (`predict`) and a training step (forward and backward of the sparse categorical
+/// cross-entropy from logits with respect to every weight: `Model::gradients`).
+pub fn bench_keras(runs: usize) -> Result<Vec<KerasRow>, String> {
+    use crate::keras::{Dense, Input, Loss, Sequential, LSTM};
+    let e = |err: crate::keras::KerasError| err.to_string();
+    let mut rows = Vec::new();
+    for (b, t, i, h) in KERAS_WORKLOADS {
+        let name = format!("lstm_b{b}_t{t}_i{i}_h{h}");
+        let x: Vec<f32> = (0..b * t * i)
+            .map(|k| ((k * 2654435761usize % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[b, t, i]), x).map_err(|er| er.to_string())?);
+        let y = Tensor::I32(
+            ArrayD::from_shape_vec(IxDyn(&[b]), (0..b as i32).map(|k| k % 10).collect())
+                .map_err(|er| er.to_string())?,
+        );
+        let mut timings = Vec::new();
+        for mode in [Recurrent::Loop, Recurrent::Fused] {
+            let mut m = Sequential::with_seed(1);
+            m.add(Input::new(&[Some(t), Some(i)])).map_err(e)?;
+            m.add(LSTM::new(h)).map_err(e)?;
+            m.add(Dense::new(10)).map_err(e)?;
+            m.set_recurrent(mode);
+            let xs = [x.clone()];
+            let inf = time(runs, || m.predict(&xs).map(|_| ()).map_err(e))?;
+            let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+            let train = time(runs, || {
+                m.gradients(&xs, &y, loss, 0, true).map(|_| ()).map_err(e)
+            })?;
+            timings.push((inf, train));
+        }
+        let (lo, fu) = (timings[0].clone(), timings[1].clone());
+        rows.push(KerasRow {
+            name: format!("{name} inference"),
+            looped: lo.0,
+            fused: fu.0,
+        });
+        rows.push(KerasRow {
+            name: format!("{name} train step"),
+            looped: lo.1,
+            fused: fu.1,
+        });
+    }
+    Ok(rows)
+}

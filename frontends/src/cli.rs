@@ -219,6 +219,11 @@ pub enum Command {
         /// Print one JSON object per workload instead of a table.
         #[arg(long)]
         json: bool,
+        /// Time Keras models (`LSTM` + `Dense`, B64 T28 I28 H64 and B64 T100 I512 H512)
+        /// on the loop path and on the fused path the selector raises them to:
+        /// inference and training step (forward + backward), with loop/fused ratios.
+        #[arg(long, conflicts_with = "model")]
+        keras: bool,
     },
     /// Run conformance suites. Prints `PASS <case>` or `FAIL <case>: <reason>` per case,
     /// then `N passed, M failed`; exits 1 if anything failed.
@@ -395,6 +400,31 @@ pub fn run_model(
     Ok(())
 }
 
+fn bench_keras(runs: usize, json: bool) -> Result<(), CliError> {
+    let rows = crate::bench::bench_keras(runs).map_err(CliError::Run)?;
+    if !json {
+        println!(
+            "{:<38} {:>13} {:>14} {:>11}  (runs: {runs}, medians)",
+            "keras model (LSTM + Dense)", "loop_ms", "fused_ms", "loop/fused"
+        );
+    }
+    for r in rows {
+        let ratio = r.looped.median_ms / r.fused.median_ms;
+        if json {
+            println!(
+                "{{\"workload\": \"{}\", \"loop_ms\": {:.4}, \"fused_ms\": {:.4}, \"ratio\": {:.3}, \"runs\": {runs}}}",
+                r.name, r.looped.median_ms, r.fused.median_ms, ratio
+            );
+        } else {
+            println!(
+                "{:<38} {:>13.3} {:>14.3} {:>10.2}x",
+                r.name, r.looped.median_ms, r.fused.median_ms, ratio
+            );
+        }
+    }
+    Ok(())
+}
+
 fn bench(
     model: Option<&Path>,
     runs: usize,
@@ -475,7 +505,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             dim,
             export_dir,
             json,
+            keras,
         } => {
+            if keras {
+                bench_keras(runs.max(1), json)?;
+                return Ok(0);
+            }
             bench(
                 model.as_deref(),
                 runs.max(1),

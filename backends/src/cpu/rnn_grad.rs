@@ -4,14 +4,14 @@
 //! `linear_before_reset`, activations with their parameters, `clip`.
 //!
 //! The kernel recomputes the forward pass per direction (keeping each step's gate
-//! pre-activations and states), then walks the steps backwards in f64 and returns the
-//! gradients in the input dtype. Layout 0 (time-major) only; the importer canonicalises
+//! pre-activations and states), then walks the steps backwards, in f32 for f32 inputs
+//! and f64 otherwise (gradient checks). Products that do not feed the recurrence (input
+//! projections, dX, dW, dR) are one GEMM over all steps. Layout 0 (time-major) only; the importer canonicalises
 //! `layout=1`.
 
-use super::rnn::{Act, Cell, Spec};
+use super::rnn::{Act, Cell, RFloat, Spec};
 use crate::data::Data;
 use cellgraph_ir::{Op, Tensor};
-use ndarray::{s, Array1, Array2, Array3, Axis};
 
 type R<T> = Result<T, String>;
 
@@ -64,6 +64,15 @@ fn deriv(a: Act, x: f64) -> f64 {
     }
 }
 
+/// d act / dx from the pre-activation `x` and the output `y` (sigmoid and tanh from `y`).
+fn dact(a: Act, x: f64, y: f64) -> f64 {
+    match a {
+        Act::Sigmoid => y * (1.0 - y),
+        Act::Tanh => 1.0 - y * y,
+        _ => deriv(a, x),
+    }
+}
+
 /// A clipped pre-activation and the derivative factor of the clip (0 where it clipped).
 fn clip(v: f64, c: Option<f32>) -> (f64, f64) {
     match c {
@@ -82,9 +91,6 @@ fn tensor_f64(d: Option<&Data>, what: &str) -> R<Option<(Vec<usize>, Vec<f64>)>>
     }
 }
 
-fn arr2(v: &[f64], r: usize, c: usize) -> Array2<f64> {
-    Array2::from_shape_vec((r, c), v.to_vec()).expect("sizes checked")
-}
 
 /// Runs a recurrent backward op.
 pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
@@ -189,441 +195,611 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
     };
     check_state(&dyc, "dY_c")?;
 
-    let xa = Array3::from_shape_vec((t_len, n, isz), x).map_err(|e| e.to_string())?;
-    let mut dx = Array3::<f64>::zeros((t_len, n, isz));
-    let mut dw = vec![0.0; d_n * g * h * isz];
-    let mut dr = vec![0.0; d_n * g * h * h];
-    let mut db = vec![0.0; d_n * 2 * g * h];
-    let mut dh0 = vec![0.0; d_n * n * h];
-    let mut dc0 = vec![0.0; d_n * n * h];
-    let mut dp = vec![0.0; d_n * 3 * h];
-    for d in 0..d_n {
-        let wd = arr2(&w[d * g * h * isz..(d + 1) * g * h * isz], g * h, isz);
-        let rd = arr2(&r[d * g * h * h..(d + 1) * g * h * h], g * h, h);
-        let (wb, rb) = match &b {
-            Some((_, bv)) => (
-                Array1::from(bv[d * 2 * g * h..d * 2 * g * h + g * h].to_vec()),
-                Array1::from(bv[d * 2 * g * h + g * h..(d + 1) * 2 * g * h].to_vec()),
-            ),
-            None => (Array1::zeros(g * h), Array1::zeros(g * h)),
-        };
-        let state = |v: &Option<(Vec<usize>, Vec<f64>)>| match v {
-            Some((_, sv)) => arr2(&sv[d * n * h..(d + 1) * n * h], n, h),
-            None => Array2::zeros((n, h)),
-        };
-        let pd = match &p {
-            Some((_, pv)) => Array1::from(pv[d * 3 * h..(d + 1) * 3 * h].to_vec()),
-            None => Array1::zeros(3 * h),
-        };
-        let dir = Dir {
-            spec: &spec,
-            acts: &spec.acts[d],
-            reverse: spec.reverse[d],
-            wd: &wd,
-            rd: &rd,
-            wb: &wb,
-            rb: &rb,
-            pd: &pd,
-            lens: &lens,
-            mask: mask.as_deref(),
-            x: &xa,
-        };
-        let dyd = dy.as_ref().map(|(_, v)| {
-            Array3::from_shape_fn((t_len, n, h), |(t, b_, k)| {
-                v[((t * d_n + d) * n + b_) * h + k]
-            })
-        });
-        let g_out = dir.backward(state(&h0), state(&c0), dyd, state(&dyh), state(&dyc));
-        dx += &g_out.dx;
-        dw[d * g * h * isz..(d + 1) * g * h * isz]
-            .copy_from_slice(g_out.dw.as_slice().ok_or("dw layout")?);
-        dr[d * g * h * h..(d + 1) * g * h * h]
-            .copy_from_slice(g_out.dr.as_slice().ok_or("dr layout")?);
-        db[d * 2 * g * h..d * 2 * g * h + g * h]
-            .copy_from_slice(g_out.dwb.as_slice().ok_or("db layout")?);
-        db[d * 2 * g * h + g * h..(d + 1) * 2 * g * h]
-            .copy_from_slice(g_out.drb.as_slice().ok_or("db layout")?);
-        dh0[d * n * h..(d + 1) * n * h].copy_from_slice(g_out.dh0.as_slice().ok_or("dh0")?);
-        dc0[d * n * h..(d + 1) * n * h].copy_from_slice(g_out.dc0.as_slice().ok_or("dc0")?);
-        dp[d * 3 * h..(d + 1) * 3 * h].copy_from_slice(g_out.dp.as_slice().ok_or("dp")?);
-    }
+    let ctx = Ctx {
+        spec: &spec,
+        dims: (t_len, n, isz),
+        lens: &lens,
+        mask: mask.as_deref(),
+    };
+    let args = Args {
+        x: &x,
+        w: &w,
+        r: &r,
+        b: b.as_ref().map(|(_, v)| v.as_slice()),
+        p: p.as_ref().map(|(_, v)| v.as_slice()),
+        h0: h0.as_ref().map(|(_, v)| v.as_slice()),
+        c0: c0.as_ref().map(|(_, v)| v.as_slice()),
+        dy: dy.as_ref().map(|(_, v)| v.as_slice()),
+        dyh: dyh.as_ref().map(|(_, v)| v.as_slice()),
+        dyc: dyc.as_ref().map(|(_, v)| v.as_slice()),
+    };
+    // f32 inputs run the GEMMs in f32; f64 inputs (gradient checks) stay in f64.
+    let g_all = if dtype == cellgraph_ir::DType::F32 {
+        all_directions::<f32>(&ctx, &args)
+    } else {
+        all_directions::<f64>(&ctx, &args)
+    };
     let mk = |shape: &[usize], v: &[f64]| -> R<Data> {
         Ok(Data::Tensor(
             Tensor::from_f64_vec(dtype, shape, v).map_err(|e| e.to_string())?,
         ))
     };
-    let dxv: Vec<f64> = dx.iter().copied().collect();
     let mut out = vec![
-        mk(&[t_len, n, isz], &dxv)?,
-        mk(&[d_n, g * h, isz], &dw)?,
-        mk(&[d_n, g * h, h], &dr)?,
-        mk(&[d_n, 2 * g * h], &db)?,
-        mk(&[d_n, n, h], &dh0)?,
+        mk(&[t_len, n, isz], &g_all.dx)?,
+        mk(&[d_n, g * h, isz], &g_all.dw)?,
+        mk(&[d_n, g * h, h], &g_all.dr)?,
+        mk(&[d_n, 2 * g * h], &g_all.db)?,
+        mk(&[d_n, n, h], &g_all.dh0)?,
     ];
     if lstm {
-        out.push(mk(&[d_n, n, h], &dc0)?);
-        out.push(mk(&[d_n, 3 * h], &dp)?);
+        out.push(mk(&[d_n, n, h], &g_all.dc0)?);
+        out.push(mk(&[d_n, 3 * h], &g_all.dp)?);
     }
     out.truncate(nout);
     Ok(out)
 }
 
-/// One direction's weights and inputs.
-struct Dir<'a> {
+/// Shapes and masks shared by every direction.
+struct Ctx<'a> {
     spec: &'a Spec,
-    acts: &'a [Act],
-    reverse: bool,
-    wd: &'a Array2<f64>,
-    rd: &'a Array2<f64>,
-    wb: &'a Array1<f64>,
-    rb: &'a Array1<f64>,
-    pd: &'a Array1<f64>,
+    /// Steps, batch, input size.
+    dims: (usize, usize, usize),
     lens: &'a [usize],
     /// Masked ops: the step mask `[T, N]`, time-major.
     mask: Option<&'a [bool]>,
-    x: &'a Array3<f64>,
+}
+
+impl Ctx<'_> {
+    /// Whether row `b` runs step `t`.
+    fn active(&self, t: usize, b: usize) -> bool {
+        t < self.lens[b] && self.mask.is_none_or(|m| m[t * self.dims.1 + b])
+    }
+}
+
+/// The op's inputs (all directions), as f64.
+struct Args<'a> {
+    x: &'a [f64],
+    w: &'a [f64],
+    r: &'a [f64],
+    b: Option<&'a [f64]>,
+    p: Option<&'a [f64]>,
+    h0: Option<&'a [f64]>,
+    c0: Option<&'a [f64]>,
+    dy: Option<&'a [f64]>,
+    dyh: Option<&'a [f64]>,
+    dyc: Option<&'a [f64]>,
+}
+
+/// The gradients of every input, all directions, as f64.
+struct AllGrads {
+    dx: Vec<f64>,
+    dw: Vec<f64>,
+    dr: Vec<f64>,
+    db: Vec<f64>,
+    dh0: Vec<f64>,
+    dc0: Vec<f64>,
+    dp: Vec<f64>,
+}
+
+fn all_directions<T: RFloat>(cx: &Ctx<'_>, a: &Args<'_>) -> AllGrads {
+    let spec = cx.spec;
+    let (t_len, n, isz) = cx.dims;
+    let h = spec.hidden;
+    let gh = spec.cell.gates() * h;
+    let d_n = spec.reverse.len();
+    let cv = |v: &[f64]| -> Vec<T> { v.iter().map(|&x| T::of(x)).collect() };
+    let x = cv(a.x);
+    let mut out = AllGrads {
+        dx: vec![0.0; t_len * n * isz],
+        dw: vec![0.0; d_n * gh * isz],
+        dr: vec![0.0; d_n * gh * h],
+        db: vec![0.0; d_n * 2 * gh],
+        dh0: vec![0.0; d_n * n * h],
+        dc0: vec![0.0; d_n * n * h],
+        dp: vec![0.0; d_n * 3 * h],
+    };
+    for d in 0..d_n {
+        let part = |v: Option<&[f64]>, size: usize| -> Option<Vec<T>> {
+            v.map(|v| cv(&v[d * size..(d + 1) * size]))
+        };
+        let zeros = vec![0.0; 2 * gh];
+        let bias = a.b.map_or(&zeros[..], |b| &b[d * 2 * gh..(d + 1) * 2 * gh]);
+        let zp = vec![0.0; 3 * h];
+        let p = a.p.map_or(&zp[..], |p| &p[d * 3 * h..(d + 1) * 3 * h]);
+        let dy: Option<Vec<T>> = a.dy.map(|v| {
+            let mut o = Vec::with_capacity(t_len * n * h);
+            for t in 0..t_len {
+                let at = (t * d_n + d) * n * h;
+                o.extend(v[at..at + n * h].iter().map(|&x| T::of(x)));
+            }
+            o
+        });
+        let dir = Dir {
+            cx,
+            reverse: spec.reverse[d],
+            acts: &spec.acts[d],
+            x: &x,
+            w: part(Some(a.w), gh * isz).unwrap_or_default(),
+            r: part(Some(a.r), gh * h).unwrap_or_default(),
+            wb: &bias[..gh],
+            rb: &bias[gh..],
+            p,
+        };
+        let g = dir.backward(
+            part(a.h0, n * h),
+            part(a.c0, n * h),
+            dy,
+            part(a.dyh, n * h),
+            part(a.dyc, n * h),
+        );
+        for (o, v) in out.dx.iter_mut().zip(&g.dx) {
+            *o += v.to();
+        }
+        let put = |dst: &mut [f64], at: usize, src: &[T]| {
+            for (o, v) in dst[at..at + src.len()].iter_mut().zip(src) {
+                *o = v.to();
+            }
+        };
+        put(&mut out.dw, d * gh * isz, &g.dw);
+        put(&mut out.dr, d * gh * h, &g.dr);
+        out.db[d * 2 * gh..d * 2 * gh + gh].copy_from_slice(&g.dwb);
+        out.db[d * 2 * gh + gh..(d + 1) * 2 * gh].copy_from_slice(&g.drb);
+        put(&mut out.dh0, d * n * h, &g.dh0);
+        put(&mut out.dc0, d * n * h, &g.dc0);
+        out.dp[d * 3 * h..(d + 1) * 3 * h].copy_from_slice(&g.dp);
+    }
+    out
+}
+
+/// One direction: its weights (in the kernel's float type) and the shared context.
+struct Dir<'a, T> {
+    cx: &'a Ctx<'a>,
+    reverse: bool,
+    acts: &'a [Act],
+    /// X `[T·N, I]`, time-major.
+    x: &'a [T],
+    /// W `[G·H, I]`, R `[G·H, H]`.
+    w: Vec<T>,
+    r: Vec<T>,
+    wb: &'a [f64],
+    rb: &'a [f64],
+    /// Peepholes `[3H]` (i, o, f).
+    p: &'a [f64],
 }
 
 /// One direction's gradients.
-struct DirGrads {
-    dx: Array3<f64>,
-    dw: Array2<f64>,
-    dr: Array2<f64>,
-    dwb: Array1<f64>,
-    drb: Array1<f64>,
-    dh0: Array2<f64>,
-    dc0: Array2<f64>,
-    dp: Array1<f64>,
+struct DirGrads<T> {
+    dx: Vec<T>,
+    dw: Vec<T>,
+    dr: Vec<T>,
+    dwb: Vec<f64>,
+    drb: Vec<f64>,
+    dh0: Vec<T>,
+    dc0: Vec<T>,
+    dp: Vec<f64>,
 }
 
-/// What the forward recomputation keeps of one step.
-struct Step {
-    t: usize,
-    /// Rows that run this step.
-    active: Vec<bool>,
-    h_prev: Array2<f64>,
-    c_prev: Array2<f64>,
-    /// Clipped gate pre-activations `[N, G·H]` and the clip derivative factors.
-    pre: Array2<f64>,
-    clip_d: Array2<f64>,
-    /// Gate activations `[N, G·H]`.
-    act: Array2<f64>,
-    /// LSTM: the new cell state; GRU linear_before_reset: h·Rhᵀ + Rbh.
-    aux: Array2<f64>,
-}
-
-impl Dir<'_> {
+impl<T: RFloat> Dir<'_, T> {
+    /// Recomputes the forward (keeping each step's pre-activations and states), then
+    /// backpropagates through time. Every product that does not feed the recurrence is
+    /// one GEMM over all steps: the input projections, dX, dW and dR; per step there is
+    /// one recurrent GEMM forward and one backward (GRU reset-before: two each).
     fn backward(
         &self,
-        h0: Array2<f64>,
-        c0: Array2<f64>,
-        dy: Option<Array3<f64>>,
-        dyh: Array2<f64>,
-        dyc: Array2<f64>,
-    ) -> DirGrads {
-        let spec = self.spec;
-        let (t_len, n, isz) = self.x.dim();
+        h0: Option<Vec<T>>,
+        c0: Option<Vec<T>>,
+        dy: Option<Vec<T>>,
+        dyh: Option<Vec<T>>,
+        dyc: Option<Vec<T>>,
+    ) -> DirGrads<T> {
+        let cx = self.cx;
+        let spec = cx.spec;
+        let (t_len, n, isz) = cx.dims;
         let h = spec.hidden;
-        let g = spec.cell.gates();
+        let gh = spec.cell.gates() * h;
+        let nh = n * h;
+        let zero = T::of(0.0);
+        let lstm = spec.cell == Cell::Lstm;
+        let gru = spec.cell == Cell::Gru;
+        let lbr0 = gru && !spec.linear_before_reset;
         let order: Vec<usize> = if self.reverse {
             (0..t_len).rev().collect()
         } else {
             (0..t_len).collect()
         };
-        // Forward, keeping every step.
-        let mut steps = Vec::with_capacity(t_len);
-        let (mut hs, mut cs) = (h0, c0);
-        for &t in &order {
-            // A row runs step t when t < its length (the reverse direction starts at its
-            // own last valid step).
-            let active: Vec<bool> = self
-                .lens
-                .iter()
-                .enumerate()
-                .map(|(b_, &l)| t < l && self.mask.is_none_or(|m| m[t * n + b_]))
-                .collect();
-            let xt = self.x.index_axis(Axis(0), t);
-            let mut xw = xt.dot(&self.wd.t()) + self.wb;
-            let hr = hs.dot(&self.rd.t()) + self.rb;
-            let mut pre = Array2::zeros((n, g * h));
-            let mut clip_d = Array2::ones((n, g * h));
-            let mut act = Array2::zeros((n, g * h));
-            let mut aux = Array2::zeros((n, h));
-            let (mut h_new, mut c_new) = (hs.clone(), cs.clone());
-            match spec.cell {
-                Cell::Lstm => {
-                    // gates i, o, f, c
-                    let (f, ga, ha) = (self.acts[0], self.acts[1], self.acts[2]);
-                    xw += &hr;
-                    for b_ in 0..n {
-                        for k in 0..h {
-                            let cp = cs[[b_, k]];
-                            let (vi, di) = clip(xw[[b_, k]] + self.pd[k] * cp, spec.clip);
-                            let (vf, df) =
-                                clip(xw[[b_, 2 * h + k]] + self.pd[2 * h + k] * cp, spec.clip);
-                            let (vc, dc) = clip(xw[[b_, 3 * h + k]], spec.clip);
-                            let i = f.apply(vi);
+        let (f, ga, ha) = (
+            self.acts[0],
+            self.acts.get(1).copied().unwrap_or(self.acts[0]),
+            self.acts.get(2).copied().unwrap_or(self.acts[0]),
+        );
+        let c = |v: f64| clip(v, spec.clip);
+        // Biases that sit outside a reset product, per column.
+        let bias: Vec<f64> = (0..gh)
+            .map(|j| {
+                let inside = gru && j >= 2 * h;
+                self.wb[j] + if inside { 0.0 } else { self.rb[j] }
+            })
+            .collect();
+        let rbh: &[f64] = if gru { &self.rb[2 * h..3 * h] } else { &[] };
+        // ---- forward, all steps' input projections in one GEMM ----
+        let mut xw = vec![zero; t_len * n * gh];
+        T::gemm(
+            t_len * n,
+            isz,
+            gh,
+            self.x,
+            isz as isize,
+            1,
+            &self.w,
+            1,
+            isz as isize,
+            false,
+            &mut xw,
+            gh as isize,
+        );
+        let mut hs = h0.unwrap_or_else(|| vec![zero; nh]);
+        let mut cs = c0.unwrap_or_else(|| vec![zero; nh]);
+        // Per processing step k: pre-activations (unclipped) [N, G·H], h and c before
+        // the step, and the LSTM new c / GRU reset-after h·R_hᵀ + b_rh, r⊙h (reset-before).
+        let mut pre = vec![zero; t_len * n * gh];
+        let mut hp_all = vec![zero; t_len * nh];
+        let mut cp_all = if lstm { vec![zero; t_len * nh] } else { vec![] };
+        let mut aux = if lstm || gru { vec![zero; t_len * nh] } else { vec![] };
+        let mut rh_all = if lbr0 { vec![zero; t_len * nh] } else { vec![] };
+        // Gate activations [N, G·H] per step, and act(c') for LSTM: the backward reads
+        // them instead of recomputing (sigmoid and tanh derivatives come from outputs).
+        let mut act = vec![zero; t_len * n * gh];
+        let mut tc = if lstm { vec![zero; t_len * nh] } else { vec![] };
+        let ap = |a: Act, v: f64| -> f64 { a.apply(T::of(v)).to() };
+        let mut hr = vec![zero; n * gh];
+        let mut rh = vec![zero; nh];
+        for (k, &t) in order.iter().enumerate() {
+            hp_all[k * nh..(k + 1) * nh].copy_from_slice(&hs);
+            if lstm {
+                cp_all[k * nh..(k + 1) * nh].copy_from_slice(&cs);
+            }
+            let cols = if lbr0 { 2 * h } else { gh };
+            T::gemm(
+                n, h, cols, &hs, h as isize, 1, &self.r, 1, h as isize, false, &mut hr,
+                gh as isize,
+            );
+            let pk = &mut pre[k * n * gh..(k + 1) * n * gh];
+            for b in 0..n {
+                let xr = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
+                for j in 0..gh {
+                    let rec = if gru && j >= 2 * h { 0.0 } else { hr[b * gh + j].to() };
+                    pk[b * gh + j] = T::of(xr[j].to() + bias[j] + rec);
+                }
+            }
+            if gru {
+                // r from the z/r pre-activations, then the candidate's recurrent term.
+                for b in 0..n {
+                    for u in 0..h {
+                        let r = ap(f, c(pk[b * gh + h + u].to()).0);
+                        act[k * n * gh + b * gh + h + u] = T::of(r);
+                        if lbr0 {
+                            rh[b * h + u] = T::of(r * hs[b * h + u].to());
+                        }
+                    }
+                }
+                if lbr0 {
+                    rh_all[k * nh..(k + 1) * nh].copy_from_slice(&rh);
+                    T::gemm(
+                        n,
+                        h,
+                        h,
+                        &rh,
+                        h as isize,
+                        1,
+                        &self.r[2 * h * h..],
+                        1,
+                        h as isize,
+                        false,
+                        &mut hr[2 * h..],
+                        gh as isize,
+                    );
+                }
+                for b in 0..n {
+                    for u in 0..h {
+                        let lin = hr[b * gh + 2 * h + u].to() + rbh[u];
+                        let at = b * gh + 2 * h + u;
+                        if lbr0 {
+                            pk[at] = T::of(pk[at].to() + lin);
+                        } else {
+                            let r = act[k * n * gh + b * gh + h + u].to();
+                            aux[k * nh + b * h + u] = T::of(lin);
+                            pk[at] = T::of(pk[at].to() + r * lin);
+                        }
+                    }
+                }
+            }
+            // Peepholes read c_prev for i and f; o reads the new c below.
+            for b in 0..n {
+                if !cx.active(t, b) {
+                    continue;
+                }
+                for u in 0..h {
+                    let hv = hs[b * h + u].to();
+                    let g = |j: usize| pk[b * gh + j * h + u].to();
+                    let at = k * n * gh + b * gh + u;
+                    match spec.cell {
+                        Cell::Lstm => {
+                            let cp = cs[b * h + u].to();
+                            let i = ap(f, c(g(0) + self.p[u] * cp).0);
                             let fg = if spec.input_forget {
                                 1.0 - i
                             } else {
-                                f.apply(vf)
+                                ap(f, c(g(2) + self.p[2 * h + u] * cp).0)
                             };
-                            let cc = ga.apply(vc);
-                            let c = fg * cp + i * cc;
-                            let (vo, do_) = clip(xw[[b_, h + k]] + self.pd[h + k] * c, spec.clip);
-                            let o = f.apply(vo);
-                            for (gi, v, dd, a) in [
-                                (0, vi, di, i),
-                                (1, vo, do_, o),
-                                (2, vf, df, fg),
-                                (3, vc, dc, cc),
-                            ] {
-                                pre[[b_, gi * h + k]] = v;
-                                clip_d[[b_, gi * h + k]] = dd;
-                                act[[b_, gi * h + k]] = a;
+                            let cc = ap(ga, c(g(3)).0);
+                            let cn = fg * cp + i * cc;
+                            let o = ap(f, c(g(1) + self.p[h + u] * cn).0);
+                            let t_c = ap(ha, cn);
+                            for (j, v) in [(0, i), (1, o), (2, fg), (3, cc)] {
+                                act[at + j * h] = T::of(v);
                             }
-                            aux[[b_, k]] = c;
-                            if active[b_] {
-                                c_new[[b_, k]] = c;
-                                h_new[[b_, k]] = o * ha.apply(c);
-                            }
+                            tc[k * nh + b * h + u] = T::of(t_c);
+                            aux[k * nh + b * h + u] = T::of(cn);
+                            cs[b * h + u] = T::of(cn);
+                            hs[b * h + u] = T::of(o * t_c);
                         }
-                    }
-                }
-                Cell::Gru => {
-                    // gates z, r, h
-                    let (f, ga) = (self.acts[0], self.acts[1]);
-                    let rh_lin = hr.slice(s![.., 2 * h..]).to_owned();
-                    let rh_w = self.rd.slice(s![2 * h.., ..]);
-                    for b_ in 0..n {
-                        for k in 0..h {
-                            let (vz, dz) = clip(xw[[b_, k]] + hr[[b_, k]], spec.clip);
-                            let (vr, drr) = clip(xw[[b_, h + k]] + hr[[b_, h + k]], spec.clip);
-                            pre[[b_, k]] = vz;
-                            clip_d[[b_, k]] = dz;
-                            act[[b_, k]] = f.apply(vz);
-                            pre[[b_, h + k]] = vr;
-                            clip_d[[b_, h + k]] = drr;
-                            act[[b_, h + k]] = f.apply(vr);
+                        Cell::Gru => {
+                            let z = ap(f, c(g(0)).0);
+                            let hh = ap(ga, c(g(2)).0);
+                            act[at] = T::of(z);
+                            act[at + 2 * h] = T::of(hh);
+                            hs[b * h + u] = T::of((1.0 - z) * hh + z * hv);
                         }
-                    }
-                    let r = act.slice(s![.., h..2 * h]).to_owned();
-                    let cand_rec = if spec.linear_before_reset {
-                        aux.assign(&rh_lin);
-                        &r * &rh_lin
-                    } else {
-                        (&r * &hs).dot(&rh_w.t()) + self.rb.slice(s![2 * h..])
-                    };
-                    for b_ in 0..n {
-                        for k in 0..h {
-                            let (vh, dh) = clip(xw[[b_, 2 * h + k]] + cand_rec[[b_, k]], spec.clip);
-                            pre[[b_, 2 * h + k]] = vh;
-                            clip_d[[b_, 2 * h + k]] = dh;
-                            let hh = ga.apply(vh);
-                            act[[b_, 2 * h + k]] = hh;
-                            if active[b_] {
-                                let z = act[[b_, k]];
-                                h_new[[b_, k]] = (1.0 - z) * hh + z * hs[[b_, k]];
-                            }
-                        }
-                    }
-                }
-                Cell::Rnn => {
-                    let f = self.acts[0];
-                    xw += &hr;
-                    for b_ in 0..n {
-                        for k in 0..h {
-                            let (v, dd) = clip(xw[[b_, k]], spec.clip);
-                            pre[[b_, k]] = v;
-                            clip_d[[b_, k]] = dd;
-                            let a = f.apply(v);
-                            act[[b_, k]] = a;
-                            if active[b_] {
-                                h_new[[b_, k]] = a;
-                            }
+                        Cell::Rnn => {
+                            let v = ap(f, c(g(0)).0);
+                            act[at] = T::of(v);
+                            hs[b * h + u] = T::of(v);
                         }
                     }
                 }
             }
-            steps.push(Step {
-                t,
-                active,
-                h_prev: hs,
-                c_prev: cs,
-                pre,
-                clip_d,
-                act,
-                aux,
-            });
-            hs = h_new;
-            cs = c_new;
         }
-        // Backward through the steps in reverse processing order.
-        let mut dx = Array3::zeros((t_len, n, isz));
-        let mut dw = Array2::zeros((g * h, isz));
-        let mut dr = Array2::zeros((g * h, h));
-        let mut dwb = Array1::zeros(g * h);
-        let mut drb = Array1::zeros(g * h);
-        let mut dp = Array1::zeros(3 * h);
-        let (mut dh, mut dc) = (dyh, dyc);
-        for st in steps.iter().rev() {
+        // ---- backward ----
+        let mut dgx = vec![zero; t_len * n * gh]; // by time index
+        let mut dgr = vec![zero; t_len * n * gh]; // by processing step
+        let mut dp = vec![0.0; 3 * h];
+        let mut dh = dyh.unwrap_or_else(|| vec![zero; nh]);
+        let mut dc = dyc.unwrap_or_else(|| vec![zero; nh]);
+        let mut dh_prev = vec![zero; nh];
+        let mut dc_prev = vec![zero; nh];
+        let mut dpre_h = vec![zero; nh];
+        let mut d_rh = vec![zero; nh];
+        for (k, &t) in order.iter().enumerate().rev() {
             if let Some(dy) = &dy {
                 // Y is zero on inactive rows (their dY does not flow), or with
                 // `hold_output` the held state, which flows on to the previous step.
-                for b_ in 0..n {
-                    if st.active[b_] || spec.hold {
-                        let row = dy.slice(s![st.t, b_, ..]);
-                        let mut dhr = dh.row_mut(b_);
-                        dhr += &row;
+                for b in 0..n {
+                    if spec.hold || cx.active(t, b) {
+                        for u in 0..h {
+                            let at = b * h + u;
+                            dh[at] = T::of(dh[at].to() + dy[t * nh + at].to());
+                        }
                     }
                 }
             }
-            let mut dgx = Array2::<f64>::zeros((n, g * h)); // gate grads, x side
-            let mut dgr = Array2::<f64>::zeros((n, g * h)); // gate grads, recurrent side
-            let mut dh_prev = Array2::<f64>::zeros((n, h));
-            let mut dc_prev = Array2::<f64>::zeros((n, h));
-            match spec.cell {
-                Cell::Lstm => {
-                    let (f, ga, ha) = (self.acts[0], self.acts[1], self.acts[2]);
-                    for b_ in 0..n {
-                        if !st.active[b_] {
-                            continue;
-                        }
-                        for k in 0..h {
-                            let (i, o, fg, cc) = (
-                                st.act[[b_, k]],
-                                st.act[[b_, h + k]],
-                                st.act[[b_, 2 * h + k]],
-                                st.act[[b_, 3 * h + k]],
-                            );
-                            let c = st.aux[[b_, k]];
-                            let cp = st.c_prev[[b_, k]];
-                            let dhk = dh[[b_, k]];
-                            let do_ = dhk * ha.apply(c);
-                            let do_pre =
-                                do_ * deriv(f, st.pre[[b_, h + k]]) * st.clip_d[[b_, h + k]];
-                            let dck =
-                                dc[[b_, k]] + dhk * o * deriv(ha, c) + do_pre * self.pd[h + k];
-                            dp[h + k] += do_pre * c;
-                            let df = dck * cp;
-                            let mut di = dck * cc;
+            let pk = &pre[k * n * gh..(k + 1) * n * gh];
+            let ak = &act[k * n * gh..(k + 1) * n * gh];
+            let hp = &hp_all[k * nh..(k + 1) * nh];
+            let gx = &mut dgx[t * n * gh..(t + 1) * n * gh];
+            let gr = &mut dgr[k * n * gh..(k + 1) * n * gh];
+            dh_prev.copy_from_slice(&dh);
+            dc_prev.copy_from_slice(&dc);
+            for b in 0..n {
+                if !cx.active(t, b) {
+                    continue; // inactive rows carry dh, dc through
+                }
+                for u in 0..h {
+                    let at = b * h + u;
+                    let g = |j: usize| pk[b * gh + j * h + u].to();
+                    let a = |j: usize| ak[b * gh + j * h + u].to();
+                    let dhk = dh[at].to();
+                    match spec.cell {
+                        Cell::Lstm => {
+                            let cp = cp_all[k * nh + at].to();
+                            let cn = aux[k * nh + at].to();
+                            let (vi, di) = c(g(0) + self.p[u] * cp);
+                            let (vf, df) = c(g(2) + self.p[2 * h + u] * cp);
+                            let (vc, dcl) = c(g(3));
+                            let (vo, do_) = c(g(1) + self.p[h + u] * cn);
+                            let (i, o, fg, cc) = (a(0), a(1), a(2), a(3));
+                            let t_c = tc[k * nh + at].to();
+                            let do_pre = dhk * t_c * dact(f, vo, o) * do_;
+                            let dck = dc[at].to()
+                                + dhk * o * dact(ha, cn, t_c)
+                                + do_pre * self.p[h + u];
+                            dp[h + u] += do_pre * cn;
+                            let dfg = dck * cp;
+                            let mut di_ = dck * cc;
                             let dcc = dck * i;
                             let mut dcp = dck * fg;
                             let df_pre = if spec.input_forget {
-                                di -= df;
+                                di_ -= dfg;
                                 0.0
                             } else {
-                                df * deriv(f, st.pre[[b_, 2 * h + k]]) * st.clip_d[[b_, 2 * h + k]]
+                                dfg * dact(f, vf, fg) * df
                             };
-                            let di_pre = di * deriv(f, st.pre[[b_, k]]) * st.clip_d[[b_, k]];
-                            let dc_pre = dcc
-                                * deriv(ga, st.pre[[b_, 3 * h + k]])
-                                * st.clip_d[[b_, 3 * h + k]];
-                            dcp += di_pre * self.pd[k] + df_pre * self.pd[2 * h + k];
-                            dp[k] += di_pre * cp;
-                            dp[2 * h + k] += df_pre * cp;
-                            for (gi, v) in [(0, di_pre), (1, do_pre), (2, df_pre), (3, dc_pre)] {
-                                dgx[[b_, gi * h + k]] = v;
-                                dgr[[b_, gi * h + k]] = v;
+                            let di_pre = di_ * dact(f, vi, i) * di;
+                            let dc_pre = dcc * dact(ga, vc, cc) * dcl;
+                            dcp += di_pre * self.p[u] + df_pre * self.p[2 * h + u];
+                            dp[u] += di_pre * cp;
+                            dp[2 * h + u] += df_pre * cp;
+                            for (j, v) in [(0, di_pre), (1, do_pre), (2, df_pre), (3, dc_pre)] {
+                                gx[b * gh + j * h + u] = T::of(v);
+                                gr[b * gh + j * h + u] = T::of(v);
                             }
-                            dc_prev[[b_, k]] = dcp;
+                            dh_prev[at] = zero;
+                            dc_prev[at] = T::of(dcp);
                         }
-                    }
-                }
-                Cell::Gru => {
-                    let (f, ga) = (self.acts[0], self.acts[1]);
-                    let rh_w = self.rd.slice(s![2 * h.., ..]);
-                    let mut dpre_h = Array2::<f64>::zeros((n, h));
-                    for b_ in 0..n {
-                        if !st.active[b_] {
-                            continue;
+                        Cell::Gru => {
+                            let (vz, dz) = c(g(0));
+                            let (vh, dhc) = c(g(2));
+                            let (z, hh) = (a(0), a(2));
+                            let dz_pre = dhk * (hp[at].to() - hh) * dact(f, vz, z) * dz;
+                            let dph = dhk * (1.0 - z) * dact(ga, vh, hh) * dhc;
+                            gx[b * gh + u] = T::of(dz_pre);
+                            gr[b * gh + u] = T::of(dz_pre);
+                            gx[b * gh + 2 * h + u] = T::of(dph);
+                            dpre_h[at] = T::of(dph);
+                            dh_prev[at] = T::of(dhk * z);
                         }
-                        for k in 0..h {
-                            let (z, hh) = (st.act[[b_, k]], st.act[[b_, 2 * h + k]]);
-                            let hp = st.h_prev[[b_, k]];
-                            let dhk = dh[[b_, k]];
-                            dgx[[b_, k]] =
-                                dhk * (hp - hh) * deriv(f, st.pre[[b_, k]]) * st.clip_d[[b_, k]];
-                            dpre_h[[b_, k]] = dhk
-                                * (1.0 - z)
-                                * deriv(ga, st.pre[[b_, 2 * h + k]])
-                                * st.clip_d[[b_, 2 * h + k]];
-                            dh_prev[[b_, k]] += dhk * z;
-                        }
-                    }
-                    let r = st.act.slice(s![.., h..2 * h]).to_owned();
-                    // The candidate's recurrent term and the reset gate.
-                    let dr_act = if spec.linear_before_reset {
-                        let d_lin = &dpre_h * &r; // d(h·Rhᵀ + Rbh)
-                        dgr.slice_mut(s![.., 2 * h..]).assign(&d_lin);
-                        &dpre_h * &st.aux
-                    } else {
-                        let d_rh = dpre_h.dot(&rh_w); // d(r⊙h_prev)
-                        dh_prev += &(&d_rh * &r);
-                        let rh = &r * &st.h_prev;
-                        // Rh and its bias get their gradient from dpre_h with (r⊙h) inputs.
-                        let grad_rh = dpre_h.t().dot(&rh);
-                        dr.slice_mut(s![2 * h.., ..]).scaled_add(1.0, &grad_rh);
-                        let mut b = drb.slice_mut(s![2 * h..]);
-                        b += &dpre_h.sum_axis(Axis(0));
-                        &d_rh * &st.h_prev
-                    };
-                    for b_ in 0..n {
-                        if !st.active[b_] {
-                            continue;
-                        }
-                        for k in 0..h {
-                            let v = dr_act[[b_, k]]
-                                * deriv(f, st.pre[[b_, h + k]])
-                                * st.clip_d[[b_, h + k]];
-                            dgx[[b_, h + k]] = v;
-                            dgr[[b_, h + k]] = v;
-                            dgr[[b_, k]] = dgx[[b_, k]];
-                            dgx[[b_, 2 * h + k]] = dpre_h[[b_, k]];
-                        }
-                    }
-                }
-                Cell::Rnn => {
-                    let f = self.acts[0];
-                    for b_ in 0..n {
-                        if !st.active[b_] {
-                            continue;
-                        }
-                        for k in 0..h {
-                            let v = dh[[b_, k]] * deriv(f, st.pre[[b_, k]]) * st.clip_d[[b_, k]];
-                            dgx[[b_, k]] = v;
-                            dgr[[b_, k]] = v;
+                        Cell::Rnn => {
+                            let (v, dd) = c(g(0));
+                            let gv = T::of(dhk * dact(f, v, a(0)) * dd);
+                            gx[b * gh + u] = gv;
+                            gr[b * gh + u] = gv;
+                            dh_prev[at] = zero;
                         }
                     }
                 }
             }
-            // Products with the weights (GRU without linear_before_reset handled Rh above:
-            // its recurrent-side candidate grads stay zero in dgr).
-            let xt = self.x.index_axis(Axis(0), st.t);
-            dx.index_axis_mut(Axis(0), st.t).assign(&dgx.dot(self.wd));
-            dw += &dgx.t().dot(&xt);
-            dwb += &dgx.sum_axis(Axis(0));
-            dr += &dgr.t().dot(&st.h_prev);
-            drb += &dgr.sum_axis(Axis(0));
-            dh_prev += &dgr.dot(self.rd);
-            // Inactive rows carry their cotangents through unchanged.
-            for b_ in 0..n {
-                if !st.active[b_] {
-                    dh_prev.row_mut(b_).assign(&dh.row(b_));
-                    dc_prev.row_mut(b_).assign(&dc.row(b_));
+            if gru {
+                // The reset gate and the candidate's recurrent term.
+                if lbr0 {
+                    // d(r⊙h) = dpre_h · R_h
+                    T::gemm(
+                        n,
+                        h,
+                        h,
+                        &dpre_h,
+                        h as isize,
+                        1,
+                        &self.r[2 * h * h..],
+                        h as isize,
+                        1,
+                        false,
+                        &mut d_rh,
+                        h as isize,
+                    );
+                }
+                for b in 0..n {
+                    if !cx.active(t, b) {
+                        continue;
+                    }
+                    for u in 0..h {
+                        let at = b * h + u;
+                        let (vr, drc) = c(pk[b * gh + h + u].to());
+                        let r = ak[b * gh + h + u].to();
+                        let dph = dpre_h[at].to();
+                        let dr_act = if lbr0 {
+                            let drh = d_rh[at].to();
+                            dh_prev[at] = T::of(dh_prev[at].to() + drh * r);
+                            gr[b * gh + 2 * h + u] = T::of(dph);
+                            drh * hp[at].to()
+                        } else {
+                            gr[b * gh + 2 * h + u] = T::of(dph * r);
+                            dph * aux[k * nh + at].to()
+                        };
+                        let v = T::of(dr_act * dact(f, vr, r) * drc);
+                        gx[b * gh + h + u] = v;
+                        gr[b * gh + h + u] = v;
+                    }
                 }
             }
-            dh = dh_prev;
-            dc = dc_prev;
+            // dh_prev += dG_rec · R over the columns fed by h (reset-before GRU: z, r).
+            // Inactive rows have zero gate grads: the product leaves their carry as is.
+            let cols = if lbr0 { 2 * h } else { gh };
+            T::gemm(
+                n,
+                cols,
+                h,
+                gr,
+                gh as isize,
+                1,
+                &self.r,
+                h as isize,
+                1,
+                true,
+                &mut dh_prev,
+                h as isize,
+            );
+            std::mem::swap(&mut dh, &mut dh_prev);
+            std::mem::swap(&mut dc, &mut dc_prev);
         }
+        // ---- the products over all steps at once ----
+        let mut dx = vec![zero; t_len * n * isz];
+        T::gemm(
+            t_len * n,
+            gh,
+            isz,
+            &dgx,
+            gh as isize,
+            1,
+            &self.w,
+            isz as isize,
+            1,
+            false,
+            &mut dx,
+            isz as isize,
+        );
+        let mut dw = vec![zero; gh * isz];
+        T::gemm(
+            gh,
+            t_len * n,
+            isz,
+            &dgx,
+            1,
+            gh as isize,
+            self.x,
+            isz as isize,
+            1,
+            false,
+            &mut dw,
+            isz as isize,
+        );
+        let mut dr = vec![zero; gh * h];
+        let rows = if lbr0 { 2 * h } else { gh };
+        T::gemm(
+            rows,
+            t_len * n,
+            h,
+            &dgr,
+            1,
+            gh as isize,
+            &hp_all,
+            h as isize,
+            1,
+            false,
+            &mut dr,
+            h as isize,
+        );
+        if lbr0 {
+            T::gemm(
+                h,
+                t_len * n,
+                h,
+                &dgr[2 * h..],
+                1,
+                gh as isize,
+                &rh_all,
+                h as isize,
+                1,
+                false,
+                &mut dr[2 * h * h..],
+                h as isize,
+            );
+        }
+        let colsum = |m: &[T]| -> Vec<f64> {
+            let mut s = vec![0.0; gh];
+            for row in m.chunks(gh) {
+                for (a, v) in s.iter_mut().zip(row) {
+                    *a += v.to();
+                }
+            }
+            s
+        };
         DirGrads {
             dx,
             dw,
             dr,
-            dwb,
-            drb,
+            dwb: colsum(&dgx),
+            drb: colsum(&dgr),
             dh0: dh,
-            dc0: dc,
+            dc0: if lstm { dc } else { vec![zero; nh] },
             dp,
         }
     }
