@@ -450,7 +450,6 @@ impl<T: RFloat> Dir<'_, T> {
         // them instead of recomputing (sigmoid and tanh derivatives come from outputs).
         let mut act = vec![zero; t_len * n * gh];
         let mut tc = if lstm { vec![zero; t_len * nh] } else { vec![] };
-        let ap = |a: Act, v: f64| -> f64 { a.apply(T::of(v)).to() };
         let mut hr = vec![zero; n * gh];
         let mut rh = vec![zero; nh];
         for (k, &t) in order.iter().enumerate() {
@@ -474,11 +473,14 @@ impl<T: RFloat> Dir<'_, T> {
             if gru {
                 // r from the z/r pre-activations, then the candidate's recurrent term.
                 for b in 0..n {
+                    let row = k * n * gh + b * gh;
                     for u in 0..h {
-                        let r = ap(f, c(pk[b * gh + h + u].to()).0);
-                        act[k * n * gh + b * gh + h + u] = T::of(r);
-                        if lbr0 {
-                            rh[b * h + u] = T::of(r * hs[b * h + u].to());
+                        act[row + h + u] = T::of(c(pk[b * gh + h + u].to()).0);
+                    }
+                    T::act_slice(f, &mut act[row + h..row + 2 * h]);
+                    if lbr0 {
+                        for u in 0..h {
+                            rh[b * h + u] = T::of(act[row + h + u].to() * hs[b * h + u].to());
                         }
                     }
                 }
@@ -513,48 +515,70 @@ impl<T: RFloat> Dir<'_, T> {
                     }
                 }
             }
-            // Peepholes read c_prev for i and f; o reads the new c below.
+            // Gate activations over contiguous slices (vectorised for f32). Peepholes
+            // read c_prev for i and f; o reads the new c.
             for b in 0..n {
                 if !cx.active(t, b) {
                     continue;
                 }
-                for u in 0..h {
-                    let hv = hs[b * h + u].to();
-                    let g = |j: usize| pk[b * gh + j * h + u].to();
-                    let at = k * n * gh + b * gh + u;
-                    match spec.cell {
-                        Cell::Lstm => {
-                            let cp = cs[b * h + u].to();
-                            let i = ap(f, c(g(0) + self.p[u] * cp).0);
-                            let fg = if spec.input_forget {
-                                1.0 - i
-                            } else {
-                                ap(f, c(g(2) + self.p[2 * h + u] * cp).0)
-                            };
-                            let cc = ap(ga, c(g(3)).0);
-                            let cn = fg * cp + i * cc;
-                            let o = ap(f, c(g(1) + self.p[h + u] * cn).0);
-                            let t_c = ap(ha, cn);
-                            for (j, v) in [(0, i), (1, o), (2, fg), (3, cc)] {
-                                act[at + j * h] = T::of(v);
+                let row = k * n * gh + b * gh;
+                let st = b * h;
+                let pre_at = |j: usize, u: usize| pk[b * gh + j * h + u].to();
+                match spec.cell {
+                    Cell::Lstm => {
+                        for u in 0..h {
+                            let cp = cs[st + u].to();
+                            act[row + u] = T::of(c(pre_at(0, u) + self.p[u] * cp).0);
+                            act[row + 2 * h + u] =
+                                T::of(c(pre_at(2, u) + self.p[2 * h + u] * cp).0);
+                            act[row + 3 * h + u] = T::of(c(pre_at(3, u)).0);
+                        }
+                        T::act_slice(f, &mut act[row..row + h]);
+                        if spec.input_forget {
+                            for u in 0..h {
+                                act[row + 2 * h + u] = T::of(1.0 - act[row + u].to());
                             }
-                            tc[k * nh + b * h + u] = T::of(t_c);
-                            aux[k * nh + b * h + u] = T::of(cn);
-                            cs[b * h + u] = T::of(cn);
-                            hs[b * h + u] = T::of(o * t_c);
+                        } else {
+                            T::act_slice(f, &mut act[row + 2 * h..row + 3 * h]);
                         }
-                        Cell::Gru => {
-                            let z = ap(f, c(g(0)).0);
-                            let hh = ap(ga, c(g(2)).0);
-                            act[at] = T::of(z);
-                            act[at + 2 * h] = T::of(hh);
-                            hs[b * h + u] = T::of((1.0 - z) * hh + z * hv);
+                        T::act_slice(ga, &mut act[row + 3 * h..row + 4 * h]);
+                        let tcr = &mut tc[k * nh + st..k * nh + st + h];
+                        for u in 0..h {
+                            let (i, fg, cc) = (
+                                act[row + u].to(),
+                                act[row + 2 * h + u].to(),
+                                act[row + 3 * h + u].to(),
+                            );
+                            let cn = fg * cs[st + u].to() + i * cc;
+                            aux[k * nh + st + u] = T::of(cn);
+                            cs[st + u] = T::of(cn);
+                            tcr[u] = T::of(cn);
+                            act[row + h + u] = T::of(c(pre_at(1, u) + self.p[h + u] * cn).0);
                         }
-                        Cell::Rnn => {
-                            let v = ap(f, c(g(0)).0);
-                            act[at] = T::of(v);
-                            hs[b * h + u] = T::of(v);
+                        T::act_slice(f, &mut act[row + h..row + 2 * h]);
+                        T::act_slice(ha, tcr);
+                        for u in 0..h {
+                            hs[st + u] = act[row + h + u] * tcr[u];
                         }
+                    }
+                    Cell::Gru => {
+                        for u in 0..h {
+                            act[row + u] = T::of(c(pre_at(0, u)).0);
+                            act[row + 2 * h + u] = T::of(c(pre_at(2, u)).0);
+                        }
+                        T::act_slice(f, &mut act[row..row + h]);
+                        T::act_slice(ga, &mut act[row + 2 * h..row + 3 * h]);
+                        for u in 0..h {
+                            let (z, hh) = (act[row + u].to(), act[row + 2 * h + u].to());
+                            hs[st + u] = T::of((1.0 - z) * hh + z * hs[st + u].to());
+                        }
+                    }
+                    Cell::Rnn => {
+                        for u in 0..h {
+                            act[row + u] = T::of(c(pre_at(0, u)).0);
+                        }
+                        T::act_slice(f, &mut act[row..row + h]);
+                        hs[st..st + h].copy_from_slice(&act[row..row + h]);
                     }
                 }
             }
