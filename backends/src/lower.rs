@@ -51,7 +51,6 @@ pub(crate) type ReplaceFn<'a> =
 /// output_names)` may emit something else for a node (inputs already mapped into
 /// `dst`); nodes it leaves alone are copied with their nested graphs passed through
 /// `body`.
-
 pub(crate) fn rewrite(
     graph: &Graph,
     replace: &mut ReplaceFn<'_>,

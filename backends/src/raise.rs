@@ -98,7 +98,7 @@ fn raise_in(graph: &Graph, path: &str, decisions: &RefCell<Vec<Decision>>) -> Re
             format!("{path}/{name}")
         }
     };
-    rewrite(
+    let raised = rewrite(
         graph,
         &mut |dst, src, n, ins, names| {
             let node = src.node(n);
@@ -127,7 +127,347 @@ fn raise_in(graph: &Graph, path: &str, decisions: &RefCell<Vec<Decision>>) -> Re
             }
         },
         &mut |body| raise_in(body, &prefix(&body.name), decisions),
+    )?;
+    merge_bidirectional(raised, path, decisions)
+}
+
+/// The `bidirectional` rule: a forward and a reverse fused op of the same kind and
+/// attributes over the same input (and mask, lengths) become one bidirectional op, its
+/// `Y`/`Y_h`/`Y_c` sliced per direction for the consumers (Keras `Bidirectional` with any
+/// merge mode, or any pair of loops that read one sequence both ways). Pairs where one
+/// op depends on the other are left apart.
+fn merge_bidirectional(
+    mut g: Graph,
+    path: &str,
+    decisions: &RefCell<Vec<Decision>>,
+) -> Result<Graph> {
+    let Ok(order) = g.topo_order() else {
+        return Ok(g);
+    };
+    // Candidates: (node, attributes with direction "forward", reverse?)
+    let mut cands: Vec<(NodeId, Op, bool)> = Vec::new();
+    for &n in &order {
+        let Some(op) = g.node(n).op() else { continue };
+        if !is_fused_recurrent(op) {
+            continue;
+        }
+        if let Some((key, rev)) = direction_key(op) {
+            cands.push((n, key, rev));
+        }
+    }
+    let mut outer_names = std::collections::HashSet::new();
+    for &n in &order {
+        if let Some(op) = g.node(n).op() {
+            for (_, body) in op.subgraphs() {
+                collect_outer_names(body, &mut outer_names);
+            }
+        }
+    }
+    let mut used = std::collections::HashSet::new();
+    let mut pairs = Vec::new();
+    for (f, fk, frev) in &cands {
+        if *frev || used.contains(f) {
+            continue;
+        }
+        for (b, bk, brev) in &cands {
+            if !*brev || used.contains(b) || bk != fk {
+                continue;
+            }
+            let (fi, bi) = (g.node_inputs(*f), g.node_inputs(*b));
+            let mask_slot = if matches!(fk, Op::LSTM { .. } | Op::LSTMMasked { .. }) {
+                8
+            } else {
+                6
+            };
+            let same = |k: usize| match (fi.get(k).copied().flatten(), bi.get(k).copied().flatten())
+            {
+                (Some(a), Some(c)) => same_value(&g, a, c, 8),
+                (None, None) => true,
+                _ => false,
+            };
+            let both = |k: usize| {
+                fi.get(k).copied().flatten().is_some() == bi.get(k).copied().flatten().is_some()
+            };
+            let p_slot = if mask_slot == 8 { Some(7) } else { None };
+            let read_by_name = |n: NodeId| {
+                g.node(n)
+                    .outputs
+                    .iter()
+                    .any(|v| !v.name.is_empty() && outer_names.contains(&v.name))
+            };
+            if !(same(0) && same(4) && same(mask_slot) && both(3) && both(5) && both(6))
+                || read_by_name(*f)
+                || read_by_name(*b)
+                || p_slot.is_some_and(|k| {
+                    fi.get(k).copied().flatten().is_some() || bi.get(k).copied().flatten().is_some()
+                })
+                || reaches(&g, *f, *b)
+                || reaches(&g, *b, *f)
+            {
+                continue;
+            }
+            used.insert(*f);
+            used.insert(*b);
+            pairs.push((*f, *b, fk.clone()));
+            break;
+        }
+    }
+    if pairs.is_empty() {
+        return Ok(g);
+    }
+    let mut dead = std::collections::HashSet::new();
+    for (f, b, key) in pairs {
+        let name = format!("{}+{}", g.node(f).display_name(), g.node(b).display_name());
+        let (fi, bi) = (g.node_inputs(f), g.node_inputs(b));
+        let mut bld = Builder {
+            g: &mut g,
+            prefix: format!("{name}/bidirectional"),
+            k: 0,
+        };
+        let cat = |bld: &mut Builder<'_>, k: usize| -> Result<Option<ValueRef>> {
+            match (fi.get(k).copied().flatten(), bi.get(k).copied().flatten()) {
+                (Some(a), Some(c)) => Ok(Some(bld.op(
+                    Op::Concat { axis: 0 },
+                    &[Some(a), Some(c)],
+                    "both",
+                )?)),
+                _ => Ok(None),
+            }
+        };
+        let mut ins = vec![fi.first().copied().flatten()];
+        for k in 1..fi.len().max(bi.len()) {
+            let is_mask = matches!(key, Op::LSTMMasked { .. }) && k == 8
+                || matches!(key, Op::GRUMasked { .. } | Op::RNNMasked { .. }) && k == 6;
+            ins.push(if k == 4 || is_mask {
+                fi.get(k).copied().flatten()
+            } else {
+                cat(&mut bld, k)?
+            });
+        }
+        let op = bidirectional_op(&key);
+        let n_out = bld.g.node(f).outputs.len();
+        let hints = ["Y", "Y_h", "Y_c"];
+        let out_names: Vec<String> = hints[..n_out].iter().map(|h| bld.fresh(h)).collect();
+        let refs: Vec<&str> = out_names.iter().map(String::as_str).collect();
+        let id = bld.g.add_node(&name, op, &ins, &refs)?;
+        for (dir, old) in [(0i64, f), (1, b)] {
+            for slot in 0..n_out {
+                let v = ValueRef { node: old, slot };
+                let users = bld.g.users(v);
+                let is_out = bld.g.outputs().contains(&v);
+                if users.is_empty() && !is_out {
+                    continue;
+                }
+                let axis = if slot == 0 { 1 } else { 0 };
+                let (s0, e0, ax) = (bld.ints(&[dir])?, bld.ints(&[dir + 1])?, bld.ints(&[axis])?);
+                let part = bld.op(
+                    Op::Slice {},
+                    &[
+                        Some(ValueRef { node: id, slot }),
+                        Some(s0),
+                        Some(e0),
+                        Some(ax),
+                    ],
+                    if dir == 0 { "forward" } else { "backward" },
+                )?;
+                for (user, k) in users {
+                    bld.g.set_input(user, k, Some(part));
+                }
+                if is_out {
+                    let outs: Vec<ValueRef> = bld
+                        .g
+                        .outputs()
+                        .iter()
+                        .map(|&o| if o == v { part } else { o })
+                        .collect();
+                    bld.g.set_outputs(outs)?;
+                }
+            }
+        }
+        dead.insert(f);
+        dead.insert(b);
+        decisions.borrow_mut().push(Decision {
+            node: if path.is_empty() {
+                name
+            } else {
+                format!("{path}/{name}")
+            },
+            rule: Some("bidirectional"),
+            detail: key.name().to_string(),
+        });
+    }
+    // Copy without the merged ops (nothing reads them any more).
+    rewrite(
+        &g,
+        &mut |_, src, n, _, names| {
+            if dead.contains(&n) {
+                let _ = src;
+                Ok(Some(vec![None; names.len()]))
+            } else {
+                Ok(None)
+            }
+        },
+        &mut |body| Ok(body.clone()),
     )
+}
+
+/// A fused op's attributes with `direction` set to forward, and whether it was reverse;
+/// `None` for bidirectional ops and layout 1.
+fn direction_key(op: &Op) -> Option<(Op, bool)> {
+    let mut k = op.clone();
+    let (dir, layout) = match &mut k {
+        Op::LSTM {
+            direction, layout, ..
+        }
+        | Op::GRU {
+            direction, layout, ..
+        }
+        | Op::RNN {
+            direction, layout, ..
+        }
+        | Op::LSTMMasked {
+            direction, layout, ..
+        }
+        | Op::GRUMasked {
+            direction, layout, ..
+        }
+        | Op::RNNMasked {
+            direction, layout, ..
+        } => (direction, *layout),
+        _ => return None,
+    };
+    let rev = match dir.as_str() {
+        "forward" => false,
+        "reverse" => true,
+        _ => return None,
+    };
+    if layout != 0 {
+        return None;
+    }
+    *dir = "forward".into();
+    Some((k, rev))
+}
+
+/// The bidirectional op for a pair with these (forward-keyed) attributes: activation
+/// lists and their parameters repeated for the second direction.
+fn bidirectional_op(key: &Op) -> Op {
+    let mut op = key.clone();
+    if let Op::LSTM {
+        direction,
+        activations,
+        activation_alpha,
+        activation_beta,
+        ..
+    }
+    | Op::GRU {
+        direction,
+        activations,
+        activation_alpha,
+        activation_beta,
+        ..
+    }
+    | Op::RNN {
+        direction,
+        activations,
+        activation_alpha,
+        activation_beta,
+        ..
+    }
+    | Op::LSTMMasked {
+        direction,
+        activations,
+        activation_alpha,
+        activation_beta,
+        ..
+    }
+    | Op::GRUMasked {
+        direction,
+        activations,
+        activation_alpha,
+        activation_beta,
+        ..
+    }
+    | Op::RNNMasked {
+        direction,
+        activations,
+        activation_alpha,
+        activation_beta,
+        ..
+    } = &mut op
+    {
+        *direction = "bidirectional".into();
+        for v in [activation_alpha, activation_beta].into_iter().flatten() {
+            let twice = [v.clone(), v.clone()].concat();
+            *v = twice;
+        }
+        if let Some(v) = activations {
+            let twice = [v.clone(), v.clone()].concat();
+            *v = twice;
+        }
+    }
+    op
+}
+
+/// The names every nested graph reads from outside, recursively.
+fn collect_outer_names(g: &Graph, out: &mut std::collections::HashSet<String>) {
+    for &n in g.outers() {
+        out.insert(g.node(n).name.clone());
+    }
+    for n in g.node_ids() {
+        if let Some(op) = g.node(n).op() {
+            for (_, body) in op.subgraphs() {
+                collect_outer_names(body, out);
+            }
+        }
+    }
+}
+
+/// Whether `a` and `b` hold the same value: the same value, or the same output of equal
+/// ops (no nested graphs, no randomness) over inputs that hold the same values, looked
+/// at up to `depth` ops deep. Each direction of a Keras `Bidirectional` transposes the
+/// input (and mask) itself; this sees through that.
+fn same_value(g: &Graph, a: ValueRef, b: ValueRef, depth: usize) -> bool {
+    if a == b {
+        return true;
+    }
+    if depth == 0 || a.slot != b.slot {
+        return false;
+    }
+    let (na, nb) = (g.node(a.node), g.node(b.node));
+    let (Some(oa), Some(ob)) = (na.op(), nb.op()) else {
+        return false;
+    };
+    if oa != ob || !oa.subgraphs().is_empty() || oa.name().starts_with("Random") {
+        return false;
+    }
+    let (ia, ib) = (g.node_inputs(a.node), g.node_inputs(b.node));
+    ia.len() == ib.len()
+        && ia.iter().zip(&ib).all(|(x, y)| match (x, y) {
+            (Some(x), Some(y)) => same_value(g, *x, *y, depth - 1),
+            (None, None) => true,
+            _ => false,
+        })
+}
+
+/// Whether `to` depends on `from` (a path of edges from `from` to `to`).
+fn reaches(g: &Graph, from: NodeId, to: NodeId) -> bool {
+    let mut stack = vec![from];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(n) = stack.pop() {
+        if n == to {
+            return true;
+        }
+        if !seen.insert(n) {
+            continue;
+        }
+        let outs = g.node(n).outputs.len();
+        for slot in 0..outs {
+            for (u, _) in g.users(ValueRef { node: n, slot }) {
+                stack.push(u);
+            }
+        }
+    }
+    false
 }
 
 /// Why a Scan was not raised (or an internal error building the replacement).

@@ -43,8 +43,12 @@ impl fmt::Display for Choice {
         match &self.placement {
             Placement::Fused { backend } => {
                 write!(f, "{} → fused {backend}", self.op)?;
-                if let Some(r) = self.rule {
-                    write!(f, " (raised from a Scan by rule {r})")?;
+                match self.rule {
+                    Some("bidirectional") => {
+                        write!(f, " (a forward/reverse pair merged by rule bidirectional)")?
+                    }
+                    Some(r) => write!(f, " (raised from a Scan by rule {r})")?,
+                    None => {}
                 }
                 Ok(())
             }

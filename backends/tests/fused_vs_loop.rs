@@ -345,15 +345,37 @@ proptest! {
         let raised = cellgraph_backends::raise::raise_recurrent(&lowered).expect("raise");
         cellgraph_ir::verify(&raised.graph).expect("the raised graph verifies");
         let dirs = if c.dir == 2 { 2 } else { 1 };
-        prop_assert_eq!(raised.decisions.len(), dirs);
-        for (d, dec) in raised.decisions.iter().enumerate() {
+        let (merged, per_scan): (Vec<_>, Vec<_>) = raised
+            .decisions
+            .iter()
+            .partition(|d| d.rule == Some("bidirectional"));
+        prop_assert_eq!(per_scan.len(), dirs);
+        for (d, dec) in per_scan.iter().enumerate() {
             prop_assert_eq!(dec.rule.is_some(), raisable(&c, d), "decision: {:?}", dec);
         }
-        let fired = raised.decisions.iter().filter(|d| d.rule.is_some()).count();
+        let fired = per_scan.iter().filter(|d| d.rule.is_some()).count();
         prop_assert_eq!(
             count_ops(&raised.graph, &|op| matches!(op, Op::Scan { .. })),
             dirs - fired
         );
+        // Both directions raised with the same attributes: one bidirectional op again.
+        let same_acts = c.acts.as_ref().is_none_or(|a| {
+            let per = [3, 2, 1][c.cell];
+            let all: Vec<usize> = a.iter().copied().cycle().take(2 * per).collect();
+            all[..per].iter().map(|&k| ACTS[k]).eq(all[per..].iter().map(|&k| ACTS[k]))
+        });
+        let alpha_beta_free = c.acts.as_ref().is_none_or(|a| {
+            a.iter().cycle().take(2 * [3, 2, 1][c.cell]).all(|&k| {
+                matches!(ACTS[k], "Relu" | "Tanh" | "Sigmoid" | "Softsign" | "Softplus")
+            })
+        });
+        if dirs == 2 && fired == 2 && same_acts && alpha_beta_free {
+            prop_assert_eq!(merged.len(), 1, "decisions: {:?}", raised.decisions);
+            prop_assert_eq!(
+                count_ops(&raised.graph, &|op| matches!(op, Op::LSTM { direction, .. } | Op::GRU { direction, .. } | Op::RNN { direction, .. } | Op::LSTMMasked { direction, .. } | Op::GRUMasked { direction, .. } | Op::RNNMasked { direction, .. } if direction == "bidirectional")),
+                1
+            );
+        }
         let mut want = CpuBackend::new(Recurrent::Fused).compile(&g).expect("compile");
         let mut got = CpuBackend::new(Recurrent::Fused)
             .compile(&raised.graph)

@@ -285,7 +285,8 @@ pub fn bench_keras(runs: usize) -> Result<Vec<KerasRow>, String> {
         let x: Vec<f32> = (0..b * t * i)
             .map(|k| ((k * 2654435761usize % 1000) as f32 / 500.0) - 1.0)
             .collect();
-        let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[b, t, i]), x).map_err(|er| er.to_string())?);
+        let x =
+            Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[b, t, i]), x).map_err(|er| er.to_string())?);
         let y = Tensor::I32(
             ArrayD::from_shape_vec(IxDyn(&[b]), (0..b as i32).map(|k| k % 10).collect())
                 .map_err(|er| er.to_string())?,

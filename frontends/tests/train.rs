@@ -331,3 +331,46 @@ fn a_non_finite_loss_stops_fit_naming_epoch_and_batch() {
         "{e}"
     );
 }
+
+/// `fit` runs the recurrent layer fused both ways: the training plan holds the fused
+/// `LSTM` and its fused backward `LSTMGrad` and no `Scan` loop; with the loop path asked
+/// for it holds the `Scan` loops instead, and both train to the same weights.
+#[test]
+fn fit_trains_through_fused_kernels_both_ways() {
+    use cellgraph::backends::cpu::Recurrent;
+    let data = Mnist::bundled().unwrap();
+    let (x, y) = subset(&data.train_images, &data.train_labels, 128);
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    let opts = FitOptions {
+        batch_size: 64,
+        epochs: 1,
+        seed: 1,
+        verbose: false,
+        ..Default::default()
+    };
+    let mut weights = Vec::new();
+    for (mode, rnn_lstmcell) in [(Recurrent::Fused, true), (Recurrent::Loop, true)] {
+        let mut model = guide_model(rnn_lstmcell, 3).unwrap();
+        model.set_recurrent(mode);
+        model.compile(Optimizer::sgd(), loss, &[]);
+        model.fit(std::slice::from_ref(&x), &y, &opts).unwrap();
+        let texts: Vec<String> = model
+            .compiled_graphs()
+            .into_iter()
+            .map(cellgraph::ir::print_graph)
+            .collect();
+        assert!(!texts.is_empty());
+        let all = texts.join("\n");
+        let fused = mode == Recurrent::Fused;
+        let forward = all.contains("= LSTM{") || all.contains("= LSTM(");
+        assert_eq!(forward, fused, "forward op");
+        assert_eq!(all.contains("LSTMGrad"), fused, "backward op");
+        assert_eq!(all.contains("Scan{"), !fused, "loops");
+        weights.push(model.get_weights());
+    }
+    for (a, b) in weights[0].iter().zip(&weights[1]) {
+        for (p, q) in a.iter().zip(b) {
+            assert!((p - q).abs() <= 1e-4 + 1e-3 * q.abs(), "{p} vs {q}");
+        }
+    }
+}

@@ -91,7 +91,6 @@ fn tensor_f64(d: Option<&Data>, what: &str) -> R<Option<(Vec<usize>, Vec<f64>)>>
     }
 }
 
-
 /// Runs a recurrent backward op.
 pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
     forward_op(op)?;
@@ -444,7 +443,11 @@ impl<T: RFloat> Dir<'_, T> {
         let mut pre = vec![zero; t_len * n * gh];
         let mut hp_all = vec![zero; t_len * nh];
         let mut cp_all = if lstm { vec![zero; t_len * nh] } else { vec![] };
-        let mut aux = if lstm || gru { vec![zero; t_len * nh] } else { vec![] };
+        let mut aux = if lstm || gru {
+            vec![zero; t_len * nh]
+        } else {
+            vec![]
+        };
         let mut rh_all = if lbr0 { vec![zero; t_len * nh] } else { vec![] };
         // Gate activations [N, G·H] per step, and act(c') for LSTM: the backward reads
         // them instead of recomputing (sigmoid and tanh derivatives come from outputs).
@@ -459,14 +462,28 @@ impl<T: RFloat> Dir<'_, T> {
             }
             let cols = if lbr0 { 2 * h } else { gh };
             T::gemm(
-                n, h, cols, &hs, h as isize, 1, &self.r, 1, h as isize, false, &mut hr,
+                n,
+                h,
+                cols,
+                &hs,
+                h as isize,
+                1,
+                &self.r,
+                1,
+                h as isize,
+                false,
+                &mut hr,
                 gh as isize,
             );
             let pk = &mut pre[k * n * gh..(k + 1) * n * gh];
             for b in 0..n {
                 let xr = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
                 for j in 0..gh {
-                    let rec = if gru && j >= 2 * h { 0.0 } else { hr[b * gh + j].to() };
+                    let rec = if gru && j >= 2 * h {
+                        0.0
+                    } else {
+                        hr[b * gh + j].to()
+                    };
                     pk[b * gh + j] = T::of(xr[j].to() + bias[j] + rec);
                 }
             }
@@ -633,9 +650,8 @@ impl<T: RFloat> Dir<'_, T> {
                             let (i, o, fg, cc) = (a(0), a(1), a(2), a(3));
                             let t_c = tc[k * nh + at].to();
                             let do_pre = dhk * t_c * dact(f, vo, o) * do_;
-                            let dck = dc[at].to()
-                                + dhk * o * dact(ha, cn, t_c)
-                                + do_pre * self.p[h + u];
+                            let dck =
+                                dc[at].to() + dhk * o * dact(ha, cn, t_c) + do_pre * self.p[h + u];
                             dp[h + u] += do_pre * cn;
                             let dfg = dck * cp;
                             let mut di_ = dck * cc;
