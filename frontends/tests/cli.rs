@@ -304,8 +304,55 @@ fn inspect_prints_a_keras_models_summary_and_graph() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("Total params: 80,266 (313.54 KB)"), "{text}");
-    assert!(text.contains("4 Scan loop(s)"), "{text}");
-    assert!(text.contains("= Scan{"), "{text}");
+    // Both Bidirectional layers: their two loops raised and merged into one fused op.
+    let fused: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains("LSTM → fused cpu (a forward/reverse pair merged by rule bidirectional)")
+        })
+        .collect();
+    assert_eq!(fused.len(), 2, "{text}");
+    assert!(
+        text.contains("= Scan{"),
+        "the printed graph is the model's: {text}"
+    );
+}
+
+/// The acceptance cases: `LSTM(64)` and `RNN(LSTMCell(64))` both run fused, and an ONNX
+/// Scan over a hand-built LSTM cell is raised too.
+#[test]
+fn inspect_reports_the_selectors_decision_per_recurrent_node() {
+    for (case_dir, node) in [
+        ("keras/seed_mnist_lstm", "lstm/scan"),
+        ("keras/seed_rnn_lstmcell", "rnn/scan"),
+    ] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/conformance")
+            .join(case_dir);
+        let out = bin().arg("inspect").arg(&dir).output().expect("run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success());
+        let want = format!("  {node}: LSTM → fused cpu (raised from a Scan by rule lstm)");
+        assert!(text.lines().any(|l| l == want), "{case_dir}: {text}");
+    }
+    let out = bin()
+        .arg("inspect")
+        .arg(case("onnx-rnn/scan_lstm_cell"))
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("LSTM → fused cpu (raised from a Scan by rule lstm)"),
+        "{text}"
+    );
+    // A Scan that is no cell says why it stays a loop.
+    let out = bin()
+        .arg("inspect")
+        .arg(case("onnx-node/test_scan9_sum"))
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(": loop: "), "{text}");
 }
 
 #[test]
