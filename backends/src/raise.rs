@@ -488,7 +488,7 @@ impl From<Error> for Refusal {
 type Try<T> = std::result::Result<T, Refusal>;
 
 /// A loop-invariant value the body reads: an outer value by name, or a constant.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum Param {
     Outer(String, Vec<usize>),
     Const(Tensor),
@@ -511,6 +511,10 @@ struct Term {
     trans: bool,
     lo: usize,
     hi: usize,
+    /// For step-input terms: a loop-invariant factor the input is multiplied by first
+    /// (Keras's training-mode input dropout mask), applied to the whole sequence
+    /// outside the fused op.
+    scale: Option<Param>,
 }
 
 /// `b[lo..hi]` (`b` stored `[M]` or `[1, M]`).
@@ -681,6 +685,7 @@ impl Body<'_> {
                                 trans: false,
                                 lo: 0,
                                 hi: m,
+                                scale: None,
                             }],
                             ..Affine::default()
                         })
@@ -711,6 +716,7 @@ impl Body<'_> {
                         trans: *transB != 0,
                         lo: 0,
                         hi: m,
+                        scale: None,
                     }],
                     ..Affine::default()
                 };
@@ -851,8 +857,8 @@ impl Body<'_> {
             ..GateW::default()
         };
         for t in &a.terms {
-            if t.src == self.x {
-                w.x.push(t.clone());
+            if let Some(scale) = self.x_term(t.src) {
+                w.x.push(Term { scale, ..t.clone() });
             } else if t.src == h {
                 w.h.push(t.clone());
             } else {
@@ -863,6 +869,22 @@ impl Body<'_> {
             }
         }
         Ok(w)
+    }
+
+    /// Whether `src` is the step input (`Some(None)`) or the step input times a
+    /// loop-invariant factor (`Some(Some(factor))`).
+    fn x_term(&self, src: ValueRef) -> Option<Option<Param>> {
+        if src == self.x {
+            return Some(None);
+        }
+        for (a, f) in self.mul_pairs(src) {
+            if a == self.x {
+                if let Some(p) = self.param(f) {
+                    return Some(Some(p));
+                }
+            }
+        }
+        None
     }
 
     /// `Mul(a, b)` as its two operands, in both orders.
@@ -1116,13 +1138,14 @@ fn match_gru(b: &Body<'_>) -> std::result::Result<CellMatch, String> {
             let (gr, lw) = hit.ok_or_else(|| format!("{} is not r⊙(h·R + b)", b.name(*prod)))?;
             let mut w = GateW::default();
             for t in &cand_aff.terms {
-                if t.src == b.x {
-                    w.x.push(t.clone());
-                } else {
-                    return Err(format!(
-                        "the candidate multiplies {} outside the reset product",
-                        b.name(t.src)
-                    ));
+                match b.x_term(t.src) {
+                    Some(scale) => w.x.push(Term { scale, ..t.clone() }),
+                    None => {
+                        return Err(format!(
+                            "the candidate multiplies {} outside the reset product",
+                            b.name(t.src)
+                        ))
+                    }
                 }
             }
             w.wb = cand_aff.biases.clone();
@@ -1141,8 +1164,8 @@ fn match_gru(b: &Body<'_>) -> std::result::Result<CellMatch, String> {
             };
             let mut r_gate = None;
             for t in &cand_aff.terms {
-                if t.src == b.x {
-                    w.x.push(t.clone());
+                if let Some(scale) = b.x_term(t.src) {
+                    w.x.push(Term { scale, ..t.clone() });
                     continue;
                 }
                 let mut ok = false;
@@ -1600,12 +1623,29 @@ fn emit(
         Some(c) => unsq0(&mut b, e.ins.get(c).copied().flatten())?,
         None => None,
     };
-    let x = e
+    let mut x = e
         .ins
         .get(e.n_states)
         .copied()
         .flatten()
         .ok_or_else(|| Refusal("the Scan has no input sequence".into()))?;
+    // One input factor for every gate (or none): X·factor for the whole sequence.
+    let scales: Vec<&Option<Param>> = m
+        .gates
+        .iter()
+        .flat_map(|g| g.x.iter().map(|t| &t.scale))
+        .collect();
+    if let Some(first) = scales.first() {
+        if scales.iter().any(|s| s != first) {
+            return Err(Refusal(
+                "the gates scale the step input differently (per-gate dropout masks)".into(),
+            ));
+        }
+        if let Some(p) = first {
+            let f = param(&mut b, p)?;
+            x = b.op(Op::Mul {}, &[Some(x), Some(f)], "scaled_input")?;
+        }
+    }
     let mask = if e.masked {
         let mv = e
             .ins

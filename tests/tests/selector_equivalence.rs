@@ -402,3 +402,82 @@ proptest! {
         }
     }
 }
+
+/// Training-mode input dropout (`dropout > 0`, one mask per call as Keras) stays fused:
+/// the mask multiplies the whole sequence outside the fused op. Recurrent dropout (a
+/// mask on the state inside the recurrence) stays a loop, with the reason.
+#[test]
+fn training_with_input_dropout_runs_fused_and_matches_the_loop() {
+    for cell in 0..4 {
+        for go_backwards in [false, true] {
+            let c = Cfg {
+                cell,
+                units: 5,
+                input: 4,
+                batch: 3,
+                steps: 6,
+                go_backwards,
+                mask: MaskKind::Random,
+                initial_state: false,
+                return_sequences: true,
+                return_state: false,
+                stacked: false,
+                bidirectional: None,
+                activation: 0,
+                recurrent_activation: 0,
+                seed: 11 + cell as u64,
+            };
+            let x = inputs(&c);
+            let mut grads = Vec::new();
+            for mode in [Mode::Loop, Mode::Fused] {
+                let mut f = Functional::with_seed(c.seed);
+                let inp = f.input(Input::new(&[None, Some(c.input)])).unwrap();
+                let h = f.apply(Masking::new(0.0), &[inp]).unwrap()[0];
+                let l = layer(&c, true, "last").dropout(0.3);
+                let out = f.apply(l, &[h]).unwrap();
+                let mut m = f.build(&[inp], &out).unwrap();
+                m.set_recurrent(mode);
+                let first = m.predict(&x).unwrap()[0].clone();
+                let target = Tensor::F32(ArrayD::from_elem(IxDyn(first.shape()), 0.25f32));
+                let g = m
+                    .gradients(&x, &target, Loss::MeanSquaredError, 0, true)
+                    .unwrap();
+                let text: String = m
+                    .compiled_graphs()
+                    .into_iter()
+                    .map(cellgraph::ir::print_graph)
+                    .collect();
+                let fused = mode == Mode::Fused;
+                assert_eq!(text.contains("Scan{"), !fused, "cell {cell}: {mode:?}");
+                grads.push(g);
+            }
+            let (a, b) = (&grads[0], &grads[1]);
+            assert!((a.loss - b.loss).abs() <= 1e-5 + 1e-4 * b.loss.abs());
+            for (p, q) in a.grads.iter().zip(&b.grads) {
+                for (u, v) in p.iter().zip(q) {
+                    assert!(
+                        (u - v).abs() <= 1e-5 + 1e-4 * v.abs(),
+                        "cell {cell}: {u} vs {v}"
+                    );
+                }
+            }
+        }
+    }
+    // Recurrent dropout: a loop, and inspect says why.
+    let mut f = Functional::with_seed(3);
+    let inp = f.input(Input::new(&[Some(4), Some(2)])).unwrap();
+    let out = f
+        .apply(LSTM::new(3).recurrent_dropout(0.2), &[inp])
+        .unwrap();
+    let mut m = f.build(&[inp], &out).unwrap();
+    let x = Tensor::F32(ArrayD::from_elem(IxDyn(&[2, 4, 2]), 0.5f32));
+    let target = Tensor::F32(ArrayD::from_elem(IxDyn(&[2, 3]), 0.1f32));
+    m.gradients(&[x], &target, Loss::MeanSquaredError, 0, true)
+        .unwrap();
+    let text: String = m
+        .compiled_graphs()
+        .into_iter()
+        .map(cellgraph::ir::print_graph)
+        .collect();
+    assert!(text.contains("Scan{"), "recurrent dropout runs as a loop");
+}
