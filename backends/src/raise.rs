@@ -2,7 +2,7 @@
 //! a simple RNN cell, and replace them with the fused op — the inverse of [`crate::lower`].
 //!
 //! The body is first read in a canonical form: every gate pre-activation becomes an
-//! [`Affine`] sum of projections `src · W[:, lo..hi]` and bias slices, whatever mix of
+//! affine sum of projections `src · W[:, lo..hi]` and bias slices, whatever mix of
 //! `MatMul`/`Gemm`, `Add` (operands in any order), `Split`/`Slice` (before or after the
 //! product), one concatenated matrix or one matrix per gate produced it. `Identity` is
 //! looked through. The rules ([`RULES`], tried by priority) then match the cell equations
@@ -12,6 +12,9 @@
 //! - `gru`: one state; `h' = z⊙h + (1 − z)⊙ĥ` with the reset applied after the recurrent
 //!   product (`linear_before_reset=1`, Keras's default) or before it.
 //! - `rnn`: one state; `h' = act(x·W + h·R + b)`.
+//!
+//! A body holding several cells in a row (Keras `StackedRNNCells`) becomes one fused op
+//! per cell, each reading the previous one's output sequence.
 //!
 //! Keras masks (`Where(mask_t, new, old)` on every state) raise to the `*Masked` ops of the
 //! cellgraph domain, any mask pattern; the step output may be zero or the held state at
@@ -107,12 +110,14 @@ fn raise_in(graph: &Graph, path: &str, decisions: &RefCell<Vec<Decision>>) -> Re
             };
             let label = prefix(&node.display_name());
             match try_raise(dst, src, n, ins, names) {
-                Ok(Some((rule, op, outs))) => {
-                    decisions.borrow_mut().push(Decision {
-                        node: label,
-                        rule: Some(rule),
-                        detail: op,
-                    });
+                Ok(Some((cells, outs))) => {
+                    for (name, rule, op) in cells {
+                        decisions.borrow_mut().push(Decision {
+                            node: prefix(&name),
+                            rule: Some(rule),
+                            detail: op,
+                        });
+                    }
                     Ok(Some(outs))
                 }
                 Ok(None) => Ok(None),
@@ -1252,8 +1257,9 @@ fn act_attr(a: Act) -> (&'static str, Option<f32>, Option<f32>) {
     }
 }
 
-/// A raised Scan: the rule, the fused op's name, the values for the Scan's outputs.
-type RaisedScan = (&'static str, String, Vec<Option<ValueRef>>);
+/// A raised Scan: per fused op (one per cell) its node name, rule and op name; the
+/// values for the Scan's outputs.
+type RaisedScan = (Vec<(String, &'static str, String)>, Vec<Option<ValueRef>>);
 
 /// Tries to raise one Scan: `Ok(None)` when it is not a candidate at all.
 fn try_raise(
@@ -1394,14 +1400,24 @@ fn try_raise(
             Err(e) => why.push(format!("{}: {e}", rule.name)),
         }
     }
-    let Some((rule, m)) = matched else {
-        if why.is_empty() {
-            return Err(Refusal(format!(
-                "{n_states} states (LSTM has 2, GRU and RNN 1)"
-            )));
-        }
-        return Err(Refusal(why.join("; ")));
+    let cells: Vec<(&'static str, CellMatch)> = match matched {
+        Some(one) => vec![one],
+        None => match match_stack(&b, &rules) {
+            Ok(cells) => cells,
+            Err(stack_why) => {
+                if why.is_empty() {
+                    return Err(Refusal(format!(
+                        "{n_states} states and no stack of cells: {stack_why}"
+                    )));
+                }
+                return Err(Refusal(why.join("; ")));
+            }
+        },
     };
+    let (rule, m) = cells
+        .last()
+        .cloned()
+        .ok_or_else(|| Refusal("no cell".into()))?;
     // The output sequence: h', or at masked steps zero or the held h.
     let mut hold = 0;
     if n_outs == n_states + 1 {
@@ -1435,28 +1451,109 @@ fn try_raise(
             )));
         }
     }
-    let units = b.units(m.h_state)?;
-    let built = emit(
-        dst,
-        &node.display_name(),
-        &m,
-        Emitted {
-            ins,
-            names,
-            n_states,
-            dt,
-            isz,
-            units,
-            reverse: in_rev,
-            flip: in_rev != out_rev,
-            out_axis1: out_axis != 0,
-            hold,
-            masked: mask.is_some(),
-            has_y: n_outs == n_states + 1,
-        },
-    )?;
-    Ok(Some((rule, built.0, built.1)))
+    // One fused op per cell; a stacked cell's sequence feeds the next one.
+    let _ = rule;
+    let mut outs: Vec<Option<ValueRef>> = vec![None; names.len()];
+    let mut report = Vec::new();
+    let mut x_seq = None;
+    let mut in_size = isz;
+    let single = cells.len() == 1;
+    for (j, (rule, cm)) in cells.iter().enumerate() {
+        let last = j + 1 == cells.len();
+        let label = if single {
+            node.display_name()
+        } else {
+            format!("{}#{j}", node.display_name())
+        };
+        let units = b.units(cm.h_state)?;
+        let (op, cell_outs, seq) = emit(
+            dst,
+            &label,
+            cm,
+            Emitted {
+                ins,
+                names,
+                n_states,
+                dt,
+                isz: in_size,
+                units,
+                reverse: in_rev,
+                flip: in_rev != out_rev,
+                out_axis1: out_axis != 0,
+                hold: if last { hold } else { 0 },
+                masked: mask.is_some(),
+                has_y: last && n_outs == n_states + 1,
+                x: x_seq,
+                want_seq: !last,
+            },
+        )?;
+        for (o, c) in outs.iter_mut().zip(cell_outs) {
+            if c.is_some() {
+                *o = c;
+            }
+        }
+        report.push((label, *rule, op));
+        x_seq = seq;
+        in_size = units;
+    }
+    Ok(Some((report, outs)))
 }
+
+/// A stack of cells in one body (Keras `StackedRNNCells`): the states split into
+/// consecutive cells, each matched by a rule, each cell's input the previous cell's new
+/// `h` (the first one's the step input).
+fn match_stack(
+    b: &Body<'_>,
+    rules: &[Rule],
+) -> std::result::Result<Vec<(&'static str, CellMatch)>, String> {
+    let mut cells = Vec::new();
+    let mut off = 0;
+    let mut x = b.x;
+    while off < b.states.len() {
+        let mut why = Vec::new();
+        let mut got = None;
+        for rule in rules {
+            let end = off + rule.states;
+            if end > b.states.len() {
+                continue;
+            }
+            let sub = Body {
+                g: b.g,
+                states: b.states[off..end].to_vec(),
+                x,
+                mask: b.mask,
+                new_states: b.new_states[off..end].to_vec(),
+            };
+            match (rule.matcher)(&sub) {
+                Ok(mut m) => {
+                    m.h_state += off;
+                    m.c_state = m.c_state.map(|c| c + off);
+                    got = Some((rule.name, rule.states, m));
+                    break;
+                }
+                Err(e) => why.push(format!("{}: {e}", rule.name)),
+            }
+        }
+        let Some((name, n, m)) = got else {
+            return Err(format!(
+                "cell {} (state {off}): {}",
+                cells.len(),
+                why.join("; ")
+            ));
+        };
+        x = m.h_new;
+        cells.push((name, m));
+        off += n;
+    }
+    if cells.len() < 2 {
+        return Err("a single cell".into());
+    }
+    Ok(cells)
+}
+
+/// What [`emit`] built: the op's name, values for the Scan's outputs this cell owns, and
+/// (when asked) its output sequence.
+type EmittedCell = (String, Vec<Option<ValueRef>>, Option<ValueRef>);
 
 /// The facts the emitter needs beyond the match.
 struct Emitted<'a> {
@@ -1472,15 +1569,14 @@ struct Emitted<'a> {
     hold: i64,
     masked: bool,
     has_y: bool,
+    /// The input sequence `[T, N, K]` when it is not the Scan's (a stacked cell).
+    x: Option<ValueRef>,
+    /// Also return `Y` as a `[T, N, H]` time-major sequence (for the next cell).
+    want_seq: bool,
 }
 
 /// Builds the fused op and the values standing for the Scan's outputs.
-fn emit(
-    dst: &mut Graph,
-    label: &str,
-    m: &CellMatch,
-    e: Emitted<'_>,
-) -> Try<(String, Vec<Option<ValueRef>>)> {
+fn emit(dst: &mut Graph, label: &str, m: &CellMatch, e: Emitted<'_>) -> Try<EmittedCell> {
     let mut b = Builder {
         g: dst,
         prefix: format!("{label}/raise"),
@@ -1623,12 +1719,15 @@ fn emit(
         Some(c) => unsq0(&mut b, e.ins.get(c).copied().flatten())?,
         None => None,
     };
-    let mut x = e
-        .ins
-        .get(e.n_states)
-        .copied()
-        .flatten()
-        .ok_or_else(|| Refusal("the Scan has no input sequence".into()))?;
+    let mut x = match e.x {
+        Some(x) => x,
+        None => e
+            .ins
+            .get(e.n_states)
+            .copied()
+            .flatten()
+            .ok_or_else(|| Refusal("the Scan has no input sequence".into()))?,
+    };
     // One input factor for every gate (or none): X·factor for the whole sequence.
     let scales: Vec<&Option<Param>> = m
         .gates
@@ -1747,7 +1846,8 @@ fn emit(
     // Scan outputs: final states (in the Scan's state order), then the sequence.
     let mut outs: Vec<Option<ValueRef>> = vec![None; e.names.len()];
     for (s, out) in outs.iter_mut().enumerate().take(e.n_states) {
-        if e.names.get(s).is_none_or(|n| n.is_empty()) {
+        let mine = s == m.h_state || Some(s) == m.c_state;
+        if !mine || e.names.get(s).is_none_or(|n| n.is_empty()) {
             continue;
         }
         let src = if s == m.h_state { fused[1] } else { fused[2] };
@@ -1756,6 +1856,15 @@ fn emit(
             Op::Squeeze { axes: None },
             &[Some(src), Some(ax)],
             "final_state",
+        )?);
+    }
+    let mut seq = None;
+    if e.want_seq {
+        let ax = b.ints(&[1])?;
+        seq = Some(b.op(
+            Op::Squeeze { axes: None },
+            &[Some(fused[0]), Some(ax)],
+            "cell_sequence",
         )?);
     }
     if e.has_y && e.names.get(e.n_states).is_some_and(|n| !n.is_empty()) {
@@ -1789,7 +1898,7 @@ fn emit(
         }
         outs[e.n_states] = Some(y);
     }
-    Ok((op_name, outs))
+    Ok((op_name, outs, seq))
 }
 
 /// The names of the recurrent ops the fused kernels run.

@@ -61,6 +61,8 @@ struct Cfg {
     return_sequences: bool,
     return_state: bool,
     stacked: bool,
+    /// The last layer is `RNN(StackedRNNCells([cell, cell]))`: two cells in one loop.
+    stacked_cells: bool,
     bidirectional: Option<usize>,
     activation: usize,
     recurrent_activation: usize,
@@ -101,13 +103,14 @@ fn cfg() -> impl Strategy<Value = Cfg> {
             0usize..ACTS.len(),
             0usize..REC_ACTS.len(),
             any::<u64>(),
+            prop::bool::weighted(0.2),
         ),
     )
         .prop_map(
             |(
                 (cell, units, input, batch, steps),
                 (go_backwards, mask, initial_state, return_sequences, return_state, stacked),
-                (bidirectional, activation, recurrent_activation, seed),
+                (bidirectional, activation, recurrent_activation, seed, stacked_cells),
             )| Cfg {
                 cell,
                 units,
@@ -120,6 +123,7 @@ fn cfg() -> impl Strategy<Value = Cfg> {
                 return_sequences,
                 return_state,
                 stacked,
+                stacked_cells: stacked_cells && bidirectional.is_none(),
                 bidirectional,
                 activation,
                 recurrent_activation,
@@ -128,7 +132,28 @@ fn cfg() -> impl Strategy<Value = Cfg> {
         )
 }
 
+fn cell(c: &Cfg, kind: usize, units: usize) -> cellgraph::keras::Cell {
+    use cellgraph::keras::{GRUCell, LSTMCell, SimpleRNNCell};
+    let cl = match kind {
+        0 => LSTMCell::new(units).recurrent_activation(REC_ACTS[c.recurrent_activation]),
+        1 | 2 => GRUCell::new(units)
+            .reset_after(kind == 1)
+            .recurrent_activation(REC_ACTS[c.recurrent_activation]),
+        _ => SimpleRNNCell::new(units),
+    };
+    cl.activation(ACTS[c.activation])
+}
+
 fn layer(c: &Cfg, return_sequences: bool, name: &str) -> Recurrent {
+    if c.stacked_cells && name == "last" {
+        // A different cell kind on top, with the configured one below.
+        let cells = vec![cell(c, c.cell, c.units), cell(c, (c.cell + 1) % 4, c.units)];
+        return cellgraph::keras::RNN::stacked(cellgraph::keras::StackedRNNCells::new(cells))
+            .go_backwards(c.go_backwards)
+            .return_sequences(return_sequences)
+            .return_state(c.return_state)
+            .name(name);
+    }
     let l = match c.cell {
         0 => LSTM::new(c.units).recurrent_activation(REC_ACTS[c.recurrent_activation]),
         1 | 2 => GRU::new(c.units)
@@ -144,10 +169,11 @@ fn layer(c: &Cfg, return_sequences: bool, name: &str) -> Recurrent {
 }
 
 fn state_count(c: &Cfg) -> usize {
-    if c.cell == 0 {
-        2
+    let n = |kind: usize| if kind == 0 { 2 } else { 1 };
+    if c.stacked_cells {
+        n(c.cell) + n((c.cell + 1) % 4)
     } else {
-        1
+        n(c.cell)
     }
 }
 
@@ -297,7 +323,13 @@ fn run(c: &Cfg, path: &PathUnderTest, x: &[Tensor]) -> Result<Run, TestCaseError
     } else {
         1
     };
-    let layers = usize::from(c.stacked) + directions;
+    // A stack of two cells is one loop, or two fused ops.
+    let last = if c.stacked_cells && path.fused {
+        2
+    } else {
+        directions
+    };
+    let layers = usize::from(c.stacked) + last;
     prop_assert_eq!(choices.len(), layers, "{}: {:?}", path.name, choices);
     for ch in &choices {
         let fused = matches!(ch.placement, Placement::Fused { .. });
@@ -422,6 +454,7 @@ fn training_with_input_dropout_runs_fused_and_matches_the_loop() {
                 return_sequences: true,
                 return_state: false,
                 stacked: false,
+                stacked_cells: false,
                 bidirectional: None,
                 activation: 0,
                 recurrent_activation: 0,
