@@ -894,33 +894,29 @@ impl Body<'_> {
 
     /// `Mul(a, b)` as its two operands, in both orders.
     fn mul_pairs(&self, v: ValueRef) -> Vec<(ValueRef, ValueRef)> {
-        match self.op(v) {
-            Some((Op::Mul {}, ins, _)) => match (
-                ins.first().copied().flatten(),
-                ins.get(1).copied().flatten(),
-            ) {
-                (Some(a), Some(b)) => {
-                    let (a, b) = (self.strip(a), self.strip(b));
-                    vec![(a, b), (b, a)]
-                }
-                _ => vec![],
-            },
-            _ => vec![],
-        }
+        self.operand_pairs(v, |op| matches!(op, Op::Mul {}))
     }
 
+    /// `Add(a, b)` as its two operands, in both orders.
     fn add_pairs(&self, v: ValueRef) -> Vec<(ValueRef, ValueRef)> {
+        self.operand_pairs(v, |op| matches!(op, Op::Add {}))
+    }
+
+    /// The two operands of a commutative binary op `is_op` accepts, in both orders.
+    fn operand_pairs(&self, v: ValueRef, is_op: fn(&Op) -> bool) -> Vec<(ValueRef, ValueRef)> {
         match self.op(v) {
-            Some((Op::Add {}, ins, _)) => match (
-                ins.first().copied().flatten(),
-                ins.get(1).copied().flatten(),
-            ) {
-                (Some(a), Some(b)) => {
-                    let (a, b) = (self.strip(a), self.strip(b));
-                    vec![(a, b), (b, a)]
+            Some((op, ins, _)) if is_op(op) => {
+                match (
+                    ins.first().copied().flatten(),
+                    ins.get(1).copied().flatten(),
+                ) {
+                    (Some(a), Some(b)) => {
+                        let (a, b) = (self.strip(a), self.strip(b));
+                        vec![(a, b), (b, a)]
+                    }
+                    _ => vec![],
                 }
-                _ => vec![],
-            },
+            }
             _ => vec![],
         }
     }

@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::lower::lower_where;
 use crate::raise::{is_fused_recurrent, raise_recurrent};
 use crate::Backend;
-use cellgraph_ir::Graph;
+use cellgraph_ir::{Graph, Op};
 use std::fmt;
 
 /// Where one recurrent node runs.
@@ -98,28 +98,41 @@ pub fn select<B: Backend + ?Sized>(backend: &B, graph: &Graph, raise: bool) -> R
         }
         raised.graph
     } else {
-        list_scans(graph, "", &mut choices);
+        list_scans(graph, &mut choices);
         graph.clone()
     };
-    collect(backend, &graph, "", &rules, &mut choices);
+    collect(backend, &graph, &rules, &mut choices);
     let graph = lower_where(&graph, &|op| backend.fused_recurrent(op).is_err())?;
     Ok(Selected { graph, choices })
 }
 
-/// Without raising, every `Scan` stays a loop.
-fn list_scans(g: &Graph, path: &str, out: &mut Vec<Choice>) {
+/// Calls `f(name, op)` for every op node of `g` and its nested graphs, in order; names
+/// inside nested graphs are `path/body/node`.
+fn walk(g: &Graph, path: &str, f: &mut dyn FnMut(String, &Op)) {
     let Ok(order) = g.topo_order() else { return };
+    let within = |name: &str| {
+        if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}/{name}")
+        }
+    };
     for n in order {
         let node = g.node(n);
         let Some(op) = node.op() else { continue };
-        let name = if path.is_empty() {
-            node.display_name()
-        } else {
-            format!("{path}/{}", node.display_name())
-        };
-        if let cellgraph_ir::Op::Scan { .. } = op {
+        f(within(&node.display_name()), op);
+        for (_, body) in op.subgraphs() {
+            walk(body, &within(&body.name), f);
+        }
+    }
+}
+
+/// Without raising, every `Scan` stays a loop.
+fn list_scans(g: &Graph, out: &mut Vec<Choice>) {
+    walk(g, "", &mut |node, op| {
+        if let Op::Scan { .. } = op {
             out.push(Choice {
-                node: name,
+                node,
                 op: "Scan".into(),
                 rule: None,
                 placement: Placement::Loop {
@@ -127,56 +140,33 @@ fn list_scans(g: &Graph, path: &str, out: &mut Vec<Choice>) {
                 },
             });
         }
-        for (_, body) in op.subgraphs() {
-            let p = if path.is_empty() {
-                body.name.clone()
-            } else {
-                format!("{path}/{}", body.name)
-            };
-            list_scans(body, &p, out);
-        }
-    }
+    });
 }
 
+/// One choice per fused recurrent op: the backend's kernel or a loop, and why.
 fn collect<B: Backend + ?Sized>(
     backend: &B,
     g: &Graph,
-    path: &str,
     rules: &std::collections::HashMap<String, &'static str>,
     out: &mut Vec<Choice>,
 ) {
-    let Ok(order) = g.topo_order() else { return };
-    for n in order {
-        let node = g.node(n);
-        let Some(op) = node.op() else { continue };
-        let name = if path.is_empty() {
-            node.display_name()
-        } else {
-            format!("{path}/{}", node.display_name())
+    walk(g, "", &mut |node, op| {
+        if !is_fused_recurrent(op) {
+            return;
+        }
+        let placement = match backend.fused_recurrent(op) {
+            Ok(()) => Placement::Fused {
+                backend: backend.name(),
+            },
+            Err(reason) => Placement::Loop {
+                reason: format!("{reason} (the {} kernel)", backend.name()),
+            },
         };
-        if is_fused_recurrent(op) {
-            let placement = match backend.fused_recurrent(op) {
-                Ok(()) => Placement::Fused {
-                    backend: backend.name(),
-                },
-                Err(reason) => Placement::Loop {
-                    reason: format!("{reason} (the {} kernel)", backend.name()),
-                },
-            };
-            out.push(Choice {
-                rule: rules.get(&name).copied(),
-                node: name,
-                op: op.name().to_string(),
-                placement,
-            });
-        }
-        for (_, body) in op.subgraphs() {
-            let p = if path.is_empty() {
-                body.name.clone()
-            } else {
-                format!("{path}/{}", body.name)
-            };
-            collect(backend, body, &p, rules, out);
-        }
-    }
+        out.push(Choice {
+            rule: rules.get(&node).copied(),
+            node,
+            op: op.name().to_string(),
+            placement,
+        });
+    });
 }

@@ -761,11 +761,19 @@ pub(crate) fn recurrent(
         hints.push("sequence".into());
     }
     let hint_refs: Vec<&str> = hints.iter().map(String::as_str).collect();
-    let scan_name = if rec.go_backwards {
+    let stem = if rec.go_backwards {
         format!("{}/backward_scan", e.prefix)
     } else {
         format!("{}/scan", e.prefix)
     };
+    // Node names are unique in ONNX files: a shared layer's second call gets `_2`, ...
+    let taken = |name: &str| e.g.node_ids().iter().any(|&n| e.g.node(n).name == name);
+    let mut scan_name = stem.clone();
+    let mut k = 1;
+    while taken(&scan_name) {
+        k += 1;
+        scan_name = format!("{stem}_{k}");
+    }
     let outs = e.node(
         &scan_name,
         Op::Scan {
