@@ -953,24 +953,24 @@ fn restrict(a: Affine, lo: usize, hi: usize) -> std::result::Result<Affine, Stri
     if hi < lo {
         return Err("an empty slice".into());
     }
+    // Columns lo..hi of a block that starts at column `at` of its stored matrix.
+    let cols = |at: usize| (at + lo, at + hi);
     Ok(Affine {
         width: Some(hi - lo),
         terms: a
             .terms
             .into_iter()
-            .map(|t| Term {
-                lo: t.lo + lo,
-                hi: t.lo + hi,
-                ..t
+            .map(|t| {
+                let (lo, hi) = cols(t.lo);
+                Term { lo, hi, ..t }
             })
             .collect(),
         biases: a
             .biases
             .into_iter()
-            .map(|b| BiasT {
-                lo: b.lo + lo,
-                hi: b.lo + hi,
-                ..b
+            .map(|b| {
+                let (lo, hi) = cols(b.lo);
+                BiasT { lo, hi, ..b }
             })
             .collect(),
         extras: vec![],

@@ -517,7 +517,7 @@ fn every_differentiable_op_has_a_vjp_rule_or_is_named() {
     );
     eprintln!("ops without a VJP rule (documented): {missing:?}");
     // And the pass refuses them by name.
-    let (g, loss) = fused_graph(2, 2, 2, 1, 2, 0, 0, &[2]);
+    let (g, loss) = fused_graph(2, 2, 2, 1, 2, 0, 0, &[2], None);
     let w = g.input_values()[1];
     let mut dg = grad(&g, loss, &[w]).unwrap();
     let dw = *dg.outputs().last().unwrap();
@@ -754,23 +754,9 @@ fn loop_gradients_match_finite_differences() {
 
 /// A fused recurrent op with every attribute the kernels support, on f64 inputs (not
 /// lowered: its gradient is the fused backward op).
+/// Optionally the masked op, with a `[T, N]` mask and `hold_output`.
 #[allow(clippy::too_many_arguments)]
 fn fused_graph(
-    kind: u8,
-    hidden: usize,
-    input: usize,
-    batch: usize,
-    steps: usize,
-    dir: u8,
-    flags: u8,
-    lens: &[i32],
-) -> (Graph, ValueRef) {
-    fused_graph_masked(kind, hidden, input, batch, steps, dir, flags, lens, None)
-}
-
-/// [`fused_graph`], optionally as the masked op with a `[T, N]` mask and `hold_output`.
-#[allow(clippy::too_many_arguments)]
-fn fused_graph_masked(
     kind: u8,
     hidden: usize,
     input: usize,
@@ -972,7 +958,7 @@ proptest! {
         lens_seed in any::<u64>(),
     ) {
         let lens: Vec<i32> = (0..batch).map(|b| ((lens_seed >> (4 * b)) % (steps as u64 + 1)) as i32).collect();
-        let (g, loss) = fused_graph(kind, hidden, input, batch, steps, dir, flags, &lens);
+        let (g, loss) = fused_graph(kind, hidden, input, batch, steps, dir, flags, &lens, None);
         let mut s = seed | 1;
         let mut rnd = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; ((s >> 11) as f64 / (1u64 << 53) as f64) * 1.6 - 0.8 };
         let inputs: Vec<Tensor> = g.input_values().iter().map(|&i| {
@@ -1005,7 +991,7 @@ proptest! {
     ) {
         let bits: Vec<bool> = (0..steps * batch).map(|i| mask_bits >> (i % 32) & 1 == 1).collect();
         let lens = vec![steps as i32; batch];
-        let (g, loss) = fused_graph_masked(
+        let (g, loss) = fused_graph(
             kind, hidden, input, batch, steps, dir, flags | 8, &lens, Some((bits.clone(), i64::from(hold))),
         );
         let mut s = seed | 1;

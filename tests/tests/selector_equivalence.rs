@@ -305,6 +305,14 @@ fn flat(t: &Tensor) -> Vec<f32> {
     t.to_f64_vec().into_iter().map(|v| v as f32).collect()
 }
 
+/// The printed graphs of every plan a model compiled, as one text.
+fn plan_text(m: &Model) -> String {
+    m.compiled_graphs()
+        .into_iter()
+        .map(cellgraph::ir::print_graph)
+        .collect()
+}
+
 /// What one path computes: outputs, loss, gradients.
 struct Run {
     outputs: Vec<Vec<f32>>,
@@ -475,11 +483,7 @@ fn training_with_input_dropout_runs_fused_and_matches_the_loop() {
                 let g = m
                     .gradients(&x, &target, Loss::MeanSquaredError, 0, true)
                     .unwrap();
-                let text: String = m
-                    .compiled_graphs()
-                    .into_iter()
-                    .map(cellgraph::ir::print_graph)
-                    .collect();
+                let text = plan_text(&m);
                 let fused = mode == Mode::Fused;
                 assert_eq!(text.contains("Scan{"), !fused, "cell {cell}: {mode:?}");
                 grads.push(g);
@@ -496,7 +500,7 @@ fn training_with_input_dropout_runs_fused_and_matches_the_loop() {
             }
         }
     }
-    // Recurrent dropout: a loop, and inspect says why.
+    // Recurrent dropout (a mask on the state inside the recurrence): a loop.
     let mut f = Functional::with_seed(3);
     let inp = f.input(Input::new(&[Some(4), Some(2)])).unwrap();
     let out = f
@@ -507,10 +511,6 @@ fn training_with_input_dropout_runs_fused_and_matches_the_loop() {
     let target = Tensor::F32(ArrayD::from_elem(IxDyn(&[2, 3]), 0.1f32));
     m.gradients(&[x], &target, Loss::MeanSquaredError, 0, true)
         .unwrap();
-    let text: String = m
-        .compiled_graphs()
-        .into_iter()
-        .map(cellgraph::ir::print_graph)
-        .collect();
+    let text = plan_text(&m);
     assert!(text.contains("Scan{"), "recurrent dropout runs as a loop");
 }

@@ -193,10 +193,24 @@ pub fn graph_to_proto(g: &Graph) -> proto::GraphProto {
             .collect()
     });
     let out_set: std::collections::HashSet<_> = g.outputs().iter().copied().collect();
+    // ONNX wants node names unique within a graph: a repeated one gets `_2`, `_3`, ...
+    let mut taken: std::collections::HashSet<String> =
+        order.iter().map(|&n| g.node(n).name.clone()).collect();
+    let mut seen = std::collections::HashSet::new();
     for n in order {
         let node = g.node(n);
         let Some(op) = node.op() else { continue };
         let info = op.kind().info();
+        let mut name = node.name.clone();
+        if !name.is_empty() && !seen.insert(name.clone()) {
+            let mut k = 2;
+            while taken.contains(&format!("{}_{k}", node.name)) {
+                k += 1;
+            }
+            name = format!("{}_{k}", node.name);
+            taken.insert(name.clone());
+            seen.insert(name.clone());
+        }
         gp.node.push(proto::NodeProto {
             input: g
                 .node_inputs(n)
@@ -204,7 +218,7 @@ pub fn graph_to_proto(g: &Graph) -> proto::GraphProto {
                 .map(|v| v.map(|v| g.value(v).name.clone()).unwrap_or_default())
                 .collect(),
             output: node.outputs.iter().map(|v| v.name.clone()).collect(),
-            name: (!node.name.is_empty()).then(|| node.name.clone()),
+            name: (!name.is_empty()).then_some(name),
             op_type: Some(info.name.to_string()),
             domain: (!info.domain.is_empty()).then(|| info.domain.to_string()),
             attribute: op
