@@ -26,9 +26,27 @@ fn main() {
     let shapes = [
         (64usize, 1024usize, 2048usize),
         (64, 92, 256),
+        (64, 64, 256),
+        (64, 512, 2048),
         (6400, 512, 2048),
         (512, 512, 512),
     ];
+    // `GEMM_SHAPES=64x512x2048,512x512x512` replaces the list.
+    let custom: Vec<(usize, usize, usize)> = std::env::var("GEMM_SHAPES")
+        .map(|v| {
+            v.split(',')
+                .filter_map(|s| {
+                    let d: Vec<usize> = s.split('x').filter_map(|x| x.parse().ok()).collect();
+                    (d.len() == 3).then(|| (d[0], d[1], d[2]))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let shapes = if custom.is_empty() {
+        shapes.to_vec()
+    } else {
+        custom
+    };
     for (m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01)
@@ -38,7 +56,7 @@ fn main() {
             .collect();
         let mut c = vec![0f32; m * n];
         let flops = 2.0 * (m * k * n) as f64;
-        let runs = if flops > 1e10 { 5 } else { 50 };
+        let runs = if flops > 1e10 { 5 } else { 100 };
         let mut cols = Vec::new();
         let mm = time(runs, || unsafe {
             matrixmultiply::sgemm(
@@ -85,6 +103,19 @@ fn main() {
             });
             cols.push(flops / t / 1e9);
         }
-        println!("{m}x{k}x{n} matrixmultiply(MATMUL_NUM_THREADS={}) {:.0} gemm-1t {:.0} gemm-2t {:.0} GFLOP/s", std::env::var("MATMUL_NUM_THREADS").unwrap_or_else(|_| "default".into()), cols[0], cols[1], cols[2]);
+        // cellgraph's packed-B kernel: B packed once (as the recurrent kernels do), then
+        // timed products only; rayon's threads (RAYON_NUM_THREADS).
+        let packed = cellgraph_backends::packed::PackedB::new(k, n, &b, n, 1);
+        let t = time(runs, || packed.gemm(m, &a, k, &mut c, n, false));
+        cols.push(flops / t / 1e9);
+        println!(
+            "{m}x{k}x{n} matrixmultiply(MATMUL_NUM_THREADS={}) {:.0} gemm-1t {:.0} gemm-2t {:.0} packed({}t) {:.0} GFLOP/s",
+            std::env::var("MATMUL_NUM_THREADS").unwrap_or_else(|_| "default".into()),
+            cols[0],
+            cols[1],
+            cols[2],
+            rayon::current_num_threads(),
+            cols[3]
+        );
     }
 }

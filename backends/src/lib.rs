@@ -17,6 +17,7 @@ pub mod error;
 pub mod gemm;
 pub mod lower;
 pub mod num;
+pub mod packed;
 pub mod raise;
 pub mod select;
 

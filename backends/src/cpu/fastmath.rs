@@ -9,14 +9,21 @@ pub fn exp(x: f32) -> f32 {
     // Round to nearest without a libm call: adding and subtracting 1.5·2^23 leaves the
     // integer part (|x·log2 e| < 2^22), and vectorises on plain SSE2.
     const SHIFT: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    let shifted = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = shifted - SHIFT;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let y = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n from the bits: `shifted`'s low mantissa bits hold n (its ulp is 1), so no
+    // float-to-int conversion (which would not vectorise: Rust's `as` saturates).
+    let bits = shifted
+        .to_bits()
+        .wrapping_sub(SHIFT.to_bits())
+        .wrapping_add(127)
+        << 23;
     y * f32::from_bits(bits)
 }
 

@@ -14,6 +14,7 @@ use crate::gemm::{dgemm, sgemm};
 use cellgraph_ir::ops::rnn::num_directions;
 use cellgraph_ir::{Op, Tensor};
 use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
 use std::ops::{Add, Mul, Sub};
 
 /// Floats the fused kernels run on.
@@ -67,6 +68,40 @@ pub trait RFloat:
         c: &mut [Self],
         rsc: isize,
     );
+    /// A right-hand matrix prepared once for repeated products ([`Self::pack`]).
+    type Packed: Send + Sync;
+    /// Prepares the `k × n` matrix with element (p, j) at `b[p·rsb + j·csb]` for
+    /// [`Self::packed_gemm`] (f32: packed panels for the micro-kernel of
+    /// [`crate::packed`]; f64: a row-major copy).
+    fn pack(k: usize, n: usize, b: &[Self], rsb: usize, csb: usize) -> Self::Packed;
+    /// `C[m×n] = A[m×k]·B (+ C when accumulate)`; rows of A at stride `rsa` (unit
+    /// column stride), rows of C at stride `rsc`. Large products use rayon's threads.
+    fn packed_gemm(
+        b: &Self::Packed,
+        m: usize,
+        a: &[Self],
+        rsa: usize,
+        c: &mut [Self],
+        rsc: usize,
+        accumulate: bool,
+    );
+    /// [`Self::packed_gemm`] on the calling thread only.
+    fn packed_gemm_serial(
+        b: &Self::Packed,
+        m: usize,
+        a: &[Self],
+        rsa: usize,
+        c: &mut [Self],
+        rsc: usize,
+        accumulate: bool,
+    );
+}
+
+/// f64's "packed" matrix: a row-major copy multiplied with [`dgemm`].
+pub struct PlainB {
+    k: usize,
+    n: usize,
+    b: Vec<f64>,
 }
 
 macro_rules! rfloat_impl {
@@ -108,6 +143,32 @@ macro_rules! rfloat_impl {
 }
 
 rfloat_impl!(f32, F32, sgemm, {
+    type Packed = crate::packed::PackedB;
+    fn pack(k: usize, n: usize, b: &[f32], rsb: usize, csb: usize) -> Self::Packed {
+        crate::packed::PackedB::new(k, n, b, rsb, csb)
+    }
+    fn packed_gemm(
+        b: &Self::Packed,
+        m: usize,
+        a: &[f32],
+        rsa: usize,
+        c: &mut [f32],
+        rsc: usize,
+        accumulate: bool,
+    ) {
+        b.gemm(m, a, rsa, c, rsc, accumulate);
+    }
+    fn packed_gemm_serial(
+        b: &Self::Packed,
+        m: usize,
+        a: &[f32],
+        rsa: usize,
+        c: &mut [f32],
+        rsc: usize,
+        accumulate: bool,
+    ) {
+        b.gemm_serial(m, a, rsa, c, rsc, accumulate);
+    }
     fn act_slice(a: Act, v: &mut [f32]) {
         match a {
             Act::Sigmoid => super::fastmath::sigmoid_slice(v),
@@ -120,7 +181,53 @@ rfloat_impl!(f32, F32, sgemm, {
         }
     }
 });
-rfloat_impl!(f64, F64, dgemm, {});
+rfloat_impl!(f64, F64, dgemm, {
+    type Packed = PlainB;
+    fn pack(k: usize, n: usize, b: &[f64], rsb: usize, csb: usize) -> PlainB {
+        let b = (0..k * n)
+            .map(|i| b[(i / n) * rsb + (i % n) * csb])
+            .collect();
+        PlainB { k, n, b }
+    }
+    fn packed_gemm(
+        p: &PlainB,
+        m: usize,
+        a: &[f64],
+        rsa: usize,
+        c: &mut [f64],
+        rsc: usize,
+        accumulate: bool,
+    ) {
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        dgemm(
+            m,
+            p.k,
+            p.n,
+            1.0,
+            a,
+            rsa as isize,
+            1,
+            &p.b,
+            p.n as isize,
+            1,
+            beta,
+            c,
+            rsc as isize,
+            1,
+        );
+    }
+    fn packed_gemm_serial(
+        p: &PlainB,
+        m: usize,
+        a: &[f64],
+        rsa: usize,
+        c: &mut [f64],
+        rsc: usize,
+        accumulate: bool,
+    ) {
+        Self::packed_gemm(p, m, a, rsa, c, rsc, accumulate);
+    }
+});
 
 /// An ONNX recurrent activation function with its parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -472,20 +579,15 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
     let mut y = vec![T::default(); t_len * d_n * n * h];
     let mut yh = vec![T::default(); d_n * n * h];
     let mut yc = vec![T::default(); d_n * n * h];
-    let mut xw = vec![T::default(); t_len * n * gh];
-    let mut hr = vec![T::default(); n * gh];
-    let mut rh = vec![T::default(); n * h];
     let zero = T::of(0.0);
-    let one = T::of(1.0);
-    // Gate pre-activations are clamped to [lo, hi] (±infinity without `clip`).
-    let (lo, hi) = match spec.clip {
-        Some(c) => (T::of(-(c as f64)), T::of(c as f64)),
-        None => (T::of(f64::NEG_INFINITY), T::of(f64::INFINITY)),
+    // Batch rows never interact: each thread runs its own block of rows through every
+    // step, with no synchronisation per step (when the work pays for the threads).
+    let threads = rayon::current_num_threads().min(n.max(1));
+    let rows_per = if threads > 1 && t_len * n * gh * (h + isz) >= PARALLEL_MIN_MACS {
+        n.div_ceil(threads)
+    } else {
+        n.max(1)
     };
-    let has_clip = spec.clip.is_some();
-    // Clamps only with `clip`, so NaN still propagates without it.
-    let cl = |v: T| if has_clip { v.mx(lo).mn(hi) } else { v };
-    let mut gates = vec![T::default(); n * gh];
     for (d, &rev) in spec.reverse.iter().enumerate() {
         let w = &inp.w[d * gh * isz..(d + 1) * gh * isz];
         let r = &inp.r[d * gh * h..(d + 1) * gh * h];
@@ -496,199 +598,428 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
             ),
             None => (None, None),
         };
-        let acts = &spec.acts[d];
-        // All steps' input projections in one GEMM: XW[T·N, G·H] = X[T·N, I] · Wᵀ.
-        T::gemm(
-            t_len * n,
-            isz,
-            gh,
-            inp.x,
-            isz as isize,
-            1,
-            w,
-            1,
-            isz as isize,
-            false,
-            &mut xw,
-            gh as isize,
-        );
-        // Fold the biases that sit outside any reset product into XW.
-        for row in xw.chunks_mut(gh) {
-            for j in 0..gh {
-                let mut b = wb.map_or(zero, |v| v[j]);
+        // The biases that sit outside any reset product, folded into X·Wᵀ.
+        let bias: Vec<T> = (0..gh)
+            .map(|j| {
                 let rb_inside = spec.cell == Cell::Gru && j >= 2 * h;
-                if !rb_inside {
-                    b = b + rb.map_or(zero, |v| v[j]);
+                let b = wb.map_or(zero, |v| v[j]);
+                if rb_inside {
+                    b
+                } else {
+                    b + rb.map_or(zero, |v| v[j])
                 }
-                row[j] = row[j] + b;
+            })
+            .collect();
+        // Weights packed once for every product (GRU with linear_before_reset=0: the
+        // recurrent z/r columns and h columns apart).
+        let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
+        let rec_cols = if lbr0 { 2 * h } else { gh };
+        let acts = &spec.acts[d];
+        let zeros = vec![zero; h];
+        let rbh = match rb {
+            Some(rb) if spec.cell == Cell::Gru => &rb[2 * h..3 * h],
+            _ => &zeros[..],
+        };
+        let dir = Direction {
+            spec,
+            inp,
+            d,
+            rev,
+            w_packed: T::pack(isz, gh, w, 1, isz),
+            bias,
+            r_packed: T::pack(h, rec_cols, r, 1, h),
+            rh_packed: lbr0.then(|| T::pack(h, h, &r[2 * h * h..], 1, h)),
+            acts: (
+                acts[0],
+                acts.get(1).copied().unwrap_or(acts[0]),
+                acts.get(2).copied().unwrap_or(acts[0]),
+            ),
+            peep: inp.p.map(|p| &p[d * 3 * h..(d + 1) * 3 * h]),
+            rbh,
+            y: SyncPtr(y.as_mut_ptr()),
+        };
+        let yh_d = &mut yh[d * n * h..(d + 1) * n * h];
+        let yc_d = &mut yc[d * n * h..(d + 1) * n * h];
+        let blocks = yh_d
+            .chunks_mut(rows_per * h)
+            .zip(yc_d.chunks_mut(rows_per * h))
+            .enumerate();
+        if rows_per >= n {
+            for (i, (yh_b, yc_b)) in blocks {
+                dir.rows(i * rows_per, yh_b, yc_b, false);
             }
+        } else {
+            let blocks: Vec<_> = blocks.collect();
+            blocks
+                .into_par_iter()
+                .for_each(|(i, (yh_b, yc_b))| dir.rows(i * rows_per, yh_b, yc_b, true));
         }
-        let mut hs: Vec<T> = match inp.h0 {
-            Some(h0) => h0[d * n * h..(d + 1) * n * h].to_vec(),
-            None => vec![zero; n * h],
-        };
-        let mut cs: Vec<T> = match inp.c0 {
-            Some(c0) => c0[d * n * h..(d + 1) * n * h].to_vec(),
-            None => vec![zero; n * h],
-        };
-        let p = inp.p.map(|p| &p[d * 3 * h..(d + 1) * 3 * h]);
-        let _ = &acts;
-        let max_len = match &inp.mask {
-            Some(_) => t_len,
-            None => inp.lens.iter().copied().max().unwrap_or(0),
-        };
-        let zeros = vec![zero; 3 * h];
-        let p = p.unwrap_or(&zeros);
-        let (pi, po, pf) = (&p[..h], &p[h..2 * h], &p[2 * h..3 * h]);
-        let zero_rb = vec![zero; gh];
-        let rbv = rb.unwrap_or(&zero_rb);
-        let rbh = &rbv[(gh - h).min(2 * h)..];
-        let (f, gg, hh) = (
-            acts[0],
-            acts.get(1).copied().unwrap_or(acts[0]),
-            acts.get(2).copied().unwrap_or(acts[0]),
-        );
-        for s in 0..max_len {
-            // Recurrent projection for all rows: HR[N, G·H] = H · Rᵀ (GRU with
-            // linear_before_reset=0: only the z and r columns here).
-            let gru_lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
-            let cols = if gru_lbr0 { 2 * h } else { gh };
-            T::gemm(
-                n,
-                h,
-                cols,
-                &hs,
-                h as isize,
-                1,
-                r,
-                1,
-                h as isize,
-                false,
-                &mut hr,
-                gh as isize,
-            );
-            // The time index row b runs at this step, if it runs: without a mask the
-            // reverse direction starts at each row's own last valid step; with one, all
-            // rows share the step and masked rows keep their state.
-            let step_t = if rev { t_len - 1 - s } else { s };
-            let active = |b: usize| -> Option<usize> {
-                match &inp.mask {
-                    None if s >= inp.lens[b] => None,
-                    None if rev => Some(inp.lens[b] - 1 - s),
-                    None => Some(s),
-                    Some(m) => (m[step_t * n + b] && step_t < inp.lens[b]).then_some(step_t),
-                }
-            };
-            if gru_lbr0 {
-                // z and r for every active row, then (r ⊙ H) · R_hᵀ into the h columns.
-                for b in 0..n {
-                    let Some(t) = active(b) else { continue };
-                    let x = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
-                    let zr = &mut gates[b * gh..b * gh + 2 * h];
-                    for u in 0..2 * h {
-                        zr[u] = cl(x[u] + hr[b * gh + u]);
-                    }
-                    T::act_slice(f, zr);
-                    for u in 0..h {
-                        rh[b * h + u] = zr[h + u] * hs[b * h + u];
-                    }
-                }
-                T::gemm(
-                    n,
-                    h,
-                    h,
-                    &rh,
-                    h as isize,
-                    1,
-                    &r[2 * h * h..],
-                    1,
-                    h as isize,
-                    false,
-                    &mut hr[2 * h..],
-                    gh as isize,
-                );
-            }
-            for b in 0..n {
-                let Some(t) = active(b) else {
-                    if spec.hold && inp.mask.is_some() {
-                        let yo = ((step_t * d_n + d) * n + b) * h;
-                        y[yo..yo + h].copy_from_slice(&hs[b * h..(b + 1) * h]);
-                    }
-                    continue;
-                };
-                let x = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
-                let hrow = &hr[b * gh..(b + 1) * gh];
-                let hv = &mut hs[b * h..(b + 1) * h];
-                let cv = &mut cs[b * h..(b + 1) * h];
-                let buf = &mut gates[b * gh..(b + 1) * gh];
-                match spec.cell {
-                    Cell::Rnn => {
-                        for u in 0..h {
-                            hv[u] = cl(x[u] + hrow[u]);
-                        }
-                        T::act_slice(f, hv);
-                    }
-                    Cell::Lstm => {
-                        // buf holds [i | f | c̃ | o]; X·Wᵀ and H·Rᵀ are in ONNX order i, o, f, c.
-                        let (bi, rest) = buf.split_at_mut(h);
-                        let (bf, rest) = rest.split_at_mut(h);
-                        let (bc, bo) = rest.split_at_mut(h);
-                        for u in 0..h {
-                            bi[u] = cl(x[u] + hrow[u] + pi[u] * cv[u]);
-                            bf[u] = cl(x[2 * h + u] + hrow[2 * h + u] + pf[u] * cv[u]);
-                            bc[u] = cl(x[3 * h + u] + hrow[3 * h + u]);
-                        }
-                        T::act_slice(f, bi);
-                        if spec.input_forget {
-                            for u in 0..h {
-                                bf[u] = one - bi[u];
-                            }
-                        } else {
-                            T::act_slice(f, bf);
-                        }
-                        T::act_slice(gg, bc);
-                        for u in 0..h {
-                            let c = bf[u] * cv[u] + bi[u] * bc[u];
-                            cv[u] = c;
-                            bo[u] = cl(x[h + u] + hrow[h + u] + po[u] * c);
-                            bc[u] = c;
-                        }
-                        T::act_slice(f, bo);
-                        T::act_slice(hh, bc);
-                        for u in 0..h {
-                            hv[u] = bo[u] * bc[u];
-                        }
-                    }
-                    Cell::Gru => {
-                        let (zr, bh) = buf.split_at_mut(2 * h);
-                        if spec.linear_before_reset {
-                            for u in 0..2 * h {
-                                zr[u] = cl(x[u] + hrow[u]);
-                            }
-                            T::act_slice(f, zr);
-                            for u in 0..h {
-                                bh[u] = cl(x[2 * h + u] + zr[h + u] * (hrow[2 * h + u] + rbh[u]));
-                            }
-                        } else {
-                            for u in 0..h {
-                                bh[u] = cl(x[2 * h + u] + hrow[2 * h + u] + rbh[u]);
-                            }
-                        }
-                        T::act_slice(gg, bh);
-                        for u in 0..h {
-                            let z = zr[u];
-                            hv[u] = (one - z) * bh[u] + z * hv[u];
-                        }
-                    }
-                }
-                let yo = ((t * d_n + d) * n + b) * h;
-                y[yo..yo + h].copy_from_slice(hv);
-            }
-        }
-        yh[d * n * h..(d + 1) * n * h].copy_from_slice(&hs);
-        yc[d * n * h..(d + 1) * n * h].copy_from_slice(&cs);
     }
     Ok(Outputs { y, yh, yc })
+}
+
+/// Products below this many multiply-adds over the whole sequence run on one thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Rows of X a block projects at once (a few steps of its rows: enough rows for an
+/// efficient GEMM, few enough that the projections stay in cache until their steps).
+const CHUNK_ROWS: usize = 256;
+
+/// Y shared by the threads that run disjoint blocks of batch rows.
+struct SyncPtr<T>(*mut T);
+// SAFETY: each thread writes only Y's rows of its own batch block (see `Direction::rows`),
+// and every thread is joined before `run` reads or returns Y.
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
+
+/// One direction of a fused op, ready to run blocks of batch rows.
+struct Direction<'a, T: RFloat> {
+    spec: &'a Spec,
+    inp: &'a Inputs<'a, T>,
+    d: usize,
+    rev: bool,
+    w_packed: T::Packed,
+    bias: Vec<T>,
+    r_packed: T::Packed,
+    rh_packed: Option<T::Packed>,
+    acts: (Act, Act, Act),
+    peep: Option<&'a [T]>,
+    rbh: &'a [T],
+    y: SyncPtr<T>,
+}
+
+impl<T: RFloat> Direction<'_, T> {
+    /// Runs rows `b0..b0 + yh.len()/H` through every step, writing their Y rows and
+    /// their final states into `yh`/`yc`. Every few steps it projects the inputs the
+    /// next steps' rows read with one GEMM. `nested`: already on a worker thread, so
+    /// the products stay on it.
+    fn rows(&self, b0: usize, yh: &mut [T], yc: &mut [T], nested: bool) {
+        let (t_len, n, isz) = self.inp.dims;
+        let h = self.spec.hidden;
+        let gh = self.spec.cell.gates() * h;
+        let nb = yh.len() / h.max(1);
+        let zero = T::of(0.0);
+        let init = |v: Option<&[T]>| match v {
+            Some(v) => v[(self.d * n + b0) * h..(self.d * n + b0 + nb) * h].to_vec(),
+            None => vec![zero; nb * h],
+        };
+        let mut hs = init(self.inp.h0);
+        let mut cs = init(self.inp.c0);
+        let mut hr = vec![zero; nb * gh];
+        let mut rh = vec![zero; nb * h];
+        let mut gates = vec![zero; nb * gh];
+        let max_len = match &self.inp.mask {
+            Some(_) => t_len,
+            None => self.inp.lens[b0..b0 + nb]
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0),
+        };
+        let chunk = (CHUNK_ROWS / nb.max(1)).clamp(1, max_len.max(1));
+        let mut xa = vec![zero; chunk * nb * isz];
+        let mut xs = vec![zero; chunk * nb * gh];
+        let gemm = |p: &T::Packed, a: &[T], c: &mut [T]| {
+            if nested {
+                T::packed_gemm_serial(p, nb, a, h, c, gh, false)
+            } else {
+                T::packed_gemm(p, nb, a, h, c, gh, false)
+            }
+        };
+        for s0 in (0..max_len).step_by(chunk) {
+            let steps = chunk.min(max_len - s0);
+            self.project(s0, steps, b0, nb, &mut xa, &mut xs, nested);
+            for s in s0..s0 + steps {
+                let xs = &xs[(s - s0) * nb * gh..(s - s0 + 1) * nb * gh];
+                // Recurrent projection for this block: HR[nb, G·H] = H · Rᵀ (GRU with
+                // linear_before_reset=0: only the z and r columns here).
+                gemm(&self.r_packed, &hs, &mut hr);
+                if let Some(rhp) = &self.rh_packed {
+                    self.reset_phase(s, b0, xs, &hs, &hr, &mut gates, &mut rh);
+                    gemm(rhp, &rh, &mut hr[2 * h..]);
+                }
+                self.gate_phase(s, b0, xs, &mut hs, &mut cs, &hr, &mut gates);
+            }
+        }
+        yh.copy_from_slice(&hs);
+        yc.copy_from_slice(&cs);
+    }
+
+    /// X·Wᵀ + b of rows `b0..b0 + nb` for steps `s0..s0 + steps` (each row's own time
+    /// index; zeros where a row does not run) into `xs`, row (s − s0)·nb + b.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        s0: usize,
+        steps: usize,
+        b0: usize,
+        nb: usize,
+        xa: &mut [T],
+        xs: &mut [T],
+        nested: bool,
+    ) {
+        let (_, n, isz) = self.inp.dims;
+        let gh = self.spec.cell.gates() * self.spec.hidden;
+        let zero = T::of(0.0);
+        for (i, row) in xa.chunks_mut(isz.max(1)).take(steps * nb).enumerate() {
+            let (s, b) = (s0 + i / nb, i % nb);
+            match self.active(s, b0 + b) {
+                Some(t) => row.copy_from_slice(&self.inp.x[(t * n + b0 + b) * isz..][..isz]),
+                None => row.fill(zero),
+            }
+        }
+        if nested {
+            T::packed_gemm_serial(&self.w_packed, steps * nb, xa, isz, xs, gh, false);
+        } else {
+            T::packed_gemm(&self.w_packed, steps * nb, xa, isz, xs, gh, false);
+        }
+        for row in xs.chunks_mut(gh).take(steps * nb) {
+            for (x, &b) in row.iter_mut().zip(&self.bias) {
+                *x = *x + b;
+            }
+        }
+    }
+
+    /// The time index row `b` runs at step s, if it runs: without a mask the reverse
+    /// direction starts at each row's own last valid step; with one, all rows share the
+    /// step and masked rows keep their state.
+    #[inline]
+    fn active(&self, s: usize, b: usize) -> Option<usize> {
+        let inp = self.inp;
+        let t_len = inp.dims.0;
+        let step_t = if self.rev { t_len - 1 - s } else { s };
+        match &inp.mask {
+            None if s >= inp.lens[b] => None,
+            None if self.rev => Some(inp.lens[b] - 1 - s),
+            None => Some(s),
+            Some(m) => (m[step_t * inp.dims.1 + b] && step_t < inp.lens[b]).then_some(step_t),
+        }
+    }
+
+    fn clip(&self) -> Option<(T, T)> {
+        self.spec
+            .clip
+            .map(|c| (T::of(-(c as f64)), T::of(c as f64)))
+    }
+
+    /// GRU with linear_before_reset=0: z and r for every active row of the block, and
+    /// r ⊙ H for the product with R_h. `xs`: the rows' X·Wᵀ + b for this step.
+    #[allow(clippy::too_many_arguments)]
+    fn reset_phase(
+        &self,
+        s: usize,
+        b0: usize,
+        xs: &[T],
+        hs: &[T],
+        hr: &[T],
+        gates: &mut [T],
+        rh: &mut [T],
+    ) {
+        let h = self.spec.hidden;
+        let gh = self.spec.cell.gates() * h;
+        let clip = self.clip();
+        let (f, _, _) = self.acts;
+        for b in 0..hs.len() / h.max(1) {
+            if self.active(s, b0 + b).is_none() {
+                continue;
+            }
+            let zr = &mut gates[b * gh..b * gh + 2 * h];
+            add_clip(
+                zr,
+                &xs[b * gh..b * gh + 2 * h],
+                &hr[b * gh..b * gh + 2 * h],
+                clip,
+            );
+            T::act_slice(f, zr);
+            for ((o, &r), &hv) in rh[b * h..(b + 1) * h]
+                .iter_mut()
+                .zip(&zr[h..])
+                .zip(&hs[b * h..(b + 1) * h])
+            {
+                *o = r * hv;
+            }
+        }
+    }
+
+    /// The gate arithmetic of step s for every row of the block: new states, Y rows.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_phase(
+        &self,
+        s: usize,
+        b0: usize,
+        xs: &[T],
+        hs: &mut [T],
+        cs: &mut [T],
+        hr: &[T],
+        gates: &mut [T],
+    ) {
+        let (spec, inp) = (self.spec, self.inp);
+        let t_len = inp.dims.0;
+        let h = spec.hidden;
+        let gh = spec.cell.gates() * h;
+        let one = T::of(1.0);
+        let clip = self.clip();
+        let (f, gg, hh) = self.acts;
+        let step_t = if self.rev { t_len - 1 - s } else { s };
+        let nb = hs.len() / h.max(1);
+        for b in 0..nb {
+            let Some(t) = self.active(s, b0 + b) else {
+                if spec.hold && inp.mask.is_some() {
+                    self.write_y(step_t, b0 + b, &hs[b * h..(b + 1) * h]);
+                }
+                continue;
+            };
+            let x = &xs[b * gh..(b + 1) * gh];
+            let hrow = &hr[b * gh..(b + 1) * gh];
+            let hv = &mut hs[b * h..(b + 1) * h];
+            let cv = &mut cs[b * h..(b + 1) * h];
+            let buf = &mut gates[b * gh..(b + 1) * gh];
+            match spec.cell {
+                Cell::Rnn => {
+                    add_clip(hv, x, hrow, clip);
+                    T::act_slice(f, hv);
+                }
+                Cell::Lstm => {
+                    // buf holds [i | f | c̃ | o]; X·Wᵀ and H·Rᵀ are in ONNX order i, o, f, c.
+                    let (bi, rest) = buf.split_at_mut(h);
+                    let (bf, rest) = rest.split_at_mut(h);
+                    let (bc, bo) = rest.split_at_mut(h);
+                    match self.peep {
+                        Some(p) => {
+                            add_peep_clip(bi, part(x, h, 0), part(hrow, h, 0), &p[..h], cv, clip);
+                            add_peep_clip(
+                                bf,
+                                part(x, h, 2),
+                                part(hrow, h, 2),
+                                &p[2 * h..],
+                                cv,
+                                clip,
+                            );
+                        }
+                        None => {
+                            add_clip(bi, part(x, h, 0), part(hrow, h, 0), clip);
+                            add_clip(bf, part(x, h, 2), part(hrow, h, 2), clip);
+                        }
+                    }
+                    add_clip(bc, part(x, h, 3), part(hrow, h, 3), clip);
+                    T::act_slice(f, bi);
+                    if spec.input_forget {
+                        for (bf, &bi) in bf.iter_mut().zip(bi.iter()) {
+                            *bf = one - bi;
+                        }
+                    } else {
+                        T::act_slice(f, bf);
+                    }
+                    T::act_slice(gg, bc);
+                    // c' = f⊙c + i⊙c̃, kept in c and (for act(c')) in bc.
+                    for (((c, g), &fv), &iv) in cv
+                        .iter_mut()
+                        .zip(bc.iter_mut())
+                        .zip(bf.iter())
+                        .zip(bi.iter())
+                    {
+                        *c = fv * *c + iv * *g;
+                        *g = *c;
+                    }
+                    match self.peep {
+                        Some(p) => add_peep_clip(
+                            bo,
+                            part(x, h, 1),
+                            part(hrow, h, 1),
+                            &p[h..2 * h],
+                            cv,
+                            clip,
+                        ),
+                        None => add_clip(bo, part(x, h, 1), part(hrow, h, 1), clip),
+                    }
+                    T::act_slice(f, bo);
+                    T::act_slice(hh, bc);
+                    for ((hv, &o), &c) in hv.iter_mut().zip(bo.iter()).zip(bc.iter()) {
+                        *hv = o * c;
+                    }
+                }
+                Cell::Gru => {
+                    let (zr, bh) = buf.split_at_mut(2 * h);
+                    let (xh, rhh) = (&x[2 * h..], &hrow[2 * h..]);
+                    if spec.linear_before_reset {
+                        add_clip(zr, &x[..2 * h], &hrow[..2 * h], clip);
+                        T::act_slice(f, zr);
+                        for ((((o, &xv), &r), &hv), &b) in
+                            bh.iter_mut().zip(xh).zip(&zr[h..]).zip(rhh).zip(self.rbh)
+                        {
+                            *o = clamp(xv + r * (hv + b), clip);
+                        }
+                    } else {
+                        for (((o, &xv), &hv), &b) in bh.iter_mut().zip(xh).zip(rhh).zip(self.rbh) {
+                            *o = clamp(xv + hv + b, clip);
+                        }
+                    }
+                    T::act_slice(gg, bh);
+                    for ((hv, &z), &c) in hv.iter_mut().zip(zr[..h].iter()).zip(bh.iter()) {
+                        *hv = (one - z) * c + z * *hv;
+                    }
+                }
+            }
+            self.write_y(t, b0 + b, &hs[b * h..(b + 1) * h]);
+        }
+    }
+
+    /// Y[t, d, b, :] = v.
+    fn write_y(&self, t: usize, b: usize, v: &[T]) {
+        let (_, n, _) = self.inp.dims;
+        let h = self.spec.hidden;
+        let at = ((t * self.spec.reverse.len() + self.d) * n + b) * h;
+        debug_assert!(v.len() == h && t < self.inp.dims.0 && b < n);
+        // SAFETY: Y holds T·D·N·H values and (t, d, b) is in range, so the H values at
+        // `at` lie inside it; row b belongs to the calling thread's block alone, and the
+        // threads are joined before Y is read.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.y.0.add(at), h) };
+    }
+}
+
+/// The k-th `h`-wide gate block of a row.
+#[inline(always)]
+fn part<T>(v: &[T], h: usize, k: usize) -> &[T] {
+    &v[k * h..(k + 1) * h]
+}
+
+/// Clamps to `clip` when given (NaN propagates either way).
+#[inline(always)]
+fn clamp<T: RFloat>(v: T, clip: Option<(T, T)>) -> T {
+    match clip {
+        Some((lo, hi)) => v.mx(lo).mn(hi),
+        None => v,
+    }
+}
+
+/// `out = clip(a + b)`.
+#[inline]
+fn add_clip<T: RFloat>(out: &mut [T], a: &[T], b: &[T], clip: Option<(T, T)>) {
+    match clip {
+        None => {
+            for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        }
+        Some(_) => {
+            for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                *o = clamp(a + b, clip);
+            }
+        }
+    }
+}
+
+/// `out = clip(a + b + p ⊙ c)` (peepholes).
+#[inline]
+fn add_peep_clip<T: RFloat>(
+    out: &mut [T],
+    a: &[T],
+    b: &[T],
+    p: &[T],
+    c: &[T],
+    clip: Option<(T, T)>,
+) {
+    for ((((o, &a), &b), &p), &c) in out.iter_mut().zip(a).zip(b).zip(p).zip(c) {
+        *o = clamp(a + b + p * c, clip);
+    }
 }
 
 /// The elements in row-major order: borrowed when already contiguous, copied otherwise.

@@ -422,20 +422,22 @@ impl<T: RFloat> Dir<'_, T> {
         let rbh: &[f64] = if gru { &self.rb[2 * h..3 * h] } else { &[] };
         // ---- forward, all steps' input projections in one GEMM ----
         let mut xw = vec![zero; t_len * n * gh];
-        T::gemm(
+        T::packed_gemm(
+            &T::pack(isz, gh, &self.w, 1, isz),
             t_len * n,
-            isz,
-            gh,
             self.x,
-            isz as isize,
-            1,
-            &self.w,
-            1,
-            isz as isize,
-            false,
+            isz,
             &mut xw,
-            gh as isize,
+            gh,
+            false,
         );
+        // R packed once for every step's products: Rᵀ forward (the z/r columns apart
+        // from the h columns for reset-before GRU), R backward.
+        let rec_cols = if lbr0 { 2 * h } else { gh };
+        let rt_packed = T::pack(h, rec_cols, &self.r, 1, h);
+        let rht_packed = lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], 1, h));
+        let r_packed = T::pack(rec_cols, h, &self.r, h, 1);
+        let rh_packed = lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], h, 1));
         let mut hs = h0.unwrap_or_else(|| vec![zero; nh]);
         let mut cs = c0.unwrap_or_else(|| vec![zero; nh]);
         // Per processing step k: pre-activations (unclipped) [N, G·H], h and c before
@@ -460,21 +462,7 @@ impl<T: RFloat> Dir<'_, T> {
             if lstm {
                 cp_all[k * nh..(k + 1) * nh].copy_from_slice(&cs);
             }
-            let cols = if lbr0 { 2 * h } else { gh };
-            T::gemm(
-                n,
-                h,
-                cols,
-                &hs,
-                h as isize,
-                1,
-                &self.r,
-                1,
-                h as isize,
-                false,
-                &mut hr,
-                gh as isize,
-            );
+            T::packed_gemm(&rt_packed, n, &hs, h, &mut hr, gh, false);
             let pk = &mut pre[k * n * gh..(k + 1) * n * gh];
             for b in 0..n {
                 let xr = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
@@ -503,20 +491,9 @@ impl<T: RFloat> Dir<'_, T> {
                 }
                 if lbr0 {
                     rh_all[k * nh..(k + 1) * nh].copy_from_slice(&rh);
-                    T::gemm(
-                        n,
-                        h,
-                        h,
-                        &rh,
-                        h as isize,
-                        1,
-                        &self.r[2 * h * h..],
-                        1,
-                        h as isize,
-                        false,
-                        &mut hr[2 * h..],
-                        gh as isize,
-                    );
+                    if let Some(p) = &rht_packed {
+                        T::packed_gemm(p, n, &rh, h, &mut hr[2 * h..], gh, false);
+                    }
                 }
                 for b in 0..n {
                     for u in 0..h {
@@ -701,20 +678,9 @@ impl<T: RFloat> Dir<'_, T> {
                 // The reset gate and the candidate's recurrent term.
                 if lbr0 {
                     // d(r⊙h) = dpre_h · R_h
-                    T::gemm(
-                        n,
-                        h,
-                        h,
-                        &dpre_h,
-                        h as isize,
-                        1,
-                        &self.r[2 * h * h..],
-                        h as isize,
-                        1,
-                        false,
-                        &mut d_rh,
-                        h as isize,
-                    );
+                    if let Some(p) = &rh_packed {
+                        T::packed_gemm(p, n, &dpre_h, h, &mut d_rh, h, false);
+                    }
                 }
                 for b in 0..n {
                     if !cx.active(t, b) {
@@ -742,21 +708,7 @@ impl<T: RFloat> Dir<'_, T> {
             }
             // dh_prev += dG_rec · R over the columns fed by h (reset-before GRU: z, r).
             // Inactive rows have zero gate grads: the product leaves their carry as is.
-            let cols = if lbr0 { 2 * h } else { gh };
-            T::gemm(
-                n,
-                cols,
-                h,
-                gr,
-                gh as isize,
-                1,
-                &self.r,
-                h as isize,
-                1,
-                true,
-                &mut dh_prev,
-                h as isize,
-            );
+            T::packed_gemm(&r_packed, n, gr, gh, &mut dh_prev, h, true);
             std::mem::swap(&mut dh, &mut dh_prev);
             std::mem::swap(&mut dc, &mut dc_prev);
         }

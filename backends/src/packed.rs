@@ -1,0 +1,486 @@
+//! f32 GEMM with the right-hand matrix packed once and reused: `C = A·B (+ C)`.
+//!
+//! The recurrent kernels multiply by the same weights at every time step (and the input
+//! projection multiplies thousands of rows by one weight matrix). A general GEMM packs B
+//! again on every call; [`PackedB`] packs it once into panels of [`NR`] columns
+//! (`k × NR` contiguous, zero-padded), and [`PackedB::gemm`] runs a register-blocked
+//! `MR × NR` micro-kernel over them — AVX2/FMA when the CPU has it (checked at run
+//! time), portable Rust otherwise. A is read in place (rows at any stride, unit column
+//! stride). Work is split over rayon's threads when the product is large enough to pay
+//! for it: by column panels when A has few rows (the per-step recurrent product), by
+//! row blocks otherwise.
+
+use rayon::prelude::*;
+
+/// Rows of the micro-kernel's tile.
+pub const MR: usize = 6;
+/// Columns of the micro-kernel's tile (one packed panel).
+pub const NR: usize = 16;
+/// Rows of A a thread keeps hot in cache while it sweeps all of B's panels.
+const MC: usize = 72;
+/// Depth of one pass: a panel's `KC × NR` chunk (16 KiB) stays in L1.
+const KC: usize = 256;
+/// Products below this many multiply-adds run on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 19;
+
+/// B (`k × n`) packed into panels of [`NR`] columns for repeated products `A·B`.
+#[derive(Clone, Debug)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs the `k × n` matrix whose element (p, j) is `b[p·rsb + j·csb]`.
+    ///
+    /// # Panics
+    /// If `b` is too short for these strides.
+    pub fn new(k: usize, n: usize, b: &[f32], rsb: usize, csb: usize) -> PackedB {
+        if k > 0 && n > 0 {
+            assert!(
+                (k - 1) * rsb + (n - 1) * csb < b.len(),
+                "PackedB: B is too short"
+            );
+        }
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for (p, panel) in data.chunks_mut((k * NR).max(1)).enumerate().take(panels) {
+            let cols = (n - p * NR).min(NR);
+            for (kk, row) in panel.chunks_mut(NR).enumerate() {
+                let base = kk * rsb + p * NR * csb;
+                for (j, v) in row[..cols].iter_mut().enumerate() {
+                    *v = b[base + j * csb];
+                }
+            }
+        }
+        PackedB { k, n, data }
+    }
+
+    /// Rows of B.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of B.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `C[m×n] = A[m×k]·B`, plus the old C when `accumulate`. Row i of A starts at
+    /// `a[i·rsa]` (unit column stride); row i of C at `c[i·rsc]`.
+    ///
+    /// # Panics
+    /// If `a` or `c` is too short, or a stride is smaller than a row.
+    pub fn gemm(
+        &self,
+        m: usize,
+        a: &[f32],
+        rsa: usize,
+        c: &mut [f32],
+        rsc: usize,
+        accumulate: bool,
+    ) {
+        let threads = if m * self.n * self.k >= PARALLEL_MIN_MACS {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        self.gemm_threads(threads, m, a, rsa, c, rsc, accumulate);
+    }
+
+    /// [`Self::gemm`] on the calling thread only (for callers that already run on
+    /// one of several threads).
+    pub fn gemm_serial(
+        &self,
+        m: usize,
+        a: &[f32],
+        rsa: usize,
+        c: &mut [f32],
+        rsc: usize,
+        accumulate: bool,
+    ) {
+        self.gemm_threads(1, m, a, rsa, c, rsc, accumulate);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_threads(
+        &self,
+        threads: usize,
+        m: usize,
+        a: &[f32],
+        rsa: usize,
+        c: &mut [f32],
+        rsc: usize,
+        accumulate: bool,
+    ) {
+        let (k, n) = (self.k, self.n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(
+            rsc >= n && (m - 1) * rsc + n <= c.len(),
+            "PackedB::gemm: C is too short"
+        );
+        let c = &mut c[..(m - 1) * rsc + n];
+        if k == 0 {
+            if !accumulate {
+                for row in c.chunks_mut(rsc).take(m) {
+                    row[..n].fill(0.0);
+                }
+            }
+            return;
+        }
+        assert!(
+            rsa >= k && (m - 1) * rsa + k <= a.len(),
+            "PackedB::gemm: A is too short"
+        );
+        let panels = n.div_ceil(NR);
+        let kernel = Kernel::detect();
+        if threads <= 1 {
+            block(
+                kernel,
+                self,
+                m,
+                a,
+                rsa,
+                c.as_mut_ptr(),
+                rsc,
+                0..panels,
+                accumulate,
+            );
+        } else if m >= MC * threads {
+            // Many rows: each thread takes whole row blocks (disjoint slices of C).
+            let rows = m.div_ceil(threads).div_ceil(MR) * MR;
+            c.par_chunks_mut(rows * rsc)
+                .enumerate()
+                .for_each(|(t, cc)| {
+                    let r0 = t * rows;
+                    let mm = rows.min(m - r0);
+                    block(
+                        kernel,
+                        self,
+                        mm,
+                        &a[r0 * rsa..],
+                        rsa,
+                        cc.as_mut_ptr(),
+                        rsc,
+                        0..panels,
+                        accumulate,
+                    );
+                });
+        } else {
+            // Few rows: each thread takes a contiguous range of column panels.
+            let per = panels.div_ceil(threads);
+            let cp = SendPtr(c.as_mut_ptr());
+            (0..threads).into_par_iter().for_each(|t| {
+                let lo = (t * per).min(panels);
+                let hi = ((t + 1) * per).min(panels);
+                let cp = &cp;
+                block(kernel, self, m, a, rsa, cp.0, rsc, lo..hi, accumulate);
+            });
+        }
+    }
+}
+
+/// A pointer to C shared by threads that write disjoint column ranges of it.
+struct SendPtr(*mut f32);
+// SAFETY: the threads given a `SendPtr` write disjoint column ranges of C (checked in
+// bounds by `PackedB::gemm`), and `par_iter` joins them before C's borrow ends.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+#[derive(Clone, Copy)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+}
+
+/// Rows `0..m` of A times panels `panels` of B into C (C's rows at stride `rsc` from
+/// `c`). Depth is cut into chunks of [`KC`] so a panel's chunk stays in L1 while every
+/// row tile reads it, and rows into chunks of [`MC`] so A's chunk stays in L2.
+#[allow(clippy::too_many_arguments)]
+fn block(
+    kernel: Kernel,
+    b: &PackedB,
+    m: usize,
+    a: &[f32],
+    rsa: usize,
+    c: *mut f32,
+    rsc: usize,
+    panels: std::ops::Range<usize>,
+    acc: bool,
+) {
+    let (k, n) = (b.k, b.n);
+    for k0 in (0..k).step_by(KC) {
+        let kc = (k - k0).min(KC);
+        let acc = acc || k0 > 0;
+        for r0 in (0..m).step_by(MC) {
+            let r1 = (r0 + MC).min(m);
+            for p in panels.clone() {
+                let bp = &b.data[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
+                let cols = (n - p * NR).min(NR);
+                for i in (r0..r1).step_by(MR) {
+                    let rows = (r1 - i).min(MR);
+                    let ai = &a[i * rsa + k0..];
+                    // SAFETY: rows i..i+rows and columns p·NR..p·NR+cols of C lie inside
+                    // the slice `PackedB::gemm` checked; no other thread writes these
+                    // columns of these rows.
+                    let ci = unsafe { c.add(i * rsc + p * NR) };
+                    match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `Kernel::Avx2` is only chosen when the CPU has AVX2 and
+                        // FMA; A holds `rows` rows of kc at stride rsa, bp kc·NR values.
+                        Kernel::Avx2 => unsafe {
+                            avx2::tile(kc, ai, rsa, rows, bp, ci, rsc, cols, acc)
+                        },
+                        Kernel::Portable => unsafe {
+                            portable_tile(kc, ai, rsa, rows, bp, ci, rsc, cols, acc)
+                        },
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One `rows × cols` tile (rows ≤ MR, cols ≤ NR) in plain Rust.
+///
+/// # Safety
+/// `c` must be valid for writes of `rows` rows of `cols` values at stride `rsc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_tile(
+    k: usize,
+    a: &[f32],
+    rsa: usize,
+    rows: usize,
+    bp: &[f32],
+    c: *mut f32,
+    rsc: usize,
+    cols: usize,
+    acc: bool,
+) {
+    let mut t = [[0f32; NR]; MR];
+    for p in 0..k {
+        let brow = &bp[p * NR..(p + 1) * NR];
+        for (i, ti) in t.iter_mut().enumerate().take(rows) {
+            let av = a[i * rsa + p];
+            for (x, &bv) in ti.iter_mut().zip(brow) {
+                *x += av * bv;
+            }
+        }
+    }
+    for (i, ti) in t.iter().enumerate().take(rows) {
+        for (j, &v) in ti.iter().enumerate().take(cols) {
+            // SAFETY: in bounds by the caller's contract.
+            let dst = unsafe { &mut *c.add(i * rsc + j) };
+            *dst = if acc { *dst + v } else { v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR};
+
+    /// How many B rows (of 64 bytes) ahead the kernel prefetches.
+    const PREFETCH_ROWS: usize = 8;
+    use std::arch::x86_64::*;
+
+    /// One `rows × cols` tile (rows ≤ MR, cols ≤ NR): dispatches to the kernel for
+    /// exactly that many rows, so a short last tile does only its own work.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `c` must be valid for writes of `rows` rows of
+    /// `cols` values at stride `rsc`; `a` holds `rows` rows of `k` at stride `rsa`;
+    /// `bp` holds `k·NR` values.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
+        k: usize,
+        a: &[f32],
+        rsa: usize,
+        rows: usize,
+        bp: &[f32],
+        c: *mut f32,
+        rsc: usize,
+        cols: usize,
+        acc: bool,
+    ) {
+        debug_assert!((1..=MR).contains(&rows) && bp.len() >= k * NR);
+        debug_assert!((rows - 1) * rsa + k <= a.len());
+        match rows {
+            6 => tile_rows::<6>(k, a, rsa, bp, c, rsc, cols, acc),
+            5 => tile_rows::<5>(k, a, rsa, bp, c, rsc, cols, acc),
+            4 => tile_rows::<4>(k, a, rsa, bp, c, rsc, cols, acc),
+            3 => tile_rows::<3>(k, a, rsa, bp, c, rsc, cols, acc),
+            2 => tile_rows::<2>(k, a, rsa, bp, c, rsc, cols, acc),
+            _ => tile_rows::<1>(k, a, rsa, bp, c, rsc, cols, acc),
+        }
+    }
+
+    /// An `R × cols` tile with `2·R` ymm accumulators.
+    ///
+    /// # Safety
+    /// As [`tile`], with `rows = R`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn tile_rows<const R: usize>(
+        k: usize,
+        a: &[f32],
+        rsa: usize,
+        bp: &[f32],
+        c: *mut f32,
+        rsc: usize,
+        cols: usize,
+        acc: bool,
+    ) {
+        let ap = a.as_ptr();
+        let b = bp.as_ptr();
+        let mut t = [[_mm256_setzero_ps(); 2]; R];
+        for p in 0..k {
+            // B streams from L3 on a panel's first tile: fetch a few rows ahead (the
+            // address may pass the panel's end; prefetches never fault).
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH_ROWS) * NR) as *const i8);
+            let b0 = _mm256_loadu_ps(b.add(p * NR));
+            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            for (i, ti) in t.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*ap.add(i * rsa + p));
+                ti[0] = _mm256_fmadd_ps(x, b0, ti[0]);
+                ti[1] = _mm256_fmadd_ps(x, b1, ti[1]);
+            }
+        }
+        for (i, ti) in t.iter().enumerate() {
+            let dst = c.add(i * rsc);
+            if cols == NR {
+                let (mut v0, mut v1) = (ti[0], ti[1]);
+                if acc {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(dst));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(dst.add(8)));
+                }
+                _mm256_storeu_ps(dst, v0);
+                _mm256_storeu_ps(dst.add(8), v1);
+            } else {
+                let mut buf = [0f32; NR];
+                _mm256_storeu_ps(buf.as_mut_ptr(), ti[0]);
+                _mm256_storeu_ps(buf.as_mut_ptr().add(8), ti[1]);
+                for (j, &v) in buf.iter().enumerate().take(cols) {
+                    let d = &mut *dst.add(j);
+                    *d = if acc { *d + v } else { v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        rsa: usize,
+        b: &[f32],
+        rsb: usize,
+        csb: usize,
+    ) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += a[i * rsa + p] as f64 * b[p * rsb + j * csb] as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_naive_on_ragged_shapes_threads_and_transposes() {
+        let shapes = [
+            (1, 1, 1),
+            (5, 3, 17),
+            (7, 33, 40),
+            (64, 64, 256),
+            (13, 100, 1000),
+            (300, 40, 50),
+            (64, 512, 2048),
+        ];
+        for (m, k, n) in shapes {
+            for trans in [false, true] {
+                for accumulate in [false, true] {
+                    let rsa = k + 2;
+                    let a: Vec<f32> = (0..m * rsa)
+                        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                        .collect();
+                    let b: Vec<f32> = (0..k * n)
+                        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+                        .collect();
+                    let (rsb, csb) = if trans { (1, k) } else { (n, 1) };
+                    let packed = PackedB::new(k, n, &b, rsb, csb);
+                    let rsc = n + 3;
+                    let mut c: Vec<f32> = (0..m * rsc).map(|i| (i % 5) as f32).collect();
+                    let before = c.clone();
+                    packed.gemm(m, &a, rsa, &mut c, rsc, accumulate);
+                    let want = naive(m, k, n, &a, rsa, &b, rsb, csb);
+                    for i in 0..m {
+                        for j in 0..rsc {
+                            let got = c[i * rsc + j];
+                            let w = if j >= n {
+                                before[i * rsc + j]
+                            } else if accumulate {
+                                want[i * n + j] + before[i * rsc + j]
+                            } else {
+                                want[i * n + j]
+                            };
+                            assert!((got - w).abs() <= 1e-3 * (1.0 + w.abs()), "{m}x{k}x{n} trans={trans} acc={accumulate} ({i},{j}): {got} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_kernel_matches_too() {
+        let (m, k, n) = (11, 9, 35);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+        let packed = PackedB::new(k, n, &b, n, 1);
+        let mut c = vec![0f32; m * n];
+        block(
+            Kernel::Portable,
+            &packed,
+            m,
+            &a,
+            k,
+            c.as_mut_ptr(),
+            n,
+            0..n.div_ceil(NR),
+            false,
+        );
+        assert_eq!(c, naive(m, k, n, &a, k, &b, n, 1));
+    }
+}
