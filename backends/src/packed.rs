@@ -21,7 +21,7 @@ const MC: usize = 72;
 /// Depth of one pass: a panel's `KC × NR` chunk (16 KiB) stays in L1.
 const KC: usize = 256;
 /// Products below this many multiply-adds run on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 19;
+const PARALLEL_MIN_MACS: usize = 1 << 21;
 
 /// B (`k × n`) packed into panels of [`NR`] columns for repeated products `A·B`.
 #[derive(Clone, Debug)]

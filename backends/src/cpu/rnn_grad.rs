@@ -578,6 +578,11 @@ impl<T: RFloat> Dir<'_, T> {
             }
         }
         // ---- backward ----
+        let plain_lstm = lstm
+            && spec.clip.is_none()
+            && !spec.input_forget
+            && (f, ga, ha) == (Act::Sigmoid, Act::Tanh, Act::Tanh)
+            && self.p.iter().all(|&v| v == 0.0);
         let mut dgx = vec![zero; t_len * n * gh]; // by time index
         let mut dgr = vec![zero; t_len * n * gh]; // by processing step
         let mut dp = vec![0.0; 3 * h];
@@ -610,6 +615,35 @@ impl<T: RFloat> Dir<'_, T> {
             for b in 0..n {
                 if !cx.active(t, b) {
                     continue; // inactive rows carry dh, dc through
+                }
+                if plain_lstm {
+                    // The common LSTM (σ, tanh, tanh; no clip, peepholes zero, no
+                    // input_forget) in the tensor's own precision: the general loop
+                    // below with those terms dropped.
+                    let one = T::of(1.0);
+                    let row = &ak[b * gh..(b + 1) * gh];
+                    for u in 0..h {
+                        let at = b * h + u;
+                        let dhk = dh[at];
+                        let (cp, cn, t_c) =
+                            (cp_all[k * nh + at], aux[k * nh + at], tc[k * nh + at]);
+                        let (i, o, fg, cc) = (row[u], row[h + u], row[2 * h + u], row[3 * h + u]);
+                        let do_pre = dhk * t_c * o * (one - o);
+                        let dck = dc[at] + dhk * o * (one - t_c * t_c);
+                        let di_pre = dck * cc * i * (one - i);
+                        let df_pre = dck * cp * fg * (one - fg);
+                        let dc_pre = dck * i * (one - cc * cc);
+                        dp[u] += (di_pre * cp).to();
+                        dp[h + u] += (do_pre * cn).to();
+                        dp[2 * h + u] += (df_pre * cp).to();
+                        for (j, v) in [(0, di_pre), (1, do_pre), (2, df_pre), (3, dc_pre)] {
+                            gx[b * gh + j * h + u] = v;
+                            gr[b * gh + j * h + u] = v;
+                        }
+                        dh_prev[at] = zero;
+                        dc_prev[at] = dck * fg;
+                    }
+                    continue;
                 }
                 for u in 0..h {
                     let at = b * h + u;
