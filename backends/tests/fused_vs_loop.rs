@@ -290,6 +290,10 @@ fn threaded_cfg() -> impl Strategy<Value = Cfg> {
             c.lens = c
                 .lens
                 .map(|_| lens[..batch].iter().map(|&l| l.min(seq)).collect());
+            // The default (bounded) activations: with unbounded ones at these widths the
+            // state grows to ~1e222 and the two summation orders' rounding decides its
+            // sign (chaotic, in f64 too); the small-size property covers every activation.
+            c.acts = None;
             c
         })
 }
@@ -303,9 +307,7 @@ proptest! {
         // of up to 56 + 16 terms, 16 steps) the two summation orders' f32 rounding
         // differs by more than 1e-5 near zero.
         check_within(&c, DType::F64, 1e-5)?;
-        if c.acts.is_none() {
-            check_within(&c, DType::F32, 1e-4)?;
-        }
+        check_within(&c, DType::F32, 1e-4)?;
     }
 }
 
