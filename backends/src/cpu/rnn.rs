@@ -74,8 +74,9 @@ pub trait RFloat:
     /// [`Self::packed_gemm`] (f32: packed panels for the micro-kernel of
     /// [`crate::packed`]; f64: a row-major copy).
     fn pack(k: usize, n: usize, b: &[Self], rsb: usize, csb: usize) -> Self::Packed;
-    /// `C[m×n] = A[m×k]·B (+ C when accumulate)`; rows of A at stride `rsa` (unit
-    /// column stride), rows of C at stride `rsc`. Large products use rayon's threads.
+    /// `C[m×n] = A[m×k]·B`, plus the old C with `mode.accumulate`; rows of A at stride
+    /// `rsa` (unit column stride), rows of C at stride `rsc`. With `mode.parallel`, large
+    /// products use rayon's threads.
     fn packed_gemm(
         b: &Self::Packed,
         m: usize,
@@ -83,18 +84,38 @@ pub trait RFloat:
         rsa: usize,
         c: &mut [Self],
         rsc: usize,
-        accumulate: bool,
+        mode: GemmMode,
     );
-    /// [`Self::packed_gemm`] on the calling thread only.
-    fn packed_gemm_serial(
-        b: &Self::Packed,
-        m: usize,
-        a: &[Self],
-        rsa: usize,
-        c: &mut [Self],
-        rsc: usize,
-        accumulate: bool,
-    );
+}
+
+/// How a packed product writes C and where it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmMode {
+    /// Add to C instead of overwriting it.
+    pub accumulate: bool,
+    /// Split large products over rayon's threads (off for callers already on a worker).
+    pub parallel: bool,
+}
+
+impl GemmMode {
+    /// Overwrite C, threads allowed.
+    pub const SET: GemmMode = GemmMode {
+        accumulate: false,
+        parallel: true,
+    };
+    /// Add to C, threads allowed.
+    pub const ACCUMULATE: GemmMode = GemmMode {
+        accumulate: true,
+        parallel: true,
+    };
+
+    /// This mode, on the calling thread only when `on_worker`.
+    pub fn serial_if(self, on_worker: bool) -> GemmMode {
+        GemmMode {
+            parallel: self.parallel && !on_worker,
+            ..self
+        }
+    }
 }
 
 /// f64's "packed" matrix: a row-major copy multiplied with [`dgemm`].
@@ -154,20 +175,13 @@ rfloat_impl!(f32, F32, sgemm, {
         rsa: usize,
         c: &mut [f32],
         rsc: usize,
-        accumulate: bool,
+        mode: GemmMode,
     ) {
-        b.gemm(m, a, rsa, c, rsc, accumulate);
-    }
-    fn packed_gemm_serial(
-        b: &Self::Packed,
-        m: usize,
-        a: &[f32],
-        rsa: usize,
-        c: &mut [f32],
-        rsc: usize,
-        accumulate: bool,
-    ) {
-        b.gemm_serial(m, a, rsa, c, rsc, accumulate);
+        if mode.parallel {
+            b.gemm(m, a, rsa, c, rsc, mode.accumulate);
+        } else {
+            b.gemm_serial(m, a, rsa, c, rsc, mode.accumulate);
+        }
     }
     fn act_slice(a: Act, v: &mut [f32]) {
         match a {
@@ -196,9 +210,9 @@ rfloat_impl!(f64, F64, dgemm, {
         rsa: usize,
         c: &mut [f64],
         rsc: usize,
-        accumulate: bool,
+        mode: GemmMode,
     ) {
-        let beta = if accumulate { 1.0 } else { 0.0 };
+        let beta = if mode.accumulate { 1.0 } else { 0.0 };
         dgemm(
             m,
             p.k,
@@ -215,17 +229,6 @@ rfloat_impl!(f64, F64, dgemm, {
             rsc as isize,
             1,
         );
-    }
-    fn packed_gemm_serial(
-        p: &PlainB,
-        m: usize,
-        a: &[f64],
-        rsa: usize,
-        c: &mut [f64],
-        rsc: usize,
-        accumulate: bool,
-    ) {
-        Self::packed_gemm(p, m, a, rsa, c, rsc, accumulate);
     }
 });
 
@@ -717,13 +720,8 @@ impl<T: RFloat> Direction<'_, T> {
         let chunk = (CHUNK_ROWS / nb.max(1)).clamp(1, max_len.max(1));
         let mut xa = vec![zero; chunk * nb * isz];
         let mut xs = vec![zero; chunk * nb * gh];
-        let gemm = |p: &T::Packed, a: &[T], c: &mut [T]| {
-            if nested {
-                T::packed_gemm_serial(p, nb, a, h, c, gh, false)
-            } else {
-                T::packed_gemm(p, nb, a, h, c, gh, false)
-            }
-        };
+        let mode = GemmMode::SET.serial_if(nested);
+        let gemm = |p: &T::Packed, a: &[T], c: &mut [T]| T::packed_gemm(p, nb, a, h, c, gh, mode);
         for s0 in (0..max_len).step_by(chunk) {
             let steps = chunk.min(max_len - s0);
             self.project(s0, steps, b0, nb, &mut xa, &mut xs, nested);
@@ -766,11 +764,8 @@ impl<T: RFloat> Direction<'_, T> {
                 None => row.fill(zero),
             }
         }
-        if nested {
-            T::packed_gemm_serial(&self.w_packed, steps * nb, xa, isz, xs, gh, false);
-        } else {
-            T::packed_gemm(&self.w_packed, steps * nb, xa, isz, xs, gh, false);
-        }
+        let mode = GemmMode::SET.serial_if(nested);
+        T::packed_gemm(&self.w_packed, steps * nb, xa, isz, xs, gh, mode);
         for row in xs.chunks_mut(gh).take(steps * nb) {
             for (x, &b) in row.iter_mut().zip(&self.bias) {
                 *x = *x + b;

@@ -9,7 +9,7 @@
 //! projections, dX, dW, dR) are one GEMM over all steps. Layout 0 (time-major) only; the importer canonicalises
 //! `layout=1`.
 
-use super::rnn::{Act, Cell, RFloat, Spec};
+use super::rnn::{Act, Cell, GemmMode, RFloat, Spec};
 use crate::data::Data;
 use cellgraph_ir::{Op, Tensor};
 
@@ -429,7 +429,7 @@ impl<T: RFloat> Dir<'_, T> {
             isz,
             &mut xw,
             gh,
-            false,
+            GemmMode::SET,
         );
         // R packed once for every step's products: Rᵀ forward (the z/r columns apart
         // from the h columns for reset-before GRU), R backward.
@@ -462,7 +462,7 @@ impl<T: RFloat> Dir<'_, T> {
             if lstm {
                 cp_all[k * nh..(k + 1) * nh].copy_from_slice(&cs);
             }
-            T::packed_gemm(&rt_packed, n, &hs, h, &mut hr, gh, false);
+            T::packed_gemm(&rt_packed, n, &hs, h, &mut hr, gh, GemmMode::SET);
             let pk = &mut pre[k * n * gh..(k + 1) * n * gh];
             for b in 0..n {
                 let xr = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
@@ -492,7 +492,7 @@ impl<T: RFloat> Dir<'_, T> {
                 if lbr0 {
                     rh_all[k * nh..(k + 1) * nh].copy_from_slice(&rh);
                     if let Some(p) = &rht_packed {
-                        T::packed_gemm(p, n, &rh, h, &mut hr[2 * h..], gh, false);
+                        T::packed_gemm(p, n, &rh, h, &mut hr[2 * h..], gh, GemmMode::SET);
                     }
                 }
                 for b in 0..n {
@@ -713,7 +713,7 @@ impl<T: RFloat> Dir<'_, T> {
                 if lbr0 {
                     // d(r⊙h) = dpre_h · R_h
                     if let Some(p) = &rh_packed {
-                        T::packed_gemm(p, n, &dpre_h, h, &mut d_rh, h, false);
+                        T::packed_gemm(p, n, &dpre_h, h, &mut d_rh, h, GemmMode::SET);
                     }
                 }
                 for b in 0..n {
@@ -742,7 +742,7 @@ impl<T: RFloat> Dir<'_, T> {
             }
             // dh_prev += dG_rec · R over the columns fed by h (reset-before GRU: z, r).
             // Inactive rows have zero gate grads: the product leaves their carry as is.
-            T::packed_gemm(&r_packed, n, gr, gh, &mut dh_prev, h, true);
+            T::packed_gemm(&r_packed, n, gr, gh, &mut dh_prev, h, GemmMode::ACCUMULATE);
             std::mem::swap(&mut dh, &mut dh_prev);
             std::mem::swap(&mut dc, &mut dc_prev);
         }
