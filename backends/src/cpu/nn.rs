@@ -7,6 +7,7 @@ use crate::num::Num;
 use cellgraph_ir::ops::nn::parse_einsum;
 use cellgraph_ir::{Op, Tensor, ValueType};
 use ndarray::{ArrayD, Axis, IxDyn};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Multiplies row-major `a` (m×k) by `b` (k×n) into `c` (m×n, overwritten).
@@ -165,6 +166,11 @@ fn softmax<T: Num>(x: &ArrayD<T>, ax: usize, log: bool) -> ArrayD<T> {
 }
 
 fn einsum(eq: &str, ts: &[&Tensor]) -> Result<Tensor, String> {
+    einsum_with(eq, ts, true)
+}
+
+/// Einsum; `fast` lets two-operand float equations run as batched GEMMs.
+fn einsum_with(eq: &str, ts: &[&Tensor], fast: bool) -> Result<Tensor, String> {
     let spec = parse_einsum(eq)?;
     if spec.inputs.len() != ts.len() {
         return Err(format!(
@@ -224,6 +230,20 @@ fn einsum(eq: &str, ts: &[&Tensor]) -> Result<Tensor, String> {
     let labels: Vec<char> = size.keys().copied().collect();
     let dims: Vec<usize> = labels.iter().map(|c| size[c]).collect();
     let pos = |c: char| labels.iter().position(|&l| l == c).unwrap_or(0);
+    if let ([a, b], true) = (ts, fast) {
+        let out = match (a, b) {
+            (Tensor::F32(x), Tensor::F32(y)) => {
+                einsum2(&terms[0], &terms[1], &out_labels, x, y).map(|r| r.map(Tensor::F32))
+            }
+            (Tensor::F64(x), Tensor::F64(y)) => {
+                einsum2(&terms[0], &terms[1], &out_labels, x, y).map(|r| r.map(Tensor::F64))
+            }
+            _ => None,
+        };
+        if let Some(out) = out {
+            return out;
+        }
+    }
     let total = checked_len(&dims)?;
     if total > 1 << 30 {
         return Err(format!(
@@ -278,6 +298,160 @@ fn einsum(eq: &str, ts: &[&Tensor]) -> Result<Tensor, String> {
         }
     }
     Tensor::from_f64_vec(ts[0].dtype(), &oshape, &out).map_err(|e| e.to_string())
+}
+
+/// Two-operand Einsum as batched GEMMs: labels in both inputs and the output are batch
+/// axes, labels in both inputs only are contracted, the others are rows (first input) or
+/// columns (second input); labels in one input only and not in the output are summed
+/// first. `None` when the equation needs the general kernel (a label repeated within a
+/// term, or a size-1 axis broadcast against a larger one).
+fn einsum2<T: MatMulElem>(
+    ta: &[char],
+    tb: &[char],
+    out: &[char],
+    a: &ArrayD<T>,
+    b: &ArrayD<T>,
+) -> Option<Result<ArrayD<T>, String>> {
+    let unique = |t: &[char]| (1..t.len()).all(|i| !t[..i].contains(&t[i]));
+    if !unique(ta) || !unique(tb) || !unique(out) {
+        return None;
+    }
+    for (i, c) in ta.iter().enumerate() {
+        if let Some(j) = tb.iter().position(|d| d == c) {
+            if a.shape()[i] != b.shape()[j] {
+                return None;
+            }
+        }
+    }
+    // Sum away labels that appear in one input only and not in the output.
+    let reduce = |x: &ArrayD<T>, t: &[char], other: &[char]| -> (Option<ArrayD<T>>, Vec<char>) {
+        let mut summed: Option<ArrayD<T>> = None;
+        let mut kept = t.to_vec();
+        for i in (0..t.len()).rev() {
+            if !other.contains(&t[i]) && !out.contains(&t[i]) {
+                let src = summed.as_ref().unwrap_or(x);
+                summed = Some(src.map_axis(Axis(i), |lane| {
+                    lane.iter().fold(<T as Num>::ZERO, |acc, v| acc.add(*v))
+                }));
+                kept.remove(i);
+            }
+        }
+        (summed, kept)
+    };
+    let (a_sum, ta) = reduce(a, ta, tb);
+    let (b_sum, tb) = reduce(b, tb, &ta);
+    let a = a_sum.as_ref().unwrap_or(a);
+    let b = b_sum.as_ref().unwrap_or(b);
+    // Swap the operands when that puts the product's axes in the output's order (the
+    // gradient of a kernel, `bkl,bij->ijkl`), so the result needs no permuting copy.
+    let only = |t: &[char], other: &[char]| -> Vec<char> {
+        t.iter().copied().filter(|c| !other.contains(c)).collect()
+    };
+    let free: Vec<char> = out
+        .iter()
+        .copied()
+        .filter(|c| !(ta.contains(c) && tb.contains(c)))
+        .collect();
+    let (rows_a, cols_b) = (only(&ta, &tb), only(&tb, &ta));
+    let swap =
+        free != [rows_a.clone(), cols_b.clone()].concat() && free == [cols_b, rows_a].concat();
+    let (a, b, ta, tb) = if swap { (b, a, tb, ta) } else { (a, b, ta, tb) };
+    let batch: Vec<char> = out
+        .iter()
+        .copied()
+        .filter(|c| ta.contains(c) && tb.contains(c))
+        .collect();
+    let rows: Vec<char> = ta.iter().copied().filter(|c| !tb.contains(c)).collect();
+    let cols: Vec<char> = tb.iter().copied().filter(|c| !ta.contains(c)).collect();
+    let inner: Vec<char> = ta
+        .iter()
+        .copied()
+        .filter(|c| tb.contains(c) && !out.contains(c))
+        .collect();
+    if out.len() != batch.len() + rows.len() + cols.len() {
+        return None;
+    }
+    let size_of = |t: &[char], x: &ArrayD<T>, c: char| {
+        t.iter().position(|&d| d == c).map_or(1, |i| x.shape()[i])
+    };
+    let prod = |labels: &[char], t: &[char], x: &ArrayD<T>| -> usize {
+        labels.iter().map(|&c| size_of(t, x, c)).product()
+    };
+    let (nb, m, k, n) = (
+        prod(&batch, &ta, a),
+        prod(&rows, &ta, a),
+        prod(&inner, &ta, a),
+        prod(&cols, &tb, b),
+    );
+    // Each operand as a row-major [batch, rows, inner] / [batch, inner, cols] buffer:
+    // borrowed when its axes are already in that order, else permuted into a copy.
+    fn arrange<'x, T: Clone>(x: &'x ArrayD<T>, t: &[char], order: &[char]) -> Cow<'x, [T]> {
+        let perm: Vec<usize> = order
+            .iter()
+            .filter_map(|c| t.iter().position(|d| d == c))
+            .collect();
+        let identity = perm.iter().enumerate().all(|(i, &p)| i == p);
+        match (identity, x.as_slice()) {
+            (true, Some(s)) => Cow::Borrowed(s),
+            _ => Cow::Owned(
+                x.view()
+                    .permuted_axes(IxDyn(&perm))
+                    .as_standard_layout()
+                    .iter()
+                    .cloned()
+                    .collect(),
+            ),
+        }
+    }
+    let mut a_order = batch.clone();
+    a_order.extend(&rows);
+    a_order.extend(&inner);
+    let mut b_order = batch.clone();
+    b_order.extend(&inner);
+    b_order.extend(&cols);
+    let av = arrange(a, &ta, &a_order);
+    let bv = arrange(b, &tb, &b_order);
+    let mut cv = vec![<T as Num>::ZERO; nb * m * n];
+    if m * n > 0 {
+        for q in 0..nb {
+            T::mm(
+                m,
+                k,
+                n,
+                &av[q * m * k..(q + 1) * m * k],
+                &bv[q * k * n..(q + 1) * k * n],
+                &mut cv[q * m * n..(q + 1) * m * n],
+            );
+        }
+    }
+    let mut c_labels = batch.clone();
+    c_labels.extend(&rows);
+    c_labels.extend(&cols);
+    let c_shape: Vec<usize> = c_labels
+        .iter()
+        .map(|&c| {
+            if ta.contains(&c) {
+                size_of(&ta, a, c)
+            } else {
+                size_of(&tb, b, c)
+            }
+        })
+        .collect();
+    let c = match ArrayD::from_shape_vec(IxDyn(&c_shape), cv) {
+        Ok(c) => c,
+        Err(e) => return Some(Err(e.to_string())),
+    };
+    let perm: Vec<usize> = out
+        .iter()
+        .filter_map(|o| c_labels.iter().position(|d| d == o))
+        .collect();
+    if perm.iter().enumerate().all(|(i, &p)| i == p) {
+        return Some(Ok(c));
+    }
+    Some(Ok(c
+        .permuted_axes(IxDyn(&perm))
+        .as_standard_layout()
+        .into_owned()))
 }
 
 /// Runs an nn op.
@@ -464,4 +638,49 @@ pub fn matmul_tensor(a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
         };
     }
     arms!(F32, F64, F16, BF16, I8, I16, I32, I64, U8, U16, U32, U64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+            })
+            .collect();
+        Tensor::from_f64_vec(cellgraph_ir::DType::F64, shape, &v).unwrap()
+    }
+
+    #[test]
+    fn gemm_einsum_matches_the_reference_kernel() {
+        let cases: &[(&str, &[usize], &[usize])] = &[
+            ("bij,ijkl->bkl", &[3, 4, 5], &[4, 5, 2, 3]),
+            ("bkl,bij->ijkl", &[3, 2, 3], &[3, 4, 5]),
+            ("ij,jk->ik", &[4, 5], &[5, 6]),
+            ("bij,bjk->bik", &[2, 3, 4], &[2, 4, 5]),
+            ("ij,kj->ik", &[3, 4], &[5, 4]),
+            ("ij,ij->", &[3, 4], &[3, 4]),
+            ("i,j->ji", &[3], &[4]),
+            ("ijk,jl->li", &[2, 3, 4], &[3, 5]),
+            ("bij,ijkl->blk", &[2, 3, 4], &[3, 4, 2, 5]),
+            ("...ij,...jk->...ik", &[2, 3, 4], &[2, 4, 5]),
+        ];
+        for (k, (eq, sa, sb)) in cases.iter().enumerate() {
+            let a = tensor(sa, 2 * k as u64 + 1);
+            let b = tensor(sb, 2 * k as u64 + 2);
+            let fast = einsum_with(eq, &[&a, &b], true).unwrap();
+            let slow = einsum_with(eq, &[&a, &b], false).unwrap();
+            assert_eq!(fast.shape(), slow.shape(), "{eq}");
+            for (x, y) in fast.to_f64_vec().iter().zip(slow.to_f64_vec()) {
+                assert!((x - y).abs() < 1e-12, "{eq}: {x} vs {y}");
+            }
+        }
+    }
 }
