@@ -1322,6 +1322,18 @@ fn try_raise(
         return Err(Refusal(format!("scan output axis {out_axis}")));
     }
     let bin = body.input_values();
+    for (i, &s) in bin[..n_states].iter().enumerate() {
+        if let Some(d) = body.value(s).ty.dims() {
+            if d.len() != 2 {
+                let shown: Vec<String> = d.iter().map(|x| x.to_string()).collect();
+                return Err(Refusal(format!(
+                    "state {i} has shape [{}]; the fused LSTM/GRU/RNN kernels keep \
+                     [batch, hidden] states",
+                    shown.join(", ")
+                )));
+            }
+        }
+    }
     let x = bin[n_states];
     let xdt = body.value(x).ty.dtype();
     let dt = match xdt {
@@ -1346,7 +1358,9 @@ fn try_raise(
         let ty = &body.value(m).ty;
         if ty.dtype() != Some(DType::Bool) || !matches!(ty.dims(), Some([_, Dim::Known(1)])) {
             return Err(Refusal(
-                "the second scanned input is not a [batch, 1] bool mask".into(),
+                "the second scanned input is not a [batch, 1] bool mask (the fused \
+                 LSTM/GRU/RNN ops read one input sequence and an optional mask)"
+                    .into(),
             ));
         }
     }

@@ -364,7 +364,7 @@ pub fn main_job(o: &JobOptions) -> Result<JobReport, String> {
     let opts = FitOptions {
         batch_size: o.batch_size,
         epochs: o.epochs,
-        validation_data: Some((vec![vx.clone()], vy)),
+        validation_data: Some((vec![vx.clone()], vec![vy])),
         seed: o.seed,
         checkpoint: o
             .checkpoint_dir

@@ -90,7 +90,7 @@ fn fit_learns_real_digits_and_evaluate_agrees() {
     let opts = FitOptions {
         batch_size: 64,
         epochs: 4,
-        validation_data: Some((vec![vx.clone()], vy.clone())),
+        validation_data: Some((vec![vx.clone()], vec![vy.clone()])),
         seed: 1,
         verbose: false,
         ..Default::default()

@@ -1,6 +1,7 @@
 //! Saving models: Keras 3 `model.json` plus `weights/NNN.npy` in `get_weights()` order —
 //! the layout [`super::load_model`] reads back — and ONNX inference graphs.
 
+use super::custom::Nest;
 use super::layers::*;
 use super::model::{KerasTensor, Model};
 use super::KerasError;
@@ -141,6 +142,17 @@ fn layer_entry(layer: &Layer, name: &str) -> Value {
                 json!({"layer": layer_entry(&t.layer, &inner)}),
             )
         }
+        Layer::Custom(c) => {
+            let cell = json!({"module": null, "class_name": c.cell.class_name(),
+                              "config": c.cell.get_config(),
+                              "registered_name": c.cell.class_name()});
+            base(
+                "RNN",
+                json!({"return_sequences": c.return_sequences, "return_state": c.return_state,
+                       "go_backwards": c.go_backwards, "stateful": false, "unroll": false,
+                       "zero_output_for_mask": c.zero_output_for_mask, "cell": cell}),
+            )
+        }
         Layer::Op(o) => {
             let mut cfg = json!({"name": name});
             if let Some(a) = o.axis {
@@ -152,6 +164,15 @@ fn layer_entry(layer: &Layer, name: &str) -> Value {
             json!({"module": "keras.src.ops.numpy", "class_name": o.kind.class_name(),
                    "config": cfg, "registered_name": null})
         }
+    }
+}
+
+/// A nested structure of JSON values as Keras writes call arguments: lists and objects.
+fn nest_json(n: Nest<Value>) -> Value {
+    match n {
+        Nest::Leaf(v) => v,
+        Nest::List(v) => Value::Array(v.into_iter().map(nest_json).collect()),
+        Nest::Dict(m) => Value::Object(m.into_iter().map(|(k, v)| (k, nest_json(v))).collect()),
     }
 }
 
@@ -182,8 +203,16 @@ impl Model {
                         .iter()
                         .filter(|n| n.slot == i && !n.inputs.is_empty())
                         .map(|n| {
-                            let mut args: Vec<Value> =
-                                n.inputs.iter().map(|&t| self.tensor_json(t)).collect();
+                            let mut args: Vec<Value> = match &s.layer {
+                                Layer::Custom(c) => {
+                                    // One positional argument: the nested structure.
+                                    let st = c.structure.clone().unwrap_or(Nest::Leaf(()));
+                                    let leaves: Vec<Value> =
+                                        n.inputs.iter().map(|&t| self.tensor_json(t)).collect();
+                                    vec![st.pack(leaves).map(nest_json).unwrap_or(Value::Null)]
+                                }
+                                _ => n.inputs.iter().map(|&t| self.tensor_json(t)).collect(),
+                            };
                             if let Layer::Op(o) = &s.layer {
                                 if let Some(c) = o.scalar {
                                     args.push(json!(c));

@@ -7,6 +7,7 @@
 //! any option that would change the computation and is not implemented, is an error naming
 //! the layer and the option.
 
+use super::custom::{registered_cell, registered_cells, CustomRnn, Nest};
 use super::layers::*;
 use super::model::{CallArgs, Functional, KerasTensor, LayerId, Model, Sequential};
 use super::KerasError;
@@ -308,6 +309,7 @@ impl Cx {
                     .name(at)
                     .into()
             }
+            "RNN" if self.custom_cell_class(cfg).is_some() => self.custom_rnn(cfg, at)?.into(),
             "LSTM" | "GRU" | "SimpleRNN" | "RNN" => self.recurrent(class, cfg, at)?.into(),
             "Bidirectional" => {
                 let fwd = self.get(cfg, "layer", at)?;
@@ -469,6 +471,84 @@ impl Cx {
         Ok(cell)
     }
 
+    /// The class of an `RNN` layer's cell when it is not one of Keras's own.
+    fn custom_cell_class<'v>(&self, cfg: &'v Value) -> Option<&'v str> {
+        let class = cfg.get("cell")?.get("class_name")?.as_str()?;
+        (!matches!(
+            class,
+            "LSTMCell" | "GRUCell" | "SimpleRNNCell" | "StackedRNNCells"
+        ))
+        .then_some(class)
+    }
+
+    /// `RNN` around a registered custom cell, rebuilt by its factory from its config.
+    fn custom_rnn(&self, cfg: &Value, at: &str) -> R<CustomRnn> {
+        let class = self.custom_cell_class(cfg).unwrap_or_default();
+        let factory = registered_cell(class).ok_or_else(|| {
+            self.err(
+                at,
+                format!(
+                    "cell class {class:?} is not registered (register it with \
+                     cellgraph::keras::register_cell; registered: {:?})",
+                    registered_cells()
+                ),
+            )
+        })?;
+        let cell_cfg = cfg
+            .get("cell")
+            .and_then(|c| c.get("config"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let cell =
+            factory(&cell_cfg).map_err(|msg| self.err(at, format!("cell {class}: {msg}")))?;
+        for k in ["stateful", "unroll"] {
+            if self.bool(cfg, k, false, at)? {
+                return Err(KerasError::Unsupported {
+                    layer: at.to_string(),
+                    what: format!("{k}=True with a custom cell"),
+                });
+            }
+        }
+        self.refuse(cfg, at, &["time_major"])?;
+        Ok(CustomRnn::from_arc(cell)
+            .return_sequences(self.bool(cfg, "return_sequences", false, at)?)
+            .return_state(self.bool(cfg, "return_state", false, at)?)
+            .go_backwards(self.bool(cfg, "go_backwards", false, at)?)
+            .zero_output_for_mask(self.bool(cfg, "zero_output_for_mask", false, at)?)
+            .name(at))
+    }
+
+    /// A call's positional argument as a nested structure of tensor references: lists
+    /// (and Keras's `__tuple__`) and maps of `__keras_tensor__` leaves.
+    fn tensor_nest(&self, v: &Value, at: &str) -> R<Nest<(String, usize, usize)>> {
+        match v {
+            Value::Array(items) => Ok(Nest::List(
+                items
+                    .iter()
+                    .map(|i| self.tensor_nest(i, at))
+                    .collect::<R<_>>()?,
+            )),
+            Value::Object(m) => match m.get("class_name").and_then(Value::as_str) {
+                Some("__tuple__") => self.tensor_nest(
+                    m.get("config")
+                        .and_then(|c| c.get("value"))
+                        .unwrap_or(&Value::Null),
+                    at,
+                ),
+                Some(_) => Ok(Nest::Leaf(self.tensor_ref(v, at)?)),
+                None => Ok(Nest::Dict(
+                    m.iter()
+                        .map(|(k, x)| Ok((k.clone(), self.tensor_nest(x, at)?)))
+                        .collect::<R<_>>()?,
+                )),
+            },
+            other => Err(self.err(
+                at,
+                format!("{other} is not a tensor or a structure of tensors"),
+            )),
+        }
+    }
+
     fn recurrent(&self, class: &str, cfg: &Value, at: &str) -> R<Recurrent> {
         let mut r = match class {
             "LSTM" => LSTM::new(self.usize(cfg, "units", at)?),
@@ -612,6 +692,7 @@ impl Cx {
         // (layer name) → its slot and inbound nodes.
         let mut entries: Vec<(String, Option<LayerId>, Vec<Value>, bool)> = Vec::new();
         let mut made: HashMap<(String, usize, usize), KerasTensor> = HashMap::new();
+        let mut custom: Vec<LayerId> = Vec::new();
         for entry in layers {
             let mut layer = self.layer(entry)?;
             if let Layer::Op(op) = &mut layer {
@@ -639,7 +720,11 @@ impl Cx {
                 made.insert((name.clone(), 0, 0), t);
                 entries.push((name, None, Vec::new(), true));
             } else {
+                let is_custom = matches!(layer, Layer::Custom(_));
                 let id = f.layer(layer)?;
+                if is_custom {
+                    custom.push(id);
+                }
                 entries.push((name, Some(id), nodes, false));
             }
         }
@@ -671,7 +756,14 @@ impl Cx {
                         mask: mask.first().map(get),
                     };
                     let ins: Vec<KerasTensor> = inputs.iter().map(get).collect();
-                    let outs = f.call_with(*id, &ins, call)?;
+                    let outs = if custom.contains(id) {
+                        // One positional argument: the nested structure of the inputs.
+                        let first = args.as_array().and_then(|a| a.first()).unwrap_or(&args);
+                        let nest = self.tensor_nest(first, name)?;
+                        f.call_nested(*id, &nest.map(&mut |r| made[r]), call)?
+                    } else {
+                        f.call_with(*id, &ins, call)?
+                    };
                     for (i, t) in outs.into_iter().enumerate() {
                         made.insert((name.clone(), done[k], i), t);
                     }

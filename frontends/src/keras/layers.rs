@@ -1004,6 +1004,8 @@ pub enum Layer {
     TimeDistributed(TimeDistributed),
     /// A `keras.ops` node of a functional model (mask computations).
     Op(TensorOp),
+    /// `RNN(cell)` around a cell of your own.
+    Custom(super::custom::CustomRnn),
 }
 
 macro_rules! into_layer {
@@ -1019,6 +1021,12 @@ into_layer!(Input => Input, Embedding => Embedding, Dense => Dense, Recurrent =>
     Bidirectional => Bidirectional, BatchNormalization => BatchNormalization,
     Dropout => Dropout, Masking => Masking, TimeDistributed => TimeDistributed, TensorOp => Op);
 
+impl From<super::custom::CustomRnn> for Layer {
+    fn from(l: super::custom::CustomRnn) -> Layer {
+        Layer::Custom(l)
+    }
+}
+
 impl Layer {
     /// Keras's class name (`LSTM`, `InputLayer`, ...).
     pub fn class_name(&self) -> &'static str {
@@ -1033,6 +1041,7 @@ impl Layer {
             Layer::Masking(_) => "Masking",
             Layer::TimeDistributed(_) => "TimeDistributed",
             Layer::Op(o) => o.kind.class_name(),
+            Layer::Custom(_) => "RNN",
         }
     }
 
@@ -1049,6 +1058,7 @@ impl Layer {
             Layer::Masking(l) => l.name.as_deref(),
             Layer::TimeDistributed(l) => l.name.as_deref(),
             Layer::Op(l) => l.name.as_deref(),
+            Layer::Custom(l) => l.name.as_deref(),
         }
     }
 
@@ -1069,6 +1079,7 @@ impl Layer {
             Layer::Dropout(_) => "dropout",
             Layer::Masking(_) => "masking",
             Layer::TimeDistributed(_) => "time_distributed",
+            Layer::Custom(_) => "rnn",
             Layer::Op(o) => match o.kind {
                 TensorOpKind::NotEqual => "not_equal",
                 TensorOpKind::Equal => "equal",

@@ -191,9 +191,16 @@ impl<'g> Emit<'g> {
 
     /// Zeros of shape `(batch of x, width)`, where x's first axis is the batch.
     pub fn batch_zeros(&mut self, x: ValueRef, width: usize) -> R<ValueRef> {
+        self.batch_zeros_of(x, &[width])
+    }
+
+    /// Zeros of shape `(batch of x, *dims)`, where x's first axis is the batch.
+    pub fn batch_zeros_of(&mut self, x: ValueRef, dims: &[usize]) -> R<ValueRef> {
         if let Some(Dim::Known(b)) = self.dims(x).first() {
             // A static batch: a constant, so every later shape is known.
-            let t = Tensor::zeros(DType::F32, &[*b as usize, width]);
+            let mut shape = vec![*b as usize];
+            shape.extend_from_slice(dims);
+            let t = Tensor::zeros(DType::F32, &shape);
             return self.constant(t, "zeros");
         }
         let shape = self.op(
@@ -205,7 +212,8 @@ impl<'g> Emit<'g> {
             "shape",
         )?;
         let b = self.slice(shape, 0, 0, 1, 1)?;
-        let w = self.ints(&[width as i64])?;
+        let rest: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        let w = self.ints(&rest)?;
         let full = self.op(Op::Concat { axis: 0 }, &[b, w], "zeros_shape")?;
         self.op(
             Op::ConstantOfShape {

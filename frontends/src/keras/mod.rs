@@ -23,6 +23,7 @@
 
 pub mod checkpoint;
 pub mod conformance;
+pub mod custom;
 mod export;
 pub mod import;
 pub mod init;
@@ -33,7 +34,12 @@ pub mod summary;
 pub mod train;
 
 pub use checkpoint::CheckpointOptions;
+pub use custom::{
+    register_cell, registered_cell, registered_cells, CellBuilder, CellFactory, CellOps,
+    CustomCell, CustomRnn, Nest, Sym,
+};
 pub use import::{load_model, model_from_json, model_from_json_with};
+pub use init::Init;
 pub use layers::{
     Activation, BatchNormalization, Bidirectional, Cell, CellKind, Dense, Dropout, Embedding,
     GRUCell, Input, LSTMCell, Layer, Masking, MergeMode, Recurrent, RnnClass, Shape, SimpleRNN,

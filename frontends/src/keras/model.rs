@@ -1,5 +1,6 @@
 //! Models: `Sequential`, the functional `Model`, weights, states, and running them.
 
+use super::custom::{CustomRnn, Nest};
 use super::init::{init_tensor, weight_seed, Init};
 use super::layers::{shape_str, Input, Layer, Recurrent, Shape};
 use super::lower::{self, Emit};
@@ -128,8 +129,8 @@ pub struct Model {
     pub(crate) training: Option<super::train::TrainState>,
 }
 
-/// Input signature, training mode, loss, output index.
-pub(crate) type GradKey = (Vec<(DType, Vec<usize>)>, bool, String, usize);
+/// Input signature, training mode, and the losses (`output:loss` per head).
+pub(crate) type GradKey = (Vec<(DType, Vec<usize>)>, bool, String);
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -247,6 +248,16 @@ impl Functional {
         args: CallArgs,
     ) -> R<Vec<KerasTensor>> {
         self.model.call_slot(layer.0, inputs, args)
+    }
+    /// Calls a layer on a nested structure of tensors (a [`super::CustomRnn`] whose cell
+    /// takes lists or named maps of inputs); other layers take a single leaf.
+    pub fn call_nested(
+        &mut self,
+        layer: LayerId,
+        inputs: &super::custom::Nest<KerasTensor>,
+        args: CallArgs,
+    ) -> R<Vec<KerasTensor>> {
+        self.model.call_nested_slot(layer.0, inputs, args)
     }
     /// Adds a layer and calls it once.
     pub fn apply(
@@ -564,6 +575,42 @@ impl Model {
                 let shape = self.tensors[inputs[0].0].shape.clone();
                 vec![op_shape(op, &shape).map_err(err)?]
             }
+            Layer::Custom(c) => {
+                if inputs.is_empty() {
+                    return Err(err("takes at least one input tensor".into()));
+                }
+                let mut c = c.clone();
+                let structure = match &c.structure {
+                    Some(st) => st.clone(),
+                    None if inputs.len() == 1 => Nest::Leaf(()),
+                    None => Nest::List(vec![Nest::Leaf(()); inputs.len()]),
+                };
+                let paths = structure.paths();
+                if paths.len() != inputs.len() {
+                    return Err(err(format!(
+                        "was called on {} tensors before, now on {}",
+                        paths.len(),
+                        inputs.len()
+                    )));
+                }
+                c.structure = Some(structure.clone());
+                let shapes: Vec<Shape> = inputs
+                    .iter()
+                    .map(|t| self.tensors[t.0].shape.clone())
+                    .collect();
+                let steps = c.step_shapes(&shapes, &paths).map_err(err)?;
+                if c.built.is_none() {
+                    c.built = structure.pack(steps);
+                    let as_layer = Layer::Custom(c.clone());
+                    let seed = (!self.skip_init).then_some(self.seed);
+                    let weights = build_weights(&as_layer, &name, &shapes[0], seed, slot)?;
+                    self.slots[slot].weights = weights;
+                    self.slots[slot].built = Some(shapes[0].clone());
+                }
+                self.slots[slot].layer = Layer::Custom(c.clone());
+                self.check_custom_args(&c, &shapes[0], &args).map_err(err)?;
+                c.output_shapes(&shapes)
+            }
             _ => {
                 if inputs.len() != 1 {
                     return Err(err(format!("takes one input tensor, got {}", inputs.len())));
@@ -605,6 +652,95 @@ impl Model {
             outputs: outputs.clone(),
         });
         Ok(outputs)
+    }
+
+    /// Calls a layer on a nested structure of tensors (see [`Functional::call_nested`]).
+    pub(crate) fn call_nested_slot(
+        &mut self,
+        slot: usize,
+        inputs: &Nest<KerasTensor>,
+        args: CallArgs,
+    ) -> R<Vec<KerasTensor>> {
+        let flat = inputs.flat();
+        let name = self.slots[slot].name.clone();
+        match &mut self.slots[slot].layer {
+            Layer::Custom(c) => {
+                let shape = inputs.map(&mut |_| ());
+                match &c.structure {
+                    Some(st) if !st.same_structure(&shape) => {
+                        return Err(KerasError::Layer {
+                            layer: name,
+                            msg: format!(
+                                "was called on inputs structured as {:?} before, now {:?}",
+                                st.paths(),
+                                shape.paths()
+                            ),
+                        })
+                    }
+                    Some(_) => {}
+                    None => c.structure = Some(shape),
+                }
+            }
+            _ => {
+                if !matches!(inputs, Nest::Leaf(_)) {
+                    return Err(KerasError::Layer {
+                        layer: name,
+                        msg: "takes one tensor, not a nested structure (only RNN layers around \
+                              custom cells take nested inputs)"
+                            .into(),
+                    });
+                }
+            }
+        }
+        self.call_slot(slot, &flat, args)
+    }
+
+    fn check_custom_args(
+        &self,
+        c: &CustomRnn,
+        input: &Shape,
+        args: &CallArgs,
+    ) -> Result<(), String> {
+        let sizes = c.cell.state_size();
+        if !args.initial_state.is_empty() {
+            if args.initial_state.len() != sizes.len() {
+                return Err(format!(
+                    "initial_state has {} tensors, the cell has {} states of sizes {sizes:?}",
+                    args.initial_state.len(),
+                    sizes.len()
+                ));
+            }
+            for (k, (t, size)) in args.initial_state.iter().zip(&sizes).enumerate() {
+                let shape = &self.tensors[t.0].shape;
+                let mut want = vec![input[0]];
+                want.extend(size.iter().map(|&d| Some(d)));
+                let ok = shape.len() == want.len()
+                    && shape[1..] == want[1..]
+                    && (shape[0].is_none() || input[0].is_none() || shape[0] == input[0]);
+                if !ok {
+                    return Err(format!(
+                        "initial_state[{k}] has shape {}, expected {}",
+                        shape_str(shape),
+                        shape_str(&want)
+                    ));
+                }
+            }
+        }
+        if let Some(m) = args.mask {
+            let shape = &self.tensors[m.0].shape;
+            if shape.len() != 2 {
+                return Err(format!(
+                    "mask has shape {}, expected (batch, time)",
+                    shape_str(shape)
+                ));
+            }
+            if let (Some(a), Some(b)) = (shape[1], input[1]) {
+                if a != b {
+                    return Err(format!("mask has {a} steps, the input {b}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_call_args(&self, layer: &Layer, input: &Shape, args: &CallArgs) -> Result<(), String> {
@@ -914,6 +1050,62 @@ impl Model {
                 let mut e = Emit::new(&mut g, &slot.name);
                 let v = lower_op(&mut e, op, &ins)?;
                 vals.insert(node.outputs[0], (v, None));
+                continue;
+            }
+            if let Layer::Custom(c) = &slot.layer {
+                let got = node
+                    .inputs
+                    .iter()
+                    .map(|t| vals.get(t).copied())
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| KerasError::Layer {
+                        layer: slot.name.clone(),
+                        msg: "reads a tensor that the model inputs do not determine".into(),
+                    })?;
+                let parts: Vec<ValueRef> = got.iter().map(|v| v.0).collect();
+                // Keras: the mask of the first part (or the call's `mask`).
+                let mask = match node.args.mask {
+                    Some(m) => {
+                        let mv = vals
+                            .get(&m)
+                            .ok_or_else(|| KerasError::Internal("mask tensor not computed".into()))?
+                            .0;
+                        Some(Emit::new(&mut g, &slot.name).cast(mv, DType::Bool)?)
+                    }
+                    None => got[0].1,
+                };
+                let init = if node.args.initial_state.is_empty() {
+                    None
+                } else {
+                    Some(
+                        node.args
+                            .initial_state
+                            .iter()
+                            .map(|t| vals.get(t).map(|v| v.0))
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| {
+                                KerasError::Internal("initial state not computed".into())
+                            })?,
+                    )
+                };
+                let named: Vec<(String, ValueRef)> = c
+                    .specs(c.built.as_ref().ok_or_else(|| {
+                        KerasError::Internal("custom RNN lowered before it was built".into())
+                    })?)
+                    .map_err(|msg| KerasError::Layer {
+                        layer: slot.name.clone(),
+                        msg,
+                    })?
+                    .into_iter()
+                    .map(|(w, ..)| w)
+                    .zip(wrefs[node.slot].iter().copied())
+                    .collect();
+                let mut e = Emit::new(&mut g, &slot.name);
+                e.training = training;
+                let outs = super::custom::lower(&mut e, c, &named, &parts, mask, init)?;
+                for (t, v) in node.outputs.iter().zip(outs) {
+                    vals.insert(*t, v);
+                }
                 continue;
             }
             let (x, mask) = *vals.get(&node.inputs[0]).ok_or_else(|| KerasError::Layer {
@@ -1520,6 +1712,19 @@ fn rnn_specs(r: &Recurrent, prefix: &str, input: &Shape) -> Result<Vec<Spec>, St
 
 fn weight_specs(layer: &Layer, name: &str, input: &Shape) -> Result<Vec<Spec>, String> {
     Ok(match layer {
+        Layer::Custom(c) => {
+            let steps = c
+                .built
+                .as_ref()
+                .ok_or_else(|| "the layer was not called on inputs yet".to_string())?;
+            let cell = c.cell.name();
+            c.specs(steps)?
+                .into_iter()
+                .map(|(w, shape, trainable, init)| {
+                    (format!("{name}/{cell}/{w}"), shape, trainable, init)
+                })
+                .collect()
+        }
         Layer::Input(_) | Layer::Dropout(_) | Layer::Masking(_) | Layer::Op(_) => Vec::new(),
         Layer::Embedding(e) => vec![(
             format!("{name}/embeddings"),
@@ -1594,6 +1799,7 @@ fn weight_specs(layer: &Layer, name: &str, input: &Shape) -> Result<Vec<Spec>, S
 /// A layer's output shapes for an input shape.
 pub(crate) fn output_shapes(layer: &Layer, input: &Shape) -> Result<Vec<Shape>, String> {
     Ok(match layer {
+        Layer::Custom(c) => c.output_shapes(std::slice::from_ref(input)),
         Layer::Op(op) => vec![op_shape(op, input)?],
         Layer::Input(i) => vec![i.batch_shape.clone()],
         Layer::Embedding(e) => {
@@ -1646,6 +1852,11 @@ fn lower_layer(
     extra: &mut Vec<ValueRef>,
 ) -> R<Vec<(ValueRef, Option<ValueRef>)>> {
     Ok(match layer {
+        Layer::Custom(_) => {
+            return Err(KerasError::Internal(
+                "custom RNN layers are lowered with all their input parts".into(),
+            ))
+        }
         Layer::Input(_) => vec![(x, mask)],
         Layer::Embedding(emb) => {
             let ids = e.cast(x, DType::I64)?;

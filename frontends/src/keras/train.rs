@@ -180,11 +180,16 @@ struct LossEmit<'g> {
 
 impl LossEmit<'_> {
     fn op(&mut self, op: Op, ins: &[ValueRef]) -> R<ValueRef> {
-        self.k += 1;
+        // Several losses (one per output) share the graph: skip names already taken.
+        let name = loop {
+            self.k += 1;
+            let name = format!("loss/v{}", self.k);
+            if self.g.find(&name).is_none() {
+                break name;
+            }
+        };
         let ins: Vec<Option<ValueRef>> = ins.iter().copied().map(Some).collect();
-        let id = self
-            .g
-            .add_node("", op, &ins, &[&format!("loss/v{}", self.k)])?;
+        let id = self.g.add_node("", op, &ins, &[&name])?;
         Ok(ValueRef { node: id, slot: 0 })
     }
     fn constant(&mut self, t: Tensor) -> R<ValueRef> {
@@ -246,8 +251,10 @@ pub(crate) struct GradPlan {
 /// order) for one batch.
 #[derive(Clone, Debug)]
 pub struct Gradients {
-    /// The loss value.
+    /// The loss value (the sum over the heads).
     pub loss: f32,
+    /// Each head's loss, in head order.
+    pub losses: Vec<f32>,
     /// The model outputs of this forward pass.
     pub outputs: Vec<Tensor>,
     /// `d loss / d w` for each trainable weight, in `trainable_weights` order.
@@ -255,38 +262,66 @@ pub struct Gradients {
 }
 
 impl Model {
-    /// The IR graph of `loss(model(x)[output], targets)` and its gradient with respect
-    /// to every trainable weight, for inputs of the given signature (weights are graph
-    /// inputs; see [`Model::to_graph`] for the inference form).
+    /// The IR graph of `Σ loss_h(model(x)[output_h], targets_h)` over the heads and its
+    /// gradient with respect to every trainable weight, for inputs of the given signature
+    /// (weights are graph inputs; see [`Model::to_graph`] for the inference form). The
+    /// graph's outputs: the model outputs, each head's loss, the total, the gradients.
     fn build_grad_plan(
         &self,
         sig: &[(DType, Vec<usize>)],
         training: bool,
-        loss: Loss,
-        output: usize,
+        heads: &[(usize, Loss)],
     ) -> R<GradPlan> {
         let mut lowered = self.lower(sig, training, true)?;
         // Recurrent loops raised to fused ops first: their gradient is the fused backward.
         lowered.graph = self.select(&lowered.graph)?.graph;
         let g = &mut lowered.graph;
         let outs = g.outputs().to_vec();
-        let y = *outs.get(output).ok_or_else(|| KerasError::Input {
-            input: "targets".into(),
-            msg: format!("the model has no output {output}"),
-        })?;
-        let ty = g.value(y).ty.clone();
-        let t = g.add_input(
-            "loss/targets",
-            ValueType::Tensor(
-                ty.as_tensor()
-                    .cloned()
-                    .ok_or_else(|| KerasError::Internal("output without a tensor type".into()))?,
-            ),
-        )?;
-        let lv = loss.emit(g, y, t)?;
-        let lid = g.add_node("", Op::Identity {}, &[Some(lv)], &["loss/value"])?;
-        let lv = ValueRef { node: lid, slot: 0 };
+        let mut head_losses = Vec::new();
+        for (h, (output, loss)) in heads.iter().enumerate() {
+            let y = *outs.get(*output).ok_or_else(|| KerasError::Input {
+                input: "targets".into(),
+                msg: format!("the model has no output {output}"),
+            })?;
+            let ty = g.value(y).ty.clone();
+            let name = if heads.len() == 1 {
+                "loss/targets".to_string()
+            } else {
+                format!("loss/targets_{h}")
+            };
+            let t =
+                g.add_input(
+                    &name,
+                    ValueType::Tensor(ty.as_tensor().cloned().ok_or_else(|| {
+                        KerasError::Internal("output without a tensor type".into())
+                    })?),
+                )?;
+            head_losses.push(loss.emit(g, y, t)?);
+        }
+        let mut total = *head_losses
+            .first()
+            .ok_or_else(|| KerasError::Internal("no loss to differentiate".into()))?;
+        for (h, &l) in head_losses.iter().enumerate().skip(1) {
+            let id = g.add_node(
+                "",
+                Op::Add {},
+                &[Some(total), Some(l)],
+                &[&format!("loss/sum_{h}")],
+            )?;
+            total = ValueRef { node: id, slot: 0 };
+        }
         let mut all = outs.clone();
+        for (h, &l) in head_losses.iter().enumerate() {
+            let id = g.add_node(
+                "",
+                Op::Identity {},
+                &[Some(l)],
+                &[&format!("loss/head_{h}")],
+            )?;
+            all.push(ValueRef { node: id, slot: 0 });
+        }
+        let lid = g.add_node("", Op::Identity {}, &[Some(total)], &["loss/value"])?;
+        let lv = ValueRef { node: lid, slot: 0 };
         all.push(lv);
         g.set_outputs(all)?;
         let inputs = g.input_values();
@@ -324,33 +359,73 @@ impl Model {
         output: usize,
         training: bool,
     ) -> R<Gradients> {
+        self.gradients_of_heads(
+            inputs,
+            std::slice::from_ref(targets),
+            &[(output, loss)],
+            training,
+        )
+    }
+
+    /// [`Model::gradients`] of a sum of losses, one per head `(output index, loss)` with
+    /// its targets (Keras's multi-output training: the total is the sum).
+    pub fn gradients_of_heads(
+        &mut self,
+        inputs: &[Tensor],
+        targets: &[Tensor],
+        heads: &[(usize, Loss)],
+        training: bool,
+    ) -> R<Gradients> {
+        if targets.len() != heads.len() {
+            return Err(KerasError::Input {
+                input: "targets".into(),
+                msg: format!(
+                    "{} target tensors for {} losses",
+                    targets.len(),
+                    heads.len()
+                ),
+            });
+        }
         self.prepare(inputs)?;
         let sig = signature(inputs);
-        let key = (sig.clone(), training, loss.key(), output);
+        let heads_key: Vec<String> = heads
+            .iter()
+            .map(|(o, l)| format!("{o}:{}", l.key()))
+            .collect();
+        let key = (sig.clone(), training, heads_key.join(";"));
         if !self.grad_plans.contains_key(&key) {
-            let p = self.build_grad_plan(&sig, training, loss, output)?;
+            let p = self.build_grad_plan(&sig, training, heads)?;
             self.grad_plans.insert(key.clone(), p);
         }
-        let (feeds, states, bn, out_shape) = {
+        let (feeds, states, bn, out_shapes) = {
             let p = &self.grad_plans[&key];
-            let y = p.lowered.graph.outputs()[output];
-            let shape: Vec<usize> = p
-                .lowered
-                .graph
-                .value(y)
-                .ty
-                .dims()
-                .map(|d| d.iter().map(|d| d.known().unwrap_or(0) as usize).collect())
-                .unwrap_or_default();
+            let shapes: Vec<Vec<usize>> = heads
+                .iter()
+                .map(|(o, _)| {
+                    let y = p.lowered.graph.outputs()[*o];
+                    p.lowered
+                        .graph
+                        .value(y)
+                        .ty
+                        .dims()
+                        .map(|d| d.iter().map(|d| d.known().unwrap_or(0) as usize).collect())
+                        .unwrap_or_default()
+                })
+                .collect();
             (
                 p.lowered.feeds.clone(),
                 p.lowered.states.clone(),
                 p.lowered.bn.clone(),
-                shape,
+                shapes,
             )
         };
-        let t = loss.prepare_targets(&out_shape, targets)?;
-        let data = self.feed(&feeds, inputs, &[t])?;
+        let ts = heads
+            .iter()
+            .zip(targets)
+            .zip(&out_shapes)
+            .map(|(((_, loss), t), shape)| loss.prepare_targets(shape, t))
+            .collect::<R<Vec<_>>>()?;
+        let data = self.feed(&feeds, inputs, &ts)?;
         let p = self
             .grad_plans
             .get_mut(&key)
@@ -361,6 +436,7 @@ impl Model {
         let loss_t = outs
             .pop()
             .ok_or_else(|| KerasError::Internal("no loss".into()))?;
+        let per_head = outs.split_off(outs.len() - heads.len());
         let n_model = self.outputs.len();
         let rest = outs.split_off(n_model);
         self.absorb(&states, &bn, rest)?;
@@ -371,9 +447,10 @@ impl Model {
                 _ => Err(KerasError::Internal("a gradient is not float32".into())),
             })
             .collect::<R<Vec<_>>>()?;
-        let loss_v = loss_t.to_f64_vec().first().copied().unwrap_or(f64::NAN) as f32;
+        let scalar = |t: &Tensor| t.to_f64_vec().first().copied().unwrap_or(f64::NAN) as f32;
         Ok(Gradients {
-            loss: loss_v,
+            loss: scalar(&loss_t),
+            losses: per_head.iter().map(scalar).collect(),
             outputs: outs,
             grads,
         })
@@ -388,7 +465,7 @@ impl Model {
         training: bool,
     ) -> R<Graph> {
         Ok(self
-            .build_grad_plan(inputs, training, loss, output)?
+            .build_grad_plan(inputs, training, &[(output, loss)])?
             .lowered
             .graph)
     }
@@ -494,37 +571,59 @@ impl Model {
     /// `fit`: trains on `x` (model inputs) and `y` (targets) for `epochs`, in batches,
     /// shuffling with `seed`; prints Keras's progress line per epoch when `verbose`.
     pub fn fit(&mut self, x: &[Tensor], y: &Tensor, opts: &FitOptions) -> R<History> {
+        self.fit_outputs(x, std::slice::from_ref(y), opts)
+    }
+
+    /// `fit` on a model with several outputs: `y` holds one target tensor per output.
+    /// The compiled loss applies to every output and the total is their sum; with more
+    /// than one output Keras's logs follow: `loss`, then `<output>_loss` for each output,
+    /// then `<output>_<metric>` (outputs named by their layer; a layer's second output
+    /// `<layer>_1`, ...).
+    pub fn fit_outputs(&mut self, x: &[Tensor], y: &[Tensor], opts: &FitOptions) -> R<History> {
         let state = self.training.as_ref().ok_or_else(|| KerasError::Layer {
             layer: self.name.clone(),
             msg: "call compile() before fit()".into(),
         })?;
         let (loss, metrics) = (state.loss, state.metrics.clone());
-        let n = y.shape().first().copied().unwrap_or(0);
-        for (i, xi) in x.iter().enumerate() {
-            if xi.shape().first() != Some(&n) {
-                return Err(KerasError::Input {
-                    input: format!("x[{i}]"),
-                    msg: format!(
-                        "{} samples, the targets have {n}",
-                        xi.shape().first().unwrap_or(&0)
-                    ),
-                });
+        if y.len() != self.outputs.len() {
+            return Err(KerasError::Input {
+                input: "y".into(),
+                msg: format!(
+                    "{} target tensors for a model with {} outputs",
+                    y.len(),
+                    self.outputs.len()
+                ),
+            });
+        }
+        let heads: Vec<(usize, Loss)> = (0..y.len()).map(|o| (o, loss)).collect();
+        let names = self.output_names();
+        let n = y[0].shape().first().copied().unwrap_or(0);
+        for (what, ts) in [("x", x), ("y", y)] {
+            for (i, t) in ts.iter().enumerate() {
+                if t.shape().first() != Some(&n) {
+                    return Err(KerasError::Input {
+                        input: format!("{what}[{i}]"),
+                        msg: format!(
+                            "{} samples, the targets have {n}",
+                            t.shape().first().unwrap_or(&0)
+                        ),
+                    });
+                }
             }
         }
         // validation_data wins over validation_split (taken from the end, as Keras).
-        let (train_idx, val): (Vec<usize>, Option<(Vec<Tensor>, Tensor)>) =
+        type Split = (Vec<Tensor>, Vec<Tensor>);
+        let (train_idx, val): (Vec<usize>, Option<Split>) =
             match (&opts.validation_data, opts.validation_split) {
                 (Some((vx, vy)), _) => ((0..n).collect(), Some((vx.clone(), vy.clone()))),
                 (None, s) if s > 0.0 => {
                     let nv = ((n as f64) * s as f64).floor() as usize;
                     let cut = n - nv;
                     let idx: Vec<usize> = (cut..n).collect();
-                    let vx = x
-                        .iter()
-                        .map(|t| take_rows(t, &idx))
-                        .collect::<R<Vec<_>>>()?;
-                    let vy = take_rows(y, &idx)?;
-                    ((0..cut).collect(), Some((vx, vy)))
+                    let rows = |ts: &[Tensor]| {
+                        ts.iter().map(|t| take_rows(t, &idx)).collect::<R<Vec<_>>>()
+                    };
+                    ((0..cut).collect(), Some((rows(x)?, rows(y)?)))
                 }
                 _ => ((0..n).collect(), None),
             };
@@ -556,15 +655,17 @@ impl Model {
                 order.shuffle(&mut rng);
             }
             let steps = order.len().div_ceil(bs);
-            let (mut loss_sum, mut seen) = (0f64, 0usize);
-            let mut mstate = vec![(0f64, 0usize); metrics.len()];
+            let mut sums = Sums::new(heads.len(), metrics.len());
             for (b, chunk) in order.chunks(bs).enumerate() {
                 let bx = x
                     .iter()
                     .map(|t| take_rows(t, chunk))
                     .collect::<R<Vec<_>>>()?;
-                let by = take_rows(y, chunk)?;
-                let gr = self.gradients(&bx, &by, loss, 0, true)?;
+                let by = y
+                    .iter()
+                    .map(|t| take_rows(t, chunk))
+                    .collect::<R<Vec<_>>>()?;
+                let gr = self.gradients_of_heads(&bx, &by, &heads, true)?;
                 if !gr.loss.is_finite() {
                     return Err(KerasError::Layer {
                         layer: self.name.clone(),
@@ -581,29 +682,21 @@ impl Model {
                     None => gr.grads,
                 };
                 self.apply_gradients(grads)?;
-                loss_sum += gr.loss as f64 * chunk.len() as f64;
-                seen += chunk.len();
-                for (m, st) in metrics.iter().zip(&mut mstate) {
-                    let (c, k) = m.count(&gr.outputs[0], &by, loss)?;
-                    st.0 += c;
-                    st.1 += k;
-                }
+                let losses: Vec<f64> = gr.losses.iter().map(|&l| f64::from(l)).collect();
+                sums.add(chunk.len(), &losses, &metrics, &gr.outputs, &by, loss)?;
                 if opts.verbose && opts.progress_every_batch {
                     eprint!(
                         "\r{}/{} [{}] - loss: {:.4}",
                         b + 1,
                         steps,
                         bar(b + 1, steps),
-                        loss_sum / seen.max(1) as f64
+                        sums.total_loss()
                     );
                 }
             }
-            let mut logs: Vec<(String, f64)> = vec![("loss".into(), loss_sum / seen.max(1) as f64)];
-            for (m, st) in metrics.iter().zip(&mstate) {
-                logs.push((m.name().into(), st.0 / st.1.max(1) as f64));
-            }
+            let mut logs = sums.logs(&names, &metrics, "");
             if let Some((vx, vy)) = &val {
-                let ev = self.evaluate_with(vx, vy, bs, loss, &metrics)?;
+                let ev = self.evaluate_outputs_with(vx, vy, bs, loss, &metrics, &names)?;
                 logs.push(("val_loss".into(), ev.loss));
                 for (name, v) in ev.metrics {
                     logs.push((format!("val_{name}"), v));
@@ -639,52 +732,160 @@ impl Model {
         Ok(history)
     }
 
+    /// The names Keras gives the outputs in logs: the producing layer's name; a second
+    /// output of the same layer `<layer>_1`, a third `<layer>_2`, ...
+    pub fn output_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for t in &self.outputs {
+            let (layer, _, _) = self.history_of(*t);
+            let mut name = layer.clone();
+            let mut k = 0;
+            while names.contains(&name) {
+                k += 1;
+                name = format!("{layer}_{k}");
+            }
+            names.push(name);
+        }
+        names
+    }
+
     /// `evaluate`: the compiled loss and metrics over `x`, `y` in inference mode.
     pub fn evaluate(&mut self, x: &[Tensor], y: &Tensor, batch_size: usize) -> R<Evaluation> {
+        self.evaluate_outputs(x, std::slice::from_ref(y), batch_size)
+    }
+
+    /// `evaluate` on a model with several outputs: one target tensor per output; the
+    /// loss is the sum over the outputs, metrics are named as [`Model::fit_outputs`]
+    /// logs them.
+    pub fn evaluate_outputs(
+        &mut self,
+        x: &[Tensor],
+        y: &[Tensor],
+        batch_size: usize,
+    ) -> R<Evaluation> {
         let state = self.training.as_ref().ok_or_else(|| KerasError::Layer {
             layer: self.name.clone(),
             msg: "call compile() before evaluate()".into(),
         })?;
         let (loss, metrics) = (state.loss, state.metrics.clone());
-        self.evaluate_with(x, y, batch_size, loss, &metrics)
+        let names = self.output_names();
+        self.evaluate_outputs_with(x, y, batch_size, loss, &metrics, &names)
     }
 
-    fn evaluate_with(
+    fn evaluate_outputs_with(
         &mut self,
         x: &[Tensor],
-        y: &Tensor,
+        y: &[Tensor],
         batch_size: usize,
         loss: Loss,
         metrics: &[Metric],
+        names: &[String],
     ) -> R<Evaluation> {
-        let n = y.shape().first().copied().unwrap_or(0);
+        if y.len() != self.outputs.len() {
+            return Err(KerasError::Input {
+                input: "y".into(),
+                msg: format!(
+                    "{} target tensors for a model with {} outputs",
+                    y.len(),
+                    self.outputs.len()
+                ),
+            });
+        }
+        let n = y[0].shape().first().copied().unwrap_or(0);
         let idx: Vec<usize> = (0..n).collect();
-        let (mut loss_sum, mut seen) = (0f64, 0usize);
-        let mut mstate = vec![(0f64, 0usize); metrics.len()];
+        let mut sums = Sums::new(y.len(), metrics.len());
         for chunk in idx.chunks(batch_size.max(1)) {
             let bx = x
                 .iter()
                 .map(|t| take_rows(t, chunk))
                 .collect::<R<Vec<_>>>()?;
-            let by = take_rows(y, chunk)?;
+            let by = y
+                .iter()
+                .map(|t| take_rows(t, chunk))
+                .collect::<R<Vec<_>>>()?;
             let out = self.predict(&bx)?;
-            let l = loss_value(loss, &out[0], &by)?;
-            loss_sum += l * chunk.len() as f64;
-            seen += chunk.len();
-            for (m, st) in metrics.iter().zip(&mut mstate) {
-                let (c, k) = m.count(&out[0], &by, loss)?;
-                st.0 += c;
-                st.1 += k;
+            let losses = out
+                .iter()
+                .zip(&by)
+                .map(|(o, t)| loss_value(loss, o, t))
+                .collect::<R<Vec<_>>>()?;
+            sums.add(chunk.len(), &losses, metrics, &out, &by, loss)?;
+        }
+        let mut logs = sums.logs(names, metrics, "");
+        let total = logs.remove(0).1;
+        Ok(Evaluation {
+            loss: total,
+            metrics: logs,
+        })
+    }
+}
+
+/// Running sums of the per-head losses and metric counts over an epoch.
+struct Sums {
+    loss: Vec<f64>,
+    seen: usize,
+    metrics: Vec<Vec<(f64, usize)>>,
+}
+
+impl Sums {
+    fn new(heads: usize, metrics: usize) -> Sums {
+        Sums {
+            loss: vec![0.0; heads],
+            seen: 0,
+            metrics: vec![vec![(0.0, 0); metrics]; heads],
+        }
+    }
+
+    fn add(
+        &mut self,
+        rows: usize,
+        losses: &[f64],
+        metrics: &[Metric],
+        outs: &[Tensor],
+        ys: &[Tensor],
+        loss: Loss,
+    ) -> R<()> {
+        for (acc, l) in self.loss.iter_mut().zip(losses) {
+            *acc += l * rows as f64;
+        }
+        self.seen += rows;
+        for (h, st) in self.metrics.iter_mut().enumerate() {
+            let (out, y) = (&outs[h], &ys[h]);
+            for (m, s) in metrics.iter().zip(st.iter_mut()) {
+                let (c, k) = m.count(out, y, loss)?;
+                s.0 += c;
+                s.1 += k;
             }
         }
-        Ok(Evaluation {
-            loss: loss_sum / seen.max(1) as f64,
-            metrics: metrics
-                .iter()
-                .zip(&mstate)
-                .map(|(m, st)| (m.name().to_string(), st.0 / st.1.max(1) as f64))
-                .collect(),
-        })
+        Ok(())
+    }
+
+    fn total_loss(&self) -> f64 {
+        self.loss.iter().sum::<f64>() / self.seen.max(1) as f64
+    }
+
+    /// `loss`, then per output `<name>_loss` and `<name>_<metric>` (one output: the
+    /// metrics by their own names).
+    fn logs(&self, names: &[String], metrics: &[Metric], prefix: &str) -> Vec<(String, f64)> {
+        let seen = self.seen.max(1) as f64;
+        let mut logs = vec![(format!("{prefix}loss"), self.total_loss())];
+        let several = self.loss.len() > 1;
+        if several {
+            for (name, l) in names.iter().zip(&self.loss) {
+                logs.push((format!("{prefix}{name}_loss"), l / seen));
+            }
+        }
+        for (h, st) in self.metrics.iter().enumerate() {
+            for (m, s) in metrics.iter().zip(st) {
+                let key = if several {
+                    format!("{prefix}{}_{}", names[h], m.name())
+                } else {
+                    format!("{prefix}{}", m.name())
+                };
+                logs.push((key, s.0 / s.1.max(1) as f64));
+            }
+        }
+        logs
     }
 }
 
@@ -791,7 +992,8 @@ pub fn take_rows(t: &Tensor, idx: &[usize]) -> R<Tensor> {
 /// A metric, by its Keras name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Metric {
-    /// `accuracy`: picks the right variant for the loss (sparse, categorical, binary).
+    /// `accuracy`: binary, sparse categorical or categorical, chosen from the shapes of
+    /// the outputs and targets as Keras 3 does.
     Accuracy,
     /// `sparse_categorical_accuracy`.
     SparseCategoricalAccuracy,
@@ -815,11 +1017,20 @@ impl Metric {
     /// (correct, counted) on one batch.
     fn count(&self, out: &Tensor, y: &Tensor, loss: Loss) -> R<(f64, usize)> {
         let kind = match self {
-            Metric::Accuracy => match loss {
-                Loss::SparseCategoricalCrossentropy { .. } => Metric::SparseCategoricalAccuracy,
-                Loss::CategoricalCrossentropy { .. } => Metric::CategoricalAccuracy,
-                _ => Metric::BinaryAccuracy,
-            },
+            // Keras 3 picks by shapes: binary for one output column, sparse when the
+            // targets have a lower rank (or one column against several), else categorical.
+            Metric::Accuracy => {
+                let (p, t) = (out.shape(), y.shape());
+                let p_last = p.last().copied().unwrap_or(1);
+                let t_last = t.last().copied().unwrap_or(1);
+                if p_last == 1 {
+                    Metric::BinaryAccuracy
+                } else if t.len() < p.len() || (t_last == 1 && p_last > 1) {
+                    Metric::SparseCategoricalAccuracy
+                } else {
+                    Metric::CategoricalAccuracy
+                }
+            }
             m => *m,
         };
         let o = out.to_f64_vec();
@@ -1155,8 +1366,9 @@ pub struct FitOptions {
     pub epochs: usize,
     /// Fraction of the data, from the end, held out for validation.
     pub validation_split: f32,
-    /// Validation inputs and targets (wins over `validation_split`).
-    pub validation_data: Option<(Vec<Tensor>, Tensor)>,
+    /// Validation inputs and targets, one target tensor per output (wins over
+    /// `validation_split`).
+    pub validation_data: Option<(Vec<Tensor>, Vec<Tensor>)>,
     /// Shuffle the training samples every epoch (default true).
     pub shuffle: bool,
     /// The shuffling seed.
