@@ -1,6 +1,6 @@
 //! Models: `Sequential`, the functional `Model`, weights, states, and running them.
 
-use super::custom::{CustomRnn, Nest};
+use super::custom::Nest;
 use super::init::{init_tensor, weight_seed, Init};
 use super::layers::{shape_str, Input, Layer, Recurrent, Shape};
 use super::lower::{self, Emit};
@@ -608,7 +608,8 @@ impl Model {
                     self.slots[slot].built = Some(shapes[0].clone());
                 }
                 self.slots[slot].layer = Layer::Custom(c.clone());
-                self.check_custom_args(&c, &shapes[0], &args).map_err(err)?;
+                self.check_call_args(&Layer::Custom(c.clone()), &shapes[0], &args)
+                    .map_err(err)?;
                 c.output_shapes(&shapes)
             }
             _ => {
@@ -695,62 +696,19 @@ impl Model {
         self.call_slot(slot, &flat, args)
     }
 
-    fn check_custom_args(
-        &self,
-        c: &CustomRnn,
-        input: &Shape,
-        args: &CallArgs,
-    ) -> Result<(), String> {
-        let sizes = c.cell.state_size();
-        if !args.initial_state.is_empty() {
-            if args.initial_state.len() != sizes.len() {
-                return Err(format!(
-                    "initial_state has {} tensors, the cell has {} states of sizes {sizes:?}",
-                    args.initial_state.len(),
-                    sizes.len()
-                ));
-            }
-            for (k, (t, size)) in args.initial_state.iter().zip(&sizes).enumerate() {
-                let shape = &self.tensors[t.0].shape;
-                let mut want = vec![input[0]];
-                want.extend(size.iter().map(|&d| Some(d)));
-                let ok = shape.len() == want.len()
-                    && shape[1..] == want[1..]
-                    && (shape[0].is_none() || input[0].is_none() || shape[0] == input[0]);
-                if !ok {
-                    return Err(format!(
-                        "initial_state[{k}] has shape {}, expected {}",
-                        shape_str(shape),
-                        shape_str(&want)
-                    ));
-                }
-            }
-        }
-        if let Some(m) = args.mask {
-            let shape = &self.tensors[m.0].shape;
-            if shape.len() != 2 {
-                return Err(format!(
-                    "mask has shape {}, expected (batch, time)",
-                    shape_str(shape)
-                ));
-            }
-            if let (Some(a), Some(b)) = (shape[1], input[1]) {
-                if a != b {
-                    return Err(format!("mask has {a} steps, the input {b}"));
-                }
-            }
-        }
-        Ok(())
-    }
-
+    /// Checks `initial_state` (one `(batch, *size)` tensor per state) and `mask`
+    /// (`(batch, time)`) of a call on `input`.
     fn check_call_args(&self, layer: &Layer, input: &Shape, args: &CallArgs) -> Result<(), String> {
-        let sizes = match layer {
-            Layer::Recurrent(r) => r.state_sizes(),
-            Layer::Bidirectional(b) => {
-                let mut s = b.forward.state_sizes();
-                s.extend(b.backward.state_sizes());
-                s
-            }
+        let sizes: Vec<Vec<usize>> = match layer {
+            Layer::Recurrent(r) => r.state_sizes().into_iter().map(|s| vec![s]).collect(),
+            Layer::Bidirectional(b) => b
+                .forward
+                .state_sizes()
+                .into_iter()
+                .chain(b.backward.state_sizes())
+                .map(|s| vec![s])
+                .collect(),
+            Layer::Custom(c) => c.cell.state_size(),
             _ => {
                 if !args.initial_state.is_empty() {
                     return Err("only recurrent layers take an initial_state".into());
@@ -760,22 +718,26 @@ impl Model {
         };
         if !args.initial_state.is_empty() {
             if args.initial_state.len() != sizes.len() {
+                let shown: Vec<String> = sizes.iter().map(|s| shape_str(&as_shape(s))).collect();
                 return Err(format!(
-                    "initial_state has {} tensors, the layer has {} states of sizes {sizes:?}",
+                    "initial_state has {} tensors, the layer has {} states of sizes [{}]",
                     args.initial_state.len(),
-                    sizes.len()
+                    sizes.len(),
+                    shown.join(", ")
                 ));
             }
-            for (k, (t, &s)) in args.initial_state.iter().zip(&sizes).enumerate() {
+            for (k, (t, size)) in args.initial_state.iter().zip(&sizes).enumerate() {
                 let shape = &self.tensors[t.0].shape;
-                let ok = shape.len() == 2
-                    && shape[1] == Some(s)
+                let mut want = vec![input[0]];
+                want.extend(as_shape(size));
+                let ok = shape.len() == want.len()
+                    && shape[1..] == want[1..]
                     && (shape[0].is_none() || input[0].is_none() || shape[0] == input[0]);
                 if !ok {
                     return Err(format!(
                         "initial_state[{k}] has shape {}, expected {}",
                         shape_str(shape),
-                        shape_str(&[input[0], Some(s)])
+                        shape_str(&want)
                     ));
                 }
             }
@@ -1479,6 +1441,11 @@ fn op_shape(op: &super::layers::TensorOp, input: &Shape) -> Result<Shape, String
         },
         _ => input.clone(),
     })
+}
+
+/// Known sizes as a [`Shape`].
+fn as_shape(size: &[usize]) -> Shape {
+    size.iter().map(|&d| Some(d)).collect()
 }
 
 fn check_same_width(built: &Shape, shape: &Shape) -> Result<(), String> {

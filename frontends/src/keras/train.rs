@@ -620,10 +620,8 @@ impl Model {
                     let nv = ((n as f64) * s as f64).floor() as usize;
                     let cut = n - nv;
                     let idx: Vec<usize> = (cut..n).collect();
-                    let rows = |ts: &[Tensor]| {
-                        ts.iter().map(|t| take_rows(t, &idx)).collect::<R<Vec<_>>>()
-                    };
-                    ((0..cut).collect(), Some((rows(x)?, rows(y)?)))
+                    let val = (take_rows_all(x, &idx)?, take_rows_all(y, &idx)?);
+                    ((0..cut).collect(), Some(val))
                 }
                 _ => ((0..n).collect(), None),
             };
@@ -657,14 +655,8 @@ impl Model {
             let steps = order.len().div_ceil(bs);
             let mut sums = Sums::new(heads.len(), metrics.len());
             for (b, chunk) in order.chunks(bs).enumerate() {
-                let bx = x
-                    .iter()
-                    .map(|t| take_rows(t, chunk))
-                    .collect::<R<Vec<_>>>()?;
-                let by = y
-                    .iter()
-                    .map(|t| take_rows(t, chunk))
-                    .collect::<R<Vec<_>>>()?;
+                let bx = take_rows_all(x, chunk)?;
+                let by = take_rows_all(y, chunk)?;
                 let gr = self.gradients_of_heads(&bx, &by, &heads, true)?;
                 if !gr.loss.is_finite() {
                     return Err(KerasError::Layer {
@@ -795,14 +787,8 @@ impl Model {
         let idx: Vec<usize> = (0..n).collect();
         let mut sums = Sums::new(y.len(), metrics.len());
         for chunk in idx.chunks(batch_size.max(1)) {
-            let bx = x
-                .iter()
-                .map(|t| take_rows(t, chunk))
-                .collect::<R<Vec<_>>>()?;
-            let by = y
-                .iter()
-                .map(|t| take_rows(t, chunk))
-                .collect::<R<Vec<_>>>()?;
+            let bx = take_rows_all(x, chunk)?;
+            let by = take_rows_all(y, chunk)?;
             let out = self.predict(&bx)?;
             let losses = out
                 .iter()
@@ -965,6 +951,11 @@ fn bar(done: usize, total: usize) -> String {
     } else {
         format!("{}>{}", "=".repeat(filled), ".".repeat(w - filled - 1))
     }
+}
+
+/// Rows `idx` of each tensor's first axis.
+fn take_rows_all(ts: &[Tensor], idx: &[usize]) -> R<Vec<Tensor>> {
+    ts.iter().map(|t| take_rows(t, idx)).collect()
 }
 
 /// Rows `idx` of a tensor's first axis.
