@@ -1014,42 +1014,43 @@ impl Model {
                 vals.insert(node.outputs[0], (v, None));
                 continue;
             }
+            let (x, in_mask) = *vals.get(&node.inputs[0]).ok_or_else(|| KerasError::Layer {
+                layer: slot.name.clone(),
+                msg: "reads a tensor that the model inputs do not determine".into(),
+            })?;
+            // The call's `mask`, else the (first) input's.
+            let mask = match node.args.mask {
+                Some(m) => {
+                    let mv = vals
+                        .get(&m)
+                        .ok_or_else(|| KerasError::Internal("mask tensor not computed".into()))?
+                        .0;
+                    Some(Emit::new(&mut g, &slot.name).cast(mv, DType::Bool)?)
+                }
+                None => in_mask,
+            };
+            let mut init: Option<Vec<ValueRef>> = if node.args.initial_state.is_empty() {
+                None
+            } else {
+                Some(
+                    node.args
+                        .initial_state
+                        .iter()
+                        .map(|t| vals.get(t).map(|v| v.0))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| KerasError::Internal("initial state not computed".into()))?,
+                )
+            };
             if let Layer::Custom(c) = &slot.layer {
-                let got = node
+                let parts = node
                     .inputs
                     .iter()
-                    .map(|t| vals.get(t).copied())
+                    .map(|t| vals.get(t).map(|v| v.0))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| KerasError::Layer {
                         layer: slot.name.clone(),
                         msg: "reads a tensor that the model inputs do not determine".into(),
                     })?;
-                let parts: Vec<ValueRef> = got.iter().map(|v| v.0).collect();
-                // Keras: the mask of the first part (or the call's `mask`).
-                let mask = match node.args.mask {
-                    Some(m) => {
-                        let mv = vals
-                            .get(&m)
-                            .ok_or_else(|| KerasError::Internal("mask tensor not computed".into()))?
-                            .0;
-                        Some(Emit::new(&mut g, &slot.name).cast(mv, DType::Bool)?)
-                    }
-                    None => got[0].1,
-                };
-                let init = if node.args.initial_state.is_empty() {
-                    None
-                } else {
-                    Some(
-                        node.args
-                            .initial_state
-                            .iter()
-                            .map(|t| vals.get(t).map(|v| v.0))
-                            .collect::<Option<Vec<_>>>()
-                            .ok_or_else(|| {
-                                KerasError::Internal("initial state not computed".into())
-                            })?,
-                    )
-                };
                 let named: Vec<(String, ValueRef)> = c
                     .specs(c.built.as_ref().ok_or_else(|| {
                         KerasError::Internal("custom RNN lowered before it was built".into())
@@ -1070,32 +1071,6 @@ impl Model {
                 }
                 continue;
             }
-            let (x, mask) = *vals.get(&node.inputs[0]).ok_or_else(|| KerasError::Layer {
-                layer: slot.name.clone(),
-                msg: "reads a tensor that the model inputs do not determine".into(),
-            })?;
-            let mask = match node.args.mask {
-                Some(m) => {
-                    let mv = vals
-                        .get(&m)
-                        .ok_or_else(|| KerasError::Internal("mask tensor not computed".into()))?
-                        .0;
-                    Some(Emit::new(&mut g, &slot.name).cast(mv, DType::Bool)?)
-                }
-                None => mask,
-            };
-            let mut init: Option<Vec<ValueRef>> = if node.args.initial_state.is_empty() {
-                None
-            } else {
-                Some(
-                    node.args
-                        .initial_state
-                        .iter()
-                        .map(|t| vals.get(t).map(|v| v.0))
-                        .collect::<Option<Vec<_>>>()
-                        .ok_or_else(|| KerasError::Internal("initial state not computed".into()))?,
-                )
-            };
             let stateful_here = is_stateful(&slot.layer) && init.is_none();
             if stateful_here {
                 let mut v = Vec::new();

@@ -585,16 +585,7 @@ impl Model {
             msg: "call compile() before fit()".into(),
         })?;
         let (loss, metrics) = (state.loss, state.metrics.clone());
-        if y.len() != self.outputs.len() {
-            return Err(KerasError::Input {
-                input: "y".into(),
-                msg: format!(
-                    "{} target tensors for a model with {} outputs",
-                    y.len(),
-                    self.outputs.len()
-                ),
-            });
-        }
+        self.check_target_count(y)?;
         let heads: Vec<(usize, Loss)> = (0..y.len()).map(|o| (o, loss)).collect();
         let names = self.output_names();
         let n = y[0].shape().first().copied().unwrap_or(0);
@@ -724,6 +715,20 @@ impl Model {
         Ok(history)
     }
 
+    fn check_target_count(&self, y: &[Tensor]) -> R<()> {
+        if y.len() == self.outputs.len() {
+            return Ok(());
+        }
+        Err(KerasError::Input {
+            input: "y".into(),
+            msg: format!(
+                "{} target tensors for a model with {} outputs",
+                y.len(),
+                self.outputs.len()
+            ),
+        })
+    }
+
     /// The names Keras gives the outputs in logs: the producing layer's name; a second
     /// output of the same layer `<layer>_1`, a third `<layer>_2`, ...
     pub fn output_names(&self) -> Vec<String> {
@@ -773,16 +778,7 @@ impl Model {
         metrics: &[Metric],
         names: &[String],
     ) -> R<Evaluation> {
-        if y.len() != self.outputs.len() {
-            return Err(KerasError::Input {
-                input: "y".into(),
-                msg: format!(
-                    "{} target tensors for a model with {} outputs",
-                    y.len(),
-                    self.outputs.len()
-                ),
-            });
-        }
+        self.check_target_count(y)?;
         let n = y[0].shape().first().copied().unwrap_or(0);
         let idx: Vec<usize> = (0..n).collect();
         let mut sums = Sums::new(y.len(), metrics.len());
