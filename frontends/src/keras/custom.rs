@@ -182,7 +182,7 @@ impl<'a, 'g> CellOps<'a, 'g> {
 
     /// Matrix product with numpy broadcasting (`keras.ops.matmul`).
     pub fn matmul(&mut self, a: Sym, b: Sym) -> R<Sym> {
-        self.op(Op::MatMul {}, &[a, b], "matmul")
+        Ok(Sym(self.e.matmul(a.0, b.0)?))
     }
 
     /// `keras.ops.einsum(equation, *operands)`, e.g. `"bij,ijkl->bkl"`.
@@ -198,7 +198,7 @@ impl<'a, 'g> CellOps<'a, 'g> {
 
     /// `a + b` (broadcasting).
     pub fn add(&mut self, a: Sym, b: Sym) -> R<Sym> {
-        self.op(Op::Add {}, &[a, b], "add")
+        Ok(Sym(self.e.add(a.0, b.0)?))
     }
 
     /// `a - b` (broadcasting).
@@ -208,7 +208,7 @@ impl<'a, 'g> CellOps<'a, 'g> {
 
     /// `a * b` (broadcasting).
     pub fn mul(&mut self, a: Sym, b: Sym) -> R<Sym> {
-        self.op(Op::Mul {}, &[a, b], "mul")
+        Ok(Sym(self.e.mul(a.0, b.0)?))
     }
 
     /// `a / b` (broadcasting).
@@ -663,15 +663,11 @@ impl CustomRnn {
     }
 }
 
-fn dims_of(e: &Emit, v: ValueRef) -> Vec<Dim> {
-    e.dims(v)
-}
-
 fn check_part_shapes(e: &Emit, rnn: &CustomRnn, parts: &[ValueRef], paths: &[String]) -> R<()> {
     let shapes: Vec<Shape> = parts
         .iter()
         .map(|&p| {
-            dims_of(e, p)
+            e.dims(p)
                 .iter()
                 .map(|d| d.known().map(|n| n as usize))
                 .collect()
@@ -715,7 +711,7 @@ pub(crate) fn lower(
     // Time-major parts; masks as (time, batch, 1) booleans.
     let mut parts_tm = Vec::with_capacity(parts.len());
     for &p in parts {
-        let r = dims_of(e, p).len() as i64;
+        let r = e.dims(p).len() as i64;
         let mut perm = vec![1, 0];
         perm.extend(2..r);
         parts_tm.push(e.transpose(p, &perm)?);
@@ -727,10 +723,7 @@ pub(crate) fn lower(
         }
         None => None,
     };
-    let b = dims_of(e, parts_tm[0])
-        .get(1)
-        .cloned()
-        .unwrap_or(Dim::Unknown);
+    let b = e.dims(parts_tm[0]).get(1).cloned().unwrap_or(Dim::Unknown);
     let f32_of = |dims: Vec<Dim>| ValueType::Tensor(TensorType::with_dims(DType::F32, dims));
     let with_batch = |size: &[usize]| {
         let mut d = vec![b.clone()];
@@ -755,7 +748,10 @@ pub(crate) fn lower(
         weights,
         parts_tm.as_slice(),
         &structure,
-        &st_in_types(&body, &st_in),
+        &st_in
+            .iter()
+            .map(|&v| body.value(v).ty.clone())
+            .collect::<Vec<_>>(),
     )?;
     let mut carried_in = Vec::new();
     for (k, o) in output_size.iter().enumerate() {
@@ -768,7 +764,7 @@ pub(crate) fn lower(
     }
     let mut x_in = Vec::new();
     for (k, &p) in parts_tm.iter().enumerate() {
-        let d = dims_of(e, p);
+        let d = e.dims(p);
         x_in.push(body.add_input(&format!("x_t_{k}"), f32_of(d[1..].to_vec()))?);
     }
     let m_in = match m_tm {
@@ -924,10 +920,6 @@ pub(crate) fn lower(
         result.extend(finals.iter().map(|&v| (v, None)));
     }
     Ok(result)
-}
-
-fn st_in_types(body: &Graph, st_in: &[ValueRef]) -> Vec<ValueType> {
-    st_in.iter().map(|&v| body.value(v).ty.clone()).collect()
 }
 
 /// Builds the step once in a scratch graph to learn which outputs are states

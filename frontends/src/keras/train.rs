@@ -677,7 +677,7 @@ impl Model {
                     );
                 }
             }
-            let mut logs = sums.logs(&names, &metrics, "");
+            let mut logs = sums.logs(&names, &metrics);
             if let Some((vx, vy)) = &val {
                 let ev = self.evaluate_outputs_with(vx, vy, bs, loss, &metrics, &names)?;
                 logs.push(("val_loss".into(), ev.loss));
@@ -793,7 +793,7 @@ impl Model {
                 .collect::<R<Vec<_>>>()?;
             sums.add(chunk.len(), &losses, metrics, &out, &by, loss)?;
         }
-        let mut logs = sums.logs(names, metrics, "");
+        let mut logs = sums.logs(names, metrics);
         let total = logs.remove(0).1;
         Ok(Evaluation {
             loss: total,
@@ -848,21 +848,21 @@ impl Sums {
 
     /// `loss`, then per output `<name>_loss` and `<name>_<metric>` (one output: the
     /// metrics by their own names).
-    fn logs(&self, names: &[String], metrics: &[Metric], prefix: &str) -> Vec<(String, f64)> {
+    fn logs(&self, names: &[String], metrics: &[Metric]) -> Vec<(String, f64)> {
         let seen = self.seen.max(1) as f64;
-        let mut logs = vec![(format!("{prefix}loss"), self.total_loss())];
+        let mut logs = vec![("loss".to_string(), self.total_loss())];
         let several = self.loss.len() > 1;
         if several {
             for (name, l) in names.iter().zip(&self.loss) {
-                logs.push((format!("{prefix}{name}_loss"), l / seen));
+                logs.push((format!("{name}_loss"), l / seen));
             }
         }
         for (h, st) in self.metrics.iter().enumerate() {
             for (m, s) in metrics.iter().zip(st) {
                 let key = if several {
-                    format!("{prefix}{}_{}", names[h], m.name())
+                    format!("{}_{}", names[h], m.name())
                 } else {
-                    format!("{prefix}{}", m.name())
+                    m.name().to_string()
                 };
                 logs.push((key, s.0 / s.1.max(1) as f64));
             }
