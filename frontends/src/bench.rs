@@ -1,19 +1,29 @@
-//! `cellgraph bench`: times inference of the recurrent workloads on the CPU backend.
+//! `cellgraph bench`: times the recurrent workloads W1–W4 on the CPU backend (inference of
+//! the ONNX layer, and a Keras training step), any ONNX model, and Keras models on the
+//! loop and fused paths.
 
 use crate::backends::cpu::{CpuBackend, Recurrent};
 use crate::backends::{Backend, Data, Plan};
 use crate::ir::onnx::Model;
 use crate::ir::{DType, Graph, Op, Tensor, ValueRef, ValueType};
+use crate::keras::{
+    Bidirectional, Dense, Input, KerasError, Loss, Model as KerasModel, Optimizer, Sequential, GRU,
+    LSTM,
+};
 use ndarray::{ArrayD, IxDyn};
 use std::time::Instant;
 
-/// One benchmark workload: a single recurrent layer.
+/// One benchmark workload: a single recurrent layer (float32).
 #[derive(Clone, Debug)]
 pub struct Workload {
-    /// Short name (`lstm_b64_t28_i28_h64`).
+    /// The label (`W1` … `W4`).
+    pub id: &'static str,
+    /// Short name (`w1_lstm_b64_t28_i28_h64`), also the exported file's stem.
     pub name: String,
-    /// `LSTM` or `GRU`.
+    /// `LSTM` or `GRU` (GRU is reset-after: ONNX `linear_before_reset=1`, Keras's default).
     pub cell: &'static str,
+    /// Both directions (ONNX `bidirectional`, Keras `Bidirectional(…)` with concat).
+    pub bidirectional: bool,
     /// Batch.
     pub batch: usize,
     /// Steps.
@@ -26,18 +36,21 @@ pub struct Workload {
 
 impl Workload {
     fn new(
+        id: &'static str,
         cell: &'static str,
-        batch: usize,
-        steps: usize,
-        input: usize,
-        hidden: usize,
+        bidirectional: bool,
+        (batch, steps, input, hidden): (usize, usize, usize, usize),
     ) -> Workload {
         Workload {
             name: format!(
-                "{}_b{batch}_t{steps}_i{input}_h{hidden}",
+                "{}_{}{}_b{batch}_t{steps}_i{input}_h{hidden}",
+                id.to_lowercase(),
+                if bidirectional { "bi" } else { "" },
                 cell.to_lowercase()
             ),
+            id,
             cell,
+            bidirectional,
             batch,
             steps,
             input,
@@ -45,12 +58,14 @@ impl Workload {
         }
     }
 
-    /// The workloads: LSTM B64 T28 I28 H64, LSTM and GRU B64 T100 I512 H512.
+    /// The four workloads: W1 LSTM B64 T28 I28 H64 (the guide's MNIST model), W2 LSTM
+    /// B64 T100 I512 H512, W3 GRU (reset-after) at W2's size, W4 bidirectional W1.
     pub fn standard() -> Vec<Workload> {
         vec![
-            Workload::new("LSTM", 64, 28, 28, 64),
-            Workload::new("LSTM", 64, 100, 512, 512),
-            Workload::new("GRU", 64, 100, 512, 512),
+            Workload::new("W1", "LSTM", false, (64, 28, 28, 64)),
+            Workload::new("W2", "LSTM", false, (64, 100, 512, 512)),
+            Workload::new("W3", "GRU", false, (64, 100, 512, 512)),
+            Workload::new("W4", "LSTM", true, (64, 28, 28, 64)),
         ]
     }
 
@@ -62,10 +77,29 @@ impl Workload {
         }
     }
 
+    fn directions(&self) -> usize {
+        if self.bidirectional {
+            2
+        } else {
+            1
+        }
+    }
+
     /// Matrix-product FLOPs of one forward pass (gate arithmetic not counted).
     pub fn flops(&self) -> f64 {
         let gh = (self.gates() * self.hidden) as f64;
-        2.0 * (self.steps * self.batch) as f64 * (self.input + self.hidden) as f64 * gh
+        2.0 * (self.directions() * self.steps * self.batch) as f64
+            * (self.input + self.hidden) as f64
+            * gh
+    }
+
+    /// Matrix-product FLOPs of one training step of the recurrent layer and the
+    /// `Dense(10)` head: the forward, then the backward's two products per forward
+    /// product (the input/state gradients and the weight gradients), 3× the forward.
+    /// Work a kernel does twice (a recomputed forward) is not counted.
+    pub fn train_flops(&self) -> f64 {
+        let head = 2.0 * (self.batch * self.directions() * self.hidden * 10) as f64;
+        3.0 * (self.flops() + head)
     }
 
     /// The workload as an ONNX graph: input `X [T, N, I]`, weights as initializers,
@@ -84,7 +118,7 @@ impl Workload {
                 .collect();
             Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), v).expect("shape matches"))
         };
-        let (g_n, h, i) = (self.gates(), self.hidden, self.input);
+        let (g_n, h, i, d) = (self.gates(), self.hidden, self.input, self.directions());
         let scale = 1.0 / (h as f32).sqrt();
         let mut g = Graph::new(self.name.clone());
         let x = g
@@ -97,14 +131,19 @@ impl Workload {
             )
             .expect("fresh graph");
         let w = g
-            .add_initializer("W", rand(&[1, g_n * h, i], scale), true)
+            .add_initializer("W", rand(&[d, g_n * h, i], scale), true)
             .expect("fresh graph");
         let r = g
-            .add_initializer("R", rand(&[1, g_n * h, h], scale), true)
+            .add_initializer("R", rand(&[d, g_n * h, h], scale), true)
             .expect("fresh graph");
         let b = g
-            .add_initializer("B", rand(&[1, 2 * g_n * h], scale), true)
+            .add_initializer("B", rand(&[d, 2 * g_n * h], scale), true)
             .expect("fresh graph");
+        let direction = if self.bidirectional {
+            "bidirectional"
+        } else {
+            "forward"
+        };
         let (op, outs): (Op, &[&str]) = if self.cell == "LSTM" {
             (
                 Op::LSTM {
@@ -112,7 +151,7 @@ impl Workload {
                     activation_beta: None,
                     activations: None,
                     clip: None,
-                    direction: "forward".into(),
+                    direction: direction.into(),
                     hidden_size: Some(h as i64),
                     input_forget: 0,
                     layout: 0,
@@ -126,7 +165,7 @@ impl Workload {
                     activation_beta: None,
                     activations: None,
                     clip: None,
-                    direction: "forward".into(),
+                    direction: direction.into(),
                     hidden_size: Some(h as i64),
                     layout: 0,
                     linear_before_reset: 1,
@@ -149,6 +188,47 @@ impl Workload {
         )
         .expect("outputs exist");
         g
+    }
+
+    /// The training-step model, as Keras builds it: `Input((T, I))` → `LSTM(H)` /
+    /// `GRU(H)` / `Bidirectional(LSTM(H))` → `Dense(10)`, compiled with `SGD(0.01)` and
+    /// sparse categorical cross-entropy from logits.
+    pub fn keras_model(&self, recurrent: Recurrent) -> Result<KerasModel, KerasError> {
+        let mut m = Sequential::with_seed(1);
+        m.add(Input::new(&[Some(self.steps), Some(self.input)]))?;
+        let layer = if self.cell == "LSTM" {
+            LSTM::new(self.hidden)
+        } else {
+            GRU::new(self.hidden)
+        };
+        if self.bidirectional {
+            m.add(Bidirectional::new(layer))?;
+        } else {
+            m.add(layer)?;
+        }
+        m.add(Dense::new(10))?;
+        m.set_recurrent(recurrent);
+        m.compile(
+            Optimizer::sgd(),
+            Loss::SparseCategoricalCrossentropy { from_logits: true },
+            &[],
+        );
+        Ok(m)
+    }
+
+    /// The training step's batch: `x [N, T, I]` (batch-major, as Keras feeds it) and
+    /// integer labels `[N]`.
+    pub fn train_batch(&self) -> (Tensor, Tensor) {
+        let (b, t, i) = (self.batch, self.steps, self.input);
+        let x: Vec<f32> = (0..b * t * i)
+            .map(|k| ((k * 2654435761usize % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[b, t, i]), x).expect("shape matches"));
+        let y = Tensor::I32(
+            ArrayD::from_shape_vec(IxDyn(&[b]), (0..b as i32).map(|k| k % 10).collect())
+                .expect("shape matches"),
+        );
+        (x, y)
     }
 
     /// A random input of the workload's shape.
@@ -175,10 +255,29 @@ pub struct Timing {
     pub max_ms: f64,
     /// Runs timed.
     pub runs: usize,
+    /// The process's peak resident memory while the runs (and the warm-up) ran, MiB:
+    /// the kernel's high-water mark, reset before the first run (Linux; `None`
+    /// elsewhere or when `/proc` is not readable).
+    pub peak_mib: Option<f64>,
 }
 
-/// Times `f` `runs` times after one warm-up.
+/// Resets the kernel's resident-memory high-water mark of this process (`VmHWM`);
+/// false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The process's resident-memory high-water mark (`VmHWM`), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Times `f` `runs` times after one warm-up, with the peak memory of all of them.
 pub fn time(runs: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<Timing, String> {
+    let peak_known = reset_peak_rss();
     f()?;
     let mut v = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -192,10 +291,11 @@ pub fn time(runs: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<Ti
         min_ms: v[0],
         max_ms: v[v.len() - 1],
         runs,
+        peak_mib: if peak_known { peak_rss_mib() } else { None },
     })
 }
 
-/// Times inference of a workload on the CPU backend.
+/// Times inference of a workload's ONNX layer on the CPU backend (input `[T, N, I]`).
 pub fn bench_workload(w: &Workload, recurrent: Recurrent, runs: usize) -> Result<Timing, String> {
     let g = w.graph();
     let mut plan = CpuBackend::new(recurrent)
@@ -207,6 +307,16 @@ pub fn bench_workload(w: &Workload, recurrent: Recurrent, runs: usize) -> Result
             .map(|_| ())
             .map_err(|e| e.to_string())
     })
+}
+
+/// Times a training step of a workload: [`Workload::keras_model`]'s `train_on_batch`
+/// (forward, loss, backward through the recurrent layer and the head, SGD update).
+pub fn bench_train(w: &Workload, recurrent: Recurrent, runs: usize) -> Result<Timing, String> {
+    let e = |err: KerasError| err.to_string();
+    let mut m = w.keras_model(recurrent).map_err(e)?;
+    let (x, y) = w.train_batch();
+    let (xs, ys) = ([x], [y]);
+    time(runs, || m.train_on_batch(&xs, &ys).map(|_| ()).map_err(e))
 }
 
 /// Times inference of any ONNX model on deterministic pseudo-random inputs of its
@@ -277,8 +387,7 @@ pub const KERAS_WORKLOADS: [(usize, usize, usize, usize); 2] =
 /// (`predict`) and a training step (forward and backward of the sparse categorical
 /// cross-entropy from logits with respect to every weight: `Model::gradients`).
 pub fn bench_keras(runs: usize) -> Result<Vec<KerasRow>, String> {
-    use crate::keras::{Dense, Input, Loss, Sequential, LSTM};
-    let e = |err: crate::keras::KerasError| err.to_string();
+    let e = |err: KerasError| err.to_string();
     let mut rows = Vec::new();
     for (b, t, i, h) in KERAS_WORKLOADS {
         let name = format!("lstm_b{b}_t{t}_i{i}_h{h}");

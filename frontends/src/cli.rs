@@ -197,9 +197,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "fused")]
         recurrent: RecurrentArg,
     },
-    /// Time inference: with no MODEL, the standard recurrent workloads (LSTM B64 T28 I28
-    /// H64, LSTM and GRU B64 T100 I512 H512), median ms and GFLOP/s; with a MODEL, that
-    /// ONNX model on deterministic inputs of its declared shapes (last line `median_ms: X`).
+    /// Time the CPU backend. With no MODEL, the standard workloads W1 LSTM B64 T28 I28 H64,
+    /// W2 LSTM B64 T100 I512 H512, W3 GRU (reset-after) at W2's size, W4 bidirectional W1:
+    /// inference of the ONNX layer and a training step (the layer + Dense(10), sparse
+    /// cross-entropy from logits, backward, SGD update), each with median/min/max ms,
+    /// GFLOP/s, threads and peak memory. With a MODEL, inference of that ONNX model on
+    /// deterministic inputs of its declared shapes (last line `median_ms: X`).
     Bench {
         /// An ONNX model to time instead of the standard workloads.
         model: Option<PathBuf>,
@@ -224,6 +227,15 @@ pub enum Command {
         /// inference and training step (forward + backward), with loop/fused ratios.
         #[arg(long, conflicts_with = "model")]
         keras: bool,
+        /// Worker threads of the parallel kernels (default: one per core).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Only this standard workload (`W1` … `W4`, or its name); repeatable.
+        #[arg(long = "workload", value_name = "ID", conflicts_with_all = ["model", "keras"])]
+        workloads: Vec<String>,
+        /// Only this step of the standard workloads; repeatable (default: both).
+        #[arg(long = "step", value_enum, conflicts_with_all = ["model", "keras"])]
+        steps: Vec<BenchStep>,
     },
     /// Run conformance suites. Prints `PASS <case>` or `FAIL <case>: <reason>` per case,
     /// then `N passed, M failed`; exits 1 if anything failed.
@@ -425,37 +437,84 @@ fn bench_keras(runs: usize, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn bench(
-    model: Option<&Path>,
+/// What `cellgraph bench` times for each standard workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchStep {
+    /// Inference of the ONNX layer.
+    Inference,
+    /// A Keras training step (layer + `Dense(10)`, cross-entropy, SGD update).
+    Train,
+}
+
+/// `cellgraph bench`'s options for the standard workloads.
+struct BenchOpts<'a> {
+    runs: usize,
+    recurrent: crate::backends::cpu::Recurrent,
+    export_dir: Option<&'a Path>,
+    json: bool,
+    workloads: &'a [String],
+    steps: &'a [BenchStep],
+}
+
+fn bench_one_model(
+    path: &Path,
     runs: usize,
     recurrent: crate::backends::cpu::Recurrent,
     dim: usize,
-    export_dir: Option<&Path>,
-    json: bool,
 ) -> Result<(), CliError> {
-    use crate::bench::{bench_model, bench_workload, Workload};
-    if let Some(path) = model {
-        let m = load(path)?;
-        let t = bench_model(&m, recurrent, runs, dim)
-            .map_err(|e| CliError::Run(format!("{}: {e}", path.display())))?;
-        println!(
-            "model: {}  runs: {}  min_ms: {:.3}  max_ms: {:.3}",
-            path.display(),
-            t.runs,
-            t.min_ms,
-            t.max_ms
-        );
-        println!("median_ms: {:.3}", t.median_ms);
-        return Ok(());
+    let m = load(path)?;
+    let t = crate::bench::bench_model(&m, recurrent, runs, dim)
+        .map_err(|e| CliError::Run(format!("{}: {e}", path.display())))?;
+    let peak = t.peak_mib.map_or("-".into(), |p| format!("{p:.1}"));
+    println!(
+        "model: {}  runs: {}  threads: {}  min_ms: {:.3}  max_ms: {:.3}  peak_mib: {peak}",
+        path.display(),
+        t.runs,
+        rayon::current_num_threads(),
+        t.min_ms,
+        t.max_ms
+    );
+    println!("median_ms: {:.3}", t.median_ms);
+    Ok(())
+}
+
+fn bench(o: &BenchOpts<'_>) -> Result<(), CliError> {
+    use crate::bench::{bench_train, bench_workload, Workload};
+    let threads = rayon::current_num_threads();
+    let all = Workload::standard();
+    for want in o.workloads {
+        if !all
+            .iter()
+            .any(|w| w.id.eq_ignore_ascii_case(want) || w.name == *want)
+        {
+            let known: Vec<&str> = all.iter().map(|w| w.id).collect();
+            return Err(CliError::Run(format!(
+                "no workload {want:?} (the workloads: {})",
+                known.join(", ")
+            )));
+        }
     }
-    if !json {
+    let steps: &[BenchStep] = if o.steps.is_empty() {
+        &[BenchStep::Inference, BenchStep::Train]
+    } else {
+        o.steps
+    };
+    if !o.json {
         println!(
-            "{:<24} {:>10} {:>10} {:>10} {:>9}  (recurrent: {recurrent:?}, runs: {runs})",
-            "workload", "median_ms", "min_ms", "max_ms", "GFLOP/s"
+            "{:<3} {:<26} {:<9} {:>10} {:>10} {:>10} {:>8} {:>7} {:>9}  (recurrent: {:?}, runs: {})",
+            "", "workload", "step", "median_ms", "min_ms", "max_ms", "GFLOP/s", "threads", "peak_MiB",
+            o.recurrent, o.runs
         );
     }
-    for w in Workload::standard() {
-        if let Some(dir) = export_dir {
+    for w in all {
+        let chosen = o.workloads.is_empty()
+            || o.workloads
+                .iter()
+                .any(|x| w.id.eq_ignore_ascii_case(x) || w.name == *x);
+        if !chosen {
+            continue;
+        }
+        if let Some(dir) = o.export_dir {
             std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
                 path: dir.to_path_buf(),
                 source,
@@ -465,21 +524,57 @@ fn bench(
                 &dir.join(format!("{}.onnx", w.name)),
             )?;
         }
-        let t = bench_workload(&w, recurrent, runs).map_err(CliError::Run)?;
-        let gflops = w.flops() / (t.median_ms * 1e-3) / 1e9;
-        if json {
-            println!(
-                "{{\"workload\": \"{}\", \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"max_ms\": {:.4}, \"gflops\": {:.2}, \"runs\": {}, \"recurrent\": \"{recurrent:?}\"}}",
-                w.name, t.median_ms, t.min_ms, t.max_ms, gflops, t.runs
-            );
-        } else {
-            println!(
-                "{:<24} {:>10.3} {:>10.3} {:>10.3} {:>9.1}",
-                w.name, t.median_ms, t.min_ms, t.max_ms, gflops
-            );
+        for &step in steps {
+            let (t, flops, label) = match step {
+                BenchStep::Inference => (
+                    bench_workload(&w, o.recurrent, o.runs),
+                    w.flops(),
+                    "inference",
+                ),
+                BenchStep::Train => (
+                    bench_train(&w, o.recurrent, o.runs),
+                    w.train_flops(),
+                    "train",
+                ),
+            };
+            let t = t.map_err(|e| CliError::Run(format!("{} {label}: {e}", w.name)))?;
+            let gflops = flops / (t.median_ms * 1e-3) / 1e9;
+            let peak = t.peak_mib.map_or("-".into(), |p| format!("{p:.1}"));
+            if o.json {
+                println!(
+                    "{{\"id\": \"{}\", \"workload\": \"{}\", \"step\": \"{label}\", \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"max_ms\": {:.4}, \"gflops\": {:.2}, \"runs\": {}, \"threads\": {threads}, \"peak_mib\": {}, \"recurrent\": \"{:?}\"}}",
+                    w.id,
+                    w.name,
+                    t.median_ms,
+                    t.min_ms,
+                    t.max_ms,
+                    gflops,
+                    t.runs,
+                    t.peak_mib.map_or("null".into(), |p| format!("{p:.1}")),
+                    o.recurrent
+                );
+            } else {
+                println!(
+                    "{:<3} {:<26} {:<9} {:>10.3} {:>10.3} {:>10.3} {:>8.1} {:>7} {:>9}",
+                    w.id, w.name, label, t.median_ms, t.min_ms, t.max_ms, gflops, threads, peak
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// Sets the worker threads of the process's parallel kernels (rayon's global pool and
+/// matrixmultiply's `MATMUL_NUM_THREADS`); must run before any kernel does.
+fn set_threads(n: usize) -> Result<(), CliError> {
+    if n == 0 {
+        return Err(CliError::Run("--threads must be at least 1".into()));
+    }
+    std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| CliError::Run(format!("--threads {n}: {e}")))
 }
 
 /// `--backend` values.
@@ -506,19 +601,28 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             export_dir,
             json,
             keras,
+            threads,
+            workloads,
+            steps,
         } => {
-            if keras {
-                bench_keras(runs.max(1), json)?;
-                return Ok(0);
+            if let Some(n) = threads {
+                set_threads(n)?;
             }
-            bench(
-                model.as_deref(),
-                runs.max(1),
-                recurrent.into(),
-                dim,
-                export_dir.as_deref(),
-                json,
-            )?;
+            let runs = runs.max(1);
+            if keras {
+                bench_keras(runs, json)?;
+            } else if let Some(path) = model.as_deref() {
+                bench_one_model(path, runs, recurrent.into(), dim)?;
+            } else {
+                bench(&BenchOpts {
+                    runs,
+                    recurrent: recurrent.into(),
+                    export_dir: export_dir.as_deref(),
+                    json,
+                    workloads: &workloads,
+                    steps: &steps,
+                })?;
+            }
             Ok(0)
         }
         Command::Run {

@@ -378,3 +378,52 @@ fn limit_flags_refuse_big_tensors_with_clear_errors() {
         .expect("run cellgraph");
     assert!(ok.status.success());
 }
+
+#[test]
+fn bench_times_a_training_step_with_threads_and_peak_memory() {
+    let out = bin()
+        .args([
+            "bench",
+            "--workload",
+            "w1",
+            "--step",
+            "train",
+            "--runs",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+        ])
+        .output()
+        .expect("run cellgraph");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one workload, one step: {text}");
+    let row: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON row");
+    assert_eq!(row["id"], "W1");
+    assert_eq!(row["workload"], "w1_lstm_b64_t28_i28_h64");
+    assert_eq!(row["step"], "train");
+    assert_eq!(row["threads"], 1);
+    assert!(row["median_ms"].as_f64().expect("median") > 0.0);
+    assert!(row["gflops"].as_f64().expect("gflops") > 0.0);
+    if cfg!(target_os = "linux") {
+        // At least the batch and the weights were resident.
+        assert!(row["peak_mib"].as_f64().expect("peak memory on Linux") > 1.0);
+    }
+
+    let out = bin()
+        .args(["bench", "--workload", "w9", "--runs", "1"])
+        .output()
+        .expect("run cellgraph");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no workload \"w9\"") && err.contains("W1, W2, W3, W4"),
+        "{err}"
+    );
+}

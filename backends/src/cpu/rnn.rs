@@ -662,7 +662,7 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
 }
 
 /// Products below this many multiply-adds over the whole sequence run on one thread.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
+pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// Rows of X a block projects at once (a few steps of its rows: enough rows for an
 /// efficient GEMM, few enough that the projections stay in cache until their steps).
 const CHUNK_ROWS: usize = 256;

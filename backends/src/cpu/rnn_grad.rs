@@ -9,9 +9,10 @@
 //! projections, dX, dW, dR) are one GEMM over all steps. Layout 0 (time-major) only; the importer canonicalises
 //! `layout=1`.
 
-use super::rnn::{Act, Cell, GemmMode, RFloat, Spec};
+use super::rnn::{Act, Cell, GemmMode, RFloat, Spec, PARALLEL_MIN_MACS};
 use crate::data::Data;
 use cellgraph_ir::{Op, Tensor};
+use rayon::prelude::*;
 
 type R<T> = Result<T, String>;
 
@@ -323,6 +324,7 @@ fn all_directions<T: RFloat>(cx: &Ctx<'_>, a: &Args<'_>) -> AllGrads {
             wb: &bias[..gh],
             rb: &bias[gh..],
             p,
+            need_dp: a.p.is_some(),
         };
         let g = dir.backward(
             part(a.h0, n * h),
@@ -364,6 +366,8 @@ struct Dir<'a, T> {
     rb: &'a [f64],
     /// Peepholes `[3H]` (i, o, f).
     p: &'a [f64],
+    /// Whether the op has a P input (whose gradient is then computed).
+    need_dp: bool,
 }
 
 /// One direction's gradients.
@@ -382,7 +386,10 @@ impl<T: RFloat> Dir<'_, T> {
     /// Recomputes the forward (keeping each step's pre-activations and states), then
     /// backpropagates through time. Every product that does not feed the recurrence is
     /// one GEMM over all steps: the input projections, dX, dW and dR; per step there is
-    /// one recurrent GEMM forward and one backward (GRU reset-before: two each).
+    /// one recurrent GEMM forward and one backward (GRU reset-before: two each). Batch
+    /// rows never interact through time, so blocks of rows run their steps on separate
+    /// threads (as the forward kernel does) when the work pays for them; the weight
+    /// gradients then read every block's results.
     fn backward(
         &self,
         h0: Option<Vec<T>>,
@@ -397,6 +404,106 @@ impl<T: RFloat> Dir<'_, T> {
         let h = spec.hidden;
         let gh = spec.cell.gates() * h;
         let nh = n * h;
+        let lstm = spec.cell == Cell::Lstm;
+        let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
+        // Weights packed once for every block and step: Wᵀ for the input projections,
+        // Rᵀ forward (the z/r columns apart from the h columns for reset-before GRU),
+        // R backward.
+        let rec_cols = if lbr0 { 2 * h } else { gh };
+        let packs = Packs {
+            wt: T::pack(isz, gh, &self.w, 1, isz),
+            rt: T::pack(h, rec_cols, &self.r, 1, h),
+            rht: lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], 1, h)),
+            r: T::pack(rec_cols, h, &self.r, h, 1),
+            rh: lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], h, 1)),
+        };
+        let threads = rayon::current_num_threads().min(n.max(1));
+        let rows_per = if threads > 1 && t_len * n * gh * (h + isz) >= PARALLEL_MIN_MACS {
+            n.div_ceil(threads)
+        } else {
+            n.max(1)
+        };
+        let blocks: Vec<(usize, usize)> = (0..n)
+            .step_by(rows_per)
+            .map(|b0| (b0, rows_per.min(n - b0)))
+            .collect();
+        let io = BlockIo {
+            h0: h0.as_deref(),
+            c0: c0.as_deref(),
+            dy: dy.as_deref(),
+            dyh: dyh.as_deref(),
+            dyc: dyc.as_deref(),
+        };
+        let mut parts: Vec<Block<T>> = if blocks.len() > 1 {
+            blocks
+                .par_iter()
+                .map(|&(b0, nb)| self.block(&packs, &io, b0, nb, true))
+                .collect()
+        } else {
+            blocks
+                .iter()
+                .map(|&(b0, nb)| self.block(&packs, &io, b0, nb, false))
+                .collect()
+        };
+        // Every block's rows into the [steps, N, ·] arrays the weight gradients read.
+        let (dgx, dgr, hp_all, rh_all, dh, dc, dp) = if parts.len() == 1 {
+            let p = parts.pop().expect("one block");
+            (p.dgx, p.dgr, p.hp, p.rh, p.dh, p.dc, p.dp)
+        } else {
+            // Step t of the whole batch is every block's step t, in block order.
+            let gather = |part: fn(&Block<T>) -> &[T], width: usize| -> Vec<T> {
+                let mut v = Vec::with_capacity(t_len * n * width);
+                for t in 0..t_len {
+                    for (p, &(_, nb)) in parts.iter().zip(&blocks) {
+                        let src = part(p);
+                        if !src.is_empty() {
+                            v.extend_from_slice(&src[t * nb * width..(t + 1) * nb * width]);
+                        }
+                    }
+                }
+                v
+            };
+            let dgx = gather(|p| &p.dgx, gh);
+            let dgr = gather(|p| &p.dgr, gh);
+            let hp_all = gather(|p| &p.hp, h);
+            let rh_all = gather(|p| &p.rh, h);
+            let mut dh = Vec::with_capacity(nh);
+            let mut dc = Vec::with_capacity(if lstm { nh } else { 0 });
+            let mut dp = vec![0.0; 3 * h];
+            for p in &parts {
+                dh.extend_from_slice(&p.dh);
+                dc.extend_from_slice(&p.dc);
+                for (a, v) in dp.iter_mut().zip(&p.dp) {
+                    *a += v;
+                }
+            }
+            (dgx, dgr, hp_all, rh_all, dh, dc, dp)
+        };
+        self.products(&dgx, &dgr, &hp_all, &rh_all, dh, dc, dp)
+    }
+
+    /// Batch rows `b0..b0 + nb` through the recomputed forward and the backward, all
+    /// steps; `nested`: already on a worker thread, so the products stay on it.
+    fn block(
+        &self,
+        packs: &Packs<T>,
+        io: &BlockIo<'_, T>,
+        b0: usize,
+        nb: usize,
+        nested: bool,
+    ) -> Block<T> {
+        let cx = self.cx;
+        let need_dp = self.need_dp;
+        let spec = cx.spec;
+        let (t_len, n_all, isz) = cx.dims;
+        let n = nb;
+        let h = spec.hidden;
+        let gh = spec.cell.gates() * h;
+        let nh = n * h;
+        let rows = |v: Option<&[T]>| v.map(|v| v[b0 * h..(b0 + nb) * h].to_vec());
+        let (h0, c0, dyh, dyc) = (rows(io.h0), rows(io.c0), rows(io.dyh), rows(io.dyc));
+        let active = |t: usize, b: usize| cx.active(t, b0 + b);
+        let set = GemmMode::SET.serial_if(nested);
         let zero = T::of(0.0);
         let lstm = spec.cell == Cell::Lstm;
         let gru = spec.cell == Cell::Gru;
@@ -419,25 +526,29 @@ impl<T: RFloat> Dir<'_, T> {
                 self.wb[j] + if inside { 0.0 } else { self.rb[j] }
             })
             .collect();
+        let bias_t: Vec<T> = bias.iter().map(|&v| T::of(v)).collect();
         let rbh: &[f64] = if gru { &self.rb[2 * h..3 * h] } else { &[] };
-        // ---- forward, all steps' input projections in one GEMM ----
+        // The common LSTM (σ, tanh, tanh; no clip, peepholes zero, no input_forget)
+        // runs in the tensor's own precision on contiguous slices (vectorised for f32).
+        let plain_lstm = lstm
+            && spec.clip.is_none()
+            && !spec.input_forget
+            && (f, ga, ha) == (Act::Sigmoid, Act::Tanh, Act::Tanh)
+            && self.p.iter().all(|&v| v == 0.0);
+        // ---- forward: the block's input projections, all steps (its rows of one
+        // step are contiguous in X) ----
         let mut xw = vec![zero; t_len * n * gh];
-        T::packed_gemm(
-            &T::pack(isz, gh, &self.w, 1, isz),
-            t_len * n,
-            self.x,
-            isz,
-            &mut xw,
-            gh,
-            GemmMode::SET,
-        );
-        // R packed once for every step's products: Rᵀ forward (the z/r columns apart
-        // from the h columns for reset-before GRU), R backward.
-        let rec_cols = if lbr0 { 2 * h } else { gh };
-        let rt_packed = T::pack(h, rec_cols, &self.r, 1, h);
-        let rht_packed = lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], 1, h));
-        let r_packed = T::pack(rec_cols, h, &self.r, h, 1);
-        let rh_packed = lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], h, 1));
+        if n == n_all {
+            T::packed_gemm(&packs.wt, t_len * n, self.x, isz, &mut xw, gh, set);
+        } else {
+            for t in 0..t_len {
+                let xs = &self.x[(t * n_all + b0) * isz..(t * n_all + b0 + nb) * isz];
+                let out = &mut xw[t * n * gh..(t + 1) * n * gh];
+                T::packed_gemm(&packs.wt, n, xs, isz, out, gh, set);
+            }
+        }
+        let (rt_packed, rht_packed, r_packed, rh_packed) =
+            (&packs.rt, &packs.rht, &packs.r, &packs.rh);
         let mut hs = h0.unwrap_or_else(|| vec![zero; nh]);
         let mut cs = c0.unwrap_or_else(|| vec![zero; nh]);
         // Per processing step k: pre-activations (unclipped) [N, G·H], h and c before
@@ -458,21 +569,23 @@ impl<T: RFloat> Dir<'_, T> {
         let mut hr = vec![zero; n * gh];
         let mut rh = vec![zero; nh];
         for (k, &t) in order.iter().enumerate() {
-            hp_all[k * nh..(k + 1) * nh].copy_from_slice(&hs);
+            hp_all[t * nh..(t + 1) * nh].copy_from_slice(&hs);
             if lstm {
                 cp_all[k * nh..(k + 1) * nh].copy_from_slice(&cs);
             }
-            T::packed_gemm(&rt_packed, n, &hs, h, &mut hr, gh, GemmMode::SET);
+            T::packed_gemm(rt_packed, n, &hs, h, &mut hr, gh, set);
             let pk = &mut pre[k * n * gh..(k + 1) * n * gh];
+            // x·Wᵀ + bias + h·Rᵀ, in the tensor's precision (the GRU candidate's
+            // recurrent term is added below, after the reset gate).
+            let rec_to = if gru { 2 * h } else { gh };
             for b in 0..n {
                 let xr = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
-                for j in 0..gh {
-                    let rec = if gru && j >= 2 * h {
-                        0.0
-                    } else {
-                        hr[b * gh + j].to()
-                    };
-                    pk[b * gh + j] = T::of(xr[j].to() + bias[j] + rec);
+                let (row, hrow) = (&mut pk[b * gh..(b + 1) * gh], &hr[b * gh..(b + 1) * gh]);
+                for j in 0..rec_to {
+                    row[j] = xr[j] + bias_t[j] + hrow[j];
+                }
+                for j in rec_to..gh {
+                    row[j] = xr[j] + bias_t[j];
                 }
             }
             if gru {
@@ -490,9 +603,9 @@ impl<T: RFloat> Dir<'_, T> {
                     }
                 }
                 if lbr0 {
-                    rh_all[k * nh..(k + 1) * nh].copy_from_slice(&rh);
+                    rh_all[t * nh..(t + 1) * nh].copy_from_slice(&rh);
                     if let Some(p) = &rht_packed {
-                        T::packed_gemm(p, n, &rh, h, &mut hr[2 * h..], gh, GemmMode::SET);
+                        T::packed_gemm(p, n, &rh, h, &mut hr[2 * h..], gh, set);
                     }
                 }
                 for b in 0..n {
@@ -512,13 +625,36 @@ impl<T: RFloat> Dir<'_, T> {
             // Gate activations over contiguous slices (vectorised for f32). Peepholes
             // read c_prev for i and f; o reads the new c.
             for b in 0..n {
-                if !cx.active(t, b) {
+                if !active(t, b) {
                     continue;
                 }
                 let row = k * n * gh + b * gh;
                 let st = b * h;
                 let pre_at = |j: usize, u: usize| pk[b * gh + j * h + u].to();
                 match spec.cell {
+                    Cell::Lstm if plain_lstm => {
+                        let a = &mut act[row..row + gh];
+                        a.copy_from_slice(&pk[b * gh..(b + 1) * gh]);
+                        T::act_slice(Act::Sigmoid, &mut a[..3 * h]);
+                        T::act_slice(Act::Tanh, &mut a[3 * h..]);
+                        let (io, fg_cc) = a.split_at(2 * h);
+                        let (fg, cc) = fg_cc.split_at(h);
+                        let (ig, og) = io.split_at(h);
+                        let tcr = &mut tc[k * nh + st..k * nh + st + h];
+                        let auxr = &mut aux[k * nh + st..k * nh + st + h];
+                        let cr = &mut cs[st..st + h];
+                        for u in 0..h {
+                            let cn = fg[u] * cr[u] + ig[u] * cc[u];
+                            auxr[u] = cn;
+                            cr[u] = cn;
+                            tcr[u] = cn;
+                        }
+                        T::act_slice(Act::Tanh, tcr);
+                        let hr_ = &mut hs[st..st + h];
+                        for u in 0..h {
+                            hr_[u] = og[u] * tcr[u];
+                        }
+                    }
                     Cell::Lstm => {
                         for u in 0..h {
                             let cp = cs[st + u].to();
@@ -578,13 +714,14 @@ impl<T: RFloat> Dir<'_, T> {
             }
         }
         // ---- backward ----
-        let plain_lstm = lstm
-            && spec.clip.is_none()
-            && !spec.input_forget
-            && (f, ga, ha) == (Act::Sigmoid, Act::Tanh, Act::Tanh)
-            && self.p.iter().all(|&v| v == 0.0);
-        let mut dgx = vec![zero; t_len * n * gh]; // by time index
-        let mut dgr = vec![zero; t_len * n * gh]; // by processing step
+        // Gate gradients by time index: those that meet X (dgx) and, where they differ
+        // (GRU), those that meet h (dgr); LSTM and RNN read dgx for both.
+        let mut dgx = vec![zero; t_len * n * gh];
+        let mut dgr = if gru {
+            vec![zero; t_len * n * gh]
+        } else {
+            vec![]
+        };
         let mut dp = vec![0.0; 3 * h];
         let mut dh = dyh.unwrap_or_else(|| vec![zero; nh]);
         let mut dc = dyc.unwrap_or_else(|| vec![zero; nh]);
@@ -593,55 +730,69 @@ impl<T: RFloat> Dir<'_, T> {
         let mut dpre_h = vec![zero; nh];
         let mut d_rh = vec![zero; nh];
         for (k, &t) in order.iter().enumerate().rev() {
-            if let Some(dy) = &dy {
+            if let Some(dy) = io.dy {
                 // Y is zero on inactive rows (their dY does not flow), or with
                 // `hold_output` the held state, which flows on to the previous step.
                 for b in 0..n {
-                    if spec.hold || cx.active(t, b) {
+                    if spec.hold || active(t, b) {
                         for u in 0..h {
                             let at = b * h + u;
-                            dh[at] = T::of(dh[at].to() + dy[t * nh + at].to());
+                            let g = t * n_all * h + b0 * h + at;
+                            dh[at] = T::of(dh[at].to() + dy[g].to());
                         }
                     }
                 }
             }
             let pk = &pre[k * n * gh..(k + 1) * n * gh];
             let ak = &act[k * n * gh..(k + 1) * n * gh];
-            let hp = &hp_all[k * nh..(k + 1) * nh];
+            let hp = &hp_all[t * nh..(t + 1) * nh];
             let gx = &mut dgx[t * n * gh..(t + 1) * n * gh];
-            let gr = &mut dgr[k * n * gh..(k + 1) * n * gh];
+            let gr: &mut [T] = if gru {
+                &mut dgr[t * n * gh..(t + 1) * n * gh]
+            } else {
+                &mut []
+            };
             dh_prev.copy_from_slice(&dh);
             dc_prev.copy_from_slice(&dc);
             for b in 0..n {
-                if !cx.active(t, b) {
+                if !active(t, b) {
                     continue; // inactive rows carry dh, dc through
                 }
                 if plain_lstm {
-                    // The common LSTM (σ, tanh, tanh; no clip, peepholes zero, no
-                    // input_forget) in the tensor's own precision: the general loop
-                    // below with those terms dropped.
+                    // The general loop below with the clip, peephole and input_forget
+                    // terms dropped, on slices (vectorised for f32); the peephole
+                    // gradient only when the op has a P input.
                     let one = T::of(1.0);
                     let row = &ak[b * gh..(b + 1) * gh];
+                    let (i_a, o_a, f_a, c_a) =
+                        (&row[..h], &row[h..2 * h], &row[2 * h..3 * h], &row[3 * h..]);
+                    let at = b * h;
+                    let cp = &cp_all[k * nh + at..k * nh + at + h];
+                    let t_c = &tc[k * nh + at..k * nh + at + h];
+                    let (dh_r, dc_r) = (&dh[at..at + h], &dc[at..at + h]);
+                    let g_row = &mut gx[b * gh..(b + 1) * gh];
+                    let (gi, rest) = g_row.split_at_mut(h);
+                    let (go, rest) = rest.split_at_mut(h);
+                    let (gf, gc) = rest.split_at_mut(h);
+                    let dcp = &mut dc_prev[at..at + h];
                     for u in 0..h {
-                        let at = b * h + u;
-                        let dhk = dh[at];
-                        let (cp, cn, t_c) =
-                            (cp_all[k * nh + at], aux[k * nh + at], tc[k * nh + at]);
-                        let (i, o, fg, cc) = (row[u], row[h + u], row[2 * h + u], row[3 * h + u]);
-                        let do_pre = dhk * t_c * o * (one - o);
-                        let dck = dc[at] + dhk * o * (one - t_c * t_c);
-                        let di_pre = dck * cc * i * (one - i);
-                        let df_pre = dck * cp * fg * (one - fg);
-                        let dc_pre = dck * i * (one - cc * cc);
-                        dp[u] += (di_pre * cp).to();
-                        dp[h + u] += (do_pre * cn).to();
-                        dp[2 * h + u] += (df_pre * cp).to();
-                        for (j, v) in [(0, di_pre), (1, do_pre), (2, df_pre), (3, dc_pre)] {
-                            gx[b * gh + j * h + u] = v;
-                            gr[b * gh + j * h + u] = v;
+                        let (i, o, fg, cc, tcu) = (i_a[u], o_a[u], f_a[u], c_a[u], t_c[u]);
+                        let dhk = dh_r[u];
+                        let dck = dc_r[u] + dhk * o * (one - tcu * tcu);
+                        go[u] = dhk * tcu * o * (one - o);
+                        gi[u] = dck * cc * i * (one - i);
+                        gf[u] = dck * cp[u] * fg * (one - fg);
+                        gc[u] = dck * i * (one - cc * cc);
+                        dcp[u] = dck * fg;
+                    }
+                    dh_prev[at..at + h].fill(zero);
+                    if need_dp {
+                        let cn = &aux[k * nh + at..k * nh + at + h];
+                        for u in 0..h {
+                            dp[u] += (gi[u] * cp[u]).to();
+                            dp[h + u] += (go[u] * cn[u]).to();
+                            dp[2 * h + u] += (gf[u] * cp[u]).to();
                         }
-                        dh_prev[at] = zero;
-                        dc_prev[at] = dck * fg;
                     }
                     continue;
                 }
@@ -681,7 +832,6 @@ impl<T: RFloat> Dir<'_, T> {
                             dp[2 * h + u] += df_pre * cp;
                             for (j, v) in [(0, di_pre), (1, do_pre), (2, df_pre), (3, dc_pre)] {
                                 gx[b * gh + j * h + u] = T::of(v);
-                                gr[b * gh + j * h + u] = T::of(v);
                             }
                             dh_prev[at] = zero;
                             dc_prev[at] = T::of(dcp);
@@ -700,9 +850,7 @@ impl<T: RFloat> Dir<'_, T> {
                         }
                         Cell::Rnn => {
                             let (v, dd) = c(g(0));
-                            let gv = T::of(dhk * dact(f, v, a(0)) * dd);
-                            gx[b * gh + u] = gv;
-                            gr[b * gh + u] = gv;
+                            gx[b * gh + u] = T::of(dhk * dact(f, v, a(0)) * dd);
                             dh_prev[at] = zero;
                         }
                     }
@@ -713,11 +861,11 @@ impl<T: RFloat> Dir<'_, T> {
                 if lbr0 {
                     // d(r⊙h) = dpre_h · R_h
                     if let Some(p) = &rh_packed {
-                        T::packed_gemm(p, n, &dpre_h, h, &mut d_rh, h, GemmMode::SET);
+                        T::packed_gemm(p, n, &dpre_h, h, &mut d_rh, h, set);
                     }
                 }
                 for b in 0..n {
-                    if !cx.active(t, b) {
+                    if !active(t, b) {
                         continue;
                     }
                     for u in 0..h {
@@ -742,17 +890,94 @@ impl<T: RFloat> Dir<'_, T> {
             }
             // dh_prev += dG_rec · R over the columns fed by h (reset-before GRU: z, r).
             // Inactive rows have zero gate grads: the product leaves their carry as is.
-            T::packed_gemm(&r_packed, n, gr, gh, &mut dh_prev, h, GemmMode::ACCUMULATE);
+            T::packed_gemm(
+                r_packed,
+                n,
+                if gru { gr } else { gx },
+                gh,
+                &mut dh_prev,
+                h,
+                GemmMode::ACCUMULATE.serial_if(nested),
+            );
             std::mem::swap(&mut dh, &mut dh_prev);
             std::mem::swap(&mut dc, &mut dc_prev);
         }
+        Block {
+            dgx,
+            dgr,
+            hp: hp_all,
+            rh: rh_all,
+            dh,
+            dc: if lstm { dc } else { vec![] },
+            dp,
+        }
+    }
+}
+
+/// The packed weights every block's products read.
+struct Packs<T: RFloat> {
+    wt: T::Packed,
+    rt: T::Packed,
+    rht: Option<T::Packed>,
+    r: T::Packed,
+    rh: Option<T::Packed>,
+}
+
+/// A direction's per-row inputs (all batch rows; a block takes its own).
+struct BlockIo<'a, T> {
+    h0: Option<&'a [T]>,
+    c0: Option<&'a [T]>,
+    /// dY `[T, N, H]`.
+    dy: Option<&'a [T]>,
+    dyh: Option<&'a [T]>,
+    dyc: Option<&'a [T]>,
+}
+
+/// One block's results, its rows only, all by time index: the gate gradients
+/// `[T, nb, G·H]` that meet X (dgx) and, for GRU only, those that meet h (dgr; empty
+/// otherwise), the states before each step (and r⊙h for reset-before GRU), the
+/// gradients of the initial states (dc empty but for LSTM), and its share of the
+/// peephole gradient.
+struct Block<T> {
+    dgx: Vec<T>,
+    dgr: Vec<T>,
+    hp: Vec<T>,
+    rh: Vec<T>,
+    dh: Vec<T>,
+    dc: Vec<T>,
+    dp: Vec<f64>,
+}
+
+impl<T: RFloat> Dir<'_, T> {
+    /// The gradients of the inputs and weights from the gate gradients over all steps.
+    #[allow(clippy::too_many_arguments)]
+    fn products(
+        &self,
+        dgx: &[T],
+        dgr: &[T],
+        hp_all: &[T],
+        rh_all: &[T],
+        dh: Vec<T>,
+        dc: Vec<T>,
+        dp: Vec<f64>,
+    ) -> DirGrads<T> {
+        let cx = self.cx;
+        let spec = cx.spec;
+        let (t_len, n, isz) = cx.dims;
+        let h = spec.hidden;
+        let gh = spec.cell.gates() * h;
+        let nh = n * h;
+        let zero = T::of(0.0);
+        let lstm = spec.cell == Cell::Lstm;
+        let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
+        let dgr = if spec.cell == Cell::Gru { dgr } else { dgx };
         // ---- the products over all steps at once ----
         let mut dx = vec![zero; t_len * n * isz];
         T::gemm(
             t_len * n,
             gh,
             isz,
-            &dgx,
+            dgx,
             gh as isize,
             1,
             &self.w,
@@ -767,7 +992,7 @@ impl<T: RFloat> Dir<'_, T> {
             gh,
             t_len * n,
             isz,
-            &dgx,
+            dgx,
             1,
             gh as isize,
             self.x,
@@ -783,10 +1008,10 @@ impl<T: RFloat> Dir<'_, T> {
             rows,
             t_len * n,
             h,
-            &dgr,
+            dgr,
             1,
             gh as isize,
-            &hp_all,
+            hp_all,
             h as isize,
             1,
             false,
@@ -801,7 +1026,7 @@ impl<T: RFloat> Dir<'_, T> {
                 &dgr[2 * h..],
                 1,
                 gh as isize,
-                &rh_all,
+                rh_all,
                 h as isize,
                 1,
                 false,
@@ -822,11 +1047,143 @@ impl<T: RFloat> Dir<'_, T> {
             dx,
             dw,
             dr,
-            dwb: colsum(&dgx),
-            drb: colsum(&dgr),
+            dwb: colsum(dgx),
+            drb: colsum(dgr),
             dh0: dh,
             dc0: if lstm { dc } else { vec![zero; nh] },
             dp,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    fn t32(shape: &[usize], seed: &mut u64, scale: f32) -> Data {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Data::Tensor(Tensor::F32(
+            ArrayD::from_shape_vec(IxDyn(shape), v).expect("shape"),
+        ))
+    }
+
+    fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool")
+            .install(f)
+    }
+
+    /// The backward ops split the batch into blocks of rows run on separate threads when
+    /// the work is large enough: every output equals the one-block result (one thread),
+    /// with uneven blocks, both directions, ragged sequence lengths, initial states,
+    /// peepholes and every cotangent.
+    #[test]
+    fn batch_blocks_match_one_block() {
+        let (t, n, i) = (9usize, 7usize, 16usize);
+        for (cell, lbr) in [("LSTM", 0), ("GRU", 1), ("GRU", 0), ("RNN", 0)] {
+            let h = if cell == "RNN" { 64 } else { 32 };
+            let g = match cell {
+                "LSTM" => 4,
+                "GRU" => 3,
+                _ => 1,
+            };
+            assert!(
+                t * n * g * h * (h + i) >= PARALLEL_MIN_MACS,
+                "{cell}: too small to split"
+            );
+            let common = (
+                None,
+                None,
+                None,
+                None,
+                "bidirectional".to_string(),
+                Some(h as i64),
+            );
+            let op = match cell {
+                "LSTM" => Op::LSTMGrad {
+                    activation_alpha: common.0,
+                    activation_beta: common.1,
+                    activations: common.2,
+                    clip: common.3,
+                    direction: common.4,
+                    hidden_size: common.5,
+                    input_forget: 0,
+                    layout: 0,
+                    hold_output: 0,
+                },
+                "GRU" => Op::GRUGrad {
+                    activation_alpha: common.0,
+                    activation_beta: common.1,
+                    activations: common.2,
+                    clip: common.3,
+                    direction: common.4,
+                    hidden_size: common.5,
+                    layout: 0,
+                    linear_before_reset: lbr,
+                    hold_output: 0,
+                },
+                _ => Op::RNNGrad {
+                    activation_alpha: common.0,
+                    activation_beta: common.1,
+                    activations: common.2,
+                    clip: common.3,
+                    direction: common.4,
+                    hidden_size: common.5,
+                    layout: 0,
+                    hold_output: 0,
+                },
+            };
+            let mut seed = 7u64;
+            let s = &mut seed;
+            let lens = Data::Tensor(Tensor::I32(
+                ArrayD::from_shape_vec(IxDyn(&[n]), vec![9, 3, 9, 0, 5, 9, 1]).expect("shape"),
+            ));
+            let mut ins: Vec<Option<Data>> = vec![
+                Some(t32(&[t, n, i], s, 1.0)),
+                Some(t32(&[2, g * h, i], s, 0.3)),
+                Some(t32(&[2, g * h, h], s, 0.3)),
+                Some(t32(&[2, 2 * g * h], s, 0.3)),
+                Some(lens),
+                Some(t32(&[2, n, h], s, 0.5)),
+            ];
+            if cell == "LSTM" {
+                ins.push(Some(t32(&[2, n, h], s, 0.5)));
+                ins.push(Some(t32(&[2, 3 * h], s, 0.3)));
+            }
+            ins.push(Some(t32(&[t, 2, n, h], s, 1.0)));
+            ins.push(Some(t32(&[2, n, h], s, 1.0)));
+            if cell == "LSTM" {
+                ins.push(Some(t32(&[2, n, h], s, 1.0)));
+            }
+            let refs: Vec<Option<&Data>> = ins.iter().map(|d| d.as_ref()).collect();
+            let nout = if cell == "LSTM" { 7 } else { 5 };
+            let one = in_pool(1, || eval(&op, &refs, nout)).expect("one block");
+            let three = in_pool(3, || eval(&op, &refs, nout)).expect("three blocks");
+            for (k, (a, b)) in one.iter().zip(&three).enumerate() {
+                let (a, b) = (
+                    a.tensor().expect("tensor").to_f64_vec(),
+                    b.tensor().expect("tensor").to_f64_vec(),
+                );
+                assert_eq!(a.len(), b.len());
+                let scale = a.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * scale,
+                        "{cell} lbr {lbr} output {k}: {x} vs {y}"
+                    );
+                }
+            }
         }
     }
 }

@@ -648,23 +648,8 @@ impl Model {
             for (b, chunk) in order.chunks(bs).enumerate() {
                 let bx = take_rows_all(x, chunk)?;
                 let by = take_rows_all(y, chunk)?;
-                let gr = self.gradients_of_heads(&bx, &by, &heads, true)?;
-                if !gr.loss.is_finite() {
-                    return Err(KerasError::Layer {
-                        layer: self.name.clone(),
-                        msg: format!(
-                            "the loss became {} at epoch {}, batch {}",
-                            gr.loss,
-                            epoch + 1,
-                            b + 1
-                        ),
-                    });
-                }
-                let grads = match self.training.as_ref().map(|t| t.clipping) {
-                    Some(c) => c.apply(gr.grads),
-                    None => gr.grads,
-                };
-                self.apply_gradients(grads)?;
+                let at = format!(" at epoch {}, batch {}", epoch + 1, b + 1);
+                let gr = self.train_step(&bx, &by, &heads, &at)?;
                 let losses: Vec<f64> = gr.losses.iter().map(|&l| f64::from(l)).collect();
                 sums.add(chunk.len(), &losses, &metrics, &gr.outputs, &by, loss)?;
                 if opts.verbose && opts.progress_every_batch {
@@ -713,6 +698,50 @@ impl Model {
             }
         }
         Ok(history)
+    }
+
+    /// Keras's `train_on_batch`: one update of the compiled optimizer on one batch
+    /// (`x`: the model inputs; `y`: one target tensor per output), with the compiled
+    /// loss (summed over the outputs) and clipping; returns the loss before the update.
+    /// A loss that is not finite is an error and leaves the weights as they were.
+    pub fn train_on_batch(&mut self, x: &[Tensor], y: &[Tensor]) -> R<f32> {
+        let loss = self
+            .training
+            .as_ref()
+            .ok_or_else(|| KerasError::Layer {
+                layer: self.name.clone(),
+                msg: "call compile() before train_on_batch()".into(),
+            })?
+            .loss;
+        self.check_target_count(y)?;
+        let heads: Vec<(usize, Loss)> = (0..y.len()).map(|o| (o, loss)).collect();
+        Ok(self.train_step(x, y, &heads, "")?.loss)
+    }
+
+    /// Gradients of the heads' losses, then (clipped) one optimizer update; `at` ends
+    /// the message of a loss that is not finite (`" at epoch 1, batch 3"`). The
+    /// returned [`Gradients`] has its `grads` moved out into the update.
+    fn train_step(
+        &mut self,
+        x: &[Tensor],
+        y: &[Tensor],
+        heads: &[(usize, Loss)],
+        at: &str,
+    ) -> R<Gradients> {
+        let mut gr = self.gradients_of_heads(x, y, heads, true)?;
+        if !gr.loss.is_finite() {
+            return Err(KerasError::Layer {
+                layer: self.name.clone(),
+                msg: format!("the loss became {}{at}", gr.loss),
+            });
+        }
+        let grads = std::mem::take(&mut gr.grads);
+        let grads = match self.training.as_ref().map(|t| t.clipping) {
+            Some(c) => c.apply(grads),
+            None => grads,
+        };
+        self.apply_gradients(grads)?;
+        Ok(gr)
     }
 
     fn check_target_count(&self, y: &[Tensor]) -> R<()> {
