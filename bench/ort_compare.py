@@ -3,13 +3,14 @@
 
 Usage: ort_compare.py [--cellgraph PATH] [--runs N] [--threads N] [--rounds N]
 
-1. `cellgraph bench --export-dir DIR` writes the standard workloads (LSTM B64 T28 I28 H64,
-   LSTM and GRU B64 T100 I512 H512) as ONNX files;
+1. `cellgraph bench --step inference --export-dir DIR` writes the standard workloads W1-W4
+   (see `cellgraph bench --help`) as ONNX files;
 2. per workload, in alternating rounds: `cellgraph bench FILE` and onnxruntime (CPU, N
    intra-op threads) time the same file on the same input shape;
 3. prints both medians over rounds and the median of the per-round ratios
    cellgraph/onnxruntime (> 1 means cellgraph is slower), with every round's ratio.
 Checks the 1-minute load average first and says so when the machine is busy.
+bench/compare.py is the fuller comparison (training steps, Keras/JAX and PyTorch too).
 """
 import argparse
 import json
@@ -61,7 +62,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         # Export the standard workloads (and get their names) with one quick run.
-        out = subprocess.run([args.cellgraph, "bench", "--json", "--runs", "1", "--export-dir", d], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([args.cellgraph, "bench", "--json", "--runs", "1", "--step", "inference", "--export-dir", d], check=True, capture_output=True, text=True).stdout
         names = [json.loads(line)["workload"] for line in out.splitlines() if line.startswith("{")]
         print(f"{'workload':<26}{'cellgraph ms':>14}{'onnxruntime ms':>16}{'ratio':>8}   (per round: ratios)")
         for name in names:

@@ -195,6 +195,51 @@ pub(crate) struct Compiled {
     pub(crate) hoistable: Vec<(usize, usize, usize)>,
     /// The `Loop` iteration limit.
     pub(crate) max_trips: u64,
+    /// By order index: a `Constant` evaluated at compile time (its value is in `consts`).
+    precomputed: Vec<bool>,
+    /// Fused recurrent forward ops whose backward op reads the same inputs: forward
+    /// order index → backward order index. The forward keeps what the backward would
+    /// recompute (`rnn_grad::forward_saving`).
+    pair_of: HashMap<usize, usize>,
+}
+
+/// The (forward, backward) pairs of fused recurrent ops in `order` that can share the
+/// forward's work: a plain `LSTM`/`GRU`/`RNN` and the `*Grad` op of the same attributes
+/// reading the same X, W, R, B, initial states and P, with no sequence_lens and no mask
+/// (every row runs every step, so the forward's Y is its h after each step).
+fn forward_backward_pairs(
+    graph: &Graph,
+    order: &[NodeId],
+    inputs: &[Vec<Option<usize>>],
+) -> HashMap<usize, usize> {
+    let mut pair_of = HashMap::new();
+    let at = |k: usize, i: usize| inputs[k].get(i).copied().flatten();
+    for (k2, &n2) in order.iter().enumerate() {
+        let Some(grad) = graph.node(n2).op() else {
+            continue;
+        };
+        let (shared, mask_at) = match grad {
+            Op::LSTMGrad { .. } => (8, 11),
+            Op::GRUGrad { .. } | Op::RNNGrad { .. } => (6, 8),
+            _ => continue,
+        };
+        if at(k2, 4).is_some() || at(k2, mask_at).is_some() {
+            continue;
+        }
+        let Some(forward) = grad.recurrent_pair() else {
+            continue;
+        };
+        let found = (0..k2).find(|&k1| {
+            !pair_of.contains_key(&k1)
+                && graph.node(order[k1]).op() == Some(&forward)
+                && inputs[k1].len() <= shared
+                && (0..shared).all(|i| at(k1, i) == at(k2, i))
+        });
+        if let Some(k1) = found {
+            pair_of.insert(k1, k2);
+        }
+    }
+    pair_of
 }
 
 const KEEP: usize = usize::MAX / 2;
@@ -214,7 +259,7 @@ impl Compiled {
         let nslots = slot_of.len();
         let mut uses = vec![0usize; nslots];
         let mut inputs = Vec::with_capacity(order.len());
-        let mut outputs = Vec::with_capacity(order.len());
+        let mut outputs: Vec<Vec<usize>> = Vec::with_capacity(order.len());
         let mut bodies = HashMap::new();
         let mut outers: Vec<String> = Vec::new();
         let mut implicit: Vec<Vec<usize>> = Vec::with_capacity(order.len());
@@ -277,6 +322,24 @@ impl Compiled {
                 _ => {}
             }
         }
+        // `Constant` nodes run once, here: their values join the initializers.
+        let mut precomputed = vec![false; order.len()];
+        for (k, &n) in order.iter().enumerate() {
+            let node = graph.node(n);
+            if let Some(op @ Op::Constant { .. }) = node.op() {
+                let out_types: Vec<&ValueType> = node.outputs.iter().map(|v| &v.ty).collect();
+                // A value that does not evaluate is reported when the node runs.
+                if let Ok(mut r) = eval(op, &[], &out_types, graph.opset("")) {
+                    if let (1, Some(d)) = (r.len(), r.pop()) {
+                        let s = outputs[k][0];
+                        consts.push((s, d));
+                        uses[s] = KEEP;
+                        precomputed[k] = true;
+                    }
+                }
+            }
+        }
+        let pair_of = forward_backward_pairs(&graph, &order, &inputs);
         for name in &outers {
             outer_slots.push(graph.find(name).map(|v| slot_of[&v]));
         }
@@ -320,6 +383,8 @@ impl Compiled {
             bodies,
             hoistable,
             max_trips,
+            precomputed,
+            pair_of,
         })
     }
 
@@ -358,7 +423,12 @@ impl Compiled {
             slots[s] = Slot::Owned(d);
         }
         let mut uses = self.uses.clone();
+        // What paired forward ops kept for their backward ops: (backward index, state).
+        let mut saved: Vec<(usize, rnn_grad::Saved)> = Vec::new();
         for (k, &n) in self.order.iter().enumerate() {
+            if self.precomputed[k] && !overrides.iter().any(|(o, _)| *o == k) {
+                continue;
+            }
             let node = self.graph.node(n);
             let Some(op) = node.op() else { continue };
             let fail = |msg: String| Error::Kernel {
@@ -383,7 +453,30 @@ impl Compiled {
                 .map(|i| overrides.swap_remove(i).1);
             let results = match (given, self.bodies.get(&n)) {
                 (Some(d), _) => vec![d],
-                (None, None) => eval(op, &ins, &out_types, self.graph.opset("")).map_err(fail)?,
+                (None, None) => {
+                    let nout = out_types.len();
+                    let kept = saved.iter().position(|(g, _)| *g == k);
+                    match (self.pair_of.get(&k), kept) {
+                        (Some(&back), _) => match rnn_grad::forward_saving(op, &ins, nout) {
+                            Ok((outs, state)) => {
+                                saved.push((back, state));
+                                outs
+                            }
+                            // Whatever it refuses (a layout, a dtype) the plain kernel
+                            // runs or reports; the backward then recomputes.
+                            Err(_) => {
+                                eval(op, &ins, &out_types, self.graph.opset("")).map_err(fail)?
+                            }
+                        },
+                        (None, Some(i)) => {
+                            let state = saved.swap_remove(i).1;
+                            rnn_grad::eval_saved(op, &ins, nout, state).map_err(fail)?
+                        }
+                        (None, None) => {
+                            eval(op, &ins, &out_types, self.graph.opset("")).map_err(fail)?
+                        }
+                    }
+                }
                 (None, Some(bodies)) => {
                     let resolve = |name: &str| -> Result<&Data> {
                         if let Some(v) = self.graph.find(name) {

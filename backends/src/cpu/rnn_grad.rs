@@ -12,6 +12,7 @@
 use super::rnn::{Act, Cell, GemmMode, RFloat, Spec, PARALLEL_MIN_MACS};
 use crate::data::Data;
 use cellgraph_ir::{Op, Tensor};
+use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
 type R<T> = Result<T, String>;
@@ -94,6 +95,51 @@ fn tensor_f64(d: Option<&Data>, what: &str) -> R<Option<(Vec<usize>, Vec<f64>)>>
 
 /// Runs a recurrent backward op.
 pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
+    Ok(run(op, ins, nout, Mode::Grad(None))?.0)
+}
+
+/// What a forward op ran with [`forward_saving`] kept for its backward op.
+pub struct Saved(SavedAny);
+
+enum SavedAny {
+    F32(Vec<DirSaved<f32>>),
+    F64(Vec<DirSaved<f64>>),
+}
+
+/// Runs a forward `LSTM`/`GRU`/`RNN` (no sequence_lens, no mask) as its backward op
+/// would recompute it, returning its outputs (Y, Y_h, Y_c; the first `nout`) and what
+/// the backward op reads, so that [`eval_saved`] need not run the forward again.
+pub fn forward_saving(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<(Vec<Data>, Saved)> {
+    let grad = match op {
+        Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. } => op
+            .recurrent_pair()
+            .ok_or_else(|| format!("{} has no backward op", op.name()))?,
+        other => {
+            return Err(format!(
+                "{} is not a plain recurrent forward op",
+                other.name()
+            ))
+        }
+    };
+    let (outs, saved) = run(&grad, ins, nout, Mode::Forward)?;
+    Ok((outs, saved.ok_or("the forward kept nothing")?))
+}
+
+/// Runs a recurrent backward op from its forward's [`Saved`] state (its inputs must be
+/// the ones the forward ran on).
+pub fn eval_saved(op: &Op, ins: &[Option<&Data>], nout: usize, saved: Saved) -> R<Vec<Data>> {
+    Ok(run(op, ins, nout, Mode::Grad(Some(saved)))?.0)
+}
+
+/// What [`run`] does with a backward op's inputs.
+enum Mode {
+    /// The gradients (recomputing the forward, or from a saved one).
+    Grad(Option<Saved>),
+    /// The forward op's outputs, keeping what the gradients read.
+    Forward,
+}
+
+fn run(op: &Op, ins: &[Option<&Data>], nout: usize, mode: Mode) -> R<(Vec<Data>, Option<Saved>)> {
     forward_op(op)?;
     let get = |i: usize| ins.get(i).copied().flatten();
     let x_t = get(0).ok_or("X is missing")?.tensor()?;
@@ -214,10 +260,30 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
         dyc: dyc.as_ref().map(|(_, v)| v.as_slice()),
     };
     // f32 inputs run the GEMMs in f32; f64 inputs (gradient checks) stay in f64.
-    let g_all = if dtype == cellgraph_ir::DType::F32 {
-        all_directions::<f32>(&ctx, &args)
-    } else {
-        all_directions::<f64>(&ctx, &args)
+    let f32_ = dtype == cellgraph_ir::DType::F32;
+    let saved = match mode {
+        Mode::Forward => {
+            if ctx.mask.is_some() || lens.iter().any(|&l| l != t_len) {
+                return Err("a saving forward runs without sequence_lens or a mask".into());
+            }
+            let (mut outs, saved) = if f32_ {
+                let (o, s) = forward_all::<f32>(&ctx, &args, dtype)?;
+                (o, SavedAny::F32(s))
+            } else {
+                let (o, s) = forward_all::<f64>(&ctx, &args, dtype)?;
+                (o, SavedAny::F64(s))
+            };
+            outs.truncate(nout);
+            return Ok((outs, Some(Saved(saved))));
+        }
+        Mode::Grad(saved) => saved.map(|s| s.0),
+    };
+    let g_all = match (f32_, saved) {
+        (true, None) => all_directions::<f32>(&ctx, &args, None),
+        (true, Some(SavedAny::F32(v))) => all_directions::<f32>(&ctx, &args, Some(v)),
+        (false, None) => all_directions::<f64>(&ctx, &args, None),
+        (false, Some(SavedAny::F64(v))) => all_directions::<f64>(&ctx, &args, Some(v)),
+        _ => return Err("the saved forward ran in another precision".into()),
     };
     let mk = |shape: &[usize], v: &[f64]| -> R<Data> {
         Ok(Data::Tensor(
@@ -236,7 +302,7 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
         out.push(mk(&[d_n, 3 * h], &g_all.dp)?);
     }
     out.truncate(nout);
-    Ok(out)
+    Ok((out, None))
 }
 
 /// Shapes and masks shared by every direction.
@@ -281,14 +347,17 @@ struct AllGrads {
     dp: Vec<f64>,
 }
 
-fn all_directions<T: RFloat>(cx: &Ctx<'_>, a: &Args<'_>) -> AllGrads {
+fn all_directions<T: RFloat>(
+    cx: &Ctx<'_>,
+    a: &Args<'_>,
+    saved: Option<Vec<DirSaved<T>>>,
+) -> AllGrads {
     let spec = cx.spec;
     let (t_len, n, isz) = cx.dims;
     let h = spec.hidden;
     let gh = spec.cell.gates() * h;
     let d_n = spec.reverse.len();
-    let cv = |v: &[f64]| -> Vec<T> { v.iter().map(|&x| T::of(x)).collect() };
-    let x = cv(a.x);
+    let x: Vec<T> = a.x.iter().map(|&v| T::of(v)).collect();
     let mut out = AllGrads {
         dx: vec![0.0; t_len * n * isz],
         dw: vec![0.0; d_n * gh * isz],
@@ -298,14 +367,16 @@ fn all_directions<T: RFloat>(cx: &Ctx<'_>, a: &Args<'_>) -> AllGrads {
         dc0: vec![0.0; d_n * n * h],
         dp: vec![0.0; d_n * 3 * h],
     };
+    let mut saved = saved.map(|v| v.into_iter());
     for d in 0..d_n {
         let part = |v: Option<&[f64]>, size: usize| -> Option<Vec<T>> {
-            v.map(|v| cv(&v[d * size..(d + 1) * size]))
+            v.map(|v| {
+                v[d * size..(d + 1) * size]
+                    .iter()
+                    .map(|&x| T::of(x))
+                    .collect()
+            })
         };
-        let zeros = vec![0.0; 2 * gh];
-        let bias = a.b.map_or(&zeros[..], |b| &b[d * 2 * gh..(d + 1) * 2 * gh]);
-        let zp = vec![0.0; 3 * h];
-        let p = a.p.map_or(&zp[..], |p| &p[d * 3 * h..(d + 1) * 3 * h]);
         let dy: Option<Vec<T>> = a.dy.map(|v| {
             let mut o = Vec::with_capacity(t_len * n * h);
             for t in 0..t_len {
@@ -314,24 +385,14 @@ fn all_directions<T: RFloat>(cx: &Ctx<'_>, a: &Args<'_>) -> AllGrads {
             }
             o
         });
-        let dir = Dir {
-            cx,
-            reverse: spec.reverse[d],
-            acts: &spec.acts[d],
-            x: &x,
-            w: part(Some(a.w), gh * isz).unwrap_or_default(),
-            r: part(Some(a.r), gh * h).unwrap_or_default(),
-            wb: &bias[..gh],
-            rb: &bias[gh..],
-            p,
-            need_dp: a.p.is_some(),
-        };
+        let dir = Dir::new(cx, a, d, &x);
         let g = dir.backward(
             part(a.h0, n * h),
             part(a.c0, n * h),
             dy,
             part(a.dyh, n * h),
             part(a.dyc, n * h),
+            saved.as_mut().and_then(|s| s.next()),
         );
         for (o, v) in out.dx.iter_mut().zip(&g.dx) {
             *o += v.to();
@@ -352,6 +413,63 @@ fn all_directions<T: RFloat>(cx: &Ctx<'_>, a: &Args<'_>) -> AllGrads {
     out
 }
 
+/// Every direction's forward with what its backward reads: the outputs Y `[T, D, N,
+/// H]`, Y_h and (LSTM) Y_c `[D, N, H]` in `dtype`, and the saved blocks.
+fn forward_all<T: RFloat>(
+    cx: &Ctx<'_>,
+    a: &Args<'_>,
+    dtype: cellgraph_ir::DType,
+) -> R<(Vec<Data>, Vec<DirSaved<T>>)> {
+    let spec = cx.spec;
+    let (t_len, n, _) = cx.dims;
+    let h = spec.hidden;
+    let d_n = spec.reverse.len();
+    let x: Vec<T> = a.x.iter().map(|&v| T::of(v)).collect();
+    let zero = T::of(0.0);
+    let mut y = vec![zero; t_len * d_n * n * h];
+    let mut yh = vec![zero; d_n * n * h];
+    let mut yc = vec![zero; d_n * n * h];
+    let mut saved = Vec::with_capacity(d_n);
+    for d in 0..d_n {
+        let part = |v: Option<&[f64]>| -> Option<Vec<T>> {
+            v.map(|v| {
+                v[d * n * h..(d + 1) * n * h]
+                    .iter()
+                    .map(|&x| T::of(x))
+                    .collect()
+            })
+        };
+        let sv = Dir::new(cx, a, d, &x).forward_saving(part(a.h0), part(a.c0));
+        for ((b0, nb), fwd) in &sv.blocks {
+            let rows = nb * h;
+            for t in 0..t_len {
+                let at = ((t * d_n + d) * n + b0) * h;
+                y[at..at + rows].copy_from_slice(&fwd.y[t * rows..(t + 1) * rows]);
+            }
+            let at = (d * n + b0) * h;
+            yh[at..at + rows].copy_from_slice(&fwd.h);
+            if spec.cell == Cell::Lstm {
+                yc[at..at + rows].copy_from_slice(&fwd.c);
+            }
+        }
+        saved.push(sv);
+    }
+    let mk = |shape: &[usize], v: Vec<T>| -> R<Data> {
+        let t = if dtype == cellgraph_ir::DType::F32 || dtype == cellgraph_ir::DType::F64 {
+            T::tensor(ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| e.to_string())?)
+        } else {
+            let v: Vec<f64> = v.iter().map(|x| x.to()).collect();
+            Tensor::from_f64_vec(dtype, shape, &v).map_err(|e| e.to_string())?
+        };
+        Ok(Data::Tensor(t))
+    };
+    let mut outs = vec![mk(&[t_len, d_n, n, h], y)?, mk(&[d_n, n, h], yh)?];
+    if spec.cell == Cell::Lstm {
+        outs.push(mk(&[d_n, n, h], yc)?);
+    }
+    Ok((outs, saved))
+}
+
 /// One direction: its weights (in the kernel's float type) and the shared context.
 struct Dir<'a, T> {
     cx: &'a Ctx<'a>,
@@ -362,10 +480,10 @@ struct Dir<'a, T> {
     /// W `[G·H, I]`, R `[G·H, H]`.
     w: Vec<T>,
     r: Vec<T>,
-    wb: &'a [f64],
-    rb: &'a [f64],
+    wb: Vec<f64>,
+    rb: Vec<f64>,
     /// Peepholes `[3H]` (i, o, f).
-    p: &'a [f64],
+    p: Vec<f64>,
     /// Whether the op has a P input (whose gradient is then computed).
     need_dp: bool,
 }
@@ -382,14 +500,109 @@ struct DirGrads<T> {
     dp: Vec<f64>,
 }
 
-impl<T: RFloat> Dir<'_, T> {
-    /// Recomputes the forward (keeping each step's pre-activations and states), then
-    /// backpropagates through time. Every product that does not feed the recurrence is
-    /// one GEMM over all steps: the input projections, dX, dW and dR; per step there is
-    /// one recurrent GEMM forward and one backward (GRU reset-before: two each). Batch
-    /// rows never interact through time, so blocks of rows run their steps on separate
-    /// threads (as the forward kernel does) when the work pays for them; the weight
-    /// gradients then read every block's results.
+impl<'a, T: RFloat> Dir<'a, T> {
+    /// Direction `d` of the op's inputs, X already in the kernel's float type.
+    fn new(cx: &'a Ctx<'a>, a: &Args<'_>, d: usize, x: &'a [T]) -> Dir<'a, T> {
+        let spec = cx.spec;
+        let (_, _, isz) = cx.dims;
+        let h = spec.hidden;
+        let gh = spec.cell.gates() * h;
+        let part = |v: &[f64], size: usize| -> Vec<T> {
+            v[d * size..(d + 1) * size]
+                .iter()
+                .map(|&x| T::of(x))
+                .collect()
+        };
+        let bias = a.b.map_or(vec![0.0; 2 * gh], |b| {
+            b[d * 2 * gh..(d + 1) * 2 * gh].to_vec()
+        });
+        Dir {
+            cx,
+            reverse: spec.reverse[d],
+            acts: &spec.acts[d],
+            x,
+            w: part(a.w, gh * isz),
+            r: part(a.r, gh * h),
+            wb: bias[..gh].to_vec(),
+            rb: bias[gh..].to_vec(),
+            p: a.p
+                .map_or(vec![0.0; 3 * h], |p| p[d * 3 * h..(d + 1) * 3 * h].to_vec()),
+            need_dp: a.p.is_some(),
+        }
+    }
+
+    /// Weights packed once for every block and step: Wᵀ for the input projections, Rᵀ
+    /// forward (the z/r columns apart from the h columns for reset-before GRU), R
+    /// backward.
+    fn packs(&self) -> Packs<T> {
+        let spec = self.cx.spec;
+        let isz = self.cx.dims.2;
+        let h = spec.hidden;
+        let gh = spec.cell.gates() * h;
+        let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
+        let rec_cols = if lbr0 { 2 * h } else { gh };
+        Packs {
+            wt: T::pack(isz, gh, &self.w, 1, isz),
+            rt: T::pack(h, rec_cols, &self.r, 1, h),
+            rht: lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], 1, h)),
+            r: T::pack(rec_cols, h, &self.r, h, 1),
+            rh: lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], h, 1)),
+        }
+    }
+
+    /// The blocks of batch rows `(first row, rows)`: one per thread when the work pays
+    /// for the threads, else one.
+    fn blocks(&self) -> Vec<(usize, usize)> {
+        let (t_len, n, isz) = self.cx.dims;
+        let h = self.cx.spec.hidden;
+        let gh = self.cx.spec.cell.gates() * h;
+        let threads = rayon::current_num_threads().min(n.max(1));
+        let rows_per = if threads > 1 && t_len * n * gh * (h + isz) >= PARALLEL_MIN_MACS {
+            n.div_ceil(threads)
+        } else {
+            n.max(1)
+        };
+        (0..n)
+            .step_by(rows_per)
+            .map(|b0| (b0, rows_per.min(n - b0)))
+            .collect()
+    }
+
+    /// The forward of every block, keeping what the backward reads and every step's h:
+    /// the forward op's work, done so that its backward need not recompute it.
+    fn forward_saving(&self, h0: Option<Vec<T>>, c0: Option<Vec<T>>) -> DirSaved<T> {
+        let packs = self.packs();
+        let blocks = self.blocks();
+        let io = BlockIo {
+            h0: h0.as_deref(),
+            c0: c0.as_deref(),
+            dy: None,
+            dyh: None,
+            dyc: None,
+        };
+        let run = |&(b0, nb): &(usize, usize), nested: bool| {
+            (
+                (b0, nb),
+                self.block_forward(&packs, &io, b0, nb, nested, true),
+            )
+        };
+        DirSaved {
+            blocks: if blocks.len() > 1 {
+                blocks.par_iter().map(|b| run(b, true)).collect()
+            } else {
+                blocks.iter().map(|b| run(b, false)).collect()
+            },
+        }
+    }
+
+    /// Recomputes the forward (keeping each step's pre-activations and states), or
+    /// takes it from `saved`, then backpropagates through time. Every product that does
+    /// not feed the recurrence is one GEMM over all steps: the input projections, dX,
+    /// dW and dR; per step there is one recurrent GEMM forward and one backward (GRU
+    /// reset-before: two each). Batch rows never interact through time, so blocks of
+    /// rows run their steps on separate threads (as the forward kernel does) when the
+    /// work pays for them; the weight gradients then read every block's results.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         h0: Option<Vec<T>>,
@@ -397,36 +610,16 @@ impl<T: RFloat> Dir<'_, T> {
         dy: Option<Vec<T>>,
         dyh: Option<Vec<T>>,
         dyc: Option<Vec<T>>,
+        saved: Option<DirSaved<T>>,
     ) -> DirGrads<T> {
         let cx = self.cx;
         let spec = cx.spec;
-        let (t_len, n, isz) = cx.dims;
+        let (t_len, n, _) = cx.dims;
         let h = spec.hidden;
         let gh = spec.cell.gates() * h;
         let nh = n * h;
         let lstm = spec.cell == Cell::Lstm;
-        let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
-        // Weights packed once for every block and step: Wᵀ for the input projections,
-        // Rᵀ forward (the z/r columns apart from the h columns for reset-before GRU),
-        // R backward.
-        let rec_cols = if lbr0 { 2 * h } else { gh };
-        let packs = Packs {
-            wt: T::pack(isz, gh, &self.w, 1, isz),
-            rt: T::pack(h, rec_cols, &self.r, 1, h),
-            rht: lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], 1, h)),
-            r: T::pack(rec_cols, h, &self.r, h, 1),
-            rh: lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], h, 1)),
-        };
-        let threads = rayon::current_num_threads().min(n.max(1));
-        let rows_per = if threads > 1 && t_len * n * gh * (h + isz) >= PARALLEL_MIN_MACS {
-            n.div_ceil(threads)
-        } else {
-            n.max(1)
-        };
-        let blocks: Vec<(usize, usize)> = (0..n)
-            .step_by(rows_per)
-            .map(|b0| (b0, rows_per.min(n - b0)))
-            .collect();
+        let packs = self.packs();
         let io = BlockIo {
             h0: h0.as_deref(),
             c0: c0.as_deref(),
@@ -434,16 +627,35 @@ impl<T: RFloat> Dir<'_, T> {
             dyh: dyh.as_deref(),
             dyc: dyc.as_deref(),
         };
-        let mut parts: Vec<Block<T>> = if blocks.len() > 1 {
-            blocks
-                .par_iter()
-                .map(|&(b0, nb)| self.block(&packs, &io, b0, nb, true))
-                .collect()
-        } else {
-            blocks
-                .iter()
-                .map(|&(b0, nb)| self.block(&packs, &io, b0, nb, false))
-                .collect()
+        let (blocks, mut parts): (Vec<(usize, usize)>, Vec<Block<T>>) = match saved {
+            Some(sv) => {
+                let blocks: Vec<(usize, usize)> = sv.blocks.iter().map(|(b, _)| *b).collect();
+                let nested = sv.blocks.len() > 1;
+                let run = |((b0, nb), fwd): ((usize, usize), Fwd<T>)| {
+                    self.block_backward(&packs, &io, b0, nb, nested, fwd)
+                };
+                let parts = if nested {
+                    sv.blocks.into_par_iter().map(run).collect()
+                } else {
+                    sv.blocks.into_iter().map(run).collect()
+                };
+                (blocks, parts)
+            }
+            None => {
+                let blocks = self.blocks();
+                let parts = if blocks.len() > 1 {
+                    blocks
+                        .par_iter()
+                        .map(|&(b0, nb)| self.block(&packs, &io, b0, nb, true))
+                        .collect()
+                } else {
+                    blocks
+                        .iter()
+                        .map(|&(b0, nb)| self.block(&packs, &io, b0, nb, false))
+                        .collect()
+                };
+                (blocks, parts)
+            }
         };
         // Every block's rows into the [steps, N, ·] arrays the weight gradients read.
         let (dgx, dgr, hp_all, rh_all, dh, dc, dp) = if parts.len() == 1 {
@@ -492,8 +704,22 @@ impl<T: RFloat> Dir<'_, T> {
         nb: usize,
         nested: bool,
     ) -> Block<T> {
+        let fwd = self.block_forward(packs, io, b0, nb, nested, false);
+        self.block_backward(packs, io, b0, nb, nested, fwd)
+    }
+
+    /// The forward of rows `b0..b0 + nb`, keeping what the backward reads (and, with
+    /// `want_y`, every step's h: the forward op's Y rows).
+    fn block_forward(
+        &self,
+        packs: &Packs<T>,
+        io: &BlockIo<'_, T>,
+        b0: usize,
+        nb: usize,
+        nested: bool,
+        want_y: bool,
+    ) -> Fwd<T> {
         let cx = self.cx;
-        let need_dp = self.need_dp;
         let spec = cx.spec;
         let (t_len, n_all, isz) = cx.dims;
         let n = nb;
@@ -501,7 +727,7 @@ impl<T: RFloat> Dir<'_, T> {
         let gh = spec.cell.gates() * h;
         let nh = n * h;
         let rows = |v: Option<&[T]>| v.map(|v| v[b0 * h..(b0 + nb) * h].to_vec());
-        let (h0, c0, dyh, dyc) = (rows(io.h0), rows(io.c0), rows(io.dyh), rows(io.dyc));
+        let (h0, c0) = (rows(io.h0), rows(io.c0));
         let active = |t: usize, b: usize| cx.active(t, b0 + b);
         let set = GemmMode::SET.serial_if(nested);
         let zero = T::of(0.0);
@@ -547,8 +773,8 @@ impl<T: RFloat> Dir<'_, T> {
                 T::packed_gemm(&packs.wt, n, xs, isz, out, gh, set);
             }
         }
-        let (rt_packed, rht_packed, r_packed, rh_packed) =
-            (&packs.rt, &packs.rht, &packs.r, &packs.rh);
+        let (rt_packed, rht_packed) = (&packs.rt, &packs.rht);
+        let mut y = want_y.then(|| vec![zero; t_len * nh]);
         let mut hs = h0.unwrap_or_else(|| vec![zero; nh]);
         let mut cs = c0.unwrap_or_else(|| vec![zero; nh]);
         // Per processing step k: pre-activations (unclipped) [N, G·H], h and c before
@@ -712,7 +938,79 @@ impl<T: RFloat> Dir<'_, T> {
                     }
                 }
             }
+            if let Some(y) = y.as_mut() {
+                y[t * nh..(t + 1) * nh].copy_from_slice(&hs);
+            }
         }
+        Fwd {
+            pre,
+            act,
+            hp_all,
+            cp_all,
+            aux,
+            tc,
+            rh_all,
+            h: hs,
+            c: cs,
+            y: y.unwrap_or_default(),
+        }
+    }
+
+    /// Backpropagates rows `b0..b0 + nb` through time from their forward.
+    fn block_backward(
+        &self,
+        packs: &Packs<T>,
+        io: &BlockIo<'_, T>,
+        b0: usize,
+        nb: usize,
+        nested: bool,
+        fwd: Fwd<T>,
+    ) -> Block<T> {
+        let cx = self.cx;
+        let need_dp = self.need_dp;
+        let spec = cx.spec;
+        let (t_len, n_all, _) = cx.dims;
+        let n = nb;
+        let h = spec.hidden;
+        let gh = spec.cell.gates() * h;
+        let nh = n * h;
+        let rows = |v: Option<&[T]>| v.map(|v| v[b0 * h..(b0 + nb) * h].to_vec());
+        let (dyh, dyc) = (rows(io.dyh), rows(io.dyc));
+        let (r_packed, rh_packed) = (&packs.r, &packs.rh);
+        let active = |t: usize, b: usize| cx.active(t, b0 + b);
+        let set = GemmMode::SET.serial_if(nested);
+        let zero = T::of(0.0);
+        let lstm = spec.cell == Cell::Lstm;
+        let gru = spec.cell == Cell::Gru;
+        let lbr0 = gru && !spec.linear_before_reset;
+        let order: Vec<usize> = if self.reverse {
+            (0..t_len).rev().collect()
+        } else {
+            (0..t_len).collect()
+        };
+        let (f, ga, ha) = (
+            self.acts[0],
+            self.acts.get(1).copied().unwrap_or(self.acts[0]),
+            self.acts.get(2).copied().unwrap_or(self.acts[0]),
+        );
+        let c = |v: f64| clip(v, spec.clip);
+        // The common LSTM (σ, tanh, tanh; no clip, peepholes zero, no input_forget)
+        // runs in the tensor's own precision on contiguous slices (vectorised for f32).
+        let plain_lstm = lstm
+            && spec.clip.is_none()
+            && !spec.input_forget
+            && (f, ga, ha) == (Act::Sigmoid, Act::Tanh, Act::Tanh)
+            && self.p.iter().all(|&v| v == 0.0);
+        let Fwd {
+            pre,
+            act,
+            hp_all,
+            cp_all,
+            aux,
+            tc,
+            rh_all,
+            ..
+        } = fwd;
         // ---- backward ----
         // Gate gradients by time index: those that meet X (dgx) and, where they differ
         // (GRU), those that meet h (dgr); LSTM and RNN read dgx for both.
@@ -914,6 +1212,27 @@ impl<T: RFloat> Dir<'_, T> {
     }
 }
 
+/// A block's forward, its rows only, by processing step k (pre, act, cp, aux, tc) or by
+/// time index (hp, rh, y): what the backward reads, the final states, and (when asked
+/// for) every step's h.
+struct Fwd<T> {
+    pre: Vec<T>,
+    act: Vec<T>,
+    hp_all: Vec<T>,
+    cp_all: Vec<T>,
+    aux: Vec<T>,
+    tc: Vec<T>,
+    rh_all: Vec<T>,
+    h: Vec<T>,
+    c: Vec<T>,
+    y: Vec<T>,
+}
+
+/// One direction's forward, block by block: `((first row, rows), forward)`.
+struct DirSaved<T> {
+    blocks: Vec<((usize, usize), Fwd<T>)>,
+}
+
 /// The packed weights every block's products read.
 struct Packs<T: RFloat> {
     wt: T::Packed,
@@ -972,20 +1291,17 @@ impl<T: RFloat> Dir<'_, T> {
         let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
         let dgr = if spec.cell == Cell::Gru { dgr } else { dgx };
         // ---- the products over all steps at once ----
+        // dX = dG·W with W packed (rows of dG are contiguous); dW and dR read dG
+        // transposed, which the packed kernel does not take.
         let mut dx = vec![zero; t_len * n * isz];
-        T::gemm(
+        T::packed_gemm(
+            &T::pack(gh, isz, &self.w, isz, 1),
             t_len * n,
-            gh,
-            isz,
             dgx,
-            gh as isize,
-            1,
-            &self.w,
-            isz as isize,
-            1,
-            false,
+            gh,
             &mut dx,
-            isz as isize,
+            isz,
+            GemmMode::SET,
         );
         let mut dw = vec![zero; gh * isz];
         T::gemm(
@@ -1082,6 +1398,110 @@ mod tests {
             .build()
             .expect("pool")
             .install(f)
+    }
+
+    fn close(what: &str, a: &[Data], b: &[Data]) {
+        assert_eq!(a.len(), b.len(), "{what}: output count");
+        for (k, (a, b)) in a.iter().zip(b).enumerate() {
+            let (a, b) = (
+                a.tensor().expect("tensor").to_f64_vec(),
+                b.tensor().expect("tensor").to_f64_vec(),
+            );
+            assert_eq!(a.len(), b.len(), "{what} output {k}");
+            let scale = a.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "{what} output {k}: {x} vs {y}"
+                );
+            }
+        }
+    }
+
+    /// A forward op run with `forward_saving` gives the fused forward kernel's outputs,
+    /// and its backward op run from the saved state gives what it gives when it
+    /// recomputes the forward: every cell, both directions, initial states, peepholes,
+    /// on one block and on three.
+    #[test]
+    fn saved_forward_matches_the_kernels() {
+        let (t, n, i) = (9usize, 7usize, 16usize);
+        for (cell, lbr) in [("LSTM", 0), ("GRU", 1), ("GRU", 0), ("RNN", 0)] {
+            let h = if cell == "RNN" { 64 } else { 32 };
+            let g = match cell {
+                "LSTM" => 4,
+                "GRU" => 3,
+                _ => 1,
+            };
+            let dir = "bidirectional".to_string();
+            let fwd = match cell {
+                "LSTM" => Op::LSTM {
+                    activation_alpha: None,
+                    activation_beta: None,
+                    activations: None,
+                    clip: None,
+                    direction: dir,
+                    hidden_size: Some(h as i64),
+                    input_forget: 0,
+                    layout: 0,
+                },
+                "GRU" => Op::GRU {
+                    activation_alpha: None,
+                    activation_beta: None,
+                    activations: None,
+                    clip: None,
+                    direction: dir,
+                    hidden_size: Some(h as i64),
+                    layout: 0,
+                    linear_before_reset: lbr,
+                },
+                _ => Op::RNN {
+                    activation_alpha: None,
+                    activation_beta: None,
+                    activations: None,
+                    clip: None,
+                    direction: dir,
+                    hidden_size: Some(h as i64),
+                    layout: 0,
+                },
+            };
+            let grad = fwd.recurrent_pair().expect("a backward op");
+            let mut seed = 11u64;
+            let s = &mut seed;
+            let mut ins: Vec<Option<Data>> = vec![
+                Some(t32(&[t, n, i], s, 1.0)),
+                Some(t32(&[2, g * h, i], s, 0.3)),
+                Some(t32(&[2, g * h, h], s, 0.3)),
+                Some(t32(&[2, 2 * g * h], s, 0.3)),
+                None,
+                Some(t32(&[2, n, h], s, 0.5)),
+            ];
+            if cell == "LSTM" {
+                ins.push(Some(t32(&[2, n, h], s, 0.5)));
+                ins.push(Some(t32(&[2, 3 * h], s, 0.3)));
+            }
+            let shared = ins.len();
+            ins.push(Some(t32(&[t, 2, n, h], s, 1.0)));
+            ins.push(Some(t32(&[2, n, h], s, 1.0)));
+            if cell == "LSTM" {
+                ins.push(Some(t32(&[2, n, h], s, 1.0)));
+            }
+            let refs: Vec<Option<&Data>> = ins.iter().map(|d| d.as_ref()).collect();
+            let (nf, ng) = if cell == "LSTM" { (3, 7) } else { (2, 5) };
+            for threads in [1, 3] {
+                let what = format!("{cell} lbr {lbr}, {threads} threads");
+                let (kernel, (outs, state), recomputed) = in_pool(threads, || {
+                    (
+                        crate::cpu::rnn::eval(&fwd, &refs[..shared], nf).expect("forward"),
+                        forward_saving(&fwd, &refs[..shared], nf).expect("saving forward"),
+                        eval(&grad, &refs, ng).expect("backward"),
+                    )
+                });
+                close(&format!("{what}: forward"), &outs, &kernel);
+                let from_saved =
+                    in_pool(threads, || eval_saved(&grad, &refs, ng, state)).expect("saved");
+                close(&format!("{what}: backward"), &from_saved, &recomputed);
+            }
+        }
     }
 
     /// The backward ops split the batch into blocks of rows run on separate threads when
