@@ -7,6 +7,16 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cellgraph"))
 }
 
+/// The stdout of a run that must have succeeded (its stderr in the failure message).
+fn succeeded(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn case(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/conformance")
@@ -21,12 +31,7 @@ fn inspect_prints_opsets_io_parameters_and_the_graph() {
         .arg(case("onnx-node/test_lstm_defaults"))
         .output()
         .expect("run cellgraph");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = succeeded(&out);
     for needle in [
         "opset imports: ai.onnx 22",
         "inputs:\n  X : f32[1,3,2]\n  W : f32[1,12,2]\n  R : f32[1,12,3]\n",
@@ -396,12 +401,7 @@ fn bench_times_a_training_step_with_threads_and_peak_memory() {
         ])
         .output()
         .expect("run cellgraph");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = succeeded(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "one workload, one step: {text}");
     let row: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON row");

@@ -531,6 +531,37 @@ impl<'a, T: RFloat> Dir<'a, T> {
         }
     }
 
+    /// Time indices in processing order.
+    fn order(&self) -> Vec<usize> {
+        let t_len = self.cx.dims.0;
+        if self.reverse {
+            (0..t_len).rev().collect()
+        } else {
+            (0..t_len).collect()
+        }
+    }
+
+    /// The gate, cell and hidden activations (ONNX's f, g, h).
+    fn acts3(&self) -> (Act, Act, Act) {
+        let a = self.acts;
+        (
+            a[0],
+            a.get(1).copied().unwrap_or(a[0]),
+            a.get(2).copied().unwrap_or(a[0]),
+        )
+    }
+
+    /// The common LSTM (σ, tanh, tanh; no clip, peepholes zero, no input_forget): it
+    /// runs in the tensor's own precision on contiguous slices (vectorised for f32).
+    fn plain_lstm(&self) -> bool {
+        let spec = self.cx.spec;
+        spec.cell == Cell::Lstm
+            && spec.clip.is_none()
+            && !spec.input_forget
+            && self.acts3() == (Act::Sigmoid, Act::Tanh, Act::Tanh)
+            && self.p.iter().all(|&v| v == 0.0)
+    }
+
     /// Weights packed once for every block and step: Wᵀ for the input projections, Rᵀ
     /// forward (the z/r columns apart from the h columns for reset-before GRU), R
     /// backward.
@@ -734,16 +765,8 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let lstm = spec.cell == Cell::Lstm;
         let gru = spec.cell == Cell::Gru;
         let lbr0 = gru && !spec.linear_before_reset;
-        let order: Vec<usize> = if self.reverse {
-            (0..t_len).rev().collect()
-        } else {
-            (0..t_len).collect()
-        };
-        let (f, ga, ha) = (
-            self.acts[0],
-            self.acts.get(1).copied().unwrap_or(self.acts[0]),
-            self.acts.get(2).copied().unwrap_or(self.acts[0]),
-        );
+        let order = self.order();
+        let (f, ga, ha) = self.acts3();
         let c = |v: f64| clip(v, spec.clip);
         // Biases that sit outside a reset product, per column.
         let bias: Vec<f64> = (0..gh)
@@ -754,13 +777,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
             .collect();
         let bias_t: Vec<T> = bias.iter().map(|&v| T::of(v)).collect();
         let rbh: &[f64] = if gru { &self.rb[2 * h..3 * h] } else { &[] };
-        // The common LSTM (σ, tanh, tanh; no clip, peepholes zero, no input_forget)
-        // runs in the tensor's own precision on contiguous slices (vectorised for f32).
-        let plain_lstm = lstm
-            && spec.clip.is_none()
-            && !spec.input_forget
-            && (f, ga, ha) == (Act::Sigmoid, Act::Tanh, Act::Tanh)
-            && self.p.iter().all(|&v| v == 0.0);
+        let plain_lstm = self.plain_lstm();
         // ---- forward: the block's input projections, all steps (its rows of one
         // step are contiguous in X) ----
         let mut xw = vec![zero; t_len * n * gh];
@@ -983,24 +1000,10 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let lstm = spec.cell == Cell::Lstm;
         let gru = spec.cell == Cell::Gru;
         let lbr0 = gru && !spec.linear_before_reset;
-        let order: Vec<usize> = if self.reverse {
-            (0..t_len).rev().collect()
-        } else {
-            (0..t_len).collect()
-        };
-        let (f, ga, ha) = (
-            self.acts[0],
-            self.acts.get(1).copied().unwrap_or(self.acts[0]),
-            self.acts.get(2).copied().unwrap_or(self.acts[0]),
-        );
+        let order = self.order();
+        let (f, ga, ha) = self.acts3();
         let c = |v: f64| clip(v, spec.clip);
-        // The common LSTM (σ, tanh, tanh; no clip, peepholes zero, no input_forget)
-        // runs in the tensor's own precision on contiguous slices (vectorised for f32).
-        let plain_lstm = lstm
-            && spec.clip.is_none()
-            && !spec.input_forget
-            && (f, ga, ha) == (Act::Sigmoid, Act::Tanh, Act::Tanh)
-            && self.p.iter().all(|&v| v == 0.0);
+        let plain_lstm = self.plain_lstm();
         let Fwd {
             pre,
             act,
