@@ -213,7 +213,9 @@ impl Kernel {
 
 /// Rows `0..m` of A times panels `panels` of B into C (C's rows at stride `rsc` from
 /// `c`). Depth is cut into chunks of [`KC`] so a panel's chunk stays in L1 while every
-/// row tile reads it, and rows into chunks of [`MC`] so A's chunk stays in L2.
+/// row tile reads it, and rows into chunks of [`MC`] whose A values are copied into
+/// strips of [`MR`] rows, depth-major (the micro-kernel then reads one contiguous stream
+/// of A, which stays in L2 while every panel passes).
 #[allow(clippy::too_many_arguments)]
 fn block(
     kernel: Kernel,
@@ -226,33 +228,66 @@ fn block(
     panels: std::ops::Range<usize>,
     acc: bool,
 ) {
-    let (k, n) = (b.k, b.n);
-    for k0 in (0..k).step_by(KC) {
-        let kc = (k - k0).min(KC);
-        let acc = acc || k0 > 0;
-        for r0 in (0..m).step_by(MC) {
-            let r1 = (r0 + MC).min(m);
-            for p in panels.clone() {
-                let bp = &b.data[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
-                let cols = (n - p * NR).min(NR);
-                for i in (r0..r1).step_by(MR) {
-                    let rows = (r1 - i).min(MR);
-                    let ai = &a[i * rsa + k0..];
-                    // SAFETY: rows i..i+rows and columns p·NR..p·NR+cols of C lie inside
-                    // the slice `PackedB::gemm` checked; no other thread writes these
-                    // columns of these rows.
-                    let ci = unsafe { c.add(i * rsc + p * NR) };
-                    match kernel {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `Kernel::Avx2` is only chosen when the CPU has AVX2 and
-                        // FMA; A holds `rows` rows of kc at stride rsa, bp kc·NR values.
-                        Kernel::Avx2 => unsafe {
-                            avx2::tile(kc, ai, rsa, rows, bp, ci, rsc, cols, acc)
-                        },
-                        Kernel::Portable => unsafe {
-                            portable_tile(kc, ai, rsa, rows, bp, ci, rsc, cols, acc)
-                        },
+    A_STRIPS.with_borrow_mut(|strips| {
+        let (k, n) = (b.k, b.n);
+        for k0 in (0..k).step_by(KC) {
+            let kc = (k - k0).min(KC);
+            let acc = acc || k0 > 0;
+            for r0 in (0..m).step_by(MC) {
+                let r1 = (r0 + MC).min(m);
+                pack_a(strips, &a[r0 * rsa + k0..], rsa, r1 - r0, kc);
+                for p in panels.clone() {
+                    let bp = &b.data[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
+                    let cols = (n - p * NR).min(NR);
+                    for (s, i) in (r0..r1).step_by(MR).enumerate() {
+                        let rows = (r1 - i).min(MR);
+                        let ai = &strips[s * MR * kc..(s + 1) * MR * kc];
+                        // SAFETY: rows i..i+rows and columns p·NR..p·NR+cols of C lie
+                        // inside the slice `PackedB::gemm` checked; no other thread
+                        // writes these columns of these rows.
+                        let ci = unsafe { c.add(i * rsc + p * NR) };
+                        match kernel {
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: `Kernel::Avx2` is only chosen when the CPU has AVX2
+                            // and FMA; the strip holds kc·MR values, bp kc·NR.
+                            Kernel::Avx2 => unsafe {
+                                avx2::tile(kc, ai, rows, bp, ci, rsc, cols, acc)
+                            },
+                            Kernel::Portable => unsafe {
+                                portable_tile(kc, ai, rows, bp, ci, rsc, cols, acc)
+                            },
+                        }
                     }
+                }
+            }
+        }
+    });
+}
+
+thread_local! {
+    /// Each thread's copy of the A block it is multiplying (see [`pack_a`]).
+    static A_STRIPS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Copies `rows × kc` values of A (row i at `a[i·rsa..]`) into `strips`: strip s holds
+/// rows `s·MR..s·MR+MR`, value (i, p) at `s·MR·kc + p·MR + i − s·MR`. A last short strip
+/// is zero-padded to MR rows.
+fn pack_a(strips: &mut Vec<f32>, a: &[f32], rsa: usize, rows: usize, kc: usize) {
+    let len = rows.div_ceil(MR) * MR * kc;
+    if strips.len() < len {
+        strips.resize(len, 0.0);
+    }
+    for (s, strip) in strips[..len].chunks_mut(MR * kc).enumerate() {
+        let r = (rows - s * MR).min(MR);
+        for i in 0..MR {
+            if i < r {
+                let row = &a[(s * MR + i) * rsa..(s * MR + i) * rsa + kc];
+                for (p, &v) in row.iter().enumerate() {
+                    strip[p * MR + i] = v;
+                }
+            } else {
+                for p in 0..kc {
+                    strip[p * MR + i] = 0.0;
                 }
             }
         }
@@ -267,7 +302,6 @@ fn block(
 unsafe fn portable_tile(
     k: usize,
     a: &[f32],
-    rsa: usize,
     rows: usize,
     bp: &[f32],
     c: *mut f32,
@@ -279,7 +313,7 @@ unsafe fn portable_tile(
     for p in 0..k {
         let brow = &bp[p * NR..(p + 1) * NR];
         for (i, ti) in t.iter_mut().enumerate().take(rows) {
-            let av = a[i * rsa + p];
+            let av = a[p * MR + i];
             for (x, &bv) in ti.iter_mut().zip(brow) {
                 *x += av * bv;
             }
@@ -307,14 +341,13 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; `c` must be valid for writes of `rows` rows of
-    /// `cols` values at stride `rsc`; `a` holds `rows` rows of `k` at stride `rsa`;
+    /// `cols` values at stride `rsc`; `a` is a strip of `k·MR` values (see `pack_a`);
     /// `bp` holds `k·NR` values.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(
         k: usize,
         a: &[f32],
-        rsa: usize,
         rows: usize,
         bp: &[f32],
         c: *mut f32,
@@ -323,14 +356,14 @@ mod avx2 {
         acc: bool,
     ) {
         debug_assert!((1..=MR).contains(&rows) && bp.len() >= k * NR);
-        debug_assert!((rows - 1) * rsa + k <= a.len());
+        debug_assert!(a.len() >= k * MR);
         match rows {
-            6 => tile_rows::<6>(k, a, rsa, bp, c, rsc, cols, acc),
-            5 => tile_rows::<5>(k, a, rsa, bp, c, rsc, cols, acc),
-            4 => tile_rows::<4>(k, a, rsa, bp, c, rsc, cols, acc),
-            3 => tile_rows::<3>(k, a, rsa, bp, c, rsc, cols, acc),
-            2 => tile_rows::<2>(k, a, rsa, bp, c, rsc, cols, acc),
-            _ => tile_rows::<1>(k, a, rsa, bp, c, rsc, cols, acc),
+            6 => tile_rows::<6>(k, a, bp, c, rsc, cols, acc),
+            5 => tile_rows::<5>(k, a, bp, c, rsc, cols, acc),
+            4 => tile_rows::<4>(k, a, bp, c, rsc, cols, acc),
+            3 => tile_rows::<3>(k, a, bp, c, rsc, cols, acc),
+            2 => tile_rows::<2>(k, a, bp, c, rsc, cols, acc),
+            _ => tile_rows::<1>(k, a, bp, c, rsc, cols, acc),
         }
     }
 
@@ -344,7 +377,6 @@ mod avx2 {
     unsafe fn tile_rows<const R: usize>(
         k: usize,
         a: &[f32],
-        rsa: usize,
         bp: &[f32],
         c: *mut f32,
         rsc: usize,
@@ -361,7 +393,7 @@ mod avx2 {
             let b0 = _mm256_loadu_ps(b.add(p * NR));
             let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
             for (i, ti) in t.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*ap.add(i * rsa + p));
+                let x = _mm256_broadcast_ss(&*ap.add(p * MR + i));
                 ti[0] = _mm256_fmadd_ps(x, b0, ti[0]);
                 ti[1] = _mm256_fmadd_ps(x, b1, ti[1]);
             }
