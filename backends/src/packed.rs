@@ -20,6 +20,8 @@ pub const NR: usize = 16;
 const MC: usize = 72;
 /// Depth of one pass: a panel's `KC × NR` chunk (16 KiB) stays in L1.
 const KC: usize = 256;
+/// Matrices below this many values are packed on the calling thread.
+const PARALLEL_MIN_PACK: usize = 1 << 18;
 /// Products below this many multiply-adds run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 
@@ -45,14 +47,25 @@ impl PackedB {
         }
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR];
-        for (p, panel) in data.chunks_mut((k * NR).max(1)).enumerate().take(panels) {
-            let cols = (n - p * NR).min(NR);
+        let fill = |(p, panel): (usize, &mut [f32])| {
+            let (j0, cols) = (p * NR, (n - p * NR).min(NR));
             for (kk, row) in panel.chunks_mut(NR).enumerate() {
-                let base = kk * rsb + p * NR * csb;
-                for (j, v) in row[..cols].iter_mut().enumerate() {
-                    *v = b[base + j * csb];
+                let base = kk * rsb + j0 * csb;
+                if csb == 1 {
+                    row[..cols].copy_from_slice(&b[base..base + cols]);
+                } else {
+                    for (j, v) in row[..cols].iter_mut().enumerate() {
+                        *v = b[base + j * csb];
+                    }
                 }
             }
+        };
+        // `data` holds exactly `panels` panels of k·NR values (none when k = 0).
+        let panel_len = (k * NR).max(1);
+        if k * n >= PARALLEL_MIN_PACK {
+            data.par_chunks_mut(panel_len).enumerate().for_each(fill);
+        } else {
+            data.chunks_mut(panel_len).enumerate().for_each(fill);
         }
         PackedB { k, n, data }
     }
@@ -86,7 +99,33 @@ impl PackedB {
         } else {
             1
         };
-        self.gemm_threads(threads, m, a, rsa, c, rsc, accumulate);
+        self.gemm_threads(threads, m, a, (rsa, 1), c, rsc, accumulate);
+    }
+
+    /// `C[m×n] = A[m×k]·B` (plus the old C when `accumulate`) with A at any strides:
+    /// element (i, p) of A is `a[i·rsa + p·csa]` (`rsa = 1, csa = m` reads a stored
+    /// transpose). A is copied into the kernel's strips either way, so a transposed A
+    /// costs no more than a plain one.
+    ///
+    /// # Panics
+    /// If `a` or `c` is too short, or C's stride is smaller than a row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_strided(
+        &self,
+        m: usize,
+        a: &[f32],
+        rsa: usize,
+        csa: usize,
+        c: &mut [f32],
+        rsc: usize,
+        accumulate: bool,
+    ) {
+        let threads = if m * self.n * self.k >= PARALLEL_MIN_MACS {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        self.gemm_threads(threads, m, a, (rsa, csa), c, rsc, accumulate);
     }
 
     /// [`Self::gemm`] on the calling thread only (for callers that already run on
@@ -100,7 +139,7 @@ impl PackedB {
         rsc: usize,
         accumulate: bool,
     ) {
-        self.gemm_threads(1, m, a, rsa, c, rsc, accumulate);
+        self.gemm_threads(1, m, a, (rsa, 1), c, rsc, accumulate);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -109,7 +148,7 @@ impl PackedB {
         threads: usize,
         m: usize,
         a: &[f32],
-        rsa: usize,
+        (rsa, csa): (usize, usize),
         c: &mut [f32],
         rsc: usize,
         accumulate: bool,
@@ -132,7 +171,7 @@ impl PackedB {
             return;
         }
         assert!(
-            rsa >= k && (m - 1) * rsa + k <= a.len(),
+            (m - 1) * rsa + (k - 1) * csa < a.len(),
             "PackedB::gemm: A is too short"
         );
         let panels = n.div_ceil(NR);
@@ -143,7 +182,7 @@ impl PackedB {
                 self,
                 m,
                 a,
-                rsa,
+                (rsa, csa),
                 c.as_mut_ptr(),
                 rsc,
                 0..panels,
@@ -162,7 +201,7 @@ impl PackedB {
                         self,
                         mm,
                         &a[r0 * rsa..],
-                        rsa,
+                        (rsa, csa),
                         cc.as_mut_ptr(),
                         rsc,
                         0..panels,
@@ -177,7 +216,17 @@ impl PackedB {
                 let lo = (t * per).min(panels);
                 let hi = ((t + 1) * per).min(panels);
                 let cp = &cp;
-                block(kernel, self, m, a, rsa, cp.0, rsc, lo..hi, accumulate);
+                block(
+                    kernel,
+                    self,
+                    m,
+                    a,
+                    (rsa, csa),
+                    cp.0,
+                    rsc,
+                    lo..hi,
+                    accumulate,
+                );
             });
         }
     }
@@ -222,7 +271,7 @@ fn block(
     b: &PackedB,
     m: usize,
     a: &[f32],
-    rsa: usize,
+    (rsa, csa): (usize, usize),
     c: *mut f32,
     rsc: usize,
     panels: std::ops::Range<usize>,
@@ -235,7 +284,7 @@ fn block(
             let acc = acc || k0 > 0;
             for r0 in (0..m).step_by(MC) {
                 let r1 = (r0 + MC).min(m);
-                pack_a(strips, &a[r0 * rsa + k0..], rsa, r1 - r0, kc);
+                pack_a(strips, &a[r0 * rsa + k0 * csa..], (rsa, csa), r1 - r0, kc);
                 for p in panels.clone() {
                     let bp = &b.data[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
                     let cols = (n - p * NR).min(NR);
@@ -269,26 +318,41 @@ thread_local! {
     static A_STRIPS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Copies `rows × kc` values of A (row i at `a[i·rsa..]`) into `strips`: strip s holds
-/// rows `s·MR..s·MR+MR`, value (i, p) at `s·MR·kc + p·MR + i − s·MR`. A last short strip
-/// is zero-padded to MR rows.
-fn pack_a(strips: &mut Vec<f32>, a: &[f32], rsa: usize, rows: usize, kc: usize) {
+/// Copies `rows × kc` values of A (element (i, p) at `a[i·rsa + p·csa]`) into
+/// `strips`: strip s holds rows `s·MR..s·MR+MR`, value (i, p) at
+/// `s·MR·kc + p·MR + i − s·MR`. A last short strip is zero-padded to MR rows.
+fn pack_a(strips: &mut Vec<f32>, a: &[f32], (rsa, csa): (usize, usize), rows: usize, kc: usize) {
     let len = rows.div_ceil(MR) * MR * kc;
     if strips.len() < len {
         strips.resize(len, 0.0);
     }
     for (s, strip) in strips[..len].chunks_mut(MR * kc).enumerate() {
         let r = (rows - s * MR).min(MR);
-        for i in 0..MR {
-            if i < r {
-                let row = &a[(s * MR + i) * rsa..(s * MR + i) * rsa + kc];
-                for (p, &v) in row.iter().enumerate() {
-                    strip[p * MR + i] = v;
+        let a = &a[s * MR * rsa..];
+        if csa == 1 && r == MR {
+            // Rows are contiguous: six read streams, one contiguous write.
+            let rows: [&[f32]; MR] = std::array::from_fn(|i| &a[i * rsa..i * rsa + kc]);
+            for (p, dst) in strip.chunks_exact_mut(MR).enumerate() {
+                for (d, row) in dst.iter_mut().zip(&rows) {
+                    *d = row[p];
                 }
-            } else {
-                for p in 0..kc {
-                    strip[p * MR + i] = 0.0;
+            }
+        } else if rsa == 1 && r == MR {
+            // A stored transposed: the strip's rows are contiguous at each depth.
+            for (p, dst) in strip.chunks_exact_mut(MR).enumerate() {
+                dst.copy_from_slice(&a[p * csa..p * csa + MR]);
+            }
+        } else {
+            // Any other strides (or a short strip): element by element.
+            for (p, dst) in strip.chunks_mut(MR).enumerate() {
+                for (i, d) in dst[..r].iter_mut().enumerate() {
+                    *d = a[i * rsa + p * csa];
                 }
+            }
+        }
+        if r < MR {
+            for dst in strip.chunks_mut(MR) {
+                dst[r..].fill(0.0);
             }
         }
     }
@@ -385,6 +449,14 @@ mod avx2 {
     ) {
         let ap = a.as_ptr();
         let b = bp.as_ptr();
+        if acc {
+            // C is read at the end: start fetching it now (it may have left the caches
+            // since the previous depth chunk added to it).
+            for i in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(c.add(i * rsc + NR - 1) as *const i8);
+            }
+        }
         let mut t = [[_mm256_setzero_ps(); 2]; R];
         for p in 0..k {
             // B streams from L3 on a panel's first tile: fetch a few rows ahead (the
@@ -431,7 +503,7 @@ mod tests {
         k: usize,
         n: usize,
         a: &[f32],
-        rsa: usize,
+        (rsa, csa): (usize, usize),
         b: &[f32],
         rsb: usize,
         csb: usize,
@@ -441,7 +513,7 @@ mod tests {
             for j in 0..n {
                 let mut s = 0f64;
                 for p in 0..k {
-                    s += a[i * rsa + p] as f64 * b[p * rsb + j * csb] as f64;
+                    s += a[i * rsa + p * csa] as f64 * b[p * rsb + j * csb] as f64;
                 }
                 c[i * n + j] = s as f32;
             }
@@ -461,34 +533,42 @@ mod tests {
             (64, 512, 2048),
         ];
         for (m, k, n) in shapes {
-            for trans in [false, true] {
-                for accumulate in [false, true] {
-                    let rsa = k + 2;
-                    let a: Vec<f32> = (0..m * rsa)
-                        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-                        .collect();
-                    let b: Vec<f32> = (0..k * n)
-                        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
-                        .collect();
-                    let (rsb, csb) = if trans { (1, k) } else { (n, 1) };
-                    let packed = PackedB::new(k, n, &b, rsb, csb);
-                    let rsc = n + 3;
-                    let mut c: Vec<f32> = (0..m * rsc).map(|i| (i % 5) as f32).collect();
-                    let before = c.clone();
+            for (trans, trans_a, accumulate) in (0..8).map(|f| (f & 1 == 1, f & 2 == 2, f & 4 == 4))
+            {
+                // A with padded rows, or stored transposed with padded columns.
+                let (rsa, csa, alen) = if trans_a {
+                    (1, m + 2, k * (m + 2))
+                } else {
+                    (k + 2, 1, m * (k + 2))
+                };
+                let a: Vec<f32> = (0..alen)
+                    .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                    .collect();
+                let b: Vec<f32> = (0..k * n)
+                    .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+                    .collect();
+                let (rsb, csb) = if trans { (1, k) } else { (n, 1) };
+                let packed = PackedB::new(k, n, &b, rsb, csb);
+                let rsc = n + 3;
+                let mut c: Vec<f32> = (0..m * rsc).map(|i| (i % 5) as f32).collect();
+                let before = c.clone();
+                if trans_a {
+                    packed.gemm_strided(m, &a, rsa, csa, &mut c, rsc, accumulate);
+                } else {
                     packed.gemm(m, &a, rsa, &mut c, rsc, accumulate);
-                    let want = naive(m, k, n, &a, rsa, &b, rsb, csb);
-                    for i in 0..m {
-                        for j in 0..rsc {
-                            let got = c[i * rsc + j];
-                            let w = if j >= n {
-                                before[i * rsc + j]
-                            } else if accumulate {
-                                want[i * n + j] + before[i * rsc + j]
-                            } else {
-                                want[i * n + j]
-                            };
-                            assert!((got - w).abs() <= 1e-3 * (1.0 + w.abs()), "{m}x{k}x{n} trans={trans} acc={accumulate} ({i},{j}): {got} vs {w}");
-                        }
+                }
+                let want = naive(m, k, n, &a, (rsa, csa), &b, rsb, csb);
+                for i in 0..m {
+                    for j in 0..rsc {
+                        let got = c[i * rsc + j];
+                        let w = if j >= n {
+                            before[i * rsc + j]
+                        } else if accumulate {
+                            want[i * n + j] + before[i * rsc + j]
+                        } else {
+                            want[i * n + j]
+                        };
+                        assert!((got - w).abs() <= 1e-3 * (1.0 + w.abs()), "{m}x{k}x{n} trans={trans} trans_a={trans_a} acc={accumulate} ({i},{j}): {got} vs {w}");
                     }
                 }
             }
@@ -507,12 +587,12 @@ mod tests {
             &packed,
             m,
             &a,
-            k,
+            (k, 1),
             c.as_mut_ptr(),
             n,
             0..n.div_ceil(NR),
             false,
         );
-        assert_eq!(c, naive(m, k, n, &a, k, &b, n, 1));
+        assert_eq!(c, naive(m, k, n, &a, (k, 1), &b, n, 1));
     }
 }

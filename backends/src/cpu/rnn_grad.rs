@@ -562,20 +562,31 @@ impl<'a, T: RFloat> Dir<'a, T> {
             && self.p.iter().all(|&v| v == 0.0)
     }
 
-    /// Weights packed once for every block and step: Wᵀ for the input projections, Rᵀ
-    /// forward (the z/r columns apart from the h columns for reset-before GRU), R
-    /// backward.
-    fn packs(&self) -> Packs<T> {
+    /// Weights packed once for every block and step of the forward: Wᵀ for the input
+    /// projections, Rᵀ (the z/r columns apart from the h columns for reset-before GRU).
+    fn forward_packs(&self) -> FwdPacks<T> {
         let spec = self.cx.spec;
         let isz = self.cx.dims.2;
         let h = spec.hidden;
         let gh = spec.cell.gates() * h;
         let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
         let rec_cols = if lbr0 { 2 * h } else { gh };
-        Packs {
+        FwdPacks {
             wt: T::pack(isz, gh, &self.w, 1, isz),
             rt: T::pack(h, rec_cols, &self.r, 1, h),
             rht: lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], 1, h)),
+        }
+    }
+
+    /// R packed for the backward's per-step products (its h columns apart for
+    /// reset-before GRU).
+    fn backward_packs(&self) -> BackPacks<T> {
+        let spec = self.cx.spec;
+        let h = spec.hidden;
+        let gh = spec.cell.gates() * h;
+        let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
+        let rec_cols = if lbr0 { 2 * h } else { gh };
+        BackPacks {
             r: T::pack(rec_cols, h, &self.r, h, 1),
             rh: lbr0.then(|| T::pack(h, h, &self.r[2 * h * h..], h, 1)),
         }
@@ -602,7 +613,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
     /// The forward of every block, keeping what the backward reads and every step's h:
     /// the forward op's work, done so that its backward need not recompute it.
     fn forward_saving(&self, h0: Option<Vec<T>>, c0: Option<Vec<T>>) -> DirSaved<T> {
-        let packs = self.packs();
+        let packs = self.forward_packs();
         let blocks = self.blocks();
         let io = BlockIo {
             h0: h0.as_deref(),
@@ -650,7 +661,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let gh = spec.cell.gates() * h;
         let nh = n * h;
         let lstm = spec.cell == Cell::Lstm;
-        let packs = self.packs();
+        let back = self.backward_packs();
         let io = BlockIo {
             h0: h0.as_deref(),
             c0: c0.as_deref(),
@@ -663,7 +674,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
                 let blocks: Vec<(usize, usize)> = sv.blocks.iter().map(|(b, _)| *b).collect();
                 let nested = sv.blocks.len() > 1;
                 let run = |((b0, nb), fwd): ((usize, usize), Fwd<T>)| {
-                    self.block_backward(&packs, &io, b0, nb, nested, fwd)
+                    self.block_backward(&back, &io, b0, nb, nested, fwd)
                 };
                 let parts = if nested {
                     sv.blocks.into_par_iter().map(run).collect()
@@ -673,6 +684,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
                 (blocks, parts)
             }
             None => {
+                let packs = (self.forward_packs(), back);
                 let blocks = self.blocks();
                 let parts = if blocks.len() > 1 {
                     blocks
@@ -729,21 +741,21 @@ impl<'a, T: RFloat> Dir<'a, T> {
     /// steps; `nested`: already on a worker thread, so the products stay on it.
     fn block(
         &self,
-        packs: &Packs<T>,
+        (fwd_packs, back_packs): &(FwdPacks<T>, BackPacks<T>),
         io: &BlockIo<'_, T>,
         b0: usize,
         nb: usize,
         nested: bool,
     ) -> Block<T> {
-        let fwd = self.block_forward(packs, io, b0, nb, nested, false);
-        self.block_backward(packs, io, b0, nb, nested, fwd)
+        let fwd = self.block_forward(fwd_packs, io, b0, nb, nested, false);
+        self.block_backward(back_packs, io, b0, nb, nested, fwd)
     }
 
     /// The forward of rows `b0..b0 + nb`, keeping what the backward reads (and, with
     /// `want_y`, every step's h: the forward op's Y rows).
     fn block_forward(
         &self,
-        packs: &Packs<T>,
+        packs: &FwdPacks<T>,
         io: &BlockIo<'_, T>,
         b0: usize,
         nb: usize,
@@ -784,11 +796,13 @@ impl<'a, T: RFloat> Dir<'a, T> {
         if n == n_all {
             T::packed_gemm(&packs.wt, t_len * n, self.x, isz, &mut xw, gh, set);
         } else {
+            // The block's rows of every step gathered first: one product of T·nb rows
+            // reads W once per row chunk instead of once per step.
+            let mut xb = Vec::with_capacity(t_len * nb * isz);
             for t in 0..t_len {
-                let xs = &self.x[(t * n_all + b0) * isz..(t * n_all + b0 + nb) * isz];
-                let out = &mut xw[t * n * gh..(t + 1) * n * gh];
-                T::packed_gemm(&packs.wt, n, xs, isz, out, gh, set);
+                xb.extend_from_slice(&self.x[(t * n_all + b0) * isz..(t * n_all + b0 + nb) * isz]);
             }
+            T::packed_gemm(&packs.wt, t_len * n, &xb, isz, &mut xw, gh, set);
         }
         let (rt_packed, rht_packed) = (&packs.rt, &packs.rht);
         let mut y = want_y.then(|| vec![zero; t_len * nh]);
@@ -976,7 +990,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
     /// Backpropagates rows `b0..b0 + nb` through time from their forward.
     fn block_backward(
         &self,
-        packs: &Packs<T>,
+        packs: &BackPacks<T>,
         io: &BlockIo<'_, T>,
         b0: usize,
         nb: usize,
@@ -1236,11 +1250,15 @@ struct DirSaved<T> {
     blocks: Vec<((usize, usize), Fwd<T>)>,
 }
 
-/// The packed weights every block's products read.
-struct Packs<T: RFloat> {
+/// The packed weights every block's forward products read.
+struct FwdPacks<T: RFloat> {
     wt: T::Packed,
     rt: T::Packed,
     rht: Option<T::Packed>,
+}
+
+/// The packed weights every block's backward products read.
+struct BackPacks<T: RFloat> {
     r: T::Packed,
     rh: Option<T::Packed>,
 }

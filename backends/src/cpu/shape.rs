@@ -324,7 +324,10 @@ pub fn concat(ts: &[&Tensor], a: usize) -> Result<Tensor, String> {
                     o => Err(format!("mixed dtypes {}", o.dtype())),
                 })
                 .collect::<Result<_, String>>()?;
-            Tensor::$v(concatenate(Axis(a), &views).map_err(|e| e.to_string())?)
+            Tensor::$v(match concat_contiguous(&views, a) {
+                Some(t) => t,
+                None => concatenate(Axis(a), &views).map_err(|e| e.to_string())?,
+            })
         }};
     }
     Ok(match ts.first().ok_or("nothing to concatenate")? {
@@ -342,4 +345,66 @@ pub fn concat(ts: &[&Tensor], a: usize) -> Result<Tensor, String> {
         Tensor::U64(_) => cat!(U64),
         Tensor::Bool(_) => cat!(Bool),
     })
+}
+
+/// Concatenation of standard-layout arrays as block copies: for each index of the axes
+/// before `a`, every input's contiguous run in turn. `None` (the caller falls back to
+/// ndarray's general concatenation, which also reports shape errors) when an input is
+/// not contiguous or the shapes disagree off the axis.
+fn concat_contiguous<T: Clone>(
+    views: &[ndarray::ArrayViewD<'_, T>],
+    a: usize,
+) -> Option<ArrayD<T>> {
+    let first = views.first()?;
+    let rank = first.ndim();
+    if a >= rank
+        || views.iter().any(|v| {
+            v.ndim() != rank
+                || !v.is_standard_layout()
+                || (0..rank).any(|d| d != a && v.shape()[d] != first.shape()[d])
+        })
+    {
+        return None;
+    }
+    let outer: usize = first.shape()[..a].iter().product();
+    let inner: usize = first.shape()[a + 1..].iter().product();
+    let runs: Vec<&[T]> = views.iter().map(|v| v.as_slice()).collect::<Option<_>>()?;
+    let along: usize = views.iter().map(|v| v.shape()[a]).sum();
+    let mut out = Vec::with_capacity(outer * along * inner);
+    for o in 0..outer {
+        for (v, run) in views.iter().zip(&runs) {
+            let len = v.shape()[a] * inner;
+            out.extend_from_slice(&run[o * len..(o + 1) * len]);
+        }
+    }
+    let mut shape = first.shape().to_vec();
+    shape[a] = along;
+    ArrayD::from_shape_vec(IxDyn(&shape), out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_copy_concat_matches_ndarray_on_every_axis() {
+        let a = ArrayD::from_shape_vec(IxDyn(&[2, 3, 4]), (0..24).collect::<Vec<i32>>())
+            .expect("shape");
+        for ax in 0..3 {
+            let mut shape = vec![2, 3, 4];
+            shape[ax] = 5;
+            let n: usize = shape.iter().product();
+            let b = ArrayD::from_shape_vec(IxDyn(&shape), (100..100 + n as i32).collect())
+                .expect("shape");
+            let views = [a.view(), b.view(), a.view()];
+            let fast = concat_contiguous(&views, ax).expect("contiguous inputs");
+            assert_eq!(fast, concatenate(Axis(ax), &views).expect("concatenate"));
+        }
+        // A transposed view is not contiguous: the general path takes it.
+        let t = a.view().reversed_axes();
+        assert!(concat_contiguous(&[t.clone(), t], 0).is_none());
+        // Shapes that disagree off the axis are left to the general path's error.
+        let c = ArrayD::from_shape_vec(IxDyn(&[2, 4, 4]), vec![0; 32]).expect("shape");
+        assert!(concat_contiguous(&[a.view(), c.view()], 0).is_none());
+    }
 }
