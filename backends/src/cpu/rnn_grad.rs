@@ -14,6 +14,7 @@ use crate::data::Data;
 use cellgraph_ir::{Op, Tensor};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 type R<T> = Result<T, String>;
 
@@ -93,6 +94,15 @@ fn tensor_f64(d: Option<&Data>, what: &str) -> R<Option<(Vec<usize>, Vec<f64>)>>
     }
 }
 
+/// A tensor's values in the kernel's float type: borrowed when the tensor already holds
+/// that type in standard layout, converted otherwise.
+fn values<T: RFloat>(t: &Tensor) -> Cow<'_, [T]> {
+    match T::array(t).and_then(|a| a.as_slice()) {
+        Some(v) => Cow::Borrowed(v),
+        None => Cow::Owned(t.to_f64_vec().into_iter().map(T::of).collect()),
+    }
+}
+
 /// Runs a recurrent backward op.
 pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
     Ok(run(op, ins, nout, Mode::Grad(None))?.0)
@@ -147,9 +157,16 @@ fn run(op: &Op, ins: &[Option<&Data>], nout: usize, mode: Mode) -> R<(Vec<Data>,
     if !dtype.is_float() {
         return Err(format!("X of dtype {dtype} (float expected)"));
     }
-    let (xs, x) = tensor_f64(get(0), "X")?.ok_or("X is missing")?;
-    let (ws, w) = tensor_f64(get(1), "W")?.ok_or("W is missing")?;
-    let (rs, r) = tensor_f64(get(2), "R")?.ok_or("R is missing")?;
+    // X, W, R and dY (the large inputs) stay tensors until the kernel's float type is
+    // known: an f32 tensor is then read in place, not through f64.
+    let tensor = |i: usize, what: &str| -> R<&Tensor> {
+        get(i)
+            .ok_or(format!("{what} is missing"))?
+            .tensor()
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    let (w_t, r_t) = (tensor(1, "W")?, tensor(2, "R")?);
+    let (xs, ws, rs) = (x_t.shape(), w_t.shape(), r_t.shape());
     if xs.len() != 3 || ws.len() != 3 || rs.len() != 3 {
         return Err("X, W and R must have rank 3".into());
     }
@@ -226,9 +243,9 @@ fn run(op: &Op, ins: &[Option<&Data>], nout: usize, mode: Mode) -> R<(Vec<Data>,
             return Err(format!("P {ps:?}, expected [{d_n}, {}]", 3 * h));
         }
     }
-    let dy = tensor_f64(get(cot0), "dY")?;
-    if let Some((s, _)) = &dy {
-        if s != &[t_len, d_n, n, h] {
+    let dy = get(cot0).map(|_| tensor(cot0, "dY")).transpose()?;
+    if let Some(s) = dy.map(|t| t.shape()) {
+        if s != [t_len, d_n, n, h] {
             return Err(format!("dY {s:?}, expected [{t_len}, {d_n}, {n}, {h}]"));
         }
     }
@@ -248,14 +265,14 @@ fn run(op: &Op, ins: &[Option<&Data>], nout: usize, mode: Mode) -> R<(Vec<Data>,
         mask: mask.as_deref(),
     };
     let args = Args {
-        x: &x,
-        w: &w,
-        r: &r,
+        x: x_t,
+        w: w_t,
+        r: r_t,
         b: b.as_ref().map(|(_, v)| v.as_slice()),
         p: p.as_ref().map(|(_, v)| v.as_slice()),
         h0: h0.as_ref().map(|(_, v)| v.as_slice()),
         c0: c0.as_ref().map(|(_, v)| v.as_slice()),
-        dy: dy.as_ref().map(|(_, v)| v.as_slice()),
+        dy,
         dyh: dyh.as_ref().map(|(_, v)| v.as_slice()),
         dyc: dyc.as_ref().map(|(_, v)| v.as_slice()),
     };
@@ -278,29 +295,17 @@ fn run(op: &Op, ins: &[Option<&Data>], nout: usize, mode: Mode) -> R<(Vec<Data>,
         }
         Mode::Grad(saved) => saved.map(|s| s.0),
     };
-    let g_all = match (f32_, saved) {
-        (true, None) => all_directions::<f32>(&ctx, &args, None),
-        (true, Some(SavedAny::F32(v))) => all_directions::<f32>(&ctx, &args, Some(v)),
-        (false, None) => all_directions::<f64>(&ctx, &args, None),
-        (false, Some(SavedAny::F64(v))) => all_directions::<f64>(&ctx, &args, Some(v)),
+    let mut out = match (f32_, saved) {
+        (true, None) => all_directions::<f32>(&ctx, &args, None).into_data(&ctx, dtype)?,
+        (true, Some(SavedAny::F32(v))) => {
+            all_directions::<f32>(&ctx, &args, Some(v)).into_data(&ctx, dtype)?
+        }
+        (false, None) => all_directions::<f64>(&ctx, &args, None).into_data(&ctx, dtype)?,
+        (false, Some(SavedAny::F64(v))) => {
+            all_directions::<f64>(&ctx, &args, Some(v)).into_data(&ctx, dtype)?
+        }
         _ => return Err("the saved forward ran in another precision".into()),
     };
-    let mk = |shape: &[usize], v: &[f64]| -> R<Data> {
-        Ok(Data::Tensor(
-            Tensor::from_f64_vec(dtype, shape, v).map_err(|e| e.to_string())?,
-        ))
-    };
-    let mut out = vec![
-        mk(&[t_len, n, isz], &g_all.dx)?,
-        mk(&[d_n, g * h, isz], &g_all.dw)?,
-        mk(&[d_n, g * h, h], &g_all.dr)?,
-        mk(&[d_n, 2 * g * h], &g_all.db)?,
-        mk(&[d_n, n, h], &g_all.dh0)?,
-    ];
-    if lstm {
-        out.push(mk(&[d_n, n, h], &g_all.dc0)?);
-        out.push(mk(&[d_n, 3 * h], &g_all.dp)?);
-    }
     out.truncate(nout);
     Ok((out, None))
 }
@@ -322,25 +327,27 @@ impl Ctx<'_> {
     }
 }
 
-/// The op's inputs (all directions), as f64.
+/// The op's inputs (all directions): the large ones as tensors (see [`values`]), the
+/// rest as f64.
 struct Args<'a> {
-    x: &'a [f64],
-    w: &'a [f64],
-    r: &'a [f64],
+    x: &'a Tensor,
+    w: &'a Tensor,
+    r: &'a Tensor,
     b: Option<&'a [f64]>,
     p: Option<&'a [f64]>,
     h0: Option<&'a [f64]>,
     c0: Option<&'a [f64]>,
-    dy: Option<&'a [f64]>,
+    dy: Option<&'a Tensor>,
     dyh: Option<&'a [f64]>,
     dyc: Option<&'a [f64]>,
 }
 
-/// The gradients of every input, all directions, as f64.
-struct AllGrads {
-    dx: Vec<f64>,
-    dw: Vec<f64>,
-    dr: Vec<f64>,
+/// The gradients of every input, all directions: the large ones in the kernel's float
+/// type, the rest as f64.
+struct AllGrads<T> {
+    dx: Vec<T>,
+    dw: Vec<T>,
+    dr: Vec<T>,
     db: Vec<f64>,
     dh0: Vec<f64>,
     dc0: Vec<f64>,
@@ -351,17 +358,19 @@ fn all_directions<T: RFloat>(
     cx: &Ctx<'_>,
     a: &Args<'_>,
     saved: Option<Vec<DirSaved<T>>>,
-) -> AllGrads {
+) -> AllGrads<T> {
     let spec = cx.spec;
     let (t_len, n, isz) = cx.dims;
     let h = spec.hidden;
     let gh = spec.cell.gates() * h;
     let d_n = spec.reverse.len();
-    let x: Vec<T> = a.x.iter().map(|&v| T::of(v)).collect();
+    let x = values::<T>(a.x);
+    let dy_all = a.dy.map(values::<T>);
+    let zero = T::of(0.0);
     let mut out = AllGrads {
-        dx: vec![0.0; t_len * n * isz],
-        dw: vec![0.0; d_n * gh * isz],
-        dr: vec![0.0; d_n * gh * h],
+        dx: vec![zero; t_len * n * isz],
+        dw: vec![zero; d_n * gh * isz],
+        dr: vec![zero; d_n * gh * h],
         db: vec![0.0; d_n * 2 * gh],
         dh0: vec![0.0; d_n * n * h],
         dc0: vec![0.0; d_n * n * h],
@@ -377,11 +386,11 @@ fn all_directions<T: RFloat>(
                     .collect()
             })
         };
-        let dy: Option<Vec<T>> = a.dy.map(|v| {
+        let dy: Option<Vec<T>> = dy_all.as_deref().map(|v| {
             let mut o = Vec::with_capacity(t_len * n * h);
             for t in 0..t_len {
                 let at = (t * d_n + d) * n * h;
-                o.extend(v[at..at + n * h].iter().map(|&x| T::of(x)));
+                o.extend_from_slice(&v[at..at + n * h]);
             }
             o
         });
@@ -394,16 +403,20 @@ fn all_directions<T: RFloat>(
             part(a.dyc, n * h),
             saved.as_mut().and_then(|s| s.next()),
         );
-        for (o, v) in out.dx.iter_mut().zip(&g.dx) {
-            *o += v.to();
+        if d == 0 {
+            out.dx = g.dx;
+        } else {
+            for (o, &v) in out.dx.iter_mut().zip(&g.dx) {
+                *o = *o + v;
+            }
         }
+        out.dw[d * gh * isz..(d + 1) * gh * isz].copy_from_slice(&g.dw);
+        out.dr[d * gh * h..(d + 1) * gh * h].copy_from_slice(&g.dr);
         let put = |dst: &mut [f64], at: usize, src: &[T]| {
             for (o, v) in dst[at..at + src.len()].iter_mut().zip(src) {
                 *o = v.to();
             }
         };
-        put(&mut out.dw, d * gh * isz, &g.dw);
-        put(&mut out.dr, d * gh * h, &g.dr);
         out.db[d * 2 * gh..d * 2 * gh + gh].copy_from_slice(&g.dwb);
         out.db[d * 2 * gh + gh..(d + 1) * 2 * gh].copy_from_slice(&g.drb);
         put(&mut out.dh0, d * n * h, &g.dh0);
@@ -411,6 +424,44 @@ fn all_directions<T: RFloat>(
         out.dp[d * 3 * h..(d + 1) * 3 * h].copy_from_slice(&g.dp);
     }
     out
+}
+
+impl<T: RFloat> AllGrads<T> {
+    /// The backward op's outputs in `dtype`: dX, dW, dR, dB, d initial_h (LSTM: and d
+    /// initial_c, dP).
+    fn into_data(self, cx: &Ctx<'_>, dtype: cellgraph_ir::DType) -> R<Vec<Data>> {
+        let (t_len, n, isz) = cx.dims;
+        let h = cx.spec.hidden;
+        let gh = cx.spec.cell.gates() * h;
+        let d_n = cx.spec.reverse.len();
+        let big = |shape: &[usize], v: Vec<T>| -> R<Data> {
+            // T is f32 for f32 tensors and f64 for every other float dtype.
+            let t = if dtype == cellgraph_ir::DType::F32 || dtype == cellgraph_ir::DType::F64 {
+                T::tensor(ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| e.to_string())?)
+            } else {
+                let v: Vec<f64> = v.iter().map(|x| x.to()).collect();
+                Tensor::from_f64_vec(dtype, shape, &v).map_err(|e| e.to_string())?
+            };
+            Ok(Data::Tensor(t))
+        };
+        let small = |shape: &[usize], v: &[f64]| -> R<Data> {
+            Ok(Data::Tensor(
+                Tensor::from_f64_vec(dtype, shape, v).map_err(|e| e.to_string())?,
+            ))
+        };
+        let mut out = vec![
+            big(&[t_len, n, isz], self.dx)?,
+            big(&[d_n, gh, isz], self.dw)?,
+            big(&[d_n, gh, h], self.dr)?,
+            small(&[d_n, 2 * gh], &self.db)?,
+            small(&[d_n, n, h], &self.dh0)?,
+        ];
+        if cx.spec.cell == Cell::Lstm {
+            out.push(small(&[d_n, n, h], &self.dc0)?);
+            out.push(small(&[d_n, 3 * h], &self.dp)?);
+        }
+        Ok(out)
+    }
 }
 
 /// Every direction's forward with what its backward reads: the outputs Y `[T, D, N,
@@ -424,7 +475,7 @@ fn forward_all<T: RFloat>(
     let (t_len, n, _) = cx.dims;
     let h = spec.hidden;
     let d_n = spec.reverse.len();
-    let x: Vec<T> = a.x.iter().map(|&v| T::of(v)).collect();
+    let x = values::<T>(a.x);
     let zero = T::of(0.0);
     let mut y = vec![zero; t_len * d_n * n * h];
     let mut yh = vec![zero; d_n * n * h];
@@ -507,11 +558,8 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let (_, _, isz) = cx.dims;
         let h = spec.hidden;
         let gh = spec.cell.gates() * h;
-        let part = |v: &[f64], size: usize| -> Vec<T> {
-            v[d * size..(d + 1) * size]
-                .iter()
-                .map(|&x| T::of(x))
-                .collect()
+        let part = |v: &Tensor, size: usize| -> Vec<T> {
+            values::<T>(v)[d * size..(d + 1) * size].to_vec()
         };
         let bias = a.b.map_or(vec![0.0; 2 * gh], |b| {
             b[d * 2 * gh..(d + 1) * 2 * gh].to_vec()
@@ -810,7 +858,10 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let mut cs = c0.unwrap_or_else(|| vec![zero; nh]);
         // Per processing step k: pre-activations (unclipped) [N, G·H], h and c before
         // the step, and the LSTM new c / GRU reset-after h·R_hᵀ + b_rh, r⊙h (reset-before).
-        let mut pre = vec![zero; t_len * n * gh];
+        // The plain LSTM's backward reads only the activations: one step's
+        // pre-activations at a time then.
+        let pre_steps = if plain_lstm { 1 } else { t_len };
+        let mut pre = vec![zero; pre_steps * n * gh];
         let mut hp_all = vec![zero; t_len * nh];
         let mut cp_all = if lstm { vec![zero; t_len * nh] } else { vec![] };
         let mut aux = if lstm || gru {
@@ -831,7 +882,8 @@ impl<'a, T: RFloat> Dir<'a, T> {
                 cp_all[k * nh..(k + 1) * nh].copy_from_slice(&cs);
             }
             T::packed_gemm(rt_packed, n, &hs, h, &mut hr, gh, set);
-            let pk = &mut pre[k * n * gh..(k + 1) * n * gh];
+            let kp = if plain_lstm { 0 } else { k };
+            let pk = &mut pre[kp * n * gh..(kp + 1) * n * gh];
             // x·Wᵀ + bias + h·Rᵀ, in the tensor's precision (the GRU candidate's
             // recurrent term is added below, after the reset gate).
             let rec_to = if gru { 2 * h } else { gh };
@@ -1058,7 +1110,8 @@ impl<'a, T: RFloat> Dir<'a, T> {
                     }
                 }
             }
-            let pk = &pre[k * n * gh..(k + 1) * n * gh];
+            // (The plain LSTM's forward kept one scratch step, which it does not read.)
+            let pk = pre.get(k * n * gh..(k + 1) * n * gh).unwrap_or_default();
             let ak = &act[k * n * gh..(k + 1) * n * gh];
             let hp = &hp_all[t * nh..(t + 1) * nh];
             let gx = &mut dgx[t * n * gh..(t + 1) * n * gh];
