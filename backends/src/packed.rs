@@ -94,18 +94,12 @@ impl PackedB {
         rsc: usize,
         accumulate: bool,
     ) {
-        let threads = if m * self.n * self.k >= PARALLEL_MIN_MACS {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        self.gemm_threads(threads, m, a, (rsa, 1), c, rsc, accumulate);
+        self.gemm_strided(m, a, rsa, 1, c, rsc, accumulate);
     }
 
     /// `C[m×n] = A[m×k]·B` (plus the old C when `accumulate`) with A at any strides:
     /// element (i, p) of A is `a[i·rsa + p·csa]` (`rsa = 1, csa = m` reads a stored
-    /// transpose). A is copied into the kernel's strips either way, so a transposed A
-    /// costs no more than a plain one.
+    /// transpose). A is copied into the kernel's strips either way.
     ///
     /// # Panics
     /// If `a` or `c` is too short, or C's stride is smaller than a row.

@@ -103,6 +103,19 @@ fn values<T: RFloat>(t: &Tensor) -> Cow<'_, [T]> {
     }
 }
 
+/// An output of `shape` in `dtype` from the kernel's values: moved when the kernel ran
+/// in that type (T is f32 for f32 tensors and f64 for every other float dtype),
+/// converted otherwise.
+fn output<T: RFloat>(dtype: cellgraph_ir::DType, shape: &[usize], v: Vec<T>) -> R<Data> {
+    let t = if dtype == cellgraph_ir::DType::F32 || dtype == cellgraph_ir::DType::F64 {
+        T::tensor(ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| e.to_string())?)
+    } else {
+        let v: Vec<f64> = v.iter().map(|x| x.to()).collect();
+        Tensor::from_f64_vec(dtype, shape, &v).map_err(|e| e.to_string())?
+    };
+    Ok(Data::Tensor(t))
+}
+
 /// Runs a recurrent backward op.
 pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
     Ok(run(op, ins, nout, Mode::Grad(None))?.0)
@@ -434,16 +447,7 @@ impl<T: RFloat> AllGrads<T> {
         let h = cx.spec.hidden;
         let gh = cx.spec.cell.gates() * h;
         let d_n = cx.spec.reverse.len();
-        let big = |shape: &[usize], v: Vec<T>| -> R<Data> {
-            // T is f32 for f32 tensors and f64 for every other float dtype.
-            let t = if dtype == cellgraph_ir::DType::F32 || dtype == cellgraph_ir::DType::F64 {
-                T::tensor(ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| e.to_string())?)
-            } else {
-                let v: Vec<f64> = v.iter().map(|x| x.to()).collect();
-                Tensor::from_f64_vec(dtype, shape, &v).map_err(|e| e.to_string())?
-            };
-            Ok(Data::Tensor(t))
-        };
+        let big = |shape: &[usize], v: Vec<T>| output(dtype, shape, v);
         let small = |shape: &[usize], v: &[f64]| -> R<Data> {
             Ok(Data::Tensor(
                 Tensor::from_f64_vec(dtype, shape, v).map_err(|e| e.to_string())?,
@@ -505,15 +509,7 @@ fn forward_all<T: RFloat>(
         }
         saved.push(sv);
     }
-    let mk = |shape: &[usize], v: Vec<T>| -> R<Data> {
-        let t = if dtype == cellgraph_ir::DType::F32 || dtype == cellgraph_ir::DType::F64 {
-            T::tensor(ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| e.to_string())?)
-        } else {
-            let v: Vec<f64> = v.iter().map(|x| x.to()).collect();
-            Tensor::from_f64_vec(dtype, shape, &v).map_err(|e| e.to_string())?
-        };
-        Ok(Data::Tensor(t))
-    };
+    let mk = |shape: &[usize], v: Vec<T>| output(dtype, shape, v);
     let mut outs = vec![mk(&[t_len, d_n, n, h], y)?, mk(&[d_n, n, h], yh)?];
     if spec.cell == Cell::Lstm {
         outs.push(mk(&[d_n, n, h], yc)?);
