@@ -127,6 +127,322 @@ slice_fn!(
     tanh_with
 );
 
+/// One standard LSTM step (σ, tanh, tanh; no clip, peepholes or coupled gates) for a
+/// block of rows in one pass: the gates' pre-activations are `x + hr`, `[rows, 4·hid]`
+/// in ONNX gate order i, o, f, c (`x` may also be one row, `[4·hid]`, added to every
+/// row: a bias); the states `c` and `h` (`[rows, hid]`) are updated in place. The same functions in the same order as the general kernel's
+/// separate passes, so the same values, without storing the gates in between.
+///
+/// # Panics
+/// When the lengths do not fit `hid` (a caller's bug, not a user's input).
+pub fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
+    assert!(
+        hid > 0
+            && c.len() % hid == 0
+            && h.len() == c.len()
+            && hr.len() == 4 * c.len()
+            && (x.len() == hr.len() || x.len() == 4 * hid),
+        "lstm_rows: lengths do not fit H = {hid}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { lstm_rows_avx2(hid, x, hr, c, h) };
+            return;
+        }
+    }
+    lstm_rows_with::<false>(hid, x, hr, c, h);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn lstm_rows_avx2(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
+    lstm_rows_avx2_l::<2>(hid, x, hr, c, h)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn lstm_rows_avx2_l<const L: usize>(
+    hid: usize,
+    x: &[f32],
+    hr: &[f32],
+    c: &mut [f32],
+    h: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let step = 8 * L;
+    let lanes = hid / step * step;
+    let rows = x
+        .chunks_exact(4 * hid)
+        .cycle()
+        .zip(hr.chunks_exact(4 * hid))
+        .zip(c.chunks_exact_mut(hid))
+        .zip(h.chunks_exact_mut(hid));
+    for (((x, r), c), h) in rows {
+        let (xp, rp) = (x.as_ptr(), r.as_ptr());
+        // Gate k's X·Wᵀ + H·Rᵀ at lanes j..j + 8·L.
+        let at = |k: usize, j: usize| -> [__m256; L] {
+            std::array::from_fn(|l| {
+                // SAFETY: callers pass j + 8·L ≤ hid and k < 4, inside x's and r's rows.
+                unsafe {
+                    _mm256_add_ps(
+                        _mm256_loadu_ps(xp.add(k * hid + j + 8 * l)),
+                        _mm256_loadu_ps(rp.add(k * hid + j + 8 * l)),
+                    )
+                }
+            })
+        };
+        // Two passes, each with a short dependency chain per 8 lanes, so the core
+        // overlaps several iterations (one pass would chain two tanh through c).
+        for j in (0..lanes).step_by(step) {
+            let i = v8::sigmoid(at(0, j));
+            let f = v8::sigmoid(at(2, j));
+            let g = v8::tanh(at(3, j));
+            for l in 0..L {
+                // SAFETY: j + 8·L ≤ hid = c's length.
+                unsafe {
+                    let cp = c.as_mut_ptr().add(j + 8 * l);
+                    let cn = _mm256_add_ps(
+                        _mm256_mul_ps(f[l], _mm256_loadu_ps(cp)),
+                        _mm256_mul_ps(i[l], g[l]),
+                    );
+                    _mm256_storeu_ps(cp, cn);
+                }
+            }
+        }
+        for j in (0..lanes).step_by(step) {
+            let o = v8::sigmoid(at(1, j));
+            // SAFETY: j + 8·L ≤ hid = c's length.
+            let cn: [__m256; L] =
+                std::array::from_fn(|l| unsafe { _mm256_loadu_ps(c.as_ptr().add(j + 8 * l)) });
+            let t = v8::tanh(cn);
+            for l in 0..L {
+                // SAFETY: j + 8·L ≤ hid = h's length.
+                unsafe {
+                    _mm256_storeu_ps(h.as_mut_ptr().add(j + 8 * l), _mm256_mul_ps(o[l], t[l]))
+                };
+            }
+        }
+        for j in lanes..hid {
+            let at = |v: &[f32], k: usize| v[k * hid + j];
+            let i = sigmoid_with::<true>(at(x, 0) + at(r, 0));
+            let f = sigmoid_with::<true>(at(x, 2) + at(r, 2));
+            let g = tanh_with::<true>(at(x, 3) + at(r, 3));
+            let cn = f * c[j] + i * g;
+            c[j] = cn;
+            let o = sigmoid_with::<true>(at(x, 1) + at(r, 1));
+            h[j] = o * tanh_with::<true>(cn);
+        }
+    }
+}
+
+/// The fast functions on L×8 lanes with AVX2/FMA intrinsics, each operation applied to
+/// all L vectors before the next (independent chains side by side for the core to
+/// overlap): the same operations in the same order as [`exp_with`], [`sigmoid_with`]
+/// and [`tanh_with`] with FMA, so the same values lane by lane.
+#[cfg(target_arch = "x86_64")]
+mod v8 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    fn splat(v: f32) -> __m256 {
+        // SAFETY: callers are `avx2,fma` functions (AVX is implied).
+        unsafe { _mm256_set1_ps(v) }
+    }
+
+    /// `f` on every vector.
+    #[inline(always)]
+    fn map<const L: usize>(v: [__m256; L], f: impl Fn(__m256) -> __m256) -> [__m256; L] {
+        std::array::from_fn(|l| f(v[l]))
+    }
+
+    /// `f` on every pair of vectors.
+    #[inline(always)]
+    fn zip<const L: usize>(
+        a: [__m256; L],
+        b: [__m256; L],
+        f: impl Fn(__m256, __m256) -> __m256,
+    ) -> [__m256; L] {
+        std::array::from_fn(|l| f(a[l], b[l]))
+    }
+
+    /// e^x lane by lane (see [`super::exp_with`]).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn exp<const L: usize>(x: [__m256; L]) -> [__m256; L] {
+        const SHIFT: f32 = 12_582_912.0;
+        // max/min return their second operand when one is NaN: NaN passes through,
+        // as with `f32::clamp`.
+        let x = map(x, |x| {
+            _mm256_min_ps(splat(88.7), _mm256_max_ps(splat(-87.3), x))
+        });
+        let shifted = map(x, |x| {
+            _mm256_fmadd_ps(x, splat(std::f32::consts::LOG2_E), splat(SHIFT))
+        });
+        let n = map(shifted, |s| _mm256_sub_ps(s, splat(SHIFT)));
+        let r = zip(n, x, |n, x| _mm256_fmadd_ps(n, splat(-0.693_359_4), x));
+        let r = zip(n, r, |n, r| _mm256_fmadd_ps(n, splat(2.121_944_4e-4), r));
+        let mut p = [splat(1.987_569_1e-4); L];
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = zip(p, r, |p, r| _mm256_fmadd_ps(p, r, splat(c)));
+        }
+        let r2 = map(r, |r| _mm256_mul_ps(r, r));
+        let y = std::array::from_fn::<_, L, _>(|l| {
+            _mm256_add_ps(_mm256_fmadd_ps(p[l], r2[l], r[l]), splat(1.0))
+        });
+        std::array::from_fn(|l| {
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_sub_epi32(
+                    _mm256_castps_si256(shifted[l]),
+                    _mm256_set1_epi32(SHIFT.to_bits() as i32),
+                ),
+                _mm256_set1_epi32(127),
+            ));
+            _mm256_mul_ps(y[l], _mm256_castsi256_ps(bits))
+        })
+    }
+
+    /// 1 / (1 + e^-x) lane by lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn sigmoid<const L: usize>(x: [__m256; L]) -> [__m256; L] {
+        let e = exp(map(x, |x| _mm256_xor_ps(x, splat(-0.0))));
+        map(e, |e| {
+            _mm256_div_ps(splat(1.0), _mm256_add_ps(splat(1.0), e))
+        })
+    }
+
+    /// tanh lane by lane (see [`super::tanh_with`]).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn tanh<const L: usize>(x: [__m256; L]) -> [__m256; L] {
+        let a = map(x, |x| _mm256_andnot_ps(splat(-0.0), x));
+        let z = map(x, |x| _mm256_mul_ps(x, x));
+        let mut q = [splat(-5.704_988_7e-3); L];
+        for c in [2.063_909e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1] {
+            q = zip(q, z, |q, z| _mm256_fmadd_ps(q, z, splat(c)));
+        }
+        let qz = zip(q, z, |q, z| _mm256_mul_ps(q, z));
+        let small = zip(qz, x, |qz, x| _mm256_fmadd_ps(qz, x, x));
+        let e = exp(map(a, |a| _mm256_mul_ps(splat(2.0), a)));
+        let big = map(e, |e| {
+            _mm256_sub_ps(
+                splat(1.0),
+                _mm256_div_ps(splat(2.0), _mm256_add_ps(e, splat(1.0))),
+            )
+        });
+        // big ≥ 0, so x's sign bit gives −big where x < 0.
+        let big = zip(big, x, |b, x| {
+            _mm256_or_ps(b, _mm256_and_ps(x, splat(-0.0)))
+        });
+        std::array::from_fn(|l| {
+            let is_small = _mm256_cmp_ps::<_CMP_LT_OQ>(a[l], splat(0.625));
+            _mm256_blendv_ps(big[l], small[l], is_small)
+        })
+    }
+}
+
+#[inline(always)]
+fn lstm_rows_with<const FMA: bool>(
+    hid: usize,
+    x: &[f32],
+    hr: &[f32],
+    c: &mut [f32],
+    h: &mut [f32],
+) {
+    let rows = x
+        .chunks_exact(4 * hid)
+        .cycle()
+        .zip(hr.chunks_exact(4 * hid))
+        .zip(c.chunks_exact_mut(hid))
+        .zip(h.chunks_exact_mut(hid));
+    for (((x, r), c), h) in rows {
+        let (xi, xo, xf, xc) = (
+            &x[..hid],
+            &x[hid..2 * hid],
+            &x[2 * hid..3 * hid],
+            &x[3 * hid..],
+        );
+        let (ri, ro, rf, rc) = (
+            &r[..hid],
+            &r[hid..2 * hid],
+            &r[2 * hid..3 * hid],
+            &r[3 * hid..],
+        );
+        for j in 0..hid {
+            let i = sigmoid_with::<FMA>(xi[j] + ri[j]);
+            let f = sigmoid_with::<FMA>(xf[j] + rf[j]);
+            let g = tanh_with::<FMA>(xc[j] + rc[j]);
+            let cn = f * c[j] + i * g;
+            c[j] = cn;
+            let o = sigmoid_with::<FMA>(xo[j] + ro[j]);
+            h[j] = o * tanh_with::<FMA>(cn);
+        }
+    }
+}
+
+/// One standard GRU step with `linear_before_reset` (σ, tanh; no clip) for a block of
+/// rows in one pass: `x` and `hr` hold each row's X·Wᵀ + b (the h gate's recurrent bias
+/// left out) and H·Rᵀ (`[rows, 3·hid]`, ONNX gate order z, r, h); `rbh` is the h gate's
+/// recurrent bias; the state `h` (`[rows, hid]`) is updated in place. The same values as
+/// the general kernel's separate passes.
+///
+/// # Panics
+/// When the lengths do not fit `hid` (a caller's bug, not a user's input).
+pub fn gru_rows(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
+    assert!(
+        hid > 0
+            && h.len() % hid == 0
+            && rbh.len() == hid
+            && x.len() == 3 * h.len()
+            && hr.len() == x.len(),
+        "gru_rows: lengths do not fit H = {hid}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { gru_rows_avx2(hid, x, hr, rbh, h) };
+            return;
+        }
+    }
+    gru_rows_with::<false>(hid, x, hr, rbh, h);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gru_rows_avx2(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
+    gru_rows_with::<true>(hid, x, hr, rbh, h);
+}
+
+#[inline(always)]
+fn gru_rows_with<const FMA: bool>(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
+    let rbh = &rbh[..hid];
+    let rows = x
+        .chunks_exact(3 * hid)
+        .zip(hr.chunks_exact(3 * hid))
+        .zip(h.chunks_exact_mut(hid));
+    for ((x, r), h) in rows {
+        let (xz, xr, xh) = (&x[..hid], &x[hid..2 * hid], &x[2 * hid..]);
+        let (rz, rr, rh) = (&r[..hid], &r[hid..2 * hid], &r[2 * hid..]);
+        for j in 0..hid {
+            let z = sigmoid_with::<FMA>(xz[j] + rz[j]);
+            let r = sigmoid_with::<FMA>(xr[j] + rr[j]);
+            let n = tanh_with::<FMA>(xh[j] + r * (rh[j] + rbh[j]));
+            h[j] = (1.0 - z) * n + z * h[j];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +503,69 @@ mod tests {
         sigmoid_slice(&mut edge);
         assert_eq!(&edge[..2], &[0.0, 1.0]);
         assert!(edge[2].is_nan());
+    }
+
+    #[test]
+    fn one_pass_cells_compute_the_composed_functions() {
+        // hid = 37: two 16-lane blocks and a 5-lane tail; 3 rows.
+        let (hid, rows) = (37usize, 3usize);
+        let val = |k: usize| ((k * 7919 % 2001) as f32 / 250.0) - 4.0;
+        let x: Vec<f32> = (0..rows * 4 * hid).map(val).collect();
+        let hr: Vec<f32> = (0..rows * 4 * hid).map(|k| val(k + 11) / 2.0).collect();
+        let c0: Vec<f32> = (0..rows * hid).map(|k| val(k + 5) / 4.0).collect();
+        let h0: Vec<f32> = (0..rows * hid).map(|k| val(k + 3) / 4.0).collect();
+        // The LSTM step composed from the slice functions' scalar versions, per row (x a
+        // row per row) and with one shared row of x (a bias).
+        for shared in [false, true] {
+            let xs = if shared { &x[..4 * hid] } else { &x[..] };
+            let (mut c, mut h) = (c0.clone(), h0.clone());
+            lstm_rows(hid, xs, &hr, &mut c, &mut h);
+            let (mut cp, mut hp) = (c0.clone(), h0.clone());
+            lstm_rows_with::<false>(hid, xs, &hr, &mut cp, &mut hp);
+            for b in 0..rows {
+                let xr = if shared { 0 } else { b * 4 * hid };
+                for j in 0..hid {
+                    let pre =
+                        |k: usize| (xs[xr + k * hid + j] + hr[b * 4 * hid + k * hid + j]) as f64;
+                    let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+                    let cn = sig(pre(2)) * c0[b * hid + j] as f64 + sig(pre(0)) * pre(3).tanh();
+                    let hn = sig(pre(1)) * cn.tanh();
+                    for (got, want) in [
+                        (c[b * hid + j], cn),
+                        (h[b * hid + j], hn),
+                        (cp[b * hid + j], cn),
+                        (hp[b * hid + j], hn),
+                    ] {
+                        assert!(
+                            (got as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                            "row {b} lane {j}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        // GRU (linear_before_reset).
+        let rbh: Vec<f32> = (0..hid).map(|k| val(k + 17) / 4.0).collect();
+        let (x3, hr3) = (&x[..rows * 3 * hid], &hr[..rows * 3 * hid]);
+        let mut h = h0.clone();
+        gru_rows(hid, x3, hr3, &rbh, &mut h);
+        let mut hp = h0.clone();
+        gru_rows_with::<false>(hid, x3, hr3, &rbh, &mut hp);
+        for b in 0..rows {
+            for j in 0..hid {
+                let at = |v: &[f32], k: usize| v[b * 3 * hid + k * hid + j] as f64;
+                let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+                let z = sig(at(x3, 0) + at(hr3, 0));
+                let r = sig(at(x3, 1) + at(hr3, 1));
+                let n = (at(x3, 2) + r * (at(hr3, 2) + rbh[j] as f64)).tanh();
+                let want = (1.0 - z) * n + z * h0[b * hid + j] as f64;
+                for got in [h[b * hid + j], hp[b * hid + j]] {
+                    assert!(
+                        (got as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                        "GRU row {b} lane {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -52,6 +52,18 @@ pub trait RFloat:
             *x = a.apply(*x);
         }
     }
+    /// The standard LSTM step for a block's rows in one pass (layout as
+    /// [`super::fastmath::lstm_rows`], which f32 runs; other types run
+    /// [`lstm_rows_generic`]).
+    fn lstm_rows(hid: usize, x: &[Self], hr: &[Self], c: &mut [Self], h: &mut [Self]) {
+        lstm_rows_generic(hid, x, hr, c, h);
+    }
+    /// The standard GRU step with `linear_before_reset` for a block's rows in one pass
+    /// (layout as [`super::fastmath::gru_rows`], which f32 runs; other types run
+    /// [`gru_rows_generic`]).
+    fn gru_rows(hid: usize, x: &[Self], hr: &[Self], rbh: &[Self], h: &mut [Self]) {
+        gru_rows_generic(hid, x, hr, rbh, h);
+    }
     /// `C[m×n] = A[m×k]·B[k×n] (+ C when accumulate)`, strided as in `crate::gemm`.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -86,6 +98,56 @@ pub trait RFloat:
         rsc: usize,
         mode: GemmMode,
     );
+}
+
+/// [`RFloat::lstm_rows`] for any float: the general kernel's formulas, row by row.
+pub fn lstm_rows_generic<T: RFloat>(hid: usize, x: &[T], hr: &[T], c: &mut [T], h: &mut [T]) {
+    assert!(
+        hid > 0
+            && h.len() == c.len()
+            && hr.len() == 4 * c.len()
+            && (x.len() == hr.len() || x.len() == 4 * hid),
+        "lstm_rows: lengths do not fit H = {hid}"
+    );
+    let (sig, tanh) = (Act::Sigmoid, Act::Tanh);
+    let rows = x
+        .chunks_exact(4 * hid)
+        .cycle()
+        .zip(hr.chunks_exact(4 * hid))
+        .zip(c.chunks_exact_mut(hid))
+        .zip(h.chunks_exact_mut(hid));
+    for (((x, r), c), h) in rows {
+        for j in 0..hid {
+            let i = sig.apply(x[j] + r[j]);
+            let f = sig.apply(x[2 * hid + j] + r[2 * hid + j]);
+            let g = tanh.apply(x[3 * hid + j] + r[3 * hid + j]);
+            c[j] = f * c[j] + i * g;
+            let o = sig.apply(x[hid + j] + r[hid + j]);
+            h[j] = o * tanh.apply(c[j]);
+        }
+    }
+}
+
+/// [`RFloat::gru_rows`] for any float: the general kernel's formulas, row by row.
+pub fn gru_rows_generic<T: RFloat>(hid: usize, x: &[T], hr: &[T], rbh: &[T], h: &mut [T]) {
+    assert!(
+        hid > 0 && rbh.len() == hid && x.len() == 3 * h.len() && hr.len() == x.len(),
+        "gru_rows: lengths do not fit H = {hid}"
+    );
+    let (sig, tanh) = (Act::Sigmoid, Act::Tanh);
+    let one = T::of(1.0);
+    let rows = x
+        .chunks_exact(3 * hid)
+        .zip(hr.chunks_exact(3 * hid))
+        .zip(h.chunks_exact_mut(hid));
+    for ((x, r), h) in rows {
+        for j in 0..hid {
+            let z = sig.apply(x[j] + r[j]);
+            let rg = sig.apply(x[hid + j] + r[hid + j]);
+            let n = tanh.apply(x[2 * hid + j] + rg * (r[2 * hid + j] + rbh[j]));
+            h[j] = (one - z) * n + z * h[j];
+        }
+    }
 }
 
 /// How a packed product writes C and where it runs.
@@ -182,6 +244,12 @@ rfloat_impl!(f32, F32, sgemm, {
         } else {
             b.gemm_serial(m, a, rsa, c, rsc, mode.accumulate);
         }
+    }
+    fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
+        super::fastmath::lstm_rows(hid, x, hr, c, h);
+    }
+    fn gru_rows(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
+        super::fastmath::gru_rows(hid, x, hr, rbh, h);
     }
     fn act_slice(a: Act, v: &mut [f32]) {
         match a {
@@ -583,14 +651,19 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
     let mut yh = vec![T::default(); d_n * n * h];
     let mut yc = vec![T::default(); d_n * n * h];
     let zero = T::of(0.0);
-    // Batch rows never interact: each thread runs its own block of rows through every
-    // step, with no synchronisation per step (when the work pays for the threads).
-    let threads = rayon::current_num_threads().min(n.max(1));
-    let rows_per = if threads > 1 && t_len * n * gh * (h + isz) >= PARALLEL_MIN_MACS {
-        n.div_ceil(threads)
+    // Batch rows and directions never interact: each thread runs its own block of rows
+    // of one direction through every step, with no synchronisation per step (when the
+    // work pays for the threads). Directions go to different threads first, so each
+    // block keeps as many rows as it can.
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && d_n * t_len * n * gh * (h + isz) >= PARALLEL_MIN_MACS;
+    let rows_per = if parallel {
+        n.div_ceil((threads / d_n.max(1)).clamp(1, n.max(1)))
     } else {
         n.max(1)
     };
+    let zeros = vec![zero; h];
+    let mut dirs = Vec::with_capacity(d_n);
     for (d, &rev) in spec.reverse.iter().enumerate() {
         let w = &inp.w[d * gh * isz..(d + 1) * gh * isz];
         let r = &inp.r[d * gh * h..(d + 1) * gh * h];
@@ -618,16 +691,41 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
         let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
         let rec_cols = if lbr0 { 2 * h } else { gh };
         let acts = &spec.acts[d];
-        let zeros = vec![zero; h];
         let rbh = match rb {
             Some(rb) if spec.cell == Cell::Gru => &rb[2 * h..3 * h],
             _ => &zeros[..],
         };
+        let peep = inp.p.map(|p| &p[d * 3 * h..(d + 1) * 3 * h]);
+        let standard = spec.clip.is_none()
+            && acts[0] == Act::Sigmoid
+            && acts.get(1).is_none_or(|&a| a == Act::Tanh)
+            && match spec.cell {
+                Cell::Lstm => {
+                    peep.is_none()
+                        && !spec.input_forget
+                        && acts.get(2).is_none_or(|&a| a == Act::Tanh)
+                }
+                Cell::Gru => spec.linear_before_reset,
+                Cell::Rnn => false,
+            };
+        let joint = (spec.cell == Cell::Lstm
+            && standard
+            && (isz + h) * gh * std::mem::size_of::<T>() <= JOINT_MAX_BYTES)
+            .then(|| {
+                let k = isz + h;
+                let mut wr = vec![zero; gh * k];
+                for (j, row) in wr.chunks_exact_mut(k).enumerate() {
+                    row[..isz].copy_from_slice(&w[j * isz..(j + 1) * isz]);
+                    row[isz..].copy_from_slice(&r[j * h..(j + 1) * h]);
+                }
+                T::pack(k, gh, &wr, 1, k)
+            });
         let dir = Direction {
             spec,
             inp,
             d,
             rev,
+            joint,
             w_packed: T::pack(isz, gh, w, 1, isz),
             bias,
             r_packed: T::pack(h, rec_cols, r, 1, h),
@@ -637,25 +735,32 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
                 acts.get(1).copied().unwrap_or(acts[0]),
                 acts.get(2).copied().unwrap_or(acts[0]),
             ),
-            peep: inp.p.map(|p| &p[d * 3 * h..(d + 1) * 3 * h]),
+            standard,
+            peep,
             rbh,
             y: SyncPtr(y.as_mut_ptr()),
         };
-        let yh_d = &mut yh[d * n * h..(d + 1) * n * h];
-        let yc_d = &mut yc[d * n * h..(d + 1) * n * h];
-        let blocks = yh_d
-            .chunks_mut(rows_per * h)
-            .zip(yc_d.chunks_mut(rows_per * h))
-            .enumerate();
-        if rows_per >= n {
-            for (i, (yh_b, yc_b)) in blocks {
-                dir.rows(i * rows_per, yh_b, yc_b, false);
+        dirs.push(dir);
+    }
+    // (direction, first row, its final H rows, its final C rows) for every block.
+    let mut blocks = Vec::new();
+    if n * h > 0 {
+        for (d, (yh_d, yc_d)) in yh.chunks_mut(n * h).zip(yc.chunks_mut(n * h)).enumerate() {
+            let rows = yh_d
+                .chunks_mut(rows_per * h)
+                .zip(yc_d.chunks_mut(rows_per * h));
+            for (i, (yh_b, yc_b)) in rows.enumerate() {
+                blocks.push((d, i * rows_per, yh_b, yc_b));
             }
-        } else {
-            let blocks: Vec<_> = blocks.collect();
-            blocks
-                .into_par_iter()
-                .for_each(|(i, (yh_b, yc_b))| dir.rows(i * rows_per, yh_b, yc_b, true));
+        }
+    }
+    if parallel && blocks.len() > 1 {
+        blocks
+            .into_par_iter()
+            .for_each(|(d, b0, yh_b, yc_b)| dirs[d].rows(b0, yh_b, yc_b, true));
+    } else {
+        for (d, b0, yh_b, yc_b) in blocks {
+            dirs[d].rows(b0, yh_b, yc_b, false);
         }
     }
     Ok(Outputs { y, yh, yc })
@@ -663,6 +768,10 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
 
 /// Products below this many multiply-adds over the whole sequence run on one thread.
 pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// The largest [Wᵀ; Rᵀ] (in bytes) a standard LSTM multiplies as one matrix per step
+/// instead of projecting X apart: about a core's L2, which the product streams through
+/// every step (larger weights are better served by one projection over many steps).
+const JOINT_MAX_BYTES: usize = 512 << 10;
 /// Rows of X a block projects at once (a few steps of its rows: enough rows for an
 /// efficient GEMM, few enough that the projections stay in cache until their steps).
 const CHUNK_ROWS: usize = 256;
@@ -683,7 +792,13 @@ struct Direction<'a, T: RFloat> {
     bias: Vec<T>,
     r_packed: T::Packed,
     rh_packed: Option<T::Packed>,
+    /// [Wᵀ; Rᵀ] packed as one `(I + H) × 4H` matrix, for a standard LSTM whose
+    /// weights together are small (see [`Direction::rows_joint`]).
+    joint: Option<T::Packed>,
     acts: (Act, Act, Act),
+    /// The cell is the standard one a one-pass kernel covers ([`RFloat::lstm_rows`],
+    /// [`RFloat::gru_rows`]): default activations, no clip, peepholes or coupled gates.
+    standard: bool,
     peep: Option<&'a [T]>,
     rbh: &'a [T],
     y: SyncPtr<T>,
@@ -706,6 +821,15 @@ impl<T: RFloat> Direction<'_, T> {
         };
         let mut hs = init(self.inp.h0);
         let mut cs = init(self.inp.c0);
+        if let Some(joint) = &self.joint {
+            let lens = &self.inp.lens[b0..b0 + nb];
+            if self.inp.mask.is_none() && lens.iter().all(|&l| l == t_len) {
+                self.rows_joint(joint, b0, &mut hs, &mut cs, nested);
+                yh.copy_from_slice(&hs);
+                yc.copy_from_slice(&cs);
+                return;
+            }
+        }
         let mut hr = vec![zero; nb * gh];
         let mut rh = vec![zero; nb * h];
         let mut gates = vec![zero; nb * gh];
@@ -739,6 +863,32 @@ impl<T: RFloat> Direction<'_, T> {
         }
         yh.copy_from_slice(&hs);
         yc.copy_from_slice(&cs);
+    }
+
+    /// A standard LSTM's rows when every row runs every step and the weights are small:
+    /// per step one product of [X_t | H] with [Wᵀ; Rᵀ] (the two depths joined, so no
+    /// separate projection and no second pass adding it), then the one-pass gate kernel
+    /// with the bias.
+    fn rows_joint(&self, joint: &T::Packed, b0: usize, hs: &mut [T], cs: &mut [T], nested: bool) {
+        let (t_len, n, isz) = self.inp.dims;
+        let h = self.spec.hidden;
+        let (gh, k) = (4 * h, isz + h);
+        let nb = hs.len() / h.max(1);
+        let mut xh = vec![T::default(); nb * k];
+        let mut pre = vec![T::default(); nb * gh];
+        let mode = GemmMode::SET.serial_if(nested);
+        for s in 0..t_len {
+            let t = if self.rev { t_len - 1 - s } else { s };
+            for (b, row) in xh.chunks_exact_mut(k).enumerate() {
+                row[..isz].copy_from_slice(&self.inp.x[(t * n + b0 + b) * isz..][..isz]);
+                row[isz..].copy_from_slice(&hs[b * h..(b + 1) * h]);
+            }
+            T::packed_gemm(joint, nb, &xh, k, &mut pre, gh, mode);
+            T::lstm_rows(h, &self.bias, &pre, cs, hs);
+            for b in 0..nb {
+                self.write_y(t, b0 + b, &hs[b * h..(b + 1) * h]);
+            }
+        }
     }
 
     /// X·Wᵀ + b of rows `b0..b0 + nb` for steps `s0..s0 + steps` (each row's own time
@@ -855,6 +1005,28 @@ impl<T: RFloat> Direction<'_, T> {
         let (f, gg, hh) = self.acts;
         let step_t = if self.rev { t_len - 1 - s } else { s };
         let nb = hs.len() / h.max(1);
+        // Every row runs this step (no mask, no row ended): one pass over the block.
+        if self.standard && inp.mask.is_none() && inp.lens[b0..b0 + nb].iter().all(|&l| s < l) {
+            let one_pass = match spec.cell {
+                Cell::Lstm => {
+                    T::lstm_rows(h, xs, hr, cs, hs);
+                    true
+                }
+                Cell::Gru => {
+                    T::gru_rows(h, xs, hr, self.rbh, hs);
+                    true
+                }
+                Cell::Rnn => false,
+            };
+            if one_pass {
+                for b in 0..nb {
+                    if let Some(t) = self.active(s, b0 + b) {
+                        self.write_y(t, b0 + b, &hs[b * h..(b + 1) * h]);
+                    }
+                }
+                return;
+            }
+        }
         for b in 0..nb {
             let Some(t) = self.active(s, b0 + b) else {
                 if spec.hold && inp.mask.is_some() {
@@ -1201,5 +1373,265 @@ pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> Result<Vec<Data>, St
             "recurrent ops run on f32 or f64, not {}",
             other.dtype()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The op's configuration and inputs, in f64.
+    #[derive(Debug, Clone)]
+    struct Case {
+        cell: Cell,
+        lbr: bool,
+        peep: bool,
+        clip: Option<f32>,
+        dirs: Vec<bool>,
+        dims: (usize, usize, usize),
+        h: usize,
+        lens: Vec<usize>,
+        state: bool,
+        vals: Vec<f64>,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            (
+                0usize..3,
+                any::<bool>(),
+                prop::option::weighted(0.2, 0.5f32..3.0),
+            ),
+            (
+                prop_oneof![Just(vec![false]), Just(vec![true]), Just(vec![false, true])],
+                any::<bool>(),
+            ),
+            (1usize..=6, 1usize..=40, 1usize..=12, 1usize..=20),
+            (any::<bool>(), any::<u64>()),
+        )
+            .prop_map(
+                |((cell, peep, clip), (dirs, ragged), (t, n, i, h), (state, seed))| {
+                    let cell = [Cell::Lstm, Cell::Gru, Cell::Gru][cell];
+                    let lbr = cell == Cell::Gru && seed % 3 != 0;
+                    // A small deterministic generator for values in (−1, 1) and lengths.
+                    let mut s = seed | 1;
+                    let mut next = move || {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        s
+                    };
+                    let lens = (0..n)
+                        .map(|_| {
+                            if ragged {
+                                (next() % (t as u64 + 1)) as usize
+                            } else {
+                                t
+                            }
+                        })
+                        .collect();
+                    let vals = (0..4096)
+                        .map(|_| (next() % 2001) as f64 / 1000.0 - 1.0)
+                        .collect();
+                    Case {
+                        cell,
+                        lbr,
+                        peep: peep && cell == Cell::Lstm,
+                        clip,
+                        dirs,
+                        dims: (t, n, i),
+                        h,
+                        lens,
+                        state,
+                        vals,
+                    }
+                },
+            )
+    }
+
+    /// Inputs drawn from the case's values (cycled): X, W, R, B, h0, c0, P.
+    fn tensors(c: &Case) -> [Vec<f64>; 7] {
+        let (t, n, i) = c.dims;
+        let (h, d, g) = (c.h, c.dirs.len(), c.cell.gates());
+        let mut k = 0;
+        let mut take = |len: usize, scale: f64| -> Vec<f64> {
+            (0..len)
+                .map(|_| {
+                    k += 1;
+                    c.vals[k % c.vals.len()] * scale
+                })
+                .collect()
+        };
+        [
+            take(t * n * i, 2.0),
+            take(d * g * h * i, 0.7),
+            take(d * g * h * h, 0.7),
+            take(d * 2 * g * h, 0.5),
+            take(d * n * h, 1.0),
+            take(d * n * h, 1.0),
+            take(d * 3 * h, 0.5),
+        ]
+    }
+
+    /// The ONNX recurrent ops, one row and one step at a time in f64: Y `[T, D, N, H]`
+    /// (zeros past a row's length), Y_h and Y_c `[D, N, H]`.
+    fn reference(c: &Case) -> [Vec<f64>; 3] {
+        let [x, w, r, b, h0, c0, p] = tensors(c);
+        let (t_len, n, isz) = c.dims;
+        let (h, nd, g) = (c.h, c.dirs.len(), c.cell.gates());
+        let gh = g * h;
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let clip = |v: f64| match c.clip {
+            Some(cl) => v.clamp(-(cl as f64), cl as f64),
+            None => v,
+        };
+        let (mut y, mut yh, mut yc) = (
+            vec![0.0; t_len * nd * n * h],
+            vec![0.0; nd * n * h],
+            vec![0.0; nd * n * h],
+        );
+        for (d, &rev) in c.dirs.iter().enumerate() {
+            let (w, r, b) = (&w[d * gh * isz..], &r[d * gh * h..], &b[d * 2 * gh..]);
+            let p = &p[d * 3 * h..];
+            for row in 0..n {
+                let at = (d * n + row) * h;
+                let mut hs = if c.state {
+                    h0[at..at + h].to_vec()
+                } else {
+                    vec![0.0; h]
+                };
+                let mut cs = if c.state {
+                    c0[at..at + h].to_vec()
+                } else {
+                    vec![0.0; h]
+                };
+                for s in 0..c.lens[row] {
+                    let t = if rev { c.lens[row] - 1 - s } else { s };
+                    let xr = &x[(t * n + row) * isz..(t * n + row + 1) * isz];
+                    let xw = |j: usize| -> f64 {
+                        (0..isz).map(|q| w[j * isz + q] * xr[q]).sum::<f64>() + b[j]
+                    };
+                    let hr = |j: usize, v: &[f64]| -> f64 {
+                        (0..h).map(|q| r[j * h + q] * v[q]).sum::<f64>() + b[gh + j]
+                    };
+                    match c.cell {
+                        Cell::Lstm => {
+                            let pre = |k: usize, j: usize| xw(k * h + j) + hr(k * h + j, &hs);
+                            let peep = |k: usize, j: usize, cv: f64| {
+                                if c.peep {
+                                    p[k * h + j] * cv
+                                } else {
+                                    0.0
+                                }
+                            };
+                            let mut hn = vec![0.0; h];
+                            for j in 0..h {
+                                let i = sig(clip(pre(0, j) + peep(0, j, cs[j])));
+                                let f = sig(clip(pre(2, j) + peep(2, j, cs[j])));
+                                let cand = clip(pre(3, j)).tanh();
+                                cs[j] = f * cs[j] + i * cand;
+                                let o = sig(clip(pre(1, j) + peep(1, j, cs[j])));
+                                hn[j] = o * cs[j].tanh();
+                            }
+                            hs = hn;
+                        }
+                        _ => {
+                            let z: Vec<f64> =
+                                (0..h).map(|j| sig(clip(xw(j) + hr(j, &hs)))).collect();
+                            let rg: Vec<f64> = (0..h)
+                                .map(|j| sig(clip(xw(h + j) + hr(h + j, &hs))))
+                                .collect();
+                            let rh: Vec<f64> = (0..h).map(|j| rg[j] * hs[j]).collect();
+                            hs = (0..h)
+                                .map(|j| {
+                                    let rec = if c.lbr {
+                                        rg[j] * hr(2 * h + j, &hs)
+                                    } else {
+                                        hr(2 * h + j, &rh)
+                                    };
+                                    let cand = clip(xw(2 * h + j) + rec).tanh();
+                                    (1.0 - z[j]) * cand + z[j] * hs[j]
+                                })
+                                .collect();
+                        }
+                    }
+                    let o = ((t * nd + d) * n + row) * h;
+                    y[o..o + h].copy_from_slice(&hs);
+                }
+                yh[at..at + h].copy_from_slice(&hs);
+                if c.cell == Cell::Lstm {
+                    yc[at..at + h].copy_from_slice(&cs);
+                }
+            }
+        }
+        [y, yh, yc]
+    }
+
+    /// The fused kernel on the case in type T.
+    fn fused<T: RFloat>(c: &Case) -> [Vec<f64>; 3] {
+        let ts = tensors(c).map(|v| v.into_iter().map(T::of).collect::<Vec<T>>());
+        let acts = match c.cell {
+            Cell::Lstm => vec![Act::Sigmoid, Act::Tanh, Act::Tanh],
+            _ => vec![Act::Sigmoid, Act::Tanh],
+        };
+        let spec = Spec {
+            cell: c.cell,
+            hidden: c.h,
+            reverse: c.dirs.clone(),
+            acts: vec![acts; c.dirs.len()],
+            clip: c.clip,
+            input_forget: false,
+            linear_before_reset: c.lbr,
+            layout1: false,
+            hold: false,
+        };
+        let inp = Inputs {
+            x: &ts[0],
+            dims: c.dims,
+            w: &ts[1],
+            r: &ts[2],
+            b: Some(&ts[3]),
+            lens: c.lens.clone(),
+            mask: None,
+            h0: c.state.then_some(&ts[4][..]),
+            c0: c.state.then_some(&ts[5][..]),
+            p: c.peep.then_some(&ts[6][..]),
+        };
+        let out = run(&spec, &inp).expect("the fused kernel runs");
+        let yc = if c.cell == Cell::Lstm {
+            out.yc
+        } else {
+            vec![T::of(0.0); out.yh.len()]
+        };
+        [out.y, out.yh, yc].map(|v| v.into_iter().map(T::to).collect())
+    }
+
+    fn close(what: &str, got: &[f64], want: &[f64], tol: f64) -> Result<(), TestCaseError> {
+        prop_assert_eq!(got.len(), want.len(), "{} length", what);
+        for (k, (a, b)) in got.iter().zip(want).enumerate() {
+            prop_assert!(
+                (a - b).abs() <= tol * (1.0 + b.abs()),
+                "{what}[{k}]: {a} vs {b}"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// The fused kernel (one-pass gate kernels, joined products, blocks of rows and
+        /// directions on threads, ragged lengths, peepholes, clip) against the ops
+        /// computed plainly in f64, in f32 and in f64.
+        #[test]
+        fn fused_kernel_matches_a_plain_f64_reference(c in case()) {
+            let want = reference(&c);
+            for (k, (got, tol)) in [(fused::<f32>(&c), 2e-5), (fused::<f64>(&c), 1e-12)].iter().enumerate() {
+                for (o, name) in ["Y", "Y_h", "Y_c"].iter().enumerate() {
+                    close(&format!("{} {name}", ["f32", "f64"][k]), &got[o], &want[o], *tol)?;
+                }
+            }
+        }
     }
 }
