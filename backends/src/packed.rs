@@ -452,16 +452,37 @@ mod avx2 {
             }
         }
         let mut t = [[_mm256_setzero_ps(); 2]; R];
-        for p in 0..k {
-            // B streams from L3 on a panel's first tile: fetch a few rows ahead (the
-            // address may pass the panel's end; prefetches never fault).
+        // One depth step: B's row p (fetching a few rows ahead: B streams from L3 on a
+        // panel's first tile; the address may pass the panel's end, and prefetches never
+        // fault) times A's column p into `acc`.
+        let step = |p: usize, acc: &mut [[__m256; 2]; R]| {
             _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH_ROWS) * NR) as *const i8);
             let b0 = _mm256_loadu_ps(b.add(p * NR));
             let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
-            for (i, ti) in t.iter_mut().enumerate() {
+            for (i, ti) in acc.iter_mut().enumerate() {
                 let x = _mm256_broadcast_ss(&*ap.add(p * MR + i));
                 ti[0] = _mm256_fmadd_ps(x, b0, ti[0]);
                 ti[1] = _mm256_fmadd_ps(x, b1, ti[1]);
+            }
+        };
+        if R <= 3 {
+            // Few rows give too few independent sums to hide the FMA latency: even and
+            // odd depths go to separate accumulators, added at the end.
+            let mut u = [[_mm256_setzero_ps(); 2]; R];
+            for p in (0..k - k % 2).step_by(2) {
+                step(p, &mut t);
+                step(p + 1, &mut u);
+            }
+            if k % 2 == 1 {
+                step(k - 1, &mut t);
+            }
+            for (ti, ui) in t.iter_mut().zip(&u) {
+                ti[0] = _mm256_add_ps(ti[0], ui[0]);
+                ti[1] = _mm256_add_ps(ti[1], ui[1]);
+            }
+        } else {
+            for p in 0..k {
+                step(p, &mut t);
             }
         }
         for (i, ti) in t.iter().enumerate() {
@@ -519,6 +540,9 @@ mod tests {
     fn matches_naive_on_ragged_shapes_threads_and_transposes() {
         let shapes = [
             (1, 1, 1),
+            (2, 9, 20),
+            (33, 37, 48),
+            (32, 301, 64),
             (5, 3, 17),
             (7, 33, 40),
             (64, 64, 256),
