@@ -159,21 +159,8 @@ pub fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn lstm_rows_avx2(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
-    lstm_rows_avx2_l::<2>(hid, x, hr, c, h)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn lstm_rows_avx2_l<const L: usize>(
-    hid: usize,
-    x: &[f32],
-    hr: &[f32],
-    c: &mut [f32],
-    h: &mut [f32],
-) {
     use std::arch::x86_64::*;
-    let step = 8 * L;
-    let lanes = hid / step * step;
+    let lanes = hid / 16 * 16;
     let rows = x
         .chunks_exact(4 * hid)
         .cycle()
@@ -182,47 +169,51 @@ fn lstm_rows_avx2_l<const L: usize>(
         .zip(h.chunks_exact_mut(hid));
     for (((x, r), c), h) in rows {
         let (xp, rp) = (x.as_ptr(), r.as_ptr());
-        // Gate k's X·Wᵀ + H·Rᵀ at lanes j..j + 8·L.
-        let at = |k: usize, j: usize| -> [__m256; L] {
-            std::array::from_fn(|l| {
-                // SAFETY: callers pass j + 8·L ≤ hid and k < 4, inside x's and r's rows.
-                unsafe {
-                    _mm256_add_ps(
-                        _mm256_loadu_ps(xp.add(k * hid + j + 8 * l)),
-                        _mm256_loadu_ps(rp.add(k * hid + j + 8 * l)),
-                    )
-                }
-            })
+        // Gate k's pre-activation at lanes j..j + 8.
+        let at = |k: usize, j: usize| {
+            // SAFETY: callers pass j + 8 ≤ hid and k < 4, inside x's and r's rows.
+            unsafe {
+                _mm256_add_ps(
+                    _mm256_loadu_ps(xp.add(k * hid + j)),
+                    _mm256_loadu_ps(rp.add(k * hid + j)),
+                )
+            }
         };
-        // Two passes, each with a short dependency chain per 8 lanes, so the core
-        // overlaps several iterations (one pass would chain two tanh through c).
-        for j in (0..lanes).step_by(step) {
-            let i = v8::sigmoid(at(0, j));
-            let f = v8::sigmoid(at(2, j));
-            let g = v8::tanh(at(3, j));
-            for l in 0..L {
-                // SAFETY: j + 8·L ≤ hid = c's length.
-                unsafe {
-                    let cp = c.as_mut_ptr().add(j + 8 * l);
-                    let cn = _mm256_add_ps(
-                        _mm256_mul_ps(f[l], _mm256_loadu_ps(cp)),
-                        _mm256_mul_ps(i[l], g[l]),
-                    );
-                    _mm256_storeu_ps(cp, cn);
-                }
+        // Two passes (one would chain two tanh through c), and in each the exponentials
+        // of independent gates side by side, operation by operation: long dependency
+        // chains, so the core needs several in flight to keep its pipes busy.
+        for j in (0..lanes).step_by(8) {
+            let (ai, af, ag) = (at(0, j), at(2, j), at(3, j));
+            let [ei, ef, eg] = v8::exp([v8::neg(ai), v8::neg(af), v8::twice_abs(ag)]);
+            let (i, f, g) = (v8::sigmoid_of(ei), v8::sigmoid_of(ef), v8::tanh_of(ag, eg));
+            // SAFETY: j + 8 ≤ hid = c's length.
+            unsafe {
+                let cp = c.as_mut_ptr().add(j);
+                let cn = _mm256_add_ps(_mm256_mul_ps(f, _mm256_loadu_ps(cp)), _mm256_mul_ps(i, g));
+                _mm256_storeu_ps(cp, cn);
             }
         }
-        for j in (0..lanes).step_by(step) {
-            let o = v8::sigmoid(at(1, j));
-            // SAFETY: j + 8·L ≤ hid = c's length.
-            let cn: [__m256; L] =
-                std::array::from_fn(|l| unsafe { _mm256_loadu_ps(c.as_ptr().add(j + 8 * l)) });
-            let t = v8::tanh(cn);
-            for l in 0..L {
-                // SAFETY: j + 8·L ≤ hid = h's length.
-                unsafe {
-                    _mm256_storeu_ps(h.as_mut_ptr().add(j + 8 * l), _mm256_mul_ps(o[l], t[l]))
-                };
+        for j in (0..lanes).step_by(16) {
+            let (a0, a1) = (at(1, j), at(1, j + 8));
+            // SAFETY: j + 16 ≤ hid = c's length.
+            let (c0, c1) = unsafe {
+                (
+                    _mm256_loadu_ps(c.as_ptr().add(j)),
+                    _mm256_loadu_ps(c.as_ptr().add(j + 8)),
+                )
+            };
+            let [e0, e1, t0, t1] = v8::exp([
+                v8::neg(a0),
+                v8::neg(a1),
+                v8::twice_abs(c0),
+                v8::twice_abs(c1),
+            ]);
+            let h0 = _mm256_mul_ps(v8::sigmoid_of(e0), v8::tanh_of(c0, t0));
+            let h1 = _mm256_mul_ps(v8::sigmoid_of(e1), v8::tanh_of(c1, t1));
+            // SAFETY: j + 16 ≤ hid = h's length.
+            unsafe {
+                _mm256_storeu_ps(h.as_mut_ptr().add(j), h0);
+                _mm256_storeu_ps(h.as_mut_ptr().add(j + 8), h1);
             }
         }
         for j in lanes..hid {
@@ -238,10 +229,11 @@ fn lstm_rows_avx2_l<const L: usize>(
     }
 }
 
-/// The fast functions on L×8 lanes with AVX2/FMA intrinsics, each operation applied to
-/// all L vectors before the next (independent chains side by side for the core to
-/// overlap): the same operations in the same order as [`exp_with`], [`sigmoid_with`]
-/// and [`tanh_with`] with FMA, so the same values lane by lane.
+/// The fast functions on 8 lanes with AVX2/FMA intrinsics ([`v8::exp`] on L vectors at
+/// once, each operation applied to all L before the next: independent chains side by
+/// side for the core to overlap): the same operations in the same order as
+/// [`exp_with`], [`sigmoid_with`] and [`tanh_with`] with FMA, so the same values lane by
+/// lane.
 #[cfg(target_arch = "x86_64")]
 mod v8 {
     use std::arch::x86_64::*;
@@ -310,43 +302,47 @@ mod v8 {
         })
     }
 
-    /// 1 / (1 + e^-x) lane by lane.
+    /// −x.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub fn sigmoid<const L: usize>(x: [__m256; L]) -> [__m256; L] {
-        let e = exp(map(x, |x| _mm256_xor_ps(x, splat(-0.0))));
-        map(e, |e| {
-            _mm256_div_ps(splat(1.0), _mm256_add_ps(splat(1.0), e))
-        })
+    pub fn neg(x: __m256) -> __m256 {
+        _mm256_xor_ps(x, splat(-0.0))
     }
 
-    /// tanh lane by lane (see [`super::tanh_with`]).
+    /// 2·|x|, the argument of the exponential in [`tanh_of`].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub fn tanh<const L: usize>(x: [__m256; L]) -> [__m256; L] {
-        let a = map(x, |x| _mm256_andnot_ps(splat(-0.0), x));
-        let z = map(x, |x| _mm256_mul_ps(x, x));
-        let mut q = [splat(-5.704_988_7e-3); L];
+    pub fn twice_abs(x: __m256) -> __m256 {
+        _mm256_mul_ps(splat(2.0), _mm256_andnot_ps(splat(-0.0), x))
+    }
+
+    /// σ(x) = 1 / (1 + e) from e = e^-x.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn sigmoid_of(e: __m256) -> __m256 {
+        _mm256_div_ps(splat(1.0), _mm256_add_ps(splat(1.0), e))
+    }
+
+    /// tanh x from e = e^{2|x|} (see [`super::tanh_with`]: an odd polynomial below
+    /// |x| = 0.625, `1 − 2/(e + 1)` with x's sign above).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn tanh_of(x: __m256, e: __m256) -> __m256 {
+        let a = _mm256_andnot_ps(splat(-0.0), x);
+        let z = _mm256_mul_ps(x, x);
+        let mut q = splat(-5.704_988_7e-3);
         for c in [2.063_909e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1] {
-            q = zip(q, z, |q, z| _mm256_fmadd_ps(q, z, splat(c)));
+            q = _mm256_fmadd_ps(q, z, splat(c));
         }
-        let qz = zip(q, z, |q, z| _mm256_mul_ps(q, z));
-        let small = zip(qz, x, |qz, x| _mm256_fmadd_ps(qz, x, x));
-        let e = exp(map(a, |a| _mm256_mul_ps(splat(2.0), a)));
-        let big = map(e, |e| {
-            _mm256_sub_ps(
-                splat(1.0),
-                _mm256_div_ps(splat(2.0), _mm256_add_ps(e, splat(1.0))),
-            )
-        });
+        let small = _mm256_fmadd_ps(_mm256_mul_ps(q, z), x, x);
+        let big = _mm256_sub_ps(
+            splat(1.0),
+            _mm256_div_ps(splat(2.0), _mm256_add_ps(e, splat(1.0))),
+        );
         // big ≥ 0, so x's sign bit gives −big where x < 0.
-        let big = zip(big, x, |b, x| {
-            _mm256_or_ps(b, _mm256_and_ps(x, splat(-0.0)))
-        });
-        std::array::from_fn(|l| {
-            let is_small = _mm256_cmp_ps::<_CMP_LT_OQ>(a[l], splat(0.625));
-            _mm256_blendv_ps(big[l], small[l], is_small)
-        })
+        let big = _mm256_or_ps(big, _mm256_and_ps(x, splat(-0.0)));
+        let is_small = _mm256_cmp_ps::<_CMP_LT_OQ>(a, splat(0.625));
+        _mm256_blendv_ps(big, small, is_small)
     }
 }
 
@@ -421,7 +417,54 @@ pub fn gru_rows(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn gru_rows_avx2(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
-    gru_rows_with::<true>(hid, x, hr, rbh, h);
+    use std::arch::x86_64::*;
+    let lanes = hid / 16 * 16;
+    let rows = x
+        .chunks_exact(3 * hid)
+        .zip(hr.chunks_exact(3 * hid))
+        .zip(h.chunks_exact_mut(hid));
+    for ((x, r), h) in rows {
+        let (xp, rp) = (x.as_ptr(), r.as_ptr());
+        // SAFETY (the closures): callers pass j + 8 ≤ hid and k < 3, inside the rows of
+        // x and r (3·hid values) and of h and rbh (hid).
+        let ld = |p: *const f32, k: usize, j: usize| unsafe { _mm256_loadu_ps(p.add(k * hid + j)) };
+        let pre = |k: usize, j: usize| _mm256_add_ps(ld(xp, k, j), ld(rp, k, j));
+        // Two blocks of 8 lanes at once, the exponentials side by side (see
+        // `lstm_rows_avx2`).
+        for j in (0..lanes).step_by(16) {
+            let [ez0, er0, ez1, er1] = v8::exp([
+                v8::neg(pre(0, j)),
+                v8::neg(pre(1, j)),
+                v8::neg(pre(0, j + 8)),
+                v8::neg(pre(1, j + 8)),
+            ]);
+            let arg = |j: usize, er: __m256| {
+                let rec = _mm256_add_ps(ld(rp, 2, j), ld(rbh.as_ptr(), 0, j));
+                _mm256_add_ps(ld(xp, 2, j), _mm256_mul_ps(v8::sigmoid_of(er), rec))
+            };
+            let (a0, a1) = (arg(j, er0), arg(j + 8, er1));
+            let [en0, en1] = v8::exp([v8::twice_abs(a0), v8::twice_abs(a1)]);
+            for (jj, ez, a, en) in [(j, ez0, a0, en0), (j + 8, ez1, a1, en1)] {
+                let z = v8::sigmoid_of(ez);
+                let n = v8::tanh_of(a, en);
+                let hp = h.as_mut_ptr();
+                // SAFETY: jj + 8 ≤ hid = h's length.
+                unsafe {
+                    let old = _mm256_loadu_ps(hp.add(jj));
+                    let one_z = _mm256_sub_ps(_mm256_set1_ps(1.0), z);
+                    let new = _mm256_add_ps(_mm256_mul_ps(one_z, n), _mm256_mul_ps(z, old));
+                    _mm256_storeu_ps(hp.add(jj), new);
+                }
+            }
+        }
+        for j in lanes..hid {
+            let at = |v: &[f32], k: usize| v[k * hid + j];
+            let z = sigmoid_with::<true>(at(x, 0) + at(r, 0));
+            let rg = sigmoid_with::<true>(at(x, 1) + at(r, 1));
+            let n = tanh_with::<true>(at(x, 2) + rg * (at(r, 2) + rbh[j]));
+            h[j] = (1.0 - z) * n + z * h[j];
+        }
+    }
 }
 
 #[inline(always)]

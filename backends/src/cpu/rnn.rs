@@ -662,6 +662,8 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
     } else {
         n.max(1)
     };
+    // Every row runs every step (no mask, full lengths).
+    let every_step = inp.mask.is_none() && inp.lens.iter().all(|&l| l == t_len);
     let zeros = vec![zero; h];
     let mut dirs = Vec::with_capacity(d_n);
     for (d, &rev) in spec.reverse.iter().enumerate() {
@@ -708,28 +710,32 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
                 Cell::Gru => spec.linear_before_reset,
                 Cell::Rnn => false,
             };
-        let joint = (spec.cell == Cell::Lstm
+        let joint = spec.cell == Cell::Lstm
             && standard
-            && (isz + h) * gh * std::mem::size_of::<T>() <= JOINT_MAX_BYTES)
-            .then(|| {
-                let k = isz + h;
-                let mut wr = vec![zero; gh * k];
-                for (j, row) in wr.chunks_exact_mut(k).enumerate() {
-                    row[..isz].copy_from_slice(&w[j * isz..(j + 1) * isz]);
-                    row[isz..].copy_from_slice(&r[j * h..(j + 1) * h]);
-                }
-                T::pack(k, gh, &wr, 1, k)
-            });
+            && every_step
+            && (isz + h) * gh * std::mem::size_of::<T>() <= JOINT_MAX_BYTES;
+        let packs = if joint {
+            let k = isz + h;
+            let mut wr = vec![zero; gh * k];
+            for (j, row) in wr.chunks_exact_mut(k).enumerate() {
+                row[..isz].copy_from_slice(&w[j * isz..(j + 1) * isz]);
+                row[isz..].copy_from_slice(&r[j * h..(j + 1) * h]);
+            }
+            Packs::Joint(T::pack(k, gh, &wr, 1, k))
+        } else {
+            Packs::Apart {
+                w: T::pack(isz, gh, w, 1, isz),
+                r: T::pack(h, rec_cols, r, 1, h),
+                rh: lbr0.then(|| T::pack(h, h, &r[2 * h * h..], 1, h)),
+            }
+        };
         let dir = Direction {
             spec,
             inp,
             d,
             rev,
-            joint,
-            w_packed: T::pack(isz, gh, w, 1, isz),
+            packs,
             bias,
-            r_packed: T::pack(h, rec_cols, r, 1, h),
-            rh_packed: lbr0.then(|| T::pack(h, h, &r[2 * h * h..], 1, h)),
             acts: (
                 acts[0],
                 acts.get(1).copied().unwrap_or(acts[0]),
@@ -776,6 +782,16 @@ const JOINT_MAX_BYTES: usize = 512 << 10;
 /// efficient GEMM, few enough that the projections stay in cache until their steps).
 const CHUNK_ROWS: usize = 256;
 
+/// A direction's weights, packed once per call for the products its steps run.
+enum Packs<P> {
+    /// [Wᵀ; Rᵀ] as one `(I + H) × 4H` matrix: a standard LSTM whose weights together are
+    /// small and whose rows all run every step (see [`Direction::rows_joint`]).
+    Joint(P),
+    /// Wᵀ for the projections, Rᵀ for the recurrent products (GRU with
+    /// linear_before_reset=0: Rᵀ's z and r columns, and R_hᵀ apart).
+    Apart { w: P, r: P, rh: Option<P> },
+}
+
 /// Y shared by the threads that run disjoint blocks of batch rows.
 struct SyncPtr<T>(*mut T);
 // SAFETY: each thread writes only Y's rows of its own batch block (see `Direction::rows`),
@@ -788,13 +804,8 @@ struct Direction<'a, T: RFloat> {
     inp: &'a Inputs<'a, T>,
     d: usize,
     rev: bool,
-    w_packed: T::Packed,
+    packs: Packs<T::Packed>,
     bias: Vec<T>,
-    r_packed: T::Packed,
-    rh_packed: Option<T::Packed>,
-    /// [Wᵀ; Rᵀ] packed as one `(I + H) × 4H` matrix, for a standard LSTM whose
-    /// weights together are small (see [`Direction::rows_joint`]).
-    joint: Option<T::Packed>,
     acts: (Act, Act, Act),
     /// The cell is the standard one a one-pass kernel covers ([`RFloat::lstm_rows`],
     /// [`RFloat::gru_rows`]): default activations, no clip, peepholes or coupled gates.
@@ -821,15 +832,15 @@ impl<T: RFloat> Direction<'_, T> {
         };
         let mut hs = init(self.inp.h0);
         let mut cs = init(self.inp.c0);
-        if let Some(joint) = &self.joint {
-            let lens = &self.inp.lens[b0..b0 + nb];
-            if self.inp.mask.is_none() && lens.iter().all(|&l| l == t_len) {
+        let (w_packed, r_packed, rh_packed) = match &self.packs {
+            Packs::Joint(joint) => {
                 self.rows_joint(joint, b0, &mut hs, &mut cs, nested);
                 yh.copy_from_slice(&hs);
                 yc.copy_from_slice(&cs);
                 return;
             }
-        }
+            Packs::Apart { w, r, rh } => (w, r, rh),
+        };
         let mut hr = vec![zero; nb * gh];
         let mut rh = vec![zero; nb * h];
         let mut gates = vec![zero; nb * gh];
@@ -848,13 +859,13 @@ impl<T: RFloat> Direction<'_, T> {
         let gemm = |p: &T::Packed, a: &[T], c: &mut [T]| T::packed_gemm(p, nb, a, h, c, gh, mode);
         for s0 in (0..max_len).step_by(chunk) {
             let steps = chunk.min(max_len - s0);
-            self.project(s0, steps, b0, nb, &mut xa, &mut xs, nested);
+            self.project(w_packed, (s0, steps), b0, nb, &mut xa, &mut xs, nested);
             for s in s0..s0 + steps {
                 let xs = &xs[(s - s0) * nb * gh..(s - s0 + 1) * nb * gh];
                 // Recurrent projection for this block: HR[nb, G·H] = H · Rᵀ (GRU with
                 // linear_before_reset=0: only the z and r columns here).
-                gemm(&self.r_packed, &hs, &mut hr);
-                if let Some(rhp) = &self.rh_packed {
+                gemm(r_packed, &hs, &mut hr);
+                if let Some(rhp) = rh_packed {
                     self.reset_phase(s, b0, xs, &hs, &hr, &mut gates, &mut rh);
                     gemm(rhp, &rh, &mut hr[2 * h..]);
                 }
@@ -891,13 +902,13 @@ impl<T: RFloat> Direction<'_, T> {
         }
     }
 
-    /// X·Wᵀ + b of rows `b0..b0 + nb` for steps `s0..s0 + steps` (each row's own time
+    /// X·Wᵀ + b (`w`: Wᵀ packed) of rows `b0..b0 + nb` for steps `s0..s0 + steps` (each row's own time
     /// index; zeros where a row does not run) into `xs`, row (s − s0)·nb + b.
     #[allow(clippy::too_many_arguments)]
     fn project(
         &self,
-        s0: usize,
-        steps: usize,
+        w: &T::Packed,
+        (s0, steps): (usize, usize),
         b0: usize,
         nb: usize,
         xa: &mut [T],
@@ -915,7 +926,7 @@ impl<T: RFloat> Direction<'_, T> {
             }
         }
         let mode = GemmMode::SET.serial_if(nested);
-        T::packed_gemm(&self.w_packed, steps * nb, xa, isz, xs, gh, mode);
+        T::packed_gemm(w, steps * nb, xa, isz, xs, gh, mode);
         for row in xs.chunks_mut(gh).take(steps * nb) {
             for (x, &b) in row.iter_mut().zip(&self.bias) {
                 *x = *x + b;
