@@ -90,12 +90,10 @@ macro_rules! slice_fn {
         $(#[$doc])*
         pub fn $name(v: &mut [f32]) {
             #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    unsafe { $avx(v) };
-                    return;
-                }
+            if avx2_fma() {
+                // SAFETY: the CPU supports AVX2 and FMA.
+                unsafe { $avx(v) };
+                return;
             }
             for x in v.iter_mut() {
                 *x = $f(*x);
@@ -127,15 +125,26 @@ slice_fn!(
     tanh_with
 );
 
-/// One standard LSTM step (σ, tanh, tanh; no clip, peepholes or coupled gates) for a
-/// block of rows in one pass: the gates' pre-activations are `x + hr`, `[rows, 4·hid]`
-/// in ONNX gate order i, o, f, c (`x` may also be one row, `[4·hid]`, added to every
-/// row: a bias); the states `c` and `h` (`[rows, hid]`) are updated in place. The same functions in the same order as the general kernel's
-/// separate passes, so the same values, without storing the gates in between.
+/// Whether the CPU runs the AVX2/FMA versions.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// The rows of an LSTM step's operands in [`lstm_rows`]'s layout, (x, hr, c, h) per row
+/// (x's one row for every row when it holds one).
 ///
 /// # Panics
 /// When the lengths do not fit `hid` (a caller's bug, not a user's input).
-pub fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
+#[allow(clippy::type_complexity)]
+pub fn lstm_row_sets<'a, T>(
+    hid: usize,
+    x: &'a [T],
+    hr: &'a [T],
+    c: &'a mut [T],
+    h: &'a mut [T],
+) -> impl Iterator<Item = (&'a [T], &'a [T], &'a mut [T], &'a mut [T])> {
     assert!(
         hid > 0
             && c.len() % hid == 0
@@ -144,14 +153,54 @@ pub fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]
             && (x.len() == hr.len() || x.len() == 4 * hid),
         "lstm_rows: lengths do not fit H = {hid}"
     );
+    x.chunks_exact(4 * hid)
+        .cycle()
+        .zip(hr.chunks_exact(4 * hid))
+        .zip(c.chunks_exact_mut(hid))
+        .zip(h.chunks_exact_mut(hid))
+        .map(|(((x, r), c), h)| (x, r, c, h))
+}
+
+/// The rows of a GRU step's operands in [`gru_rows`]'s layout, (x, hr, h) per row.
+///
+/// # Panics
+/// When the lengths do not fit `hid` (a caller's bug, not a user's input).
+pub fn gru_row_sets<'a, T>(
+    hid: usize,
+    x: &'a [T],
+    hr: &'a [T],
+    rbh: &[T],
+    h: &'a mut [T],
+) -> impl Iterator<Item = (&'a [T], &'a [T], &'a mut [T])> {
+    assert!(
+        hid > 0
+            && h.len() % hid == 0
+            && rbh.len() == hid
+            && x.len() == 3 * h.len()
+            && hr.len() == x.len(),
+        "gru_rows: lengths do not fit H = {hid}"
+    );
+    x.chunks_exact(3 * hid)
+        .zip(hr.chunks_exact(3 * hid))
+        .zip(h.chunks_exact_mut(hid))
+        .map(|((x, r), h)| (x, r, h))
+}
+
+/// One standard LSTM step (σ, tanh, tanh; no clip, peepholes or coupled gates) for a
+/// block of rows in one pass: the gates' pre-activations are `x + hr`, `[rows, 4·hid]`
+/// in ONNX gate order i, o, f, c (`x` may also be one row, `[4·hid]`, added to every
+/// row: a bias); the states `c` and `h` (`[rows, hid]`) are updated in place. The same
+/// functions in the same order as the general kernel's separate passes, so the same
+/// values, without storing the gates in between.
+///
+/// # Panics
+/// When the lengths do not fit `hid` (a caller's bug, not a user's input).
+pub fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            unsafe { lstm_rows_avx2(hid, x, hr, c, h) };
-            return;
-        }
+    if avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA.
+        unsafe { lstm_rows_avx2(hid, x, hr, c, h) };
+        return;
     }
     lstm_rows_with::<false>(hid, x, hr, c, h);
 }
@@ -161,13 +210,7 @@ pub fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]
 fn lstm_rows_avx2(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
     use std::arch::x86_64::*;
     let lanes = hid / 16 * 16;
-    let rows = x
-        .chunks_exact(4 * hid)
-        .cycle()
-        .zip(hr.chunks_exact(4 * hid))
-        .zip(c.chunks_exact_mut(hid))
-        .zip(h.chunks_exact_mut(hid));
-    for (((x, r), c), h) in rows {
+    for (x, r, c, h) in lstm_row_sets(hid, x, hr, c, h) {
         let (xp, rp) = (x.as_ptr(), r.as_ptr());
         // Gate k's pre-activation at lanes j..j + 8.
         let at = |k: usize, j: usize| {
@@ -354,13 +397,7 @@ fn lstm_rows_with<const FMA: bool>(
     c: &mut [f32],
     h: &mut [f32],
 ) {
-    let rows = x
-        .chunks_exact(4 * hid)
-        .cycle()
-        .zip(hr.chunks_exact(4 * hid))
-        .zip(c.chunks_exact_mut(hid))
-        .zip(h.chunks_exact_mut(hid));
-    for (((x, r), c), h) in rows {
+    for (x, r, c, h) in lstm_row_sets(hid, x, hr, c, h) {
         let (xi, xo, xf, xc) = (
             &x[..hid],
             &x[hid..2 * hid],
@@ -394,22 +431,11 @@ fn lstm_rows_with<const FMA: bool>(
 /// # Panics
 /// When the lengths do not fit `hid` (a caller's bug, not a user's input).
 pub fn gru_rows(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
-    assert!(
-        hid > 0
-            && h.len() % hid == 0
-            && rbh.len() == hid
-            && x.len() == 3 * h.len()
-            && hr.len() == x.len(),
-        "gru_rows: lengths do not fit H = {hid}"
-    );
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            unsafe { gru_rows_avx2(hid, x, hr, rbh, h) };
-            return;
-        }
+    if avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA.
+        unsafe { gru_rows_avx2(hid, x, hr, rbh, h) };
+        return;
     }
     gru_rows_with::<false>(hid, x, hr, rbh, h);
 }
@@ -419,11 +445,7 @@ pub fn gru_rows(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
 fn gru_rows_avx2(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
     use std::arch::x86_64::*;
     let lanes = hid / 16 * 16;
-    let rows = x
-        .chunks_exact(3 * hid)
-        .zip(hr.chunks_exact(3 * hid))
-        .zip(h.chunks_exact_mut(hid));
-    for ((x, r), h) in rows {
+    for (x, r, h) in gru_row_sets(hid, x, hr, rbh, h) {
         let (xp, rp) = (x.as_ptr(), r.as_ptr());
         // SAFETY (the closures): callers pass j + 8 ≤ hid and k < 3, inside the rows of
         // x and r (3·hid values) and of h and rbh (hid).
@@ -470,11 +492,7 @@ fn gru_rows_avx2(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) 
 #[inline(always)]
 fn gru_rows_with<const FMA: bool>(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
     let rbh = &rbh[..hid];
-    let rows = x
-        .chunks_exact(3 * hid)
-        .zip(hr.chunks_exact(3 * hid))
-        .zip(h.chunks_exact_mut(hid));
-    for ((x, r), h) in rows {
+    for (x, r, h) in gru_row_sets(hid, x, hr, rbh, h) {
         let (xz, xr, xh) = (&x[..hid], &x[hid..2 * hid], &x[2 * hid..]);
         let (rz, rr, rh) = (&r[..hid], &r[hid..2 * hid], &r[2 * hid..]);
         for j in 0..hid {

@@ -102,21 +102,8 @@ pub trait RFloat:
 
 /// [`RFloat::lstm_rows`] for any float: the general kernel's formulas, row by row.
 pub fn lstm_rows_generic<T: RFloat>(hid: usize, x: &[T], hr: &[T], c: &mut [T], h: &mut [T]) {
-    assert!(
-        hid > 0
-            && h.len() == c.len()
-            && hr.len() == 4 * c.len()
-            && (x.len() == hr.len() || x.len() == 4 * hid),
-        "lstm_rows: lengths do not fit H = {hid}"
-    );
     let (sig, tanh) = (Act::Sigmoid, Act::Tanh);
-    let rows = x
-        .chunks_exact(4 * hid)
-        .cycle()
-        .zip(hr.chunks_exact(4 * hid))
-        .zip(c.chunks_exact_mut(hid))
-        .zip(h.chunks_exact_mut(hid));
-    for (((x, r), c), h) in rows {
+    for (x, r, c, h) in super::fastmath::lstm_row_sets(hid, x, hr, c, h) {
         for j in 0..hid {
             let i = sig.apply(x[j] + r[j]);
             let f = sig.apply(x[2 * hid + j] + r[2 * hid + j]);
@@ -130,17 +117,9 @@ pub fn lstm_rows_generic<T: RFloat>(hid: usize, x: &[T], hr: &[T], c: &mut [T], 
 
 /// [`RFloat::gru_rows`] for any float: the general kernel's formulas, row by row.
 pub fn gru_rows_generic<T: RFloat>(hid: usize, x: &[T], hr: &[T], rbh: &[T], h: &mut [T]) {
-    assert!(
-        hid > 0 && rbh.len() == hid && x.len() == 3 * h.len() && hr.len() == x.len(),
-        "gru_rows: lengths do not fit H = {hid}"
-    );
     let (sig, tanh) = (Act::Sigmoid, Act::Tanh);
     let one = T::of(1.0);
-    let rows = x
-        .chunks_exact(3 * hid)
-        .zip(hr.chunks_exact(3 * hid))
-        .zip(h.chunks_exact_mut(hid));
-    for ((x, r), h) in rows {
+    for (x, r, h) in super::fastmath::gru_row_sets(hid, x, hr, rbh, h) {
         for j in 0..hid {
             let z = sig.apply(x[j] + r[j]);
             let rg = sig.apply(x[hid + j] + r[hid + j]);
