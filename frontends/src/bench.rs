@@ -93,13 +93,22 @@ impl Workload {
             * gh
     }
 
+    /// Matrix-product FLOPs of the forward's input projections X·Wᵀ (part of
+    /// [`Self::flops`]).
+    pub fn input_flops(&self) -> f64 {
+        let gh = (self.gates() * self.hidden) as f64;
+        2.0 * (self.directions() * self.steps * self.batch * self.input) as f64 * gh
+    }
+
     /// Matrix-product FLOPs of one training step of the recurrent layer and the
     /// `Dense(10)` head: the forward, then the backward's two products per forward
-    /// product (the input/state gradients and the weight gradients), 3× the forward.
-    /// Work a kernel does twice (a recomputed forward) is not counted.
+    /// product (the gradients of its input and of its weight) — 3× the forward — less
+    /// dX = dG·W: the layer reads data, whose gradient nothing needs (the backward op
+    /// skips it, as PyTorch and XLA do). Work a kernel does twice (a recomputed forward)
+    /// is not counted.
     pub fn train_flops(&self) -> f64 {
         let head = 2.0 * (self.batch * self.directions() * self.hidden * 10) as f64;
-        3.0 * (self.flops() + head)
+        3.0 * (self.flops() + head) - self.input_flops()
     }
 
     /// The workload as an ONNX graph: input `X [T, N, I]`, weights as initializers,

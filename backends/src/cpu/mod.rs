@@ -447,6 +447,9 @@ impl Compiled {
                 })
                 .collect::<Result<_>>()?;
             let out_types: Vec<&ValueType> = node.outputs.iter().map(|v| &v.ty).collect();
+            // Outputs something reads (a later node, or the graph's outputs): the
+            // recurrent backward ops skip the others' work.
+            let wanted = || -> Vec<bool> { self.outputs[k].iter().map(|&s| uses[s] > 0).collect() };
             let given = overrides
                 .iter()
                 .position(|(o, _)| *o == k)
@@ -454,10 +457,9 @@ impl Compiled {
             let results = match (given, self.bodies.get(&n)) {
                 (Some(d), _) => vec![d],
                 (None, None) => {
-                    let nout = out_types.len();
                     let kept = saved.iter().position(|(g, _)| *g == k);
                     match (self.pair_of.get(&k), kept) {
-                        (Some(&back), _) => match rnn_grad::forward_saving(op, &ins, nout) {
+                        (Some(&back), _) => match rnn_grad::forward_saving(op, &ins, &wanted()) {
                             Ok((outs, state)) => {
                                 saved.push((back, state));
                                 outs
@@ -470,7 +472,10 @@ impl Compiled {
                         },
                         (None, Some(i)) => {
                             let state = saved.swap_remove(i).1;
-                            rnn_grad::eval_saved(op, &ins, nout, state).map_err(fail)?
+                            rnn_grad::eval_saved(op, &ins, &wanted(), state).map_err(fail)?
+                        }
+                        (None, None) if is_grad(op) => {
+                            rnn_grad::eval(op, &ins, &wanted()).map_err(fail)?
                         }
                         (None, None) => {
                             eval(op, &ins, &out_types, self.graph.opset("")).map_err(fail)?
@@ -586,6 +591,14 @@ impl From<Error> for ControlError {
     }
 }
 
+/// Whether `op` is a fused recurrent backward op (`LSTMGrad`, `GRUGrad`, `RNNGrad`).
+fn is_grad(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }
+    )
+}
+
 /// Runs one op that has no body.
 pub(crate) fn eval(
     op: &Op,
@@ -598,14 +611,7 @@ pub(crate) fn eval(
         "nn" => nn::eval(op, ins, out_types, opset),
         "shape" => shape::eval(op, ins, out_types),
         "reduce" => reduce::eval(op, ins),
-        "rnn"
-            if matches!(
-                op,
-                Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }
-            ) =>
-        {
-            rnn_grad::eval(op, ins, out_types.len())
-        }
+        "rnn" if is_grad(op) => rnn_grad::eval(op, ins, &vec![true; out_types.len()]),
         "rnn" => rnn::eval(op, ins, out_types.len()),
         "sequence" => sequence::eval(op, ins, out_types),
         other => Err(format!("no CPU kernel family {other}")),

@@ -117,8 +117,13 @@ fn output<T: RFloat>(dtype: cellgraph_ir::DType, shape: &[usize], v: Vec<T>) -> 
 }
 
 /// Runs a recurrent backward op.
-pub fn eval(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<Vec<Data>> {
-    Ok(run(op, ins, nout, Mode::Grad(None))?.0)
+///
+/// `wanted` has one flag per output the node has: an output not wanted (an omitted
+/// optional output, or one nothing reads) may come back as an empty tensor without
+/// being computed. dX — a GEMM as large as the forward's input projection — is the one
+/// skipped; a layer fed by data needs no gradient of its input.
+pub fn eval(op: &Op, ins: &[Option<&Data>], wanted: &[bool]) -> R<Vec<Data>> {
+    Ok(run(op, ins, wanted, Mode::Grad(None))?.0)
 }
 
 /// What a forward op ran with [`forward_saving`] kept for its backward op.
@@ -130,9 +135,11 @@ enum SavedAny {
 }
 
 /// Runs a forward `LSTM`/`GRU`/`RNN` (no sequence_lens, no mask) as its backward op
-/// would recompute it, returning its outputs (Y, Y_h, Y_c; the first `nout`) and what
-/// the backward op reads, so that [`eval_saved`] need not run the forward again.
-pub fn forward_saving(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<(Vec<Data>, Saved)> {
+/// would recompute it, returning its outputs (Y, Y_h, Y_c; one per flag of `wanted`) and
+/// what the backward op reads, so that [`eval_saved`] need not run the forward again.
+/// An output not wanted may come back as an empty tensor: Y (every step's h, which the
+/// backward does not read) is then not assembled.
+pub fn forward_saving(op: &Op, ins: &[Option<&Data>], wanted: &[bool]) -> R<(Vec<Data>, Saved)> {
     let grad = match op {
         Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. } => op
             .recurrent_pair()
@@ -144,14 +151,14 @@ pub fn forward_saving(op: &Op, ins: &[Option<&Data>], nout: usize) -> R<(Vec<Dat
             ))
         }
     };
-    let (outs, saved) = run(&grad, ins, nout, Mode::Forward)?;
+    let (outs, saved) = run(&grad, ins, wanted, Mode::Forward)?;
     Ok((outs, saved.ok_or("the forward kept nothing")?))
 }
 
 /// Runs a recurrent backward op from its forward's [`Saved`] state (its inputs must be
-/// the ones the forward ran on).
-pub fn eval_saved(op: &Op, ins: &[Option<&Data>], nout: usize, saved: Saved) -> R<Vec<Data>> {
-    Ok(run(op, ins, nout, Mode::Grad(Some(saved)))?.0)
+/// the ones the forward ran on); `wanted` as for [`eval`].
+pub fn eval_saved(op: &Op, ins: &[Option<&Data>], wanted: &[bool], saved: Saved) -> R<Vec<Data>> {
+    Ok(run(op, ins, wanted, Mode::Grad(Some(saved)))?.0)
 }
 
 /// What [`run`] does with a backward op's inputs.
@@ -162,8 +169,14 @@ enum Mode {
     Forward,
 }
 
-fn run(op: &Op, ins: &[Option<&Data>], nout: usize, mode: Mode) -> R<(Vec<Data>, Option<Saved>)> {
+fn run(
+    op: &Op,
+    ins: &[Option<&Data>],
+    wanted: &[bool],
+    mode: Mode,
+) -> R<(Vec<Data>, Option<Saved>)> {
     forward_op(op)?;
+    let nout = wanted.len();
     let get = |i: usize| ins.get(i).copied().flatten();
     let x_t = get(0).ok_or("X is missing")?.tensor()?;
     let dtype = x_t.dtype();
@@ -276,6 +289,8 @@ fn run(op: &Op, ins: &[Option<&Data>], nout: usize, mode: Mode) -> R<(Vec<Data>,
         dims: (t_len, n, isz),
         lens: &lens,
         mask: mask.as_deref(),
+        want_dx: wanted.first().copied().unwrap_or(false),
+        want_y: wanted.first().copied().unwrap_or(false),
     };
     let args = Args {
         x: x_t,
@@ -331,6 +346,10 @@ struct Ctx<'a> {
     lens: &'a [usize],
     /// Masked ops: the step mask `[T, N]`, time-major.
     mask: Option<&'a [bool]>,
+    /// Whether dX is computed (else it comes back empty).
+    want_dx: bool,
+    /// A saving forward: whether Y is assembled (else it comes back empty).
+    want_y: bool,
 }
 
 impl Ctx<'_> {
@@ -381,7 +400,7 @@ fn all_directions<T: RFloat>(
     let dy_all = a.dy.map(values::<T>);
     let zero = T::of(0.0);
     let mut out = AllGrads {
-        dx: vec![zero; t_len * n * isz],
+        dx: vec![],
         dw: vec![zero; d_n * gh * isz],
         dr: vec![zero; d_n * gh * h],
         db: vec![0.0; d_n * 2 * gh],
@@ -416,7 +435,7 @@ fn all_directions<T: RFloat>(
             part(a.dyc, n * h),
             saved.as_mut().and_then(|s| s.next()),
         );
-        if d == 0 {
+        if d == 0 || !cx.want_dx {
             out.dx = g.dx;
         } else {
             for (o, &v) in out.dx.iter_mut().zip(&g.dx) {
@@ -453,8 +472,13 @@ impl<T: RFloat> AllGrads<T> {
                 Tensor::from_f64_vec(dtype, shape, v).map_err(|e| e.to_string())?,
             ))
         };
+        let dx_shape = if cx.want_dx {
+            vec![t_len, n, isz]
+        } else {
+            vec![0]
+        };
         let mut out = vec![
-            big(&[t_len, n, isz], self.dx)?,
+            big(&dx_shape, self.dx)?,
             big(&[d_n, gh, isz], self.dw)?,
             big(&[d_n, gh, h], self.dr)?,
             small(&[d_n, 2 * gh], &self.db)?,
@@ -481,7 +505,11 @@ fn forward_all<T: RFloat>(
     let d_n = spec.reverse.len();
     let x = values::<T>(a.x);
     let zero = T::of(0.0);
-    let mut y = vec![zero; t_len * d_n * n * h];
+    let mut y = if cx.want_y {
+        vec![zero; t_len * d_n * n * h]
+    } else {
+        vec![]
+    };
     let mut yh = vec![zero; d_n * n * h];
     let mut yc = vec![zero; d_n * n * h];
     let mut saved = Vec::with_capacity(d_n);
@@ -497,9 +525,11 @@ fn forward_all<T: RFloat>(
         let sv = Dir::new(cx, a, d, &x).forward_saving(part(a.h0), part(a.c0));
         for ((b0, nb), fwd) in &sv.blocks {
             let rows = nb * h;
-            for t in 0..t_len {
-                let at = ((t * d_n + d) * n + b0) * h;
-                y[at..at + rows].copy_from_slice(&fwd.y[t * rows..(t + 1) * rows]);
+            if cx.want_y {
+                for t in 0..t_len {
+                    let at = ((t * d_n + d) * n + b0) * h;
+                    y[at..at + rows].copy_from_slice(&fwd.y[t * rows..(t + 1) * rows]);
+                }
             }
             let at = (d * n + b0) * h;
             yh[at..at + rows].copy_from_slice(&fwd.h);
@@ -510,7 +540,12 @@ fn forward_all<T: RFloat>(
         saved.push(sv);
     }
     let mk = |shape: &[usize], v: Vec<T>| output(dtype, shape, v);
-    let mut outs = vec![mk(&[t_len, d_n, n, h], y)?, mk(&[d_n, n, h], yh)?];
+    let y_shape = if cx.want_y {
+        vec![t_len, d_n, n, h]
+    } else {
+        vec![0]
+    };
+    let mut outs = vec![mk(&y_shape, y)?, mk(&[d_n, n, h], yh)?];
     if spec.cell == Cell::Lstm {
         outs.push(mk(&[d_n, n, h], yc)?);
     }
@@ -669,7 +704,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let run = |&(b0, nb): &(usize, usize), nested: bool| {
             (
                 (b0, nb),
-                self.block_forward(&packs, &io, b0, nb, nested, true),
+                self.block_forward(&packs, &io, b0, nb, nested, self.cx.want_y),
             )
         };
         DirSaved {
@@ -1361,18 +1396,21 @@ impl<T: RFloat> Dir<'_, T> {
         let lbr0 = spec.cell == Cell::Gru && !spec.linear_before_reset;
         let dgr = if spec.cell == Cell::Gru { dgr } else { dgx };
         // ---- the products over all steps at once ----
-        // dX = dG·W with W packed (rows of dG are contiguous); dW and dR read dG
-        // transposed, which the packed kernel does not take.
-        let mut dx = vec![zero; t_len * n * isz];
-        T::packed_gemm(
-            &T::pack(gh, isz, &self.w, isz, 1),
-            t_len * n,
-            dgx,
-            gh,
-            &mut dx,
-            isz,
-            GemmMode::SET,
-        );
+        // dX = dG·W with W packed (rows of dG are contiguous), when wanted; dW and dR
+        // read dG transposed, which the packed kernel does not take.
+        let mut dx = vec![];
+        if cx.want_dx {
+            dx = vec![zero; t_len * n * isz];
+            T::packed_gemm(
+                &T::pack(gh, isz, &self.w, isz, 1),
+                t_len * n,
+                dgx,
+                gh,
+                &mut dx,
+                isz,
+                GemmMode::SET,
+            );
+        }
         let mut dw = vec![zero; gh * isz];
         T::gemm(
             gh,
@@ -1562,14 +1600,47 @@ mod tests {
                 let (kernel, (outs, state), recomputed) = in_pool(threads, || {
                     (
                         crate::cpu::rnn::eval(&fwd, &refs[..shared], nf).expect("forward"),
-                        forward_saving(&fwd, &refs[..shared], nf).expect("saving forward"),
-                        eval(&grad, &refs, ng).expect("backward"),
+                        forward_saving(&fwd, &refs[..shared], &vec![true; nf])
+                            .expect("saving forward"),
+                        eval(&grad, &refs, &vec![true; ng]).expect("backward"),
                     )
                 });
                 close(&format!("{what}: forward"), &outs, &kernel);
                 let from_saved =
-                    in_pool(threads, || eval_saved(&grad, &refs, ng, state)).expect("saved");
+                    in_pool(threads, || eval_saved(&grad, &refs, &vec![true; ng], state))
+                        .expect("saved");
                 close(&format!("{what}: backward"), &from_saved, &recomputed);
+                // Without dX (a layer fed by data): dX comes back empty, the rest as before.
+                let mut no_dx = vec![true; ng];
+                no_dx[0] = false;
+                let skipped = in_pool(threads, || eval(&grad, &refs, &no_dx)).expect("no dX");
+                assert_eq!(skipped[0].tensor().expect("dX").shape(), [0], "{what}");
+                close(
+                    &format!("{what}: without dX"),
+                    &skipped[1..],
+                    &recomputed[1..],
+                );
+                // A saving forward whose Y nothing reads: Y empty, the states and the
+                // backward from what it kept as before.
+                let mut no_y = vec![true; nf];
+                no_y[0] = false;
+                let (outs, state) =
+                    in_pool(threads, || forward_saving(&fwd, &refs[..shared], &no_y))
+                        .expect("saving forward without Y");
+                assert_eq!(outs[0].tensor().expect("Y").shape(), [0], "{what}");
+                close(
+                    &format!("{what}: states without Y"),
+                    &outs[1..],
+                    &kernel[1..],
+                );
+                let from_saved =
+                    in_pool(threads, || eval_saved(&grad, &refs, &vec![true; ng], state))
+                        .expect("saved without Y");
+                close(
+                    &format!("{what}: backward without Y"),
+                    &from_saved,
+                    &recomputed,
+                );
             }
         }
     }
@@ -1658,8 +1729,8 @@ mod tests {
             }
             let refs: Vec<Option<&Data>> = ins.iter().map(|d| d.as_ref()).collect();
             let nout = if cell == "LSTM" { 7 } else { 5 };
-            let one = in_pool(1, || eval(&op, &refs, nout)).expect("one block");
-            let three = in_pool(3, || eval(&op, &refs, nout)).expect("three blocks");
+            let one = in_pool(1, || eval(&op, &refs, &vec![true; nout])).expect("one block");
+            let three = in_pool(3, || eval(&op, &refs, &vec![true; nout])).expect("three blocks");
             for (k, (a, b)) in one.iter().zip(&three).enumerate() {
                 let (a, b) = (
                     a.tensor().expect("tensor").to_f64_vec(),
