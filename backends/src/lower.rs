@@ -145,7 +145,7 @@ fn is_masked(op: &Op) -> bool {
 }
 
 /// `LSTMGrad`/`GRUGrad`/`RNNGrad`.
-fn is_grad(op: &Op) -> bool {
+pub(crate) fn is_grad(op: &Op) -> bool {
     matches!(
         op,
         Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }

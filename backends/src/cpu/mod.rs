@@ -474,7 +474,7 @@ impl Compiled {
                             let state = saved.swap_remove(i).1;
                             rnn_grad::eval_saved(op, &ins, &wanted(), state).map_err(fail)?
                         }
-                        (None, None) if is_grad(op) => {
+                        (None, None) if crate::lower::is_grad(op) => {
                             rnn_grad::eval(op, &ins, &wanted()).map_err(fail)?
                         }
                         (None, None) => {
@@ -591,14 +591,6 @@ impl From<Error> for ControlError {
     }
 }
 
-/// Whether `op` is a fused recurrent backward op (`LSTMGrad`, `GRUGrad`, `RNNGrad`).
-fn is_grad(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }
-    )
-}
-
 /// Runs one op that has no body.
 pub(crate) fn eval(
     op: &Op,
@@ -611,7 +603,7 @@ pub(crate) fn eval(
         "nn" => nn::eval(op, ins, out_types, opset),
         "shape" => shape::eval(op, ins, out_types),
         "reduce" => reduce::eval(op, ins),
-        "rnn" if is_grad(op) => rnn_grad::eval(op, ins, &vec![true; out_types.len()]),
+        "rnn" if crate::lower::is_grad(op) => rnn_grad::eval(op, ins, &vec![true; out_types.len()]),
         "rnn" => rnn::eval(op, ins, out_types.len()),
         "sequence" => sequence::eval(op, ins, out_types),
         other => Err(format!("no CPU kernel family {other}")),
