@@ -18,8 +18,13 @@ pub const MR: usize = 6;
 pub const NR: usize = 16;
 /// Rows of A a thread keeps hot in cache while it sweeps all of B's panels.
 const MC: usize = 72;
-/// Depth of one pass: a panel's `KC × NR` chunk (16 KiB) stays in L1.
-const KC: usize = 256;
+/// Depth of one pass: a panel's `KC × NR` chunk (32 KiB) stays in L1 or L2 while every
+/// row tile reads it; 512 covers the depth of a 512-unit layer in one pass, so C is
+/// written once (measured against 256: W2 inference 2–7% faster, training 0–2%).
+const KC: usize = 512;
+/// How many B rows (of 64 bytes) ahead a panel's first tile prefetches.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_ROWS: usize = 8;
 /// Matrices below this many values are packed on the calling thread.
 const PARALLEL_MIN_PACK: usize = 1 << 18;
 /// Products below this many multiply-adds run on the calling thread.
@@ -255,8 +260,8 @@ impl Kernel {
 }
 
 /// Rows `0..m` of A times panels `panels` of B into C (C's rows at stride `rsc` from
-/// `c`). Depth is cut into chunks of [`KC`] so a panel's chunk stays in L1 while every
-/// row tile reads it, and rows into chunks of [`MC`] whose A values are copied into
+/// `c`). Depth is cut into chunks of [`KC`] so a panel's chunk stays close (L1 or L2)
+/// while every row tile reads it, and rows into chunks of [`MC`] whose A values are copied into
 /// strips of [`MR`] rows, depth-major (the micro-kernel then reads one contiguous stream
 /// of A, which stays in L2 while every panel passes).
 #[allow(clippy::too_many_arguments)]
@@ -282,9 +287,19 @@ fn block(
                 for p in panels.clone() {
                     let bp = &b.data[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
                     let cols = (n - p * NR).min(NR);
+                    // The panel's first tile reads B from L3 a few rows ahead; the second
+                    // brings the next panel's chunk in meanwhile, so the next first tile
+                    // finds it close (the address may pass B's end: prefetches never
+                    // fault). Later tiles read B from L1 and prefetch what is there.
+                    #[cfg(target_arch = "x86_64")]
+                    let ahead = bp.as_ptr().wrapping_add(PREFETCH_ROWS * NR);
+                    #[cfg(target_arch = "x86_64")]
+                    let next = b.data.as_ptr().wrapping_add((p + 1) * k * NR + k0 * NR);
                     for (s, i) in (r0..r1).step_by(MR).enumerate() {
                         let rows = (r1 - i).min(MR);
                         let ai = &strips[s * MR * kc..(s + 1) * MR * kc];
+                        #[cfg(target_arch = "x86_64")]
+                        let pf = if s == 1 { next } else { ahead };
                         // SAFETY: rows i..i+rows and columns p·NR..p·NR+cols of C lie
                         // inside the slice `PackedB::gemm` checked; no other thread
                         // writes these columns of these rows.
@@ -294,7 +309,7 @@ fn block(
                             // SAFETY: `Kernel::Avx2` is only chosen when the CPU has AVX2
                             // and FMA; the strip holds kc·MR values, bp kc·NR.
                             Kernel::Avx2 => unsafe {
-                                avx2::tile(kc, ai, rows, bp, ci, rsc, cols, acc)
+                                avx2::tile(kc, ai, rows, bp, pf, ci, rsc, cols, acc)
                             },
                             Kernel::Portable => unsafe {
                                 portable_tile(kc, ai, rows, bp, ci, rsc, cols, acc)
@@ -390,12 +405,11 @@ unsafe fn portable_tile(
 mod avx2 {
     use super::{MR, NR};
 
-    /// How many B rows (of 64 bytes) ahead the kernel prefetches.
-    const PREFETCH_ROWS: usize = 8;
     use std::arch::x86_64::*;
 
     /// One `rows × cols` tile (rows ≤ MR, cols ≤ NR): dispatches to the kernel for
-    /// exactly that many rows, so a short last tile does only its own work.
+    /// exactly that many rows, so a short last tile does only its own work. At depth p
+    /// it prefetches the 64 bytes at `pf + p·NR` (any address: prefetches never fault).
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; `c` must be valid for writes of `rows` rows of
@@ -408,6 +422,7 @@ mod avx2 {
         a: &[f32],
         rows: usize,
         bp: &[f32],
+        pf: *const f32,
         c: *mut f32,
         rsc: usize,
         cols: usize,
@@ -416,12 +431,12 @@ mod avx2 {
         debug_assert!((1..=MR).contains(&rows) && bp.len() >= k * NR);
         debug_assert!(a.len() >= k * MR);
         match rows {
-            6 => tile_rows::<6>(k, a, bp, c, rsc, cols, acc),
-            5 => tile_rows::<5>(k, a, bp, c, rsc, cols, acc),
-            4 => tile_rows::<4>(k, a, bp, c, rsc, cols, acc),
-            3 => tile_rows::<3>(k, a, bp, c, rsc, cols, acc),
-            2 => tile_rows::<2>(k, a, bp, c, rsc, cols, acc),
-            _ => tile_rows::<1>(k, a, bp, c, rsc, cols, acc),
+            6 => tile_rows::<6>(k, a, bp, pf, c, rsc, cols, acc),
+            5 => tile_rows::<5>(k, a, bp, pf, c, rsc, cols, acc),
+            4 => tile_rows::<4>(k, a, bp, pf, c, rsc, cols, acc),
+            3 => tile_rows::<3>(k, a, bp, pf, c, rsc, cols, acc),
+            2 => tile_rows::<2>(k, a, bp, pf, c, rsc, cols, acc),
+            _ => tile_rows::<1>(k, a, bp, pf, c, rsc, cols, acc),
         }
     }
 
@@ -436,6 +451,7 @@ mod avx2 {
         k: usize,
         a: &[f32],
         bp: &[f32],
+        pf: *const f32,
         c: *mut f32,
         rsc: usize,
         cols: usize,
@@ -452,11 +468,10 @@ mod avx2 {
             }
         }
         let mut t = [[_mm256_setzero_ps(); 2]; R];
-        // One depth step: B's row p (fetching a few rows ahead: B streams from L3 on a
-        // panel's first tile; the address may pass the panel's end, and prefetches never
-        // fault) times A's column p into `acc`.
+        // One depth step: a prefetch (see `block`), then B's row p times A's column p
+        // into `acc`.
         let step = |p: usize, acc: &mut [[__m256; 2]; R]| {
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH_ROWS) * NR) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(p * NR) as *const i8);
             let b0 = _mm256_loadu_ps(b.add(p * NR));
             let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
             for (i, ti) in acc.iter_mut().enumerate() {

@@ -838,7 +838,36 @@ impl<T: RFloat> Direction<'_, T> {
         let gemm = |p: &T::Packed, a: &[T], c: &mut [T]| T::packed_gemm(p, nb, a, h, c, gh, mode);
         for s0 in (0..max_len).step_by(chunk) {
             let steps = chunk.min(max_len - s0);
-            self.project(w_packed, (s0, steps), b0, nb, &mut xa, &mut xs, nested);
+            // A standard LSTM whose rows all run every step of this chunk: the recurrent
+            // product adds onto the projection in place and the gate kernel adds the bias,
+            // so the chunk's projections need no bias pass and each step reads one array.
+            let in_place = self.standard
+                && self.spec.cell == Cell::Lstm
+                && self.inp.mask.is_none()
+                && self.inp.lens[b0..b0 + nb].iter().all(|&l| l >= s0 + steps);
+            self.project(
+                w_packed,
+                (s0, steps),
+                b0,
+                nb,
+                &mut xa,
+                &mut xs,
+                nested,
+                !in_place,
+            );
+            if in_place {
+                let acc = GemmMode::ACCUMULATE.serial_if(nested);
+                for (i, pre) in xs.chunks_exact_mut(nb * gh).take(steps).enumerate() {
+                    T::packed_gemm(r_packed, nb, &hs, h, pre, gh, acc);
+                    T::lstm_rows(h, &self.bias, pre, &mut cs, &mut hs);
+                    for b in 0..nb {
+                        if let Some(t) = self.active(s0 + i, b0 + b) {
+                            self.write_y(t, b0 + b, &hs[b * h..(b + 1) * h]);
+                        }
+                    }
+                }
+                continue;
+            }
             for s in s0..s0 + steps {
                 let xs = &xs[(s - s0) * nb * gh..(s - s0 + 1) * nb * gh];
                 // Recurrent projection for this block: HR[nb, G·H] = H · Rᵀ (GRU with
@@ -881,8 +910,9 @@ impl<T: RFloat> Direction<'_, T> {
         }
     }
 
-    /// X·Wᵀ + b (`w`: Wᵀ packed) of rows `b0..b0 + nb` for steps `s0..s0 + steps` (each row's own time
-    /// index; zeros where a row does not run) into `xs`, row (s − s0)·nb + b.
+    /// X·Wᵀ (+ b with `bias`; `w`: Wᵀ packed) of rows `b0..b0 + nb` for steps
+    /// `s0..s0 + steps` (each row's own time index; zeros where a row does not run) into
+    /// `xs`, row (s − s0)·nb + b.
     #[allow(clippy::too_many_arguments)]
     fn project(
         &self,
@@ -893,6 +923,7 @@ impl<T: RFloat> Direction<'_, T> {
         xa: &mut [T],
         xs: &mut [T],
         nested: bool,
+        bias: bool,
     ) {
         let (_, n, isz) = self.inp.dims;
         let gh = self.spec.cell.gates() * self.spec.hidden;
@@ -906,6 +937,9 @@ impl<T: RFloat> Direction<'_, T> {
         }
         let mode = GemmMode::SET.serial_if(nested);
         T::packed_gemm(w, steps * nb, xa, isz, xs, gh, mode);
+        if !bias {
+            return;
+        }
         for row in xs.chunks_mut(gh).take(steps * nb) {
             for (x, &b) in row.iter_mut().zip(&self.bias) {
                 *x = *x + b;
@@ -1606,6 +1640,61 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// A standard LSTM too large for the joined product: the recurrent product adds onto
+    /// the projections in place and the gate kernel adds the bias, chunk by chunk, in
+    /// both directions, while every row runs; once a row has ended its chunks take the
+    /// general path. Both against the plain f64 reference.
+    #[test]
+    fn a_large_lstm_adds_in_place_and_matches_the_reference() {
+        let (t, n, i, h) = (20, 64, 160, 128);
+        assert!(
+            (i + h) * 4 * h * 4 > JOINT_MAX_BYTES,
+            "the case must not take the joined product"
+        );
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let vals: Vec<f64> = (0..4099)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s % 2001) as f64 / 1000.0 - 1.0) * 0.2
+            })
+            .collect();
+        let mut ragged = vec![t; n];
+        ragged[5] = 11;
+        ragged[40] = 3;
+        for (lens, state) in [(vec![t; n], false), (ragged, true)] {
+            let c = Case {
+                cell: Cell::Lstm,
+                lbr: false,
+                peep: false,
+                clip: None,
+                dirs: vec![false, true],
+                dims: (t, n, i),
+                h,
+                lens,
+                state,
+                vals: vals.clone(),
+            };
+            let want = reference(&c);
+            for (k, (got, tol)) in [(fused::<f32>(&c), 2e-5), (fused::<f64>(&c), 1e-12)]
+                .iter()
+                .enumerate()
+            {
+                for (o, name) in ["Y", "Y_h", "Y_c"].iter().enumerate() {
+                    if let Err(e) = close(
+                        &format!("{} {name}", ["f32", "f64"][k]),
+                        &got[o],
+                        &want[o],
+                        *tol,
+                    ) {
+                        panic!("{e}");
+                    }
+                }
+            }
+        }
     }
 
     proptest! {
