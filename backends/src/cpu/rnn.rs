@@ -1642,12 +1642,13 @@ mod tests {
         Ok(())
     }
 
-    /// A standard LSTM too large for the joined product: the recurrent product adds onto
-    /// the projections in place and the gate kernel adds the bias, chunk by chunk, in
-    /// both directions, while every row runs; once a row has ended its chunks take the
-    /// general path. Both against the plain f64 reference.
+    /// Standard cells too large for the joined product (projections over chunks of steps),
+    /// on three threads' blocks of rows, against the plain f64 reference: the LSTM's
+    /// recurrent product adds onto the projections in place and the gate kernel adds the
+    /// bias while every row of a block runs, and chunks after a row has ended take the
+    /// general path; one direction and two, forward and reverse, LSTM and GRU.
     #[test]
-    fn a_large_lstm_adds_in_place_and_matches_the_reference() {
+    fn large_cells_match_the_reference() {
         let (t, n, i, h) = (20, 64, 160, 128);
         assert!(
             (i + h) * 4 * h * 4 > JOINT_MAX_BYTES,
@@ -1665,13 +1666,27 @@ mod tests {
         let mut ragged = vec![t; n];
         ragged[5] = 11;
         ragged[40] = 3;
-        for (lens, state) in [(vec![t; n], false), (ragged, true)] {
+        // Three threads, whatever the machine has (one direction: blocks of 22, 22, 20 rows).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("a thread pool");
+        let cases = [
+            (Cell::Lstm, vec![false, true], vec![t; n], false),
+            (Cell::Lstm, vec![false, true], ragged.clone(), true),
+            (Cell::Lstm, vec![false], vec![t; n], true),
+            (Cell::Lstm, vec![true], vec![t; n], false),
+            (Cell::Lstm, vec![true], ragged, true),
+            (Cell::Gru, vec![false], vec![t; n], true),
+            (Cell::Gru, vec![true], vec![t; n], false),
+        ];
+        for (cell, dirs, lens, state) in cases {
             let c = Case {
-                cell: Cell::Lstm,
-                lbr: false,
+                cell,
+                lbr: cell == Cell::Gru,
                 peep: false,
                 clip: None,
-                dirs: vec![false, true],
+                dirs,
                 dims: (t, n, i),
                 h,
                 lens,
@@ -1679,10 +1694,8 @@ mod tests {
                 vals: vals.clone(),
             };
             let want = reference(&c);
-            for (k, (got, tol)) in [(fused::<f32>(&c), 2e-5), (fused::<f64>(&c), 1e-12)]
-                .iter()
-                .enumerate()
-            {
+            let got = pool.install(|| [(fused::<f32>(&c), 2e-5), (fused::<f64>(&c), 1e-12)]);
+            for (k, (got, tol)) in got.iter().enumerate() {
                 for (o, name) in ["Y", "Y_h", "Y_c"].iter().enumerate() {
                     if let Err(e) = close(
                         &format!("{} {name}", ["f32", "f64"][k]),
