@@ -179,36 +179,129 @@ pub fn gru_row_sets<'a, T>(
 /// # Panics
 /// When the lengths do not fit `hid` (a caller's bug, not a user's input).
 pub fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
+    // Checks the lengths (the kernels below index by them).
+    drop(lstm_row_sets(hid, x, hr, c, h));
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA.
-        unsafe { lstm_rows_avx2(hid, x, hr, c, h) };
+        // SAFETY: the CPU supports AVX2 and FMA; the lengths fit `hid` (checked above);
+        // with KEEP false nothing is written through the pointers from `hr` or to `tc`.
+        unsafe {
+            lstm_rows_avx2::<false>(hid, x, hr.as_ptr().cast_mut(), c, h, std::ptr::null_mut())
+        };
         return;
     }
     lstm_rows_with::<false>(hid, x, hr, c, h);
 }
 
+/// [`lstm_rows`] for a training forward, which keeps what the backward reads: the
+/// pre-activations (minus `x`) come in `pre` and leave it as the gates' activations
+/// (i, o, f, c order), and `tc` (`[rows, hid]`) receives tanh of the new cell state.
+/// The same values as [`lstm_rows`].
+///
+/// # Panics
+/// When the lengths do not fit `hid` (a caller's bug, not a user's input).
+pub fn lstm_rows_keep(
+    hid: usize,
+    x: &[f32],
+    pre: &mut [f32],
+    c: &mut [f32],
+    h: &mut [f32],
+    tc: &mut [f32],
+) {
+    drop(lstm_row_sets(hid, x, pre, c, h));
+    assert_eq!(tc.len(), c.len(), "lstm_rows_keep: tanh(c) rows do not fit");
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA; the lengths fit `hid` (checked above),
+        // and `pre` and `tc` are exclusive borrows.
+        unsafe { lstm_rows_avx2::<true>(hid, x, pre.as_mut_ptr(), c, h, tc.as_mut_ptr()) };
+        return;
+    }
+    lstm_rows_keep_with::<false>(hid, x, pre, c, h, tc);
+}
+
+/// [`lstm_rows_keep`] in plain Rust (and FMA where compiled with it).
+#[inline(always)]
+fn lstm_rows_keep_with<const FMA: bool>(
+    hid: usize,
+    x: &[f32],
+    pre: &mut [f32],
+    c: &mut [f32],
+    h: &mut [f32],
+    tc: &mut [f32],
+) {
+    let states = c.chunks_exact_mut(hid).zip(h.chunks_exact_mut(hid));
+    let rows = pre.chunks_exact_mut(4 * hid).zip(tc.chunks_exact_mut(hid));
+    for ((x, (c, h)), (p, tc)) in x.chunks_exact(4 * hid).cycle().zip(states).zip(rows) {
+        for j in 0..hid {
+            let v = std::array::from_fn(|k| x[k * hid + j] + p[k * hid + j]);
+            let (a, cn, t) = lstm_lane::<FMA>(v, c[j]);
+            (c[j], h[j], tc[j]) = (cn, a[1] * t, t);
+            for (k, v) in a.into_iter().enumerate() {
+                p[k * hid + j] = v;
+            }
+        }
+    }
+}
+
+/// One lane of the standard LSTM step from its pre-activations (i, o, f, c order) and
+/// cell state: the gates' activations, the new cell state and its tanh.
+#[inline(always)]
+fn lstm_lane<const FMA: bool>(p: [f32; 4], c: f32) -> ([f32; 4], f32, f32) {
+    let i = sigmoid_with::<FMA>(p[0]);
+    let f = sigmoid_with::<FMA>(p[2]);
+    let g = tanh_with::<FMA>(p[3]);
+    let cn = f * c + i * g;
+    let o = sigmoid_with::<FMA>(p[1]);
+    ([i, o, f, g], cn, tanh_with::<FMA>(cn))
+}
+
+/// The AVX2 step kernel: pre-activations `x + pre` (`x` one row or a row per row),
+/// with `KEEP` the activations written back over `pre` and tanh(c) to `tc`.
+///
+/// # Safety
+/// AVX2/FMA; `x`, `c`, `h` fit `hid` as [`lstm_row_sets`] checks; `pre` points at
+/// `c.len() / hid` rows of `4·hid` values, `tc` (with `KEEP`) at `c.len()` values, both
+/// written only with `KEEP`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn lstm_rows_avx2(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
+unsafe fn lstm_rows_avx2<const KEEP: bool>(
+    hid: usize,
+    x: &[f32],
+    pre: *mut f32,
+    c: &mut [f32],
+    h: &mut [f32],
+    tc: *mut f32,
+) {
     use std::arch::x86_64::*;
     let lanes = hid / 16 * 16;
-    for (x, r, c, h) in lstm_row_sets(hid, x, hr, c, h) {
-        let (xp, rp) = (x.as_ptr(), r.as_ptr());
+    let xs = x.chunks_exact(4 * hid).cycle();
+    let states = c.chunks_exact_mut(hid).zip(h.chunks_exact_mut(hid));
+    for (row, (x, (c, h))) in xs.zip(states).enumerate() {
+        // SAFETY (all pointer arithmetic below): row < rows, lanes < hid, gates < 4.
+        let (xp, rp) = (x.as_ptr(), unsafe { pre.add(row * 4 * hid) });
+        let tp = if KEEP {
+            unsafe { tc.add(row * hid) }
+        } else {
+            tc
+        };
         // Gate k's pre-activation at lanes j..j + 8.
-        let at = |k: usize, j: usize| {
-            // SAFETY: callers pass j + 8 ≤ hid and k < 4, inside x's and r's rows.
-            unsafe {
-                _mm256_add_ps(
-                    _mm256_loadu_ps(xp.add(k * hid + j)),
-                    _mm256_loadu_ps(rp.add(k * hid + j)),
-                )
+        let at = |k: usize, j: usize| unsafe {
+            _mm256_add_ps(
+                _mm256_loadu_ps(xp.add(k * hid + j)),
+                _mm256_loadu_ps(rp.add(k * hid + j)),
+            )
+        };
+        let keep = |k: usize, j: usize, v: __m256| {
+            if KEEP {
+                unsafe { _mm256_storeu_ps(rp.add(k * hid + j), v) };
             }
         };
         // Two passes (one would chain two tanh through c), each over two blocks of 8
         // lanes, and the functions of independent values side by side, operation by
         // operation: long dependency chains, so the core needs several in flight to keep
-        // its pipes busy.
+        // its pipes busy. Each lane's pre-activations are read before its activations
+        // overwrite them.
         for j in (0..lanes).step_by(16) {
             let [i0, i1, f0, f1, g0, g1] = v8::tanh([
                 v8::half(at(0, j)),
@@ -220,7 +313,9 @@ fn lstm_rows_avx2(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32
             ]);
             for (jj, i, f, g) in [(j, i0, f0, g0), (j + 8, i1, f1, g1)] {
                 let (i, f) = (v8::sigmoid_of(i), v8::sigmoid_of(f));
-                // SAFETY: jj + 8 ≤ hid = c's length.
+                keep(0, jj, i);
+                keep(2, jj, f);
+                keep(3, jj, g);
                 unsafe {
                     let cp = c.as_mut_ptr().add(jj);
                     let cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(cp), _mm256_mul_ps(i, g));
@@ -229,7 +324,6 @@ fn lstm_rows_avx2(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32
             }
         }
         for j in (0..lanes).step_by(16) {
-            // SAFETY: j + 16 ≤ hid = c's length.
             let (c0, c1) = unsafe {
                 (
                     _mm256_loadu_ps(c.as_ptr().add(j)),
@@ -237,23 +331,29 @@ fn lstm_rows_avx2(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32
                 )
             };
             let [o0, o1, t0, t1] = v8::tanh([v8::half(at(1, j)), v8::half(at(1, j + 8)), c0, c1]);
-            let h0 = _mm256_mul_ps(v8::sigmoid_of(o0), t0);
-            let h1 = _mm256_mul_ps(v8::sigmoid_of(o1), t1);
-            // SAFETY: j + 16 ≤ hid = h's length.
+            let (o0, o1) = (v8::sigmoid_of(o0), v8::sigmoid_of(o1));
+            keep(1, j, o0);
+            keep(1, j + 8, o1);
             unsafe {
-                _mm256_storeu_ps(h.as_mut_ptr().add(j), h0);
-                _mm256_storeu_ps(h.as_mut_ptr().add(j + 8), h1);
+                _mm256_storeu_ps(h.as_mut_ptr().add(j), _mm256_mul_ps(o0, t0));
+                _mm256_storeu_ps(h.as_mut_ptr().add(j + 8), _mm256_mul_ps(o1, t1));
+                if KEEP {
+                    _mm256_storeu_ps(tp.add(j), t0);
+                    _mm256_storeu_ps(tp.add(j + 8), t1);
+                }
             }
         }
         for j in lanes..hid {
-            let at = |v: &[f32], k: usize| v[k * hid + j];
-            let i = sigmoid_with::<true>(at(x, 0) + at(r, 0));
-            let f = sigmoid_with::<true>(at(x, 2) + at(r, 2));
-            let g = tanh_with::<true>(at(x, 3) + at(r, 3));
-            let cn = f * c[j] + i * g;
+            let p = std::array::from_fn(|k| x[k * hid + j] + unsafe { *rp.add(k * hid + j) });
+            let (a, cn, t) = lstm_lane::<true>(p, c[j]);
             c[j] = cn;
-            let o = sigmoid_with::<true>(at(x, 1) + at(r, 1));
-            h[j] = o * tanh_with::<true>(cn);
+            h[j] = a[1] * t;
+            if KEEP {
+                for (k, v) in a.into_iter().enumerate() {
+                    unsafe { *rp.add(k * hid + j) = v };
+                }
+                unsafe { *tp.add(j) = t };
+            }
         }
     }
 }
@@ -321,26 +421,13 @@ fn lstm_rows_with<const FMA: bool>(
     h: &mut [f32],
 ) {
     for (x, r, c, h) in lstm_row_sets(hid, x, hr, c, h) {
-        let (xi, xo, xf, xc) = (
-            &x[..hid],
-            &x[hid..2 * hid],
-            &x[2 * hid..3 * hid],
-            &x[3 * hid..],
-        );
-        let (ri, ro, rf, rc) = (
-            &r[..hid],
-            &r[hid..2 * hid],
-            &r[2 * hid..3 * hid],
-            &r[3 * hid..],
-        );
         for j in 0..hid {
-            let i = sigmoid_with::<FMA>(xi[j] + ri[j]);
-            let f = sigmoid_with::<FMA>(xf[j] + rf[j]);
-            let g = tanh_with::<FMA>(xc[j] + rc[j]);
-            let cn = f * c[j] + i * g;
+            let (a, cn, t) = lstm_lane::<FMA>(
+                std::array::from_fn(|k| x[k * hid + j] + r[k * hid + j]),
+                c[j],
+            );
             c[j] = cn;
-            let o = sigmoid_with::<FMA>(xo[j] + ro[j]);
-            h[j] = o * tanh_with::<FMA>(cn);
+            h[j] = a[1] * t;
         }
     }
 }
@@ -523,6 +610,44 @@ mod tests {
                             (got as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
                             "row {b} lane {j}: {got} vs {want}"
                         );
+                    }
+                }
+            }
+        }
+        // The training forward's step: the same c and h as the inference step, the
+        // activations over the pre-activations and tanh(c) beside them (AVX2 where the
+        // CPU has it, and plain Rust).
+        type Step = fn(usize, &[f32], &[f32], &mut [f32], &mut [f32]);
+        type Keep = fn(usize, &[f32], &mut [f32], &mut [f32], &mut [f32], &mut [f32]);
+        let pairs: [(Step, Keep); 2] = [
+            (lstm_rows, lstm_rows_keep),
+            (lstm_rows_with::<false>, lstm_rows_keep_with::<false>),
+        ];
+        for shared in [false, true] {
+            let xs = if shared { &x[..4 * hid] } else { &x[..] };
+            for (step, keep) in pairs {
+                let (mut c, mut h) = (c0.clone(), h0.clone());
+                step(hid, xs, &hr, &mut c, &mut h);
+                let (mut ck, mut hk, mut pk) = (c0.clone(), h0.clone(), hr.clone());
+                let mut tc = vec![0f32; rows * hid];
+                keep(hid, xs, &mut pk, &mut ck, &mut hk, &mut tc);
+                assert_eq!((&ck, &hk), (&c, &h), "shared {shared}");
+                for b in 0..rows {
+                    let xr = if shared { 0 } else { b * 4 * hid };
+                    for j in 0..hid {
+                        let at = |k: usize| b * 4 * hid + k * hid + j;
+                        let pre = |k: usize| (xs[xr + k * hid + j] + hr[at(k)]) as f64;
+                        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+                        let want = [sig(pre(0)), sig(pre(1)), sig(pre(2)), pre(3).tanh()];
+                        for (k, w) in want.into_iter().enumerate() {
+                            let got = pk[at(k)] as f64;
+                            assert!(
+                                (got - w).abs() < 1e-6,
+                                "row {b} gate {k} lane {j}: {got} vs {w}"
+                            );
+                        }
+                        let t = (c[b * hid + j] as f64).tanh();
+                        assert!((tc[b * hid + j] as f64 - t).abs() < 1e-6, "tanh(c) {b} {j}");
                     }
                 }
             }

@@ -58,6 +58,20 @@ pub trait RFloat:
     fn lstm_rows(hid: usize, x: &[Self], hr: &[Self], c: &mut [Self], h: &mut [Self]) {
         lstm_rows_generic(hid, x, hr, c, h);
     }
+    /// [`Self::lstm_rows`] keeping what a training backward reads: `pre` comes in as the
+    /// pre-activations less `x` and leaves as the gates' activations (i, o, f, c), `tc`
+    /// (`[rows, hid]`) receives tanh of the new cell state (f32:
+    /// [`super::fastmath::lstm_rows_keep`]).
+    fn lstm_rows_keep(
+        hid: usize,
+        x: &[Self],
+        pre: &mut [Self],
+        c: &mut [Self],
+        h: &mut [Self],
+        tc: &mut [Self],
+    ) {
+        lstm_rows_keep_generic(hid, x, pre, c, h, tc);
+    }
     /// The standard GRU step with `linear_before_reset` for a block's rows in one pass
     /// (layout as [`super::fastmath::gru_rows`], which f32 runs; other types run
     /// [`gru_rows_generic`]).
@@ -111,6 +125,33 @@ pub fn lstm_rows_generic<T: RFloat>(hid: usize, x: &[T], hr: &[T], c: &mut [T], 
             c[j] = f * c[j] + i * g;
             let o = sig.apply(x[hid + j] + r[hid + j]);
             h[j] = o * tanh.apply(c[j]);
+        }
+    }
+}
+
+/// [`RFloat::lstm_rows_keep`] for any float: [`lstm_rows_generic`]'s formulas.
+pub fn lstm_rows_keep_generic<T: RFloat>(
+    hid: usize,
+    x: &[T],
+    pre: &mut [T],
+    c: &mut [T],
+    h: &mut [T],
+    tc: &mut [T],
+) {
+    let (sig, tanh) = (Act::Sigmoid, Act::Tanh);
+    drop(super::fastmath::lstm_row_sets(hid, x, pre, c, h));
+    assert_eq!(tc.len(), c.len(), "lstm_rows_keep: tanh(c) rows do not fit");
+    let rows = pre.chunks_exact_mut(4 * hid).zip(tc.chunks_exact_mut(hid));
+    let states = c.chunks_exact_mut(hid).zip(h.chunks_exact_mut(hid));
+    for ((x, (c, h)), (p, tc)) in x.chunks_exact(4 * hid).cycle().zip(states).zip(rows) {
+        for j in 0..hid {
+            let at = |k: usize| x[k * hid + j] + p[k * hid + j];
+            let (i, f, g) = (sig.apply(at(0)), sig.apply(at(2)), tanh.apply(at(3)));
+            c[j] = f * c[j] + i * g;
+            let o = sig.apply(at(1));
+            tc[j] = tanh.apply(c[j]);
+            h[j] = o * tc[j];
+            (p[j], p[hid + j], p[2 * hid + j], p[3 * hid + j]) = (i, o, f, g);
         }
     }
 }
@@ -226,6 +267,16 @@ rfloat_impl!(f32, F32, sgemm, {
     }
     fn lstm_rows(hid: usize, x: &[f32], hr: &[f32], c: &mut [f32], h: &mut [f32]) {
         super::fastmath::lstm_rows(hid, x, hr, c, h);
+    }
+    fn lstm_rows_keep(
+        hid: usize,
+        x: &[f32],
+        pre: &mut [f32],
+        c: &mut [f32],
+        h: &mut [f32],
+        tc: &mut [f32],
+    ) {
+        super::fastmath::lstm_rows_keep(hid, x, pre, c, h, tc);
     }
     fn gru_rows(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
         super::fastmath::gru_rows(hid, x, hr, rbh, h);

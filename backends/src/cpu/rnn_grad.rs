@@ -895,15 +895,23 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let mut pre = vec![zero; pre_steps * n * gh];
         let mut hp_all = vec![zero; t_len * nh];
         let mut cp_all = if lstm { vec![zero; t_len * nh] } else { vec![] };
-        let mut aux = if lstm || gru {
+        // The new c per step (the plain LSTM's backward reads it for a P input only).
+        let keep_c = gru || (lstm && (!plain_lstm || self.need_dp));
+        let mut aux = if keep_c {
             vec![zero; t_len * nh]
         } else {
             vec![]
         };
         let mut rh_all = if lbr0 { vec![zero; t_len * nh] } else { vec![] };
-        // Gate activations [N, G·H] per step, and act(c') for LSTM: the backward reads
-        // them instead of recomputing (sigmoid and tanh derivatives come from outputs).
-        let mut act = vec![zero; t_len * n * gh];
+        // Gate activations [N, G·H] by time index, and act(c') for LSTM: the backward
+        // reads them instead of recomputing (sigmoid and tanh derivatives come from
+        // outputs). The plain LSTM's step turns its rows of the projections into them:
+        // one array, no copy.
+        let mut act = if plain_lstm {
+            std::mem::take(&mut xw)
+        } else {
+            vec![zero; t_len * n * gh]
+        };
         let mut tc = if lstm { vec![zero; t_len * nh] } else { vec![] };
         let mut hr = vec![zero; n * gh];
         let mut rh = vec![zero; nh];
@@ -912,12 +920,30 @@ impl<'a, T: RFloat> Dir<'a, T> {
             if lstm {
                 cp_all[k * nh..(k + 1) * nh].copy_from_slice(&cs);
             }
+            if plain_lstm && (0..n).all(|b| active(t, b)) {
+                // Every row runs: h·Rᵀ adds onto the step's projections in place and
+                // one pass turns them into the activations, c, h and tanh(c).
+                let at = &mut act[t * n * gh..(t + 1) * n * gh];
+                let acc = GemmMode::ACCUMULATE.serial_if(nested);
+                T::packed_gemm(rt_packed, n, &hs, h, at, gh, acc);
+                let tck = &mut tc[k * nh..(k + 1) * nh];
+                T::lstm_rows_keep(h, &bias_t, at, &mut cs, &mut hs, tck);
+                if keep_c {
+                    aux[k * nh..(k + 1) * nh].copy_from_slice(&cs);
+                }
+                if let Some(y) = y.as_mut() {
+                    y[t * nh..(t + 1) * nh].copy_from_slice(&hs);
+                }
+                continue;
+            }
             T::packed_gemm(rt_packed, n, &hs, h, &mut hr, gh, set);
             let kp = if plain_lstm { 0 } else { k };
             let pk = &mut pre[kp * n * gh..(kp + 1) * n * gh];
             // x·Wᵀ + bias + h·Rᵀ, in the tensor's precision (the GRU candidate's
-            // recurrent term is added below, after the reset gate).
+            // recurrent term is added below, after the reset gate; the plain LSTM's
+            // projections are in `act`).
             let rec_to = if gru { 2 * h } else { gh };
+            let xw = if plain_lstm { &act } else { &xw };
             for b in 0..n {
                 let xr = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
                 let (row, hrow) = (&mut pk[b * gh..(b + 1) * gh], &hr[b * gh..(b + 1) * gh]);
@@ -931,7 +957,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
             if gru {
                 // r from the z/r pre-activations, then the candidate's recurrent term.
                 for b in 0..n {
-                    let row = k * n * gh + b * gh;
+                    let row = t * n * gh + b * gh;
                     for u in 0..h {
                         act[row + h + u] = T::of(c(pk[b * gh + h + u].to()).0);
                     }
@@ -955,7 +981,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
                         if lbr0 {
                             pk[at] = T::of(pk[at].to() + lin);
                         } else {
-                            let r = act[k * n * gh + b * gh + h + u].to();
+                            let r = act[t * n * gh + b * gh + h + u].to();
                             aux[k * nh + b * h + u] = T::of(lin);
                             pk[at] = T::of(pk[at].to() + r * lin);
                         }
@@ -968,7 +994,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
                 if !active(t, b) {
                     continue;
                 }
-                let row = k * n * gh + b * gh;
+                let row = t * n * gh + b * gh;
                 let st = b * h;
                 let pre_at = |j: usize, u: usize| pk[b * gh + j * h + u].to();
                 match spec.cell {
@@ -981,13 +1007,14 @@ impl<'a, T: RFloat> Dir<'a, T> {
                         let (fg, cc) = fg_cc.split_at(h);
                         let (ig, og) = io.split_at(h);
                         let tcr = &mut tc[k * nh + st..k * nh + st + h];
-                        let auxr = &mut aux[k * nh + st..k * nh + st + h];
                         let cr = &mut cs[st..st + h];
                         for u in 0..h {
                             let cn = fg[u] * cr[u] + ig[u] * cc[u];
-                            auxr[u] = cn;
                             cr[u] = cn;
                             tcr[u] = cn;
+                        }
+                        if keep_c {
+                            aux[k * nh + st..k * nh + st + h].copy_from_slice(cr);
                         }
                         T::act_slice(Act::Tanh, tcr);
                         let hr_ = &mut hs[st..st + h];
@@ -1143,7 +1170,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
             }
             // (The plain LSTM's forward kept one scratch step, which it does not read.)
             let pk = pre.get(k * n * gh..(k + 1) * n * gh).unwrap_or_default();
-            let ak = &act[k * n * gh..(k + 1) * n * gh];
+            let ak = &act[t * n * gh..(t + 1) * n * gh];
             let hp = &hp_all[t * nh..(t + 1) * nh];
             let gx = &mut dgx[t * n * gh..(t + 1) * n * gh];
             let gr: &mut [T] = if gru {
@@ -1313,9 +1340,10 @@ impl<'a, T: RFloat> Dir<'a, T> {
     }
 }
 
-/// A block's forward, its rows only, by processing step k (pre, act, cp, aux, tc) or by
-/// time index (hp, rh, y): what the backward reads, the final states, and (when asked
-/// for) every step's h.
+/// A block's forward, its rows only, by processing step k (pre, cp, aux, tc) or by
+/// time index (act, hp, rh, y): what the backward reads, the final states, and (when
+/// asked for) every step's h. `aux` (the new c, or the GRU's reset-after product) is
+/// empty for the plain LSTM without a P input, which does not read it.
 struct Fwd<T> {
     pre: Vec<T>,
     act: Vec<T>,
