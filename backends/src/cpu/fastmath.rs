@@ -441,28 +441,103 @@ fn lstm_rows_with<const FMA: bool>(
 /// # Panics
 /// When the lengths do not fit `hid` (a caller's bug, not a user's input).
 pub fn gru_rows(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
+    // Checks the lengths (the kernels below index by them).
+    drop(gru_row_sets(hid, x, hr, rbh, h));
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA.
-        unsafe { gru_rows_avx2(hid, x, hr, rbh, h) };
+        // SAFETY: the CPU supports AVX2 and FMA; the lengths fit `hid` (checked above);
+        // with KEEP false nothing is written through the pointers from `x` or to `lin`.
+        unsafe {
+            gru_rows_avx2::<false>(hid, x.as_ptr().cast_mut(), hr, rbh, h, std::ptr::null_mut())
+        };
         return;
     }
     gru_rows_with::<false>(hid, x, hr, rbh, h);
 }
 
+/// [`gru_rows`] for a training forward, which keeps what the backward reads: `x` comes in
+/// as X·Wᵀ + b and leaves as the gates' activations (z, r and the candidate n), and `lin`
+/// (`[rows, hid]`) receives the candidate's recurrent term h·R_hᵀ + b_rh. The same values
+/// as [`gru_rows`].
+///
+/// # Panics
+/// When the lengths do not fit `hid` (a caller's bug, not a user's input).
+pub fn gru_rows_keep(
+    hid: usize,
+    x: &mut [f32],
+    hr: &[f32],
+    rbh: &[f32],
+    h: &mut [f32],
+    lin: &mut [f32],
+) {
+    drop(gru_row_sets(hid, x, hr, rbh, h));
+    assert_eq!(
+        lin.len(),
+        h.len(),
+        "gru_rows_keep: recurrent term rows do not fit"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA; the lengths fit `hid` (checked above),
+        // and `x` and `lin` are exclusive borrows.
+        unsafe { gru_rows_avx2::<true>(hid, x.as_mut_ptr(), hr, rbh, h, lin.as_mut_ptr()) };
+        return;
+    }
+    gru_rows_keep_with::<false>(hid, x, hr, rbh, h, lin);
+}
+
+/// One lane of the GRU step (reset-after) from its pre-activations less the candidate's
+/// recurrent term (z, r, n order), that term and the state: the gates' activations and
+/// the new state.
+#[inline(always)]
+fn gru_lane<const FMA: bool>(p: [f32; 3], lin: f32, h: f32) -> ([f32; 3], f32) {
+    let z = sigmoid_with::<FMA>(p[0]);
+    let r = sigmoid_with::<FMA>(p[1]);
+    let n = tanh_with::<FMA>(p[2] + r * lin);
+    ([z, r, n], (1.0 - z) * n + z * h)
+}
+
+/// The AVX2 GRU step kernel (see [`gru_rows`]); with `KEEP` the activations are written
+/// back over `x` and the candidate's recurrent term to `lin`.
+///
+/// # Safety
+/// AVX2/FMA; `hr`, `rbh`, `h` fit `hid` as [`gru_row_sets`] checks; `x` points at
+/// `h.len() / hid` rows of `3·hid` values, `lin` (with `KEEP`) at `h.len()` values, both
+/// written only with `KEEP`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn gru_rows_avx2(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
+unsafe fn gru_rows_avx2<const KEEP: bool>(
+    hid: usize,
+    x: *mut f32,
+    hr: &[f32],
+    rbh: &[f32],
+    h: &mut [f32],
+    lin: *mut f32,
+) {
     use std::arch::x86_64::*;
     let lanes = hid / 16 * 16;
-    for (x, r, h) in gru_row_sets(hid, x, hr, rbh, h) {
-        let (xp, rp) = (x.as_ptr(), r.as_ptr());
-        // SAFETY (the closures): callers pass j + 8 ≤ hid and k < 3, inside the rows of
-        // x and r (3·hid values) and of h and rbh (hid).
+    for (row, (r, h)) in hr
+        .chunks_exact(3 * hid)
+        .zip(h.chunks_exact_mut(hid))
+        .enumerate()
+    {
+        // SAFETY (all pointer arithmetic below): row < rows, lanes < hid, gates < 3.
+        let (xp, rp) = (unsafe { x.add(row * 3 * hid) }, r.as_ptr());
+        let lp = if KEEP {
+            unsafe { lin.add(row * hid) }
+        } else {
+            lin
+        };
         let ld = |p: *const f32, k: usize, j: usize| unsafe { _mm256_loadu_ps(p.add(k * hid + j)) };
+        let keep = |p: *mut f32, k: usize, j: usize, v: __m256| {
+            if KEEP {
+                unsafe { _mm256_storeu_ps(p.add(k * hid + j), v) };
+            }
+        };
         let pre = |k: usize, j: usize| _mm256_add_ps(ld(xp, k, j), ld(rp, k, j));
         // Two blocks of 8 lanes at once, the functions side by side (see
-        // `lstm_rows_avx2`).
+        // `lstm_rows_avx2`). Each lane's inputs are read before its activations
+        // overwrite them.
         for j in (0..lanes).step_by(16) {
             let [tz0, tr0, tz1, tr1] = v8::tanh([
                 v8::half(pre(0, j)),
@@ -470,15 +545,20 @@ fn gru_rows_avx2(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) 
                 v8::half(pre(0, j + 8)),
                 v8::half(pre(1, j + 8)),
             ]);
-            let arg = |j: usize, tr: __m256| {
-                let rec = _mm256_add_ps(ld(rp, 2, j), ld(rbh.as_ptr(), 0, j));
-                _mm256_add_ps(ld(xp, 2, j), _mm256_mul_ps(v8::sigmoid_of(tr), rec))
+            let rec = |j: usize| _mm256_add_ps(ld(rp, 2, j), ld(rbh.as_ptr(), 0, j));
+            let (rec0, rec1) = (rec(j), rec(j + 8));
+            let (r0, r1) = (v8::sigmoid_of(tr0), v8::sigmoid_of(tr1));
+            let arg = |j: usize, r: __m256, rec: __m256| {
+                _mm256_add_ps(ld(xp, 2, j), _mm256_mul_ps(r, rec))
             };
-            let [n0, n1] = v8::tanh([arg(j, tr0), arg(j + 8, tr1)]);
-            for (jj, tz, n) in [(j, tz0, n0), (j + 8, tz1, n1)] {
+            let [n0, n1] = v8::tanh([arg(j, r0, rec0), arg(j + 8, r1, rec1)]);
+            for (jj, tz, r, rec, n) in [(j, tz0, r0, rec0, n0), (j + 8, tz1, r1, rec1, n1)] {
                 let z = v8::sigmoid_of(tz);
+                keep(xp, 0, jj, z);
+                keep(xp, 1, jj, r);
+                keep(xp, 2, jj, n);
+                keep(lp, 0, jj, rec);
                 let hp = h.as_mut_ptr();
-                // SAFETY: jj + 8 ≤ hid = h's length.
                 unsafe {
                     let old = _mm256_loadu_ps(hp.add(jj));
                     let one_z = _mm256_sub_ps(_mm256_set1_ps(1.0), z);
@@ -488,26 +568,49 @@ fn gru_rows_avx2(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) 
             }
         }
         for j in lanes..hid {
-            let at = |v: &[f32], k: usize| v[k * hid + j];
-            let z = sigmoid_with::<true>(at(x, 0) + at(r, 0));
-            let rg = sigmoid_with::<true>(at(x, 1) + at(r, 1));
-            let n = tanh_with::<true>(at(x, 2) + rg * (at(r, 2) + rbh[j]));
-            h[j] = (1.0 - z) * n + z * h[j];
+            let xv = |k: usize| unsafe { *xp.add(k * hid + j) };
+            let l = r[2 * hid + j] + rbh[j];
+            let p = [xv(0) + r[j], xv(1) + r[hid + j], xv(2)];
+            let (a, hn) = gru_lane::<true>(p, l, h[j]);
+            h[j] = hn;
+            if KEEP {
+                for (k, v) in a.into_iter().enumerate() {
+                    unsafe { *xp.add(k * hid + j) = v };
+                }
+                unsafe { *lp.add(j) = l };
+            }
         }
     }
 }
 
 #[inline(always)]
 fn gru_rows_with<const FMA: bool>(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
-    let rbh = &rbh[..hid];
     for (x, r, h) in gru_row_sets(hid, x, hr, rbh, h) {
-        let (xz, xr, xh) = (&x[..hid], &x[hid..2 * hid], &x[2 * hid..]);
-        let (rz, rr, rh) = (&r[..hid], &r[hid..2 * hid], &r[2 * hid..]);
         for j in 0..hid {
-            let z = sigmoid_with::<FMA>(xz[j] + rz[j]);
-            let r = sigmoid_with::<FMA>(xr[j] + rr[j]);
-            let n = tanh_with::<FMA>(xh[j] + r * (rh[j] + rbh[j]));
-            h[j] = (1.0 - z) * n + z * h[j];
+            let p = [x[j] + r[j], x[hid + j] + r[hid + j], x[2 * hid + j]];
+            h[j] = gru_lane::<FMA>(p, r[2 * hid + j] + rbh[j], h[j]).1;
+        }
+    }
+}
+
+/// [`gru_rows_keep`] in plain Rust (and FMA where compiled with it).
+#[inline(always)]
+fn gru_rows_keep_with<const FMA: bool>(
+    hid: usize,
+    x: &mut [f32],
+    hr: &[f32],
+    rbh: &[f32],
+    h: &mut [f32],
+    lin: &mut [f32],
+) {
+    let rows = x.chunks_exact_mut(3 * hid).zip(lin.chunks_exact_mut(hid));
+    for ((x, l), (r, h)) in rows.zip(hr.chunks_exact(3 * hid).zip(h.chunks_exact_mut(hid))) {
+        for j in 0..hid {
+            let p = [x[j] + r[j], x[hid + j] + r[hid + j], x[2 * hid + j]];
+            l[j] = r[2 * hid + j] + rbh[j];
+            let (a, hn) = gru_lane::<FMA>(p, l[j], h[j]);
+            h[j] = hn;
+            (x[j], x[hid + j], x[2 * hid + j]) = (a[0], a[1], a[2]);
         }
     }
 }
@@ -671,6 +774,42 @@ mod tests {
                     assert!(
                         (got as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
                         "GRU row {b} lane {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        // The training forward's GRU step: the same h, the activations over the inputs
+        // and the candidate's recurrent term beside them.
+        type GStep = fn(usize, &[f32], &[f32], &[f32], &mut [f32]);
+        type GKeep = fn(usize, &mut [f32], &[f32], &[f32], &mut [f32], &mut [f32]);
+        let pairs: [(GStep, GKeep); 2] = [
+            (gru_rows, gru_rows_keep),
+            (gru_rows_with::<false>, gru_rows_keep_with::<false>),
+        ];
+        for (step, keep) in pairs {
+            let mut h = h0.clone();
+            step(hid, x3, hr3, &rbh, &mut h);
+            let (mut hk, mut xk) = (h0.clone(), x3.to_vec());
+            let mut lin = vec![0f32; rows * hid];
+            keep(hid, &mut xk, hr3, &rbh, &mut hk, &mut lin);
+            assert_eq!(hk, h);
+            for b in 0..rows {
+                for j in 0..hid {
+                    let at = |v: &[f32], k: usize| v[b * 3 * hid + k * hid + j] as f64;
+                    let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+                    let l = at(hr3, 2) + rbh[j] as f64;
+                    let r = sig(at(x3, 1) + at(hr3, 1));
+                    let want = [sig(at(x3, 0) + at(hr3, 0)), r, (at(x3, 2) + r * l).tanh()];
+                    for (k, w) in want.into_iter().enumerate() {
+                        let got = at(&xk, k);
+                        assert!(
+                            (got - w).abs() < 1e-6,
+                            "GRU row {b} gate {k} lane {j}: {got} vs {w}"
+                        );
+                    }
+                    assert!(
+                        (lin[b * hid + j] as f64 - l).abs() < 1e-6,
+                        "GRU h·R_hᵀ + b {b} {j}"
                     );
                 }
             }

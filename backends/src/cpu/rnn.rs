@@ -78,6 +78,19 @@ pub trait RFloat:
     fn gru_rows(hid: usize, x: &[Self], hr: &[Self], rbh: &[Self], h: &mut [Self]) {
         gru_rows_generic(hid, x, hr, rbh, h);
     }
+    /// [`Self::gru_rows`] keeping what a training backward reads: `x` comes in as
+    /// X·Wᵀ + b and leaves as the gates' activations (z, r, n), `lin` (`[rows, hid]`)
+    /// receives h·R_hᵀ + b_rh (f32: [`super::fastmath::gru_rows_keep`]).
+    fn gru_rows_keep(
+        hid: usize,
+        x: &mut [Self],
+        hr: &[Self],
+        rbh: &[Self],
+        h: &mut [Self],
+        lin: &mut [Self],
+    ) {
+        gru_rows_keep_generic(hid, x, hr, rbh, h, lin);
+    }
     /// `C[m×n] = A[m×k]·B[k×n] (+ C when accumulate)`, strided as in `crate::gemm`.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -166,6 +179,36 @@ pub fn gru_rows_generic<T: RFloat>(hid: usize, x: &[T], hr: &[T], rbh: &[T], h: 
             let rg = sig.apply(x[hid + j] + r[hid + j]);
             let n = tanh.apply(x[2 * hid + j] + rg * (r[2 * hid + j] + rbh[j]));
             h[j] = (one - z) * n + z * h[j];
+        }
+    }
+}
+
+/// [`RFloat::gru_rows_keep`] for any float: [`gru_rows_generic`]'s formulas.
+pub fn gru_rows_keep_generic<T: RFloat>(
+    hid: usize,
+    x: &mut [T],
+    hr: &[T],
+    rbh: &[T],
+    h: &mut [T],
+    lin: &mut [T],
+) {
+    let (sig, tanh) = (Act::Sigmoid, Act::Tanh);
+    let one = T::of(1.0);
+    drop(super::fastmath::gru_row_sets(hid, x, hr, rbh, h));
+    assert_eq!(
+        lin.len(),
+        h.len(),
+        "gru_rows_keep: recurrent term rows do not fit"
+    );
+    let rows = x.chunks_exact_mut(3 * hid).zip(lin.chunks_exact_mut(hid));
+    for ((x, l), (r, h)) in rows.zip(hr.chunks_exact(3 * hid).zip(h.chunks_exact_mut(hid))) {
+        for j in 0..hid {
+            let z = sig.apply(x[j] + r[j]);
+            let rg = sig.apply(x[hid + j] + r[hid + j]);
+            l[j] = r[2 * hid + j] + rbh[j];
+            let n = tanh.apply(x[2 * hid + j] + rg * l[j]);
+            h[j] = (one - z) * n + z * h[j];
+            (x[j], x[hid + j], x[2 * hid + j]) = (z, rg, n);
         }
     }
 }
@@ -280,6 +323,16 @@ rfloat_impl!(f32, F32, sgemm, {
     }
     fn gru_rows(hid: usize, x: &[f32], hr: &[f32], rbh: &[f32], h: &mut [f32]) {
         super::fastmath::gru_rows(hid, x, hr, rbh, h);
+    }
+    fn gru_rows_keep(
+        hid: usize,
+        x: &mut [f32],
+        hr: &[f32],
+        rbh: &[f32],
+        h: &mut [f32],
+        lin: &mut [f32],
+    ) {
+        super::fastmath::gru_rows_keep(hid, x, hr, rbh, h, lin);
     }
     fn act_slice(a: Act, v: &mut [f32]) {
         match a {

@@ -641,6 +641,17 @@ impl<'a, T: RFloat> Dir<'a, T> {
             && self.p.iter().all(|&v| v == 0.0)
     }
 
+    /// The common GRU (reset-after, σ and tanh, no clip): its steps run the one-pass
+    /// kernel forward and f32 slices backward.
+    fn plain_gru(&self) -> bool {
+        let spec = self.cx.spec;
+        let (f, g, _) = self.acts3();
+        spec.cell == Cell::Gru
+            && spec.linear_before_reset
+            && spec.clip.is_none()
+            && (f, g) == (Act::Sigmoid, Act::Tanh)
+    }
+
     /// Weights packed once for every block and step of the forward: Wᵀ for the input
     /// projections, Rᵀ (the z/r columns apart from the h columns for reset-before GRU).
     fn forward_packs(&self) -> FwdPacks<T> {
@@ -869,11 +880,20 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let bias_t: Vec<T> = bias.iter().map(|&v| T::of(v)).collect();
         let rbh: &[f64] = if gru { &self.rb[2 * h..3 * h] } else { &[] };
         let plain_lstm = self.plain_lstm();
+        let plain_gru = self.plain_gru();
         // ---- forward: the block's input projections, all steps (its rows of one
-        // step are contiguous in X) ----
-        let mut xw = vec![zero; t_len * n * gh];
+        // step are contiguous in X); the plain GRU's start from the bias, which its
+        // one-pass step reads with them ----
+        let (mut xw, proj) = if plain_gru {
+            let acc = GemmMode::ACCUMULATE.serial_if(nested);
+            (bias_t.repeat(t_len * n), acc)
+        } else {
+            (vec![zero; t_len * n * gh], set)
+        };
+        let bias_t = if plain_gru { vec![zero; gh] } else { bias_t };
+        let rbh_t: Vec<T> = rbh.iter().map(|&v| T::of(v)).collect();
         if n == n_all {
-            T::packed_gemm(&packs.wt, t_len * n, self.x, isz, &mut xw, gh, set);
+            T::packed_gemm(&packs.wt, t_len * n, self.x, isz, &mut xw, gh, proj);
         } else {
             // The block's rows of every step gathered first: one product of T·nb rows
             // reads W once per row chunk instead of once per step.
@@ -881,7 +901,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
             for t in 0..t_len {
                 xb.extend_from_slice(&self.x[(t * n_all + b0) * isz..(t * n_all + b0 + nb) * isz]);
             }
-            T::packed_gemm(&packs.wt, t_len * n, &xb, isz, &mut xw, gh, set);
+            T::packed_gemm(&packs.wt, t_len * n, &xb, isz, &mut xw, gh, proj);
         }
         let (rt_packed, rht_packed) = (&packs.rt, &packs.rht);
         let mut y = want_y.then(|| vec![zero; t_len * nh]);
@@ -891,7 +911,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
         // the step, and the LSTM new c / GRU reset-after h·R_hᵀ + b_rh, r⊙h (reset-before).
         // The plain LSTM's backward reads only the activations: one step's
         // pre-activations at a time then.
-        let pre_steps = if plain_lstm { 1 } else { t_len };
+        let pre_steps = if plain_lstm || plain_gru { 1 } else { t_len };
         let mut pre = vec![zero; pre_steps * n * gh];
         let mut hp_all = vec![zero; t_len * nh];
         let mut cp_all = if lstm { vec![zero; t_len * nh] } else { vec![] };
@@ -907,7 +927,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
         // reads them instead of recomputing (sigmoid and tanh derivatives come from
         // outputs). The plain LSTM's step turns its rows of the projections into them:
         // one array, no copy.
-        let mut act = if plain_lstm {
+        let mut act = if plain_lstm || plain_gru {
             std::mem::take(&mut xw)
         } else {
             vec![zero; t_len * n * gh]
@@ -937,13 +957,24 @@ impl<'a, T: RFloat> Dir<'a, T> {
                 continue;
             }
             T::packed_gemm(rt_packed, n, &hs, h, &mut hr, gh, set);
-            let kp = if plain_lstm { 0 } else { k };
+            if plain_gru && (0..n).all(|b| active(t, b)) {
+                // Every row runs: one pass from the projections (with the bias) and
+                // h·Rᵀ to the activations, h and the candidate's recurrent term.
+                let at = &mut act[t * n * gh..(t + 1) * n * gh];
+                let lin = &mut aux[k * nh..(k + 1) * nh];
+                T::gru_rows_keep(h, at, &hr, &rbh_t, &mut hs, lin);
+                if let Some(y) = y.as_mut() {
+                    y[t * nh..(t + 1) * nh].copy_from_slice(&hs);
+                }
+                continue;
+            }
+            let kp = if plain_lstm || plain_gru { 0 } else { k };
             let pk = &mut pre[kp * n * gh..(kp + 1) * n * gh];
             // x·Wᵀ + bias + h·Rᵀ, in the tensor's precision (the GRU candidate's
-            // recurrent term is added below, after the reset gate; the plain LSTM's
-            // projections are in `act`).
+            // recurrent term is added below, after the reset gate; the plain cells'
+            // projections are in `act`, the plain GRU's with the bias).
             let rec_to = if gru { 2 * h } else { gh };
-            let xw = if plain_lstm { &act } else { &xw };
+            let xw = if plain_lstm || plain_gru { &act } else { &xw };
             for b in 0..n {
                 let xr = &xw[(t * n + b) * gh..(t * n + b + 1) * gh];
                 let (row, hrow) = (&mut pk[b * gh..(b + 1) * gh], &hr[b * gh..(b + 1) * gh]);
@@ -1128,6 +1159,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
         let (f, ga, ha) = self.acts3();
         let c = |v: f64| clip(v, spec.clip);
         let plain_lstm = self.plain_lstm();
+        let plain_gru = self.plain_gru();
         let Fwd {
             pre,
             act,
@@ -1222,6 +1254,31 @@ impl<'a, T: RFloat> Dir<'a, T> {
                     }
                     continue;
                 }
+                if plain_gru {
+                    // The general GRU loop and its reset-gate loop below with the clip
+                    // dropped, on slices in the tensor's precision.
+                    let one = T::of(1.0);
+                    let row = &ak[b * gh..(b + 1) * gh];
+                    let (z_a, r_a, n_a) = (&row[..h], &row[h..2 * h], &row[2 * h..]);
+                    let at = b * h;
+                    let lin = &aux[k * nh + at..k * nh + at + h];
+                    let (hp_r, dh_r) = (&hp[at..at + h], &dh[at..at + h]);
+                    let (gxz, rest) = gx[b * gh..(b + 1) * gh].split_at_mut(h);
+                    let (gxr, gxn) = rest.split_at_mut(h);
+                    let (grz, rest) = gr[b * gh..(b + 1) * gh].split_at_mut(h);
+                    let (grr, grn) = rest.split_at_mut(h);
+                    let dhp = &mut dh_prev[at..at + h];
+                    for u in 0..h {
+                        let (z, r, nn, d) = (z_a[u], r_a[u], n_a[u], dh_r[u]);
+                        let dz = d * (hp_r[u] - nn) * z * (one - z);
+                        let dn = d * (one - z) * (one - nn * nn);
+                        let dr = dn * lin[u] * r * (one - r);
+                        (gxz[u], gxr[u], gxn[u]) = (dz, dr, dn);
+                        (grz[u], grr[u], grn[u]) = (dz, dr, dn * r);
+                        dhp[u] = d * z;
+                    }
+                    continue;
+                }
                 for u in 0..h {
                     let at = b * h + u;
                     let g = |j: usize| pk[b * gh + j * h + u].to();
@@ -1282,7 +1339,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
                     }
                 }
             }
-            if gru {
+            if gru && !plain_gru {
                 // The reset gate and the candidate's recurrent term.
                 if lbr0 {
                     // d(r⊙h) = dpre_h · R_h
