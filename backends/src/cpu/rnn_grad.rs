@@ -890,6 +890,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
         } else {
             (vec![zero; t_len * n * gh], set)
         };
+        // What the per-step sums still add: nothing where the projections hold it.
         let bias_t = if plain_gru { vec![zero; gh] } else { bias_t };
         let rbh_t: Vec<T> = rbh.iter().map(|&v| T::of(v)).collect();
         if n == n_all {
