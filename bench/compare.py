@@ -20,7 +20,10 @@ Peers, each used when importable (`pip install -r bench/requirements.txt`):
 Every measurement is its own process, pinned to the first N cores (`--threads`); each peer
 is timed with 1 thread and with N and the faster counts (as the issue's table does).
 Rounds alternate the tools so they see the same machine. A ratio is cellgraph's median over
-rounds divided by the fastest peer's: below 1 means cellgraph is faster. Peak memory is each
+rounds divided by the fastest peer's: below 1 means cellgraph is faster. Each round's own
+ratio is printed too, and `paired`, the median of those: when the machine drifts between
+rounds (this VM moves the same binary by up to 1.9x), the two medians can land in different
+rounds, and the paired figure compares runs that saw the same minute. Peak memory is each
 process's peak resident set (Python processes include the interpreter and the framework).
 
 Before timing, the script samples the CPUs for a second and reads the load average, and says
@@ -251,7 +254,7 @@ def main():
         out = subprocess.run([exe, "bench", "--json", "--runs", "1", "--step", "inference", "--export-dir", d]
                              + sum((["--workload", w] for w in ids), []), check=True, capture_output=True, text=True).stdout
         names = {r["id"]: r["workload"] for r in (json.loads(l) for l in out.splitlines() if l.startswith("{"))}
-        print(f"\n{'':4}{'step':<10}{'cellgraph ms':>13}{'peer':>10}{'peer ms':>10}{'ratio':>7}  per round (cellgraph/peer)   peak MiB cellgraph / peer")
+        print(f"\n{'':4}{'step':<10}{'cellgraph ms':>13}{'peer':>10}{'peer ms':>10}{'ratio':>7}  per round (cellgraph/peer; paired)   peak MiB cellgraph / peer")
         for wid in ids:
             w = WORKLOADS[wid]
             runs = args.big_runs if w[4] >= 256 else args.runs
@@ -283,15 +286,17 @@ def main():
                     continue
                 best = min(timed, key=timed.get)
                 ratio = median(cg) / timed[best]
-                per = " ".join(f"{a / b:.2f}" for a, b in zip(cg, pm[best]))
+                rounds = [a / b for a, b in zip(cg, pm[best])]
+                per = " ".join(f"{x:.2f}" for x in rounds)
+                paired = median(rounds)
                 label = f"{best[0]}/{best[1]}t"
-                print(f"{wid:<4}{step:<10}{median(cg):>13.3f}{label:>10}{timed[best]:>10.3f}{ratio:>7.2f}  ({per})   {max(cg_peak):.0f} / {pk[best]:.0f}")
+                print(f"{wid:<4}{step:<10}{median(cg):>13.3f}{label:>10}{timed[best]:>10.3f}{ratio:>7.2f}  ({per}; paired {paired:.2f})   {max(cg_peak):.0f} / {pk[best]:.0f}")
                 for (p, t), v in sorted(timed.items()):
                     if (p, t) != best:
                         print(f"{'':14}{'':13}{p + '/' + str(t) + 't':>10}{v:>10.3f}{median(cg) / v:>7.2f}   peak {pk[(p, t)]:.0f} MiB")
                 records.append({"workload": wid, "step": step, "cellgraph_ms": cg, "cellgraph_peak_mib": max(cg_peak),
                                 "peers": {f"{p}/{t}t": {"ms": v, "peak_mib": pk.get((p, t))} for (p, t), v in pm.items()},
-                                "fastest_peer": label, "ratio": ratio})
+                                "fastest_peer": label, "ratio": ratio, "paired_ratio": paired})
     busy_after = cpu_busy_fraction()
     print(f"\nCPUs busy {busy_after:.0%} over 1 s after timing; load average {os.getloadavg()[0]:.2f}")
     if args.json:
