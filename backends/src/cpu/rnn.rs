@@ -964,11 +964,7 @@ impl<T: RFloat> Direction<'_, T> {
                 for (i, pre) in xs.chunks_exact_mut(nb * gh).take(steps).enumerate() {
                     T::packed_gemm(r_packed, nb, &hs, h, pre, gh, acc);
                     T::lstm_rows(h, &self.bias, pre, &mut cs, &mut hs);
-                    for b in 0..nb {
-                        if let Some(t) = self.active(s0 + i, b0 + b) {
-                            self.write_y(t, b0 + b, &hs[b * h..(b + 1) * h]);
-                        }
-                    }
+                    self.write_active_rows(s0 + i, b0, &hs);
                 }
                 continue;
             }
@@ -1147,11 +1143,7 @@ impl<T: RFloat> Direction<'_, T> {
                 Cell::Rnn => false,
             };
             if one_pass {
-                for b in 0..nb {
-                    if let Some(t) = self.active(s, b0 + b) {
-                        self.write_y(t, b0 + b, &hs[b * h..(b + 1) * h]);
-                    }
-                }
+                self.write_active_rows(s, b0, hs);
                 return;
             }
         }
@@ -1254,6 +1246,17 @@ impl<T: RFloat> Direction<'_, T> {
                 }
             }
             self.write_y(t, b0 + b, &hs[b * h..(b + 1) * h]);
+        }
+    }
+
+    /// The Y rows of step s for the block's rows that run it (rows `b0..`, their H in
+    /// `hs`).
+    fn write_active_rows(&self, s: usize, b0: usize, hs: &[T]) {
+        let h = self.spec.hidden;
+        for (b, row) in hs.chunks_exact(h.max(1)).enumerate() {
+            if let Some(t) = self.active(s, b0 + b) {
+                self.write_y(t, b0 + b, row);
+            }
         }
     }
 
