@@ -11,6 +11,7 @@ pub mod rnn;
 pub mod rnn_grad;
 mod sequence;
 mod shape;
+mod steal;
 pub(crate) mod util;
 
 use crate::data::Data;

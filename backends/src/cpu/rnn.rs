@@ -8,6 +8,7 @@
 //! GEMM with the recurrent weights (two for GRU with `linear_before_reset=0`) and fused
 //! gate arithmetic. Gate math runs in the tensor's own precision (f32 or f64).
 
+use super::steal::{Board, Slot};
 use super::util::{input, opt_input};
 use crate::data::Data;
 use crate::gemm::{dgemm, sgemm};
@@ -723,8 +724,19 @@ pub struct Outputs<T> {
     pub yc: Vec<T>,
 }
 
-/// Runs the fused recurrent kernel.
+/// Runs the fused recurrent kernel. On several threads, each runs whole blocks of
+/// batch rows through every step and then takes rows from the block with the most work
+/// left (see `steal`); the values are the same bit for bit however the rows were shared.
 pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, String> {
+    run_with(spec, inp, true)
+}
+
+/// [`run`]; `share`: idle threads take rows from running blocks.
+fn run_with<T: RFloat>(
+    spec: &Spec,
+    inp: &Inputs<'_, T>,
+    share: bool,
+) -> Result<Outputs<T>, String> {
     let (t_len, n, isz) = inp.dims;
     let h = spec.hidden;
     let g = spec.cell.gates();
@@ -831,29 +843,72 @@ pub fn run<T: RFloat>(spec: &Spec, inp: &Inputs<'_, T>) -> Result<Outputs<T>, St
         };
         dirs.push(dir);
     }
-    // (direction, first row, its final H rows, its final C rows) for every block.
+    // Every block: its direction and rows, from step 0 with the initial states.
     let mut blocks = Vec::new();
     if n * h > 0 {
-        for (d, (yh_d, yc_d)) in yh.chunks_mut(n * h).zip(yc.chunks_mut(n * h)).enumerate() {
-            let rows = yh_d
-                .chunks_mut(rows_per * h)
-                .zip(yc_d.chunks_mut(rows_per * h));
-            for (i, (yh_b, yc_b)) in rows.enumerate() {
-                blocks.push((d, i * rows_per, yh_b, yc_b));
+        for dir in &dirs {
+            for b0 in (0..n).step_by(rows_per) {
+                blocks.push(dir.start(b0, rows_per.min(n - b0)));
             }
         }
     }
+    let mut done = Vec::with_capacity(blocks.len());
     if parallel && blocks.len() > 1 {
-        blocks
-            .into_par_iter()
-            .for_each(|(d, b0, yh_b, yc_b)| dirs[d].rows(b0, yh_b, yc_b, true));
+        // Each thread takes whole blocks while there are any, then part of the rows of
+        // the running block with the most work left (see `steal`).
+        let board = Board::new();
+        let slots: Vec<_> = blocks
+            .iter()
+            .map(|p| board.register(dirs[p.d].work(p.b0, p.hs.len() / h.max(1), p.s)))
+            .collect();
+        let queue = std::sync::Mutex::new(blocks.into_iter().zip(slots).collect::<Vec<_>>());
+        let finished = std::sync::Mutex::new(Vec::new());
+        let pop = || queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        (0..threads).into_par_iter().for_each(|_| {
+            let mut mine = Vec::new();
+            while let Some((part, slot)) = pop() {
+                mine.push(dirs[part.d].rows(part, Some(&slot), true));
+            }
+            while let Some(part) = share.then(|| board.take()).flatten() {
+                let slot = board.register(0);
+                mine.push(dirs[part.d].rows(part, Some(&slot), true));
+            }
+            finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&mut mine);
+        });
+        done = finished.into_inner().unwrap_or_else(|e| e.into_inner());
     } else {
-        for (d, b0, yh_b, yc_b) in blocks {
-            dirs[d].rows(b0, yh_b, yc_b, false);
+        for part in blocks {
+            done.push(dirs[part.d].rows(part, None, false));
+        }
+    }
+    // The final states of every block's rows (or of the parts it was split into).
+    for part in done {
+        let at = (part.d * n + part.b0) * h;
+        yh[at..at + part.hs.len()].copy_from_slice(&part.hs);
+        if !part.cs.is_empty() {
+            yc[at..at + part.cs.len()].copy_from_slice(&part.cs);
         }
     }
     Ok(Outputs { y, yh, yc })
 }
+
+/// Rows of a block, from one step on, with their states: what a thread runs, and what
+/// it hands to an idle one (see [`Direction::share`]).
+struct Part<T> {
+    d: usize,
+    b0: usize,
+    /// The first step the rows run.
+    s: usize,
+    hs: Vec<T>,
+    cs: Vec<T>,
+}
+
+/// A block is split only when each half keeps at least this many rows (smaller products
+/// run the kernel's tiles less efficiently than the idle thread gains).
+const SPLIT_MIN_ROWS: usize = 12;
 
 /// Products below this many multiply-adds over the whole sequence run on one thread.
 pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -899,48 +954,136 @@ struct Direction<'a, T: RFloat> {
 }
 
 impl<T: RFloat> Direction<'_, T> {
-    /// Runs rows `b0..b0 + yh.len()/H` through every step, writing their Y rows and
-    /// their final states into `yh`/`yc`. Every few steps it projects the inputs the
-    /// next steps' rows read with one GEMM. `nested`: already on a worker thread, so
-    /// the products stay on it.
-    fn rows(&self, b0: usize, yh: &mut [T], yc: &mut [T], nested: bool) {
-        let (t_len, n, isz) = self.inp.dims;
+    /// Rows `b0..b0 + nb` at step 0, with their initial states.
+    fn start(&self, b0: usize, nb: usize) -> Part<T> {
+        let (_, n, _) = self.inp.dims;
         let h = self.spec.hidden;
-        let gh = self.spec.cell.gates() * h;
-        let nb = yh.len() / h.max(1);
-        let zero = T::of(0.0);
         let init = |v: Option<&[T]>| match v {
             Some(v) => v[(self.d * n + b0) * h..(self.d * n + b0 + nb) * h].to_vec(),
-            None => vec![zero; nb * h],
+            None => vec![T::of(0.0); nb * h],
         };
-        let mut hs = init(self.inp.h0);
-        let mut cs = init(self.inp.c0);
-        let (w_packed, r_packed, rh_packed) = match &self.packs {
-            Packs::Joint(joint) => {
-                self.rows_joint(joint, b0, &mut hs, &mut cs, nested);
-                yh.copy_from_slice(&hs);
-                yc.copy_from_slice(&cs);
-                return;
-            }
-            Packs::Apart { w, r, rh } => (w, r, rh),
-        };
-        let mut hr = vec![zero; nb * gh];
-        let mut rh = vec![zero; nb * h];
-        let mut gates = vec![zero; nb * gh];
-        let max_len = match &self.inp.mask {
-            Some(_) => t_len,
+        Part {
+            d: self.d,
+            b0,
+            s: 0,
+            hs: init(self.inp.h0),
+            cs: init(self.inp.c0),
+        }
+    }
+
+    /// The steps rows `b0..b0 + nb` run: up to the longest of their sequences.
+    fn end(&self, b0: usize, nb: usize) -> usize {
+        match &self.inp.mask {
+            Some(_) => self.inp.dims.0,
             None => self.inp.lens[b0..b0 + nb]
                 .iter()
                 .copied()
                 .max()
                 .unwrap_or(0),
+        }
+    }
+
+    /// What rows `b0..b0 + nb` at step `s` could give away (rows × steps left), 0 when
+    /// too few to split. Only rows that all run every step split: with a mask or ragged
+    /// lengths, which kernel a step takes depends on every row of the block (one pass
+    /// when all run), and its values on that choice.
+    fn work(&self, b0: usize, nb: usize, s: usize) -> usize {
+        let end = self.end(b0, nb);
+        let uniform =
+            self.inp.mask.is_none() && self.inp.lens[b0..b0 + nb].iter().all(|&l| l == end);
+        if uniform && nb >= 2 * SPLIT_MIN_ROWS && end >= s + 2 {
+            nb * (end - s)
+        } else {
+            0
+        }
+    }
+
+    /// Before step `s` of rows `b0..` with states `hs`, `cs`: publishes the work left
+    /// and, when a thread asks, gives it the last rows (from a multiple of the kernel's
+    /// row tile, so every row keeps its place in the products' tiles and its values bit
+    /// for bit) or declines. Returns the rows kept.
+    fn share(
+        &self,
+        slot: Option<&Slot<Part<T>>>,
+        s: usize,
+        b0: usize,
+        hs: &mut Vec<T>,
+        cs: &mut Vec<T>,
+    ) -> usize {
+        let h = self.spec.hidden.max(1);
+        let nb = hs.len() / h;
+        let Some(slot) = slot else { return nb };
+        let work = self.work(b0, nb, s);
+        slot.set_work(work);
+        if !slot.asked() {
+            return nb;
+        }
+        if work == 0 {
+            slot.answer(None);
+            return nb;
+        }
+        let keep = nb / 2 / crate::packed::MR * crate::packed::MR;
+        let given = Part {
+            d: self.d,
+            b0: b0 + keep,
+            s,
+            hs: hs.split_off(keep * h),
+            cs: cs.split_off(keep * h),
         };
-        let chunk = (CHUNK_ROWS / nb.max(1)).clamp(1, max_len.max(1));
-        let mut xa = vec![zero; chunk * nb * isz];
-        let mut xs = vec![zero; chunk * nb * gh];
-        let mode = GemmMode::SET.serial_if(nested);
-        let gemm = |p: &T::Packed, a: &[T], c: &mut [T]| T::packed_gemm(p, nb, a, h, c, gh, mode);
-        for s0 in (0..max_len).step_by(chunk) {
+        slot.answer(Some(given));
+        #[cfg(test)]
+        tests::SPLITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        keep
+    }
+
+    /// Runs a part's rows from its step through the last, writing their Y rows, and
+    /// returns their final states. Every few steps it projects the inputs the next
+    /// steps' rows read with one GEMM. `slot`: where idle threads ask for rows (see
+    /// [`Direction::share`]); `nested`: already on a worker thread, so the products stay
+    /// on it.
+    fn rows(&self, part: Part<T>, slot: Option<&Slot<Part<T>>>, nested: bool) -> Part<T> {
+        let Part {
+            d,
+            b0,
+            s: first,
+            mut hs,
+            mut cs,
+        } = part;
+        let (_, _, isz) = self.inp.dims;
+        let h = self.spec.hidden;
+        let gh = self.spec.cell.gates() * h;
+        let zero = T::of(0.0);
+        let (w_packed, r_packed, rh_packed) = match &self.packs {
+            Packs::Joint(joint) => {
+                self.rows_joint(joint, first, b0, &mut hs, &mut cs, slot, nested);
+                if let Some(slot) = slot {
+                    slot.finish();
+                }
+                return Part {
+                    d,
+                    b0,
+                    s: first,
+                    hs,
+                    cs,
+                };
+            }
+            Packs::Apart { w, r, rh } => (w, r, rh),
+        };
+        let nb0 = hs.len() / h.max(1);
+        let mut hr = vec![zero; nb0 * gh];
+        let mut rh = vec![zero; nb0 * h];
+        let mut gates = vec![zero; nb0 * gh];
+        let max_len = self.end(b0, nb0);
+        // Rows a chunk projects: padded to whole row tiles (each row's projection then
+        // comes out of a full tile, the same bits however the rows are split).
+        let chunk = (CHUNK_ROWS / nb0.max(1)).clamp(1, max_len.max(1));
+        let tile = crate::packed::MR;
+        let mut xa = vec![zero; (chunk * nb0).next_multiple_of(tile) * isz];
+        let mut xs = vec![zero; (chunk * nb0).next_multiple_of(tile) * gh];
+        let mut s0 = first;
+        while s0 < max_len {
+            // The rows this chunk projects, and its stride in `xs`.
+            let nbc = self.share(slot, s0, b0, &mut hs, &mut cs);
             let steps = chunk.min(max_len - s0);
             // A standard LSTM whose rows all run every step of this chunk: the recurrent
             // product adds onto the projection in place and the gate kernel adds the bias,
@@ -948,62 +1091,92 @@ impl<T: RFloat> Direction<'_, T> {
             let in_place = self.standard
                 && self.spec.cell == Cell::Lstm
                 && self.inp.mask.is_none()
-                && self.inp.lens[b0..b0 + nb].iter().all(|&l| l >= s0 + steps);
+                && self.inp.lens[b0..b0 + nbc].iter().all(|&l| l >= s0 + steps);
             self.project(
                 w_packed,
                 (s0, steps),
                 b0,
-                nb,
+                nbc,
                 &mut xa,
                 &mut xs,
                 nested,
                 !in_place,
             );
-            if in_place {
-                let acc = GemmMode::ACCUMULATE.serial_if(nested);
-                for (i, pre) in xs.chunks_exact_mut(nb * gh).take(steps).enumerate() {
-                    T::packed_gemm(r_packed, nb, &hs, h, pre, gh, acc);
-                    T::lstm_rows(h, &self.bias, pre, &mut cs, &mut hs);
-                    self.write_active_rows(s0 + i, b0, &hs);
-                }
-                continue;
-            }
             for s in s0..s0 + steps {
-                let xs = &xs[(s - s0) * nb * gh..(s - s0 + 1) * nb * gh];
-                // Recurrent projection for this block: HR[nb, G·H] = H · Rᵀ (GRU with
-                // linear_before_reset=0: only the z and r columns here).
-                gemm(r_packed, &hs, &mut hr);
-                if let Some(rhp) = rh_packed {
-                    self.reset_phase(s, b0, xs, &hs, &hr, &mut gates, &mut rh);
-                    gemm(rhp, &rh, &mut hr[2 * h..]);
+                // After the chunk's first step, rows may go to another thread: the
+                // projections keep their stride, the rows kept are the first.
+                let nb = if s == s0 {
+                    nbc
+                } else {
+                    self.share(slot, s, b0, &mut hs, &mut cs)
+                };
+                let xs = &mut xs[(s - s0) * nbc * gh..][..nb * gh];
+                if in_place {
+                    let acc = GemmMode::ACCUMULATE.serial_if(nested);
+                    T::packed_gemm(r_packed, nb, &hs, h, xs, gh, acc);
+                    T::lstm_rows(h, &self.bias, xs, &mut cs, &mut hs);
+                    self.write_active_rows(s, b0, &hs);
+                    continue;
                 }
-                self.gate_phase(s, b0, xs, &mut hs, &mut cs, &hr, &mut gates);
+                // Recurrent projection for these rows: HR[nb, G·H] = H · Rᵀ (GRU with
+                // linear_before_reset=0: only the z and r columns here).
+                let mode = GemmMode::SET.serial_if(nested);
+                let hr = &mut hr[..nb * gh];
+                T::packed_gemm(r_packed, nb, &hs, h, hr, gh, mode);
+                let gates = &mut gates[..nb * gh];
+                if let Some(rhp) = rh_packed {
+                    let rh = &mut rh[..nb * h];
+                    self.reset_phase(s, b0, xs, &hs, hr, gates, rh);
+                    T::packed_gemm(rhp, nb, rh, h, &mut hr[2 * h..], gh, mode);
+                }
+                self.gate_phase(s, b0, xs, &mut hs, &mut cs, hr, gates);
             }
+            s0 += steps;
         }
-        yh.copy_from_slice(&hs);
-        yc.copy_from_slice(&cs);
+        if let Some(slot) = slot {
+            slot.finish();
+        }
+        Part {
+            d,
+            b0,
+            s: first,
+            hs,
+            cs,
+        }
     }
 
     /// A standard LSTM's rows when every row runs every step and the weights are small:
     /// per step one product of [X_t | H] with [Wᵀ; Rᵀ] (the two depths joined, so no
     /// separate projection and no second pass adding it), then the one-pass gate kernel
-    /// with the bias.
-    fn rows_joint(&self, joint: &T::Packed, b0: usize, hs: &mut [T], cs: &mut [T], nested: bool) {
+    /// with the bias. From step `first`; rows may go to another thread between steps.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_joint(
+        &self,
+        joint: &T::Packed,
+        first: usize,
+        b0: usize,
+        hs: &mut Vec<T>,
+        cs: &mut Vec<T>,
+        slot: Option<&Slot<Part<T>>>,
+        nested: bool,
+    ) {
         let (t_len, n, isz) = self.inp.dims;
         let h = self.spec.hidden;
         let (gh, k) = (4 * h, isz + h);
-        let nb = hs.len() / h.max(1);
-        let mut xh = vec![T::default(); nb * k];
-        let mut pre = vec![T::default(); nb * gh];
+        let nb0 = hs.len() / h.max(1);
+        let mut xh = vec![T::default(); nb0 * k];
+        let mut pre = vec![T::default(); nb0 * gh];
         let mode = GemmMode::SET.serial_if(nested);
-        for s in 0..t_len {
+        for s in first..t_len {
+            let nb = self.share(slot, s, b0, hs, cs);
             let t = if self.rev { t_len - 1 - s } else { s };
-            for (b, row) in xh.chunks_exact_mut(k).enumerate() {
+            for (b, row) in xh.chunks_exact_mut(k).take(nb).enumerate() {
                 row[..isz].copy_from_slice(&self.inp.x[(t * n + b0 + b) * isz..][..isz]);
                 row[isz..].copy_from_slice(&hs[b * h..(b + 1) * h]);
             }
-            T::packed_gemm(joint, nb, &xh, k, &mut pre, gh, mode);
-            T::lstm_rows(h, &self.bias, &pre, cs, hs);
+            let pre = &mut pre[..nb * gh];
+            T::packed_gemm(joint, nb, &xh[..nb * k], k, pre, gh, mode);
+            T::lstm_rows(h, &self.bias, pre, cs, hs);
             for b in 0..nb {
                 self.write_y(t, b0 + b, &hs[b * h..(b + 1) * h]);
             }
@@ -1012,7 +1185,8 @@ impl<T: RFloat> Direction<'_, T> {
 
     /// X·Wᵀ (+ b with `bias`; `w`: Wᵀ packed) of rows `b0..b0 + nb` for steps
     /// `s0..s0 + steps` (each row's own time index; zeros where a row does not run) into
-    /// `xs`, row (s − s0)·nb + b.
+    /// `xs`, row (s − s0)·nb + b. `xa` and `xs` hold `steps · nb` rows rounded up to a
+    /// multiple of the kernel's row tile.
     #[allow(clippy::too_many_arguments)]
     fn project(
         &self,
@@ -1035,8 +1209,10 @@ impl<T: RFloat> Direction<'_, T> {
                 None => row.fill(zero),
             }
         }
+        // Whole row tiles (the rows past `steps · nb` are scratch; see `rows`).
+        let m = (steps * nb).next_multiple_of(crate::packed::MR);
         let mode = GemmMode::SET.serial_if(nested);
-        T::packed_gemm(w, steps * nb, xa, isz, xs, gh, mode);
+        T::packed_gemm(w, m, xa, isz, xs, gh, mode);
         if !bias {
             return;
         }
@@ -1267,8 +1443,9 @@ impl<T: RFloat> Direction<'_, T> {
         let at = ((t * self.spec.reverse.len() + self.d) * n + b) * h;
         debug_assert!(v.len() == h && t < self.inp.dims.0 && b < n);
         // SAFETY: Y holds T·D·N·H values and (t, d, b) is in range, so the H values at
-        // `at` lie inside it; row b belongs to the calling thread's block alone, and the
-        // threads are joined before Y is read.
+        // `at` lie inside it; row b belongs to the calling thread's part alone (a part
+        // handed over between steps is written by its new owner only after the old one
+        // stopped: see `steal`), and the threads are joined before Y is read.
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.y.0.add(at), h) };
     }
 }
@@ -1815,6 +1992,106 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Rows handed to another thread between steps (counted for the test below).
+    pub(super) static SPLITS: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
+    /// Rows shared between threads mid-sequence give the values of the unshared run bit
+    /// for bit: two threads, the second block's rows end after one or two steps so its
+    /// thread asks for part of the first block's rows; joined products (small LSTM) and
+    /// projections over chunks of steps (large LSTM in place, GRU), both directions.
+    #[test]
+    fn rows_shared_between_threads_give_the_same_bits() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a thread pool");
+        let (t, n) = (24, 64);
+        let mut lens = vec![t; n];
+        lens[32..].fill(2);
+        lens[40] = 1;
+        let before = SPLITS.load(std::sync::atomic::Ordering::Relaxed);
+        for (cell, i, h, dirs) in [
+            (Cell::Lstm, 5, 8, vec![false]),
+            (Cell::Lstm, 160, 128, vec![false]),
+            (Cell::Gru, 160, 128, vec![true]),
+            (Cell::Lstm, 5, 8, vec![false, true]),
+        ] {
+            let mut s = 0x2545_f491_4f6c_dd1du64;
+            let c = Case {
+                cell,
+                lbr: cell == Cell::Gru,
+                peep: false,
+                clip: None,
+                dims: (t, n, i),
+                h,
+                lens: lens.clone(),
+                state: true,
+                vals: (0..4099)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        ((s % 2001) as f64 / 1000.0 - 1.0) * 0.3
+                    })
+                    .collect(),
+                dirs,
+            };
+            let ts = tensors(&c).map(|v| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>());
+            let acts = match cell {
+                Cell::Lstm => vec![Act::Sigmoid, Act::Tanh, Act::Tanh],
+                _ => vec![Act::Sigmoid, Act::Tanh],
+            };
+            let spec = Spec {
+                cell,
+                hidden: h,
+                reverse: c.dirs.clone(),
+                acts: vec![acts; c.dirs.len()],
+                clip: None,
+                input_forget: false,
+                linear_before_reset: c.lbr,
+                layout1: false,
+                hold: false,
+            };
+            let inp = Inputs {
+                x: &ts[0],
+                dims: c.dims,
+                w: &ts[1],
+                r: &ts[2],
+                b: Some(&ts[3]),
+                lens: lens.clone(),
+                mask: None,
+                h0: Some(&ts[4][..]),
+                c0: Some(&ts[5][..]),
+                p: None,
+            };
+            let alone = pool.install(|| run_with(&spec, &inp, false)).expect("runs");
+            for _ in 0..8 {
+                let shared = pool.install(|| run(&spec, &inp)).expect("runs");
+                for (name, a, b) in [
+                    ("Y", &shared.y, &alone.y),
+                    ("Y_h", &shared.yh, &alone.yh),
+                    ("Y_c", &shared.yc, &alone.yc),
+                ] {
+                    let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same && a.len() == b.len(), "{cell:?} {name} differs");
+                }
+            }
+            // Against the f64 reference too.
+            let want = reference(&c);
+            let got = pool.install(|| fused::<f32>(&c));
+            for (o, name) in ["Y", "Y_h", "Y_c"].iter().enumerate() {
+                if let Err(e) = close(name, &got[o], &want[o], 2e-5) {
+                    panic!("{cell:?} {e}");
+                }
+            }
+        }
+        assert!(
+            SPLITS.load(std::sync::atomic::Ordering::Relaxed) > before,
+            "no rows were shared"
+        );
     }
 
     proptest! {
