@@ -2,8 +2,9 @@
 //!
 //! [`super::rnn::run`] gives each thread whole blocks of batch rows to run through every
 //! step, with no synchronisation per step. Two equal blocks on two cores rarely finish
-//! together on a shared machine (on the dev VM the first finished 10–20% of the run before
-//! the second), and the first thread then idles. Rows never interact, so the idle thread
+//! together on a shared machine (on the dev VM the first finished 8–20% of the run before
+//! the second: medians of a timing probe on the issue-9 workloads), and the first thread
+//! then idles. Rows never interact, so the idle thread
 //! asks the owner of the block with the most work left for part of its rows; the owner
 //! answers between two steps (one relaxed load per step when nobody asks) and hands over
 //! those rows' states, and the two go on apart.
