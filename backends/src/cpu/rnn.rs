@@ -1876,8 +1876,9 @@ mod tests {
         [y, yh, yc]
     }
 
-    /// The fused kernel on the case in type T.
-    fn fused<T: RFloat>(c: &Case) -> [Vec<f64>; 3] {
+    /// The fused kernel's outputs on the case in type T (`share`: idle threads take
+    /// rows from running blocks).
+    fn outputs<T: RFloat>(c: &Case, share: bool) -> Outputs<T> {
         let ts = tensors(c).map(|v| v.into_iter().map(T::of).collect::<Vec<T>>());
         let acts = match c.cell {
             Cell::Lstm => vec![Act::Sigmoid, Act::Tanh, Act::Tanh],
@@ -1906,7 +1907,12 @@ mod tests {
             c0: c.state.then_some(&ts[5][..]),
             p: c.peep.then_some(&ts[6][..]),
         };
-        let out = run(&spec, &inp).expect("the fused kernel runs");
+        run_with(&spec, &inp, share).expect("the fused kernel runs")
+    }
+
+    /// The fused kernel on the case in type T.
+    fn fused<T: RFloat>(c: &Case) -> [Vec<f64>; 3] {
+        let out = outputs::<T>(c, true);
         let yc = if c.cell == Cell::Lstm {
             out.yc
         } else {
@@ -2039,37 +2045,9 @@ mod tests {
                     .collect(),
                 dirs,
             };
-            let ts = tensors(&c).map(|v| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>());
-            let acts = match cell {
-                Cell::Lstm => vec![Act::Sigmoid, Act::Tanh, Act::Tanh],
-                _ => vec![Act::Sigmoid, Act::Tanh],
-            };
-            let spec = Spec {
-                cell,
-                hidden: h,
-                reverse: c.dirs.clone(),
-                acts: vec![acts; c.dirs.len()],
-                clip: None,
-                input_forget: false,
-                linear_before_reset: c.lbr,
-                layout1: false,
-                hold: false,
-            };
-            let inp = Inputs {
-                x: &ts[0],
-                dims: c.dims,
-                w: &ts[1],
-                r: &ts[2],
-                b: Some(&ts[3]),
-                lens: lens.clone(),
-                mask: None,
-                h0: Some(&ts[4][..]),
-                c0: Some(&ts[5][..]),
-                p: None,
-            };
-            let alone = pool.install(|| run_with(&spec, &inp, false)).expect("runs");
+            let alone = pool.install(|| outputs::<f32>(&c, false));
             for _ in 0..8 {
-                let shared = pool.install(|| run(&spec, &inp)).expect("runs");
+                let shared = pool.install(|| outputs::<f32>(&c, true));
                 for (name, a, b) in [
                     ("Y", &shared.y, &alone.y),
                     ("Y_h", &shared.yh, &alone.yh),
