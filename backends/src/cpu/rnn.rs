@@ -859,7 +859,14 @@ fn run_with<T: RFloat>(
         let board = Board::new();
         let slots: Vec<_> = blocks
             .iter()
-            .map(|p| board.register(dirs[p.d].work(p.b0, p.hs.len() / h.max(1), p.s)))
+            .map(|p| {
+                let nb = p.hs.len() / h.max(1);
+                board.register(Direction::<T>::work(
+                    nb,
+                    p.s,
+                    dirs[p.d].uniform_end(p.b0, nb),
+                ))
+            })
             .collect();
         let queue = std::sync::Mutex::new(blocks.into_iter().zip(slots).collect::<Vec<_>>());
         let finished = std::sync::Mutex::new(Vec::new());
@@ -983,37 +990,45 @@ impl<T: RFloat> Direction<'_, T> {
         }
     }
 
-    /// What rows `b0..b0 + nb` at step `s` could give away (rows × steps left), 0 when
-    /// too few to split. Only rows that all run every step split: with a mask or ragged
-    /// lengths, which kernel a step takes depends on every row of the block (one pass
-    /// when all run), and its values on that choice.
-    fn work(&self, b0: usize, nb: usize, s: usize) -> usize {
+    /// The last step of rows `b0..b0 + nb` when they all run every step up to it, the
+    /// only rows that split: with a mask or ragged lengths, which kernel a step takes
+    /// depends on every row of the block (one pass when all run), and its values on that
+    /// choice. (Rows a block keeps after a split are a subset: still uniform.)
+    fn uniform_end(&self, b0: usize, nb: usize) -> Option<usize> {
         let end = self.end(b0, nb);
         let uniform =
             self.inp.mask.is_none() && self.inp.lens[b0..b0 + nb].iter().all(|&l| l == end);
-        if uniform && nb >= 2 * SPLIT_MIN_ROWS && end >= s + 2 {
-            nb * (end - s)
-        } else {
-            0
+        uniform.then_some(end)
+    }
+
+    /// What `nb` rows at step `s` could give away (rows × steps left), 0 when they do not
+    /// split (see [`Direction::uniform_end`]) or are too few.
+    fn work(nb: usize, s: usize, end: Option<usize>) -> usize {
+        match end {
+            Some(end) if nb >= 2 * SPLIT_MIN_ROWS && end >= s + 2 => nb * (end - s),
+            _ => 0,
         }
     }
 
-    /// Before step `s` of rows `b0..` with states `hs`, `cs`: publishes the work left
-    /// and, when a thread asks, gives it the last rows (from a multiple of the kernel's
-    /// row tile, so every row keeps its place in the products' tiles and its values bit
-    /// for bit) or declines. Returns the rows kept.
+    /// Before step `s` of rows `b0..` with states `hs`, `cs` (`end`: their
+    /// [`Direction::uniform_end`]): publishes the work left and, when a thread asks, gives
+    /// it the last rows (from a multiple of the kernel's row tile, so every row keeps its
+    /// place in the products' tiles and its values bit for bit) or declines. Returns the
+    /// rows kept.
+    #[allow(clippy::too_many_arguments)]
     fn share(
         &self,
         slot: Option<&Slot<Part<T>>>,
         s: usize,
         b0: usize,
+        end: Option<usize>,
         hs: &mut Vec<T>,
         cs: &mut Vec<T>,
     ) -> usize {
         let h = self.spec.hidden.max(1);
         let nb = hs.len() / h;
         let Some(slot) = slot else { return nb };
-        let work = self.work(b0, nb, s);
+        let work = Self::work(nb, s, end);
         slot.set_work(work);
         if !slot.asked() {
             return nb;
@@ -1074,6 +1089,7 @@ impl<T: RFloat> Direction<'_, T> {
         let mut rh = vec![zero; nb0 * h];
         let mut gates = vec![zero; nb0 * gh];
         let max_len = self.end(b0, nb0);
+        let end = self.uniform_end(b0, nb0);
         // Rows a chunk projects: padded to whole row tiles (each row's projection then
         // comes out of a full tile, the same bits however the rows are split).
         let chunk = (CHUNK_ROWS / nb0.max(1)).clamp(1, max_len.max(1));
@@ -1083,7 +1099,7 @@ impl<T: RFloat> Direction<'_, T> {
         let mut s0 = first;
         while s0 < max_len {
             // The rows this chunk projects, and its stride in `xs`.
-            let nbc = self.share(slot, s0, b0, &mut hs, &mut cs);
+            let nbc = self.share(slot, s0, b0, end, &mut hs, &mut cs);
             let steps = chunk.min(max_len - s0);
             // A standard LSTM whose rows all run every step of this chunk: the recurrent
             // product adds onto the projection in place and the gate kernel adds the bias,
@@ -1108,7 +1124,7 @@ impl<T: RFloat> Direction<'_, T> {
                 let nb = if s == s0 {
                     nbc
                 } else {
-                    self.share(slot, s, b0, &mut hs, &mut cs)
+                    self.share(slot, s, b0, end, &mut hs, &mut cs)
                 };
                 let xs = &mut xs[(s - s0) * nbc * gh..][..nb * gh];
                 if in_place {
@@ -1164,11 +1180,12 @@ impl<T: RFloat> Direction<'_, T> {
         let h = self.spec.hidden;
         let (gh, k) = (4 * h, isz + h);
         let nb0 = hs.len() / h.max(1);
+        let end = self.uniform_end(b0, nb0);
         let mut xh = vec![T::default(); nb0 * k];
         let mut pre = vec![T::default(); nb0 * gh];
         let mode = GemmMode::SET.serial_if(nested);
         for s in first..t_len {
-            let nb = self.share(slot, s, b0, hs, cs);
+            let nb = self.share(slot, s, b0, end, hs, cs);
             let t = if self.rev { t_len - 1 - s } else { s };
             for (b, row) in xh.chunks_exact_mut(k).take(nb).enumerate() {
                 row[..isz].copy_from_slice(&self.inp.x[(t * n + b0 + b) * isz..][..isz]);
