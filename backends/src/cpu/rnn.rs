@@ -895,9 +895,7 @@ fn run_with<T: RFloat>(
     for part in done {
         let at = (part.d * n + part.b0) * h;
         yh[at..at + part.hs.len()].copy_from_slice(&part.hs);
-        if !part.cs.is_empty() {
-            yc[at..at + part.cs.len()].copy_from_slice(&part.cs);
-        }
+        yc[at..at + part.cs.len()].copy_from_slice(&part.cs);
     }
     Ok(Outputs { y, yh, yc })
 }
@@ -1056,34 +1054,35 @@ impl<T: RFloat> Direction<'_, T> {
     /// steps' rows read with one GEMM. `slot`: where idle threads ask for rows (see
     /// [`Direction::share`]); `nested`: already on a worker thread, so the products stay
     /// on it.
-    fn rows(&self, part: Part<T>, slot: Option<&Slot<Part<T>>>, nested: bool) -> Part<T> {
-        let Part {
-            d,
-            b0,
-            s: first,
-            mut hs,
-            mut cs,
-        } = part;
+    fn rows(&self, mut part: Part<T>, slot: Option<&Slot<Part<T>>>, nested: bool) -> Part<T> {
+        match &self.packs {
+            Packs::Joint(joint) => self.rows_joint(joint, &mut part, slot, nested),
+            Packs::Apart { w, r, rh } => {
+                self.rows_apart((w, r, rh.as_ref()), &mut part, slot, nested)
+            }
+        }
+        if let Some(slot) = slot {
+            slot.finish();
+        }
+        part
+    }
+
+    /// [`Direction::rows`] with the input projections apart: every few steps one GEMM
+    /// projects the inputs the next steps' rows read, then per step the recurrent
+    /// product(s) and the gate arithmetic.
+    fn rows_apart(
+        &self,
+        (w_packed, r_packed, rh_packed): (&T::Packed, &T::Packed, Option<&T::Packed>),
+        part: &mut Part<T>,
+        slot: Option<&Slot<Part<T>>>,
+        nested: bool,
+    ) {
+        let (first, b0) = (part.s, part.b0);
+        let (hs, cs) = (&mut part.hs, &mut part.cs);
         let (_, _, isz) = self.inp.dims;
         let h = self.spec.hidden;
         let gh = self.spec.cell.gates() * h;
         let zero = T::of(0.0);
-        let (w_packed, r_packed, rh_packed) = match &self.packs {
-            Packs::Joint(joint) => {
-                self.rows_joint(joint, first, b0, &mut hs, &mut cs, slot, nested);
-                if let Some(slot) = slot {
-                    slot.finish();
-                }
-                return Part {
-                    d,
-                    b0,
-                    s: first,
-                    hs,
-                    cs,
-                };
-            }
-            Packs::Apart { w, r, rh } => (w, r, rh),
-        };
         let nb0 = hs.len() / h.max(1);
         let mut hr = vec![zero; nb0 * gh];
         let mut rh = vec![zero; nb0 * h];
@@ -1099,7 +1098,7 @@ impl<T: RFloat> Direction<'_, T> {
         let mut s0 = first;
         while s0 < max_len {
             // The rows this chunk projects, and its stride in `xs`.
-            let nbc = self.share(slot, s0, b0, end, &mut hs, &mut cs);
+            let nbc = self.share(slot, s0, b0, end, hs, cs);
             let steps = chunk.min(max_len - s0);
             // A standard LSTM whose rows all run every step of this chunk: the recurrent
             // product adds onto the projection in place and the gate kernel adds the bias,
@@ -1124,58 +1123,47 @@ impl<T: RFloat> Direction<'_, T> {
                 let nb = if s == s0 {
                     nbc
                 } else {
-                    self.share(slot, s, b0, end, &mut hs, &mut cs)
+                    self.share(slot, s, b0, end, hs, cs)
                 };
                 let xs = &mut xs[(s - s0) * nbc * gh..][..nb * gh];
                 if in_place {
                     let acc = GemmMode::ACCUMULATE.serial_if(nested);
-                    T::packed_gemm(r_packed, nb, &hs, h, xs, gh, acc);
-                    T::lstm_rows(h, &self.bias, xs, &mut cs, &mut hs);
-                    self.write_active_rows(s, b0, &hs);
+                    T::packed_gemm(r_packed, nb, hs, h, xs, gh, acc);
+                    T::lstm_rows(h, &self.bias, xs, cs, hs);
+                    self.write_active_rows(s, b0, hs);
                     continue;
                 }
                 // Recurrent projection for these rows: HR[nb, G·H] = H · Rᵀ (GRU with
                 // linear_before_reset=0: only the z and r columns here).
                 let mode = GemmMode::SET.serial_if(nested);
                 let hr = &mut hr[..nb * gh];
-                T::packed_gemm(r_packed, nb, &hs, h, hr, gh, mode);
+                T::packed_gemm(r_packed, nb, hs, h, hr, gh, mode);
                 let gates = &mut gates[..nb * gh];
                 if let Some(rhp) = rh_packed {
                     let rh = &mut rh[..nb * h];
-                    self.reset_phase(s, b0, xs, &hs, hr, gates, rh);
+                    self.reset_phase(s, b0, xs, hs, hr, gates, rh);
                     T::packed_gemm(rhp, nb, rh, h, &mut hr[2 * h..], gh, mode);
                 }
-                self.gate_phase(s, b0, xs, &mut hs, &mut cs, hr, gates);
+                self.gate_phase(s, b0, xs, hs, cs, hr, gates);
             }
             s0 += steps;
-        }
-        if let Some(slot) = slot {
-            slot.finish();
-        }
-        Part {
-            d,
-            b0,
-            s: first,
-            hs,
-            cs,
         }
     }
 
     /// A standard LSTM's rows when every row runs every step and the weights are small:
     /// per step one product of [X_t | H] with [Wᵀ; Rᵀ] (the two depths joined, so no
     /// separate projection and no second pass adding it), then the one-pass gate kernel
-    /// with the bias. From step `first`; rows may go to another thread between steps.
-    #[allow(clippy::too_many_arguments)]
+    /// with the bias. From the part's step on; rows may go to another thread between
+    /// steps.
     fn rows_joint(
         &self,
         joint: &T::Packed,
-        first: usize,
-        b0: usize,
-        hs: &mut Vec<T>,
-        cs: &mut Vec<T>,
+        part: &mut Part<T>,
         slot: Option<&Slot<Part<T>>>,
         nested: bool,
     ) {
+        let (first, b0) = (part.s, part.b0);
+        let (hs, cs) = (&mut part.hs, &mut part.cs);
         let (t_len, n, isz) = self.inp.dims;
         let h = self.spec.hidden;
         let (gh, k) = (4 * h, isz + h);
