@@ -2,7 +2,8 @@
 
 Each case is a small Keras 3 model exercising one group of options (masks, go_backwards,
 merge modes, cell variants, ...); the script stores the model JSON, perturbed weights,
-inputs, the outputs Keras computes, an MSE loss and its gradients.
+inputs, the outputs Keras computes, a loss over every output (the sum of each output's MSE
+against its own random targets) and its gradients.
 
     KERAS_BACKEND=jax python tests/python/make_keras_cases.py OUT_DIR
 
@@ -45,7 +46,8 @@ def perturb(model, rng):
         v.assign(val.astype(np.float32))
 
 
-def save(out_dir, name, description, model, inputs, seed, training=False):
+def save(out_dir, name, description, model, inputs, seed, training=False, disconnected=None):
+    disconnected = dict(disconnected or {})
     d = os.path.join(out_dir, name)
     for sub in ("weights", "inputs", "outputs", "targets", "grads"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
@@ -77,24 +79,42 @@ def save(out_dir, name, description, model, inputs, seed, training=False):
         np.save(os.path.join(d, fn), o)
         outputs_meta.append({"file": fn, "name": f"output_{i}", "shape": list(o.shape),
                              "dtype": "float32"})
+    # One target per output and a loss over every output (the sum of each output's MSE), so
+    # that every weight's gradient is reached: a weight that feeds no output is the only
+    # one whose gradient may be identically zero, and the case must say so.
     rng = np.random.default_rng(seed + 1)
-    target = rng.uniform(-1, 1, size=outs[0].shape).astype(np.float32)
-    np.save(os.path.join(d, "targets/000.npy"), target)
+    targets = [rng.uniform(-1, 1, size=o.shape).astype(np.float32) for o in outs]
+    target_files = []
+    for i, t in enumerate(targets):
+        fn = f"targets/{i:03d}.npy"
+        np.save(os.path.join(d, fn), t)
+        target_files.append(fn)
     tv = [v.value for v in model.trainable_variables]
     ntv = [v.value for v in model.non_trainable_variables]
     xs = [jnp.asarray(x) for x in inputs]
 
     def loss_fn(tv):
         y, _ = model.stateless_call(tv, ntv, xs if len(xs) > 1 else xs[0], training=training)
-        y0 = y[0] if isinstance(y, (list, tuple)) else y
-        return jnp.mean((y0 - target) ** 2)
+        ys = list(y) if isinstance(y, (list, tuple)) else [y]
+        return sum(jnp.mean((yk - tk) ** 2) for yk, tk in zip(ys, targets, strict=True))
 
     value, grads = jax.value_and_grad(loss_fn)(tv)
     grad_files = []
+    zero = {}
+    trainable_names = [v.path for v in model.trainable_variables]
     for i, g in enumerate(grads):
         fn = f"grads/{i:03d}.npy"
-        np.save(os.path.join(d, fn), np.asarray(g, dtype=np.float32))
+        g = np.asarray(g, dtype=np.float32)
+        np.save(os.path.join(d, fn), g)
         grad_files.append(fn)
+        if not np.any(g):
+            zero[fn] = trainable_names[i]
+    unexplained = {f: n for f, n in zero.items() if f not in disconnected}
+    if unexplained:
+        raise SystemExit(f"{name}: gradients identically zero with no reason given: {unexplained}")
+    stale = [f for f in disconnected if f not in zero]
+    if stale:
+        raise SystemExit(f"{name}: declared disconnected but non-zero: {stale}")
     gmax = max(float(np.max(np.abs(np.asarray(g)))) for g in grads) if grads else 0.0
     summary_layers = [
         {"name": l.name, "class_name": l.__class__.__name__, "output_shape": out_shape(l),
@@ -111,15 +131,21 @@ def save(out_dir, name, description, model, inputs, seed, training=False):
         "jax_version": jax.__version__,
         "seed": seed,
         "tolerance": 1e-5,
-        "grad_tolerance": 1e-4 * max(1.0, gmax),
+        # Per gradient tensor: max|ours - Keras| <= grad_atol + grad_rtol * max|Keras|.
+        "grad_rtol": 1e-4,
+        "grad_atol": 1e-7,
+        "grad_max": gmax,
         "summary": {"total_params": trainable + frozen, "trainable_params": trainable,
                     "non_trainable_params": frozen, "layers": summary_layers},
         "weights": weights_meta,
         "inputs": inputs_meta,
         "outputs": outputs_meta,
-        "loss": {"name": "mse", "output_index": 0, "targets": "targets/000.npy",
-                 "value": float(value), "reduction": "mean"},
+        "loss": {"name": "mse", "outputs": list(range(len(outs))), "targets": target_files,
+                 "value": float(value), "reduction": "sum over the outputs of each one's mean"},
         "grads": grad_files,
+        # Gradient files that are identically zero because the weight feeds no output,
+        # with the reason (checked by the generator and by the runner).
+        "disconnected_grads": disconnected,
         "stateful_steps": None,
     }
     if training:
@@ -319,9 +345,12 @@ def main(out_dir):
             continue
         keras.utils.set_random_seed(seed)
         rng = np.random.default_rng(seed)
-        model, inputs = fn(rng)
+        made = fn(rng)
+        model, inputs = made[:2]
+        disconnected = made[2] if len(made) > 2 else None
         perturb(model, rng)
-        save(out_dir, name, desc, model, inputs, seed, training=name.endswith("_training"))
+        save(out_dir, name, desc, model, inputs, seed, training=name.endswith("_training"),
+             disconnected=disconnected)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,116 @@ fn option_cases_from_real_keras_pass() {
     check("keras-options", 15);
 }
 
+/// Every option case's loss covers every output (so every weight that feeds an output has
+/// a gradient to compare), and no stored gradient is identically zero unless the case
+/// declares the weight disconnected.
+#[test]
+fn option_cases_take_their_loss_over_every_output() {
+    let cases = find_cases(&conformance_dir().join("keras-options"));
+    assert_eq!(cases.len(), 15);
+    for case in &cases {
+        let text = std::fs::read_to_string(case.join("meta.json")).expect("meta.json");
+        let meta: serde_json::Value = serde_json::from_str(&text).expect("meta.json parses");
+        let n_out = meta["outputs"].as_array().expect("outputs").len();
+        let heads: Vec<u64> = meta["loss"]["outputs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: loss.outputs", case.display()))
+            .iter()
+            .map(|v| v.as_u64().expect("index"))
+            .collect();
+        assert_eq!(
+            heads,
+            (0..n_out as u64).collect::<Vec<_>>(),
+            "{}: the loss must cover every output",
+            case.display()
+        );
+        let targets = meta["loss"]["targets"].as_array().expect("targets");
+        assert_eq!(
+            targets.len(),
+            n_out,
+            "{}: one target per output",
+            case.display()
+        );
+        let declared = meta["disconnected_grads"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        for g in meta["grads"].as_array().expect("grads") {
+            let f = g.as_str().expect("file");
+            let t = cellgraph::npy::read(&case.join(f), None).expect("gradient file");
+            let zero = t.to_f64_vec().iter().all(|v| *v == 0.0);
+            assert_eq!(
+                zero,
+                declared.contains_key(f),
+                "{}: {f} is {} but {} declared disconnected",
+                case.display(),
+                if zero { "identically zero" } else { "not zero" },
+                if declared.contains_key(f) {
+                    "is"
+                } else {
+                    "is not"
+                }
+            );
+        }
+    }
+}
+
+/// The copy of `case` in a temporary folder, with `edit` applied to the f32 values of
+/// one of its `.npy` files.
+fn edited_case(
+    case: &str,
+    file: &str,
+    edit: impl Fn(&mut [f32]),
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let src = conformance_dir().join(case);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join(src.file_name().expect("case name"));
+    copy_dir(&src, &dst);
+    let path = dst.join(file);
+    let t = cellgraph::npy::read(&path, None).expect("npy");
+    let cellgraph::ir::Tensor::F32(mut a) = t else {
+        panic!("{file} is not f32")
+    };
+    edit(a.as_slice_mut().expect("contiguous"));
+    let bytes = std::fs::read(&path).expect("read");
+    let header = bytes.len() - 4 * a.len();
+    let mut out = bytes[..header].to_vec();
+    for v in a.iter() {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&path, out).expect("write");
+    (dir, dst)
+}
+
+#[test]
+fn a_gradient_off_by_a_small_factor_fails_even_when_it_is_small() {
+    // grads/008.npy of this case is a 3-vector bias gradient of max |g| ≈ 1e-3: under the
+    // old absolute tolerance (1e-4) a 1% error passed; per tensor relative it fails.
+    let (_d, dst) = edited_case(
+        "keras-options/opt_simplernn_relu_stacked_cells",
+        "grads/008.npy",
+        |v| v.iter_mut().for_each(|x| *x *= 1.01),
+    );
+    let err = run_case(&dst).expect_err("a scaled gradient must fail");
+    assert!(err.contains("gradient grads/008.npy"), "{err}");
+}
+
+#[test]
+fn an_identically_zero_stored_gradient_is_refused() {
+    // A zero gradient in a case compares nothing (returning 0 would pass): unless the
+    // case declares the weight disconnected, the runner refuses it.
+    let (_d, dst) = edited_case(
+        "keras-options/opt_dense_activations",
+        "grads/005.npy",
+        |v| v.iter_mut().for_each(|x| *x = 0.0),
+    );
+    let err = run_case(&dst).expect_err("an undeclared zero gradient must fail");
+    assert!(
+        err.contains("grads/005.npy") && err.contains("identically zero"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_wrong_stored_output_fails_the_case() {
     // Copy a case, perturb one stored output value by 1e-3 (above the 1e-5 tolerance).

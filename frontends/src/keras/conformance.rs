@@ -288,75 +288,16 @@ pub fn run_case(dir: &Path) -> Result<CaseReport, String> {
         if training { " (training=True)" } else { "" }
     ));
     if let Some(loss) = meta.get("loss").filter(|v| !v.is_null()) {
-        let name = loss
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or("loss without name")?;
-        let idx = loss
-            .get("output_index")
-            .and_then(Value::as_u64)
-            .unwrap_or(0) as usize;
-        let targets = loss.get("targets").cloned().unwrap_or(Value::Null);
-        let tfile = files_of(&targets, "loss.targets")
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .or_else(|| targets.as_str().map(str::to_string))
-            .ok_or("loss.targets names no file")?;
-        let t = read_tensor(&dir.join(tfile))?;
-        let out = outs.get(idx).ok_or("loss.output_index out of range")?;
-        let got = loss_value(name, out, &t)?;
-        let want = loss
-            .get("value")
-            .and_then(Value::as_f64)
-            .ok_or("loss without value")?;
-        let ltol = 1e-4 * want.abs().max(1.0);
-        if (got - want).abs() > ltol {
-            return Err(format!("loss {name}: {got}, Keras {want}"));
-        }
-        report.checked.push(format!("loss {name}"));
-        if let Some(grads) = meta.get("grads").filter(|g| !g.is_null()) {
-            let files = files_of(grads, "grads")?;
-            let kind = match name {
-                "mse" => super::Loss::MeanSquaredError,
-                "sparse_categorical_crossentropy_from_logits" => {
-                    super::Loss::SparseCategoricalCrossentropy { from_logits: true }
-                }
-                other => return Err(format!("gradients for loss {other:?} are not known")),
-            };
-            let gr = models[0]
-                .gradients(&ins, &t, kind, idx, training)
-                .map_err(|e| format!("gradients: {e}"))?;
-            if (gr.loss as f64 - want).abs() > ltol {
-                return Err(format!(
-                    "loss in the gradient graph: {}, Keras {want}",
-                    gr.loss
-                ));
-            }
-            let gtol = meta
-                .get("grad_tolerance")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-4);
-            if gr.grads.len() != files.len() {
-                return Err(format!(
-                    "{} gradients, Keras {} (trainable weights)",
-                    gr.grads.len(),
-                    files.len()
-                ));
-            }
-            for (g, f) in gr.grads.into_iter().zip(&files) {
-                let want = read_tensor(&dir.join(f))?;
-                compare_tensors(
-                    &Tensor::F32(g),
-                    &want,
-                    Tolerance {
-                        rtol: 0.0,
-                        atol: gtol,
-                    },
-                )
-                .map_err(|e| format!("gradient {f}: {e}"))?;
-            }
-            report.checked.push(format!("{} gradients", files.len()));
-        }
+        check_loss_and_grads(
+            &mut models[0],
+            &meta,
+            loss,
+            dir,
+            &ins,
+            &outs,
+            training,
+            &mut report,
+        )?;
     }
     if let Some(other) = meta.get("expect_equal_to").and_then(Value::as_str) {
         let sibling = dir.parent().map(|p| p.join(other));
@@ -372,6 +313,178 @@ pub fn run_case(dir: &Path) -> Result<CaseReport, String> {
         }
     }
     Ok(report)
+}
+
+/// The loss heads of `meta.loss`: `(output index, targets file)` per head. The loss is
+/// the sum over the heads (`outputs` and `targets` lists), or one head (`output_index`,
+/// `targets`) in the seed layout.
+fn loss_heads(loss: &Value) -> Result<Vec<(usize, String)>, String> {
+    let targets = loss.get("targets").cloned().unwrap_or(Value::Null);
+    let files = match &targets {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(_) => files_of(&targets, "loss.targets")?,
+        _ => return Err("loss.targets names no file".into()),
+    };
+    let outputs: Vec<usize> = match loss.get("outputs") {
+        Some(list) => list
+            .as_array()
+            .ok_or("loss.outputs is not a list")?
+            .iter()
+            .map(|v| v.as_u64().map(|k| k as usize))
+            .collect::<Option<_>>()
+            .ok_or("loss.outputs holds a non-index")?,
+        None => vec![loss
+            .get("output_index")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize],
+    };
+    if outputs.len() != files.len() || outputs.is_empty() {
+        return Err(format!(
+            "loss: {} outputs and {} target files",
+            outputs.len(),
+            files.len()
+        ));
+    }
+    Ok(outputs.into_iter().zip(files).collect())
+}
+
+/// `max|got − want| ≤ atol + rtol·max|want|` over the tensor (one scale per tensor, so
+/// small elements of a large gradient are held to the tensor's own scale, and a tensor
+/// of small gradients is not passed by a loose absolute bound).
+fn compare_scaled(got: &Tensor, want: &Tensor, atol: f64, rtol: f64) -> Result<(), String> {
+    if got.shape() != want.shape() {
+        return Err(format!(
+            "shape {:?}, expected {:?}",
+            got.shape(),
+            want.shape()
+        ));
+    }
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let bound = atol + rtol * scale;
+    let mut worst = (0usize, 0.0f64);
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        let d = (a - b).abs();
+        if d.is_nan() || d > worst.1 {
+            worst = (i, if d.is_nan() { f64::INFINITY } else { d });
+        }
+    }
+    if worst.1 > bound {
+        let i = worst.0;
+        return Err(format!(
+            "max |difference| {:.3e} > {atol:.0e} + {rtol:.0e}·{scale:.3e} (max |expected|); at flat index {i}: got {}, expected {}",
+            worst.1, g[i], w[i]
+        ));
+    }
+    Ok(())
+}
+
+/// The default per-tensor gradient tolerances when a case's meta gives none (the seed
+/// layout's `grad_tolerance` is an absolute bound, looser than these).
+const GRAD_RTOL: f64 = 1e-4;
+const GRAD_ATOL: f64 = 1e-7;
+
+#[allow(clippy::too_many_arguments)]
+fn check_loss_and_grads(
+    model: &mut Model,
+    meta: &Value,
+    loss: &Value,
+    dir: &Path,
+    ins: &[Tensor],
+    outs: &[Tensor],
+    training: bool,
+    report: &mut CaseReport,
+) -> Result<(), String> {
+    let name = loss
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("loss without name")?;
+    let heads = loss_heads(loss)?;
+    let targets = heads
+        .iter()
+        .map(|(_, f)| read_tensor(&dir.join(f)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut got = 0.0;
+    for ((k, _), t) in heads.iter().zip(&targets) {
+        let out = outs.get(*k).ok_or_else(|| {
+            format!(
+                "loss.outputs: output {k} out of range ({} outputs)",
+                outs.len()
+            )
+        })?;
+        got += loss_value(name, out, t)?;
+    }
+    let want = loss
+        .get("value")
+        .and_then(Value::as_f64)
+        .ok_or("loss without value")?;
+    let ltol = 1e-4 * want.abs().max(1.0);
+    if (got - want).abs() > ltol {
+        return Err(format!("loss {name}: {got}, Keras {want}"));
+    }
+    report.checked.push(if heads.len() == 1 {
+        format!("loss {name}")
+    } else {
+        format!("loss {name} over {} outputs", heads.len())
+    });
+    let Some(grads) = meta.get("grads").filter(|g| !g.is_null()) else {
+        return Ok(());
+    };
+    let files = files_of(grads, "grads")?;
+    let kind = match name {
+        "mse" => super::Loss::MeanSquaredError,
+        "sparse_categorical_crossentropy_from_logits" => {
+            super::Loss::SparseCategoricalCrossentropy { from_logits: true }
+        }
+        other => return Err(format!("gradients for loss {other:?} are not known")),
+    };
+    let kinds: Vec<(usize, super::Loss)> = heads.iter().map(|(k, _)| (*k, kind)).collect();
+    let gr = model
+        .gradients_of_heads(ins, &targets, &kinds, training)
+        .map_err(|e| format!("gradients: {e}"))?;
+    if (gr.loss as f64 - want).abs() > ltol {
+        return Err(format!(
+            "loss in the gradient graph: {}, Keras {want}",
+            gr.loss
+        ));
+    }
+    if gr.grads.len() != files.len() {
+        return Err(format!(
+            "{} gradients, Keras {} (trainable weights)",
+            gr.grads.len(),
+            files.len()
+        ));
+    }
+    let rtol = meta
+        .get("grad_rtol")
+        .and_then(Value::as_f64)
+        .unwrap_or(GRAD_RTOL);
+    let atol = meta
+        .get("grad_atol")
+        .and_then(Value::as_f64)
+        .unwrap_or(GRAD_ATOL);
+    // A stored gradient that is identically zero hides the weight's backward pass (any
+    // gradient near zero would pass): it must be declared disconnected, with a reason.
+    let disconnected = meta.get("disconnected_grads").and_then(Value::as_object);
+    for (g, f) in gr.grads.into_iter().zip(&files) {
+        let want = read_tensor(&dir.join(f))?;
+        let declared = disconnected.is_some_and(|d| d.contains_key(f.as_str()));
+        let all_zero = want.to_f64_vec().iter().all(|v| *v == 0.0);
+        if all_zero && !declared {
+            return Err(format!(
+                "gradient {f} is identically zero in the case and not declared in meta.disconnected_grads: it checks nothing"
+            ));
+        }
+        if declared && !all_zero {
+            return Err(format!(
+                "gradient {f} is declared disconnected but is not zero"
+            ));
+        }
+        compare_scaled(&Tensor::F32(g), &want, atol, rtol)
+            .map_err(|e| format!("gradient {f}: {e}"))?;
+    }
+    report.checked.push(format!("{} gradients", files.len()));
+    Ok(())
 }
 
 /// States of a `Bidirectional`'s inner layer (`forward_lstm`): half of the wrapper's.
