@@ -173,7 +173,16 @@ impl Model {
     /// (weight names and shapes) and its hash.
     pub fn load_checkpoint(&mut self, path: &Path, history: &mut History) -> R<usize> {
         let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-        if bytes.len() < 24 || &bytes[..8] != MAGIC {
+        if bytes.len() < 24 {
+            return Err(bad(
+                path,
+                format!(
+                    "{} bytes: shorter than any checkpoint (24), a partial or damaged file",
+                    bytes.len()
+                ),
+            ));
+        }
+        if &bytes[..8] != MAGIC {
             return Err(bad(path, "not a cellgraph checkpoint (bad magic)"));
         }
         let (body, tail) = bytes.split_at(bytes.len() - 8);
