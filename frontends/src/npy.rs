@@ -19,6 +19,11 @@ pub const MAX_NPY_BYTES: u64 = 4 << 30;
 /// Checks the header's shape and item size against the bytes that follow it, before
 /// anything is allocated: `(shape, item size)` of a little-endian, C-order array.
 pub fn check_header(bytes: &[u8]) -> Result<(Vec<usize>, usize), String> {
+    header_fields(bytes).map(|(shape, item, _)| (shape, item))
+}
+
+/// [`check_header`], also returning the header's `descr` (`'<f4'`, ...).
+fn header_fields(bytes: &[u8]) -> Result<(Vec<usize>, usize, String), String> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err("not a .npy file (bad magic)".into());
     }
@@ -92,12 +97,12 @@ pub fn check_header(bytes: &[u8]) -> Result<(Vec<usize>, usize), String> {
             bytes.len() - end
         ));
     }
-    Ok((shape, item))
+    Ok((shape, item, descr.to_string()))
 }
 
 /// Parses `.npy` bytes (`what` names them in errors); see [`read`].
 pub fn parse(bytes: &[u8], want: Option<DType>, what: &str) -> Result<Tensor, String> {
-    check_header(bytes).map_err(|e| format!("{what}: {e}"))?;
+    let (_, _, descr) = header_fields(bytes).map_err(|e| format!("{what}: {e}"))?;
     let path = Path::new(what);
     macro_rules! try_as {
         ($t:ty, $v:ident) => {
@@ -130,7 +135,10 @@ pub fn parse(bytes: &[u8], want: Option<DType>, what: &str) -> Result<Tensor, St
             Some(Ok(t)) => Ok(t),
             Some(Err(e)) => Err(match found() {
                 Some(other) => format!("{}: holds {other}, expected {d}", path.display()),
-                None => format!("{}: {e}", path.display()),
+                None => format!(
+                    "{}: holds {descr:?}, expected {d}: {e} (float16/bfloat16 .npy files are not supported)",
+                    path.display()
+                ),
             }),
             None => Err(format!(
                 "{}: {d} .npy files are not supported",
@@ -140,7 +148,12 @@ pub fn parse(bytes: &[u8], want: Option<DType>, what: &str) -> Result<Tensor, St
         None => found()
             .and_then(attempt)
             .and_then(Result::ok)
-            .ok_or_else(|| format!("{}: not a .npy file of a supported dtype", path.display())),
+            .ok_or_else(|| {
+                format!(
+                    "{}: dtype {descr:?} is not supported (float16/bfloat16 .npy files are not supported)",
+                    path.display()
+                )
+            }),
     }
 }
 
