@@ -1,20 +1,23 @@
-//! Durable training: a training child process killed at random moments, many times, and
-//! once aborted halfway through writing a checkpoint, always leaves a newest complete
-//! checkpoint that loads, and resuming ends with exactly the weights and accuracy of an
-//! uninterrupted run (same seed, CPU).
+//! Durable training: a training child process killed across the whole run (in start-up,
+//! mid-epoch after it wrote checkpoints of its own, at random moments, right after its last
+//! checkpoint while it writes the model), and once aborted halfway through writing a
+//! checkpoint, always leaves a newest complete checkpoint that loads, and resuming ends
+//! with exactly the weights and accuracy of an uninterrupted run (same seed, CPU).
 
 use cellgraph::keras::checkpoint::list_checkpoints;
 use cellgraph::keras::{History, Loss, Metric, Optimizer};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+const EPOCHS: usize = 8;
 const ARGS: [&str; 9] = [
     "mnist",
     "--limit",
-    "128",
+    "384",
     "--epochs",
-    "5",
+    "8",
     "--batch-size",
     "32",
     "--seed",
@@ -73,13 +76,98 @@ fn newest_checkpoint_loads(dir: &Path) -> Option<usize> {
     Some(epoch)
 }
 
+/// The newest checkpoint epoch in `out/checkpoints` (0: none).
+fn newest(out: &Path) -> usize {
+    list_checkpoints(&out.join("checkpoints"))
+        .last()
+        .map_or(0, |c| c.0)
+}
+
+fn spawn(out: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_cellgraph"))
+        .args(ARGS)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn cellgraph")
+}
+
+/// Waits until `ready` holds or the child exits (then `Err(status)`), polling every ms;
+/// panics past `limit` (a hung child).
+fn wait_for(
+    child: &mut Child,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Err(s);
+        }
+        assert!(start.elapsed() < limit, "a child ran past {limit:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// When a run is killed.
+#[derive(Clone, Copy, Debug)]
+enum Moment {
+    /// At this fraction of the start-up (before the first epoch ends).
+    StartUp(f64),
+    /// After the child wrote a checkpoint of its own, this fraction of an epoch later.
+    MidEpoch(f64),
+    /// At this fraction of the time the child's remaining work takes.
+    Anywhere(f64),
+    /// As soon as the checkpoint of the last epoch exists: the child is writing the model,
+    /// the ONNX file and the curves.
+    AtTheEnd,
+}
+
+/// Epoch timestamps of an uninterrupted run: (time to the first checkpoint, time per
+/// epoch after it, total).
+fn timed_reference(out: &Path) -> (Duration, Duration, Duration, String) {
+    let t0 = Instant::now();
+    let mut child = spawn(out, &[]);
+    let mut seen = vec![None; EPOCHS + 1];
+    let status = loop {
+        let e = newest(out);
+        if e > 0 && seen[e].is_none() {
+            seen[e] = Some(t0.elapsed());
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let total = t0.elapsed();
+    let mut text = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert!(status.success(), "the reference run failed:\n{text}");
+    let first = seen[1].expect("the first checkpoint was seen");
+    let last = seen[EPOCHS].unwrap_or(total);
+    let epoch = (last - first) / (EPOCHS as u32 - 1);
+    (first.saturating_sub(epoch), epoch, total, text)
+}
+
 #[test]
 fn killed_training_resumes_to_the_uninterrupted_result() {
     let tmp = tempfile::tempdir().unwrap();
     let reference = tmp.path().join("reference");
-    let t0 = Instant::now();
-    let want = run_to_end(&reference, &[]);
-    let full = t0.elapsed();
+    let (startup, epoch, full, want) = timed_reference(&reference);
+    eprintln!("reference: start-up {startup:?}, {epoch:?} per epoch, {full:?} in all");
+    assert_eq!(newest(&reference), EPOCHS);
+    let limit = full * 20 + Duration::from_secs(20);
 
     let out = tmp.path().join("killed");
     // First, a crash halfway through writing the checkpoint of epoch 2: the partial file
@@ -101,65 +189,93 @@ fn killed_training_resumes_to_the_uninterrupted_result() {
         .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"));
     assert!(partial, "the aborted write left no partial temporary file");
 
-    // Then kills at random moments between 2 % and 20 % of a full run: at least the first
-    // three runs cannot finish the 7 epochs left before they are killed.
+    // Then kills across the run. Each plan's moment is measured from what the child has
+    // done (its own checkpoints), not from a guess of the start-up time.
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut frac = || {
+    let mut unit = || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        0.02 + (rng % 1000) as f64 / 1000.0 * 0.18
+        (rng % 1000) as f64 / 1000.0
     };
-    let (mut kills, mut finished) = (0, None);
-    for _ in 0..12 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cellgraph"))
-            .args(ARGS)
-            .arg("--out")
-            .arg(&out)
-            .arg("--resume")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn cellgraph");
-        let budget = full.mul_f64(frac());
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break Some(s);
+    let plans = [
+        Moment::StartUp(0.2 + 0.6 * unit()),
+        Moment::MidEpoch(0.2 + 0.6 * unit()),
+        Moment::Anywhere(0.5 * unit()),
+        Moment::StartUp(0.2 + 0.6 * unit()),
+        Moment::MidEpoch(0.1 * unit()),
+        Moment::Anywhere(0.5 * unit()),
+        Moment::MidEpoch(0.5 + 0.4 * unit()),
+        Moment::AtTheEnd,
+    ];
+    let mut log = Vec::new();
+    let (mut past_a_checkpoint, mut in_startup, mut at_end) = (0, 0, 0);
+    for mut plan in plans {
+        let before = newest(&out);
+        if matches!(plan, Moment::MidEpoch(_)) && before + 1 >= EPOCHS {
+            // No epoch is left after the child's next checkpoint: kill it in start-up.
+            plan = Moment::StartUp(0.5);
+        }
+        let t0 = Instant::now();
+        let mut child = spawn(&out, &["--resume"]);
+        let waited = match plan {
+            Moment::StartUp(f) => {
+                wait_for(&mut child, limit, || t0.elapsed() >= startup.mul_f64(f))
             }
-            if start.elapsed() > budget {
-                break None;
+            Moment::MidEpoch(f) => {
+                wait_for(&mut child, limit, || newest(&out) > before).and_then(|()| {
+                    let t1 = Instant::now();
+                    wait_for(&mut child, limit, || t1.elapsed() >= epoch.mul_f64(f))
+                })
             }
-            std::thread::sleep(Duration::from_millis(2));
+            Moment::Anywhere(f) => {
+                let left = startup + epoch * (EPOCHS - before) as u32;
+                wait_for(&mut child, limit, || t0.elapsed() >= left.mul_f64(f))
+            }
+            Moment::AtTheEnd => wait_for(&mut child, limit, || newest(&out) == EPOCHS),
         };
-        match status {
-            Some(s) => {
-                assert!(s.success(), "a resumed run failed");
-                let mut text = String::new();
-                use std::io::Read;
-                child
-                    .stdout
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut text)
-                    .unwrap();
-                finished = Some(text);
-                break;
-            }
-            None => {
+        match waited {
+            Ok(()) => {
                 child.kill().unwrap();
                 child.wait().unwrap();
-                kills += 1;
             }
+            Err(s) => panic!("{plan:?}: the child exited ({s}) before its kill moment"),
         }
-        newest_checkpoint_loads(&out);
+        let after = newest(&out);
+        log.push(format!("{plan:?}: epochs {before} -> {after}"));
+        assert_eq!(
+            newest_checkpoint_loads(&out),
+            Some(after),
+            "after a kill ({plan:?})"
+        );
+        match plan {
+            Moment::StartUp(_) if after == before => in_startup += 1,
+            Moment::AtTheEnd => at_end += 1,
+            _ => {}
+        }
+        if after > before && !matches!(plan, Moment::AtTheEnd) {
+            past_a_checkpoint += 1;
+        }
     }
-    let text = match finished {
-        Some(t) => t,
-        None => run_to_end(&out, &["--resume"]),
-    };
-    eprintln!("1 abort during a checkpoint write, then {kills} kills (full run {full:?})");
-    assert!(kills >= 3, "the child was killed {kills} times");
+    let text = run_to_end(&out, &["--resume"]);
+    eprintln!(
+        "1 abort during a checkpoint write, then {} kills:\n  {}",
+        log.len(),
+        log.join("\n  ")
+    );
+    assert!(
+        in_startup >= 1,
+        "no kill landed in start-up (before the child's first epoch ended): {log:?}"
+    );
+    assert!(
+        past_a_checkpoint >= 3,
+        "fewer than 3 killed runs got past a checkpoint of their own: {log:?}"
+    );
+    assert_eq!(at_end, 1, "the kill after the last checkpoint: {log:?}");
+    assert!(
+        text.contains("resumed from"),
+        "the last run did not resume:\n{text}"
+    );
     assert_eq!(last_line(&text), last_line(&want));
     assert_eq!(weights(&out), weights(&reference), "final weights differ");
 }
