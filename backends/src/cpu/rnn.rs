@@ -1045,7 +1045,7 @@ impl<T: RFloat> Direction<'_, T> {
         };
         slot.answer(Some(given));
         #[cfg(test)]
-        tests::SPLITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tests::count_split();
         keep
     }
 
@@ -2005,9 +2005,28 @@ mod tests {
         }
     }
 
-    /// Rows handed to another thread between steps (counted for the test below).
-    pub(super) static SPLITS: std::sync::atomic::AtomicUsize =
-        std::sync::atomic::AtomicUsize::new(0);
+    /// Rows handed to another thread between steps, by the name of the thread that
+    /// handed them over (counted for the test below, whose pool names its threads, so
+    /// that splits made by other tests running at the same time are not counted).
+    static SPLITS: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn count_split() {
+        let name = std::thread::current().name().unwrap_or_default().to_string();
+        let mut s = SPLITS.lock().unwrap_or_else(|e| e.into_inner());
+        match s.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, k)) => *k += 1,
+            None => s.push((name, 1)),
+        }
+    }
+
+    /// Splits made by threads whose name starts with `prefix`.
+    fn splits_on(prefix: &str) -> usize {
+        let s = SPLITS.lock().unwrap_or_else(|e| e.into_inner());
+        s.iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, k)| k)
+            .sum()
+    }
 
     /// Rows shared between threads mid-sequence give the values of the unshared run bit
     /// for bit: two threads, the second block's rows end after one or two steps so its
@@ -2017,13 +2036,14 @@ mod tests {
     fn rows_shared_between_threads_give_the_same_bits() {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
+            .thread_name(|i| format!("rows-shared-test-{i}"))
             .build()
             .expect("a thread pool");
         let (t, n) = (24, 64);
         let mut lens = vec![t; n];
         lens[32..].fill(2);
         lens[40] = 1;
-        let before = SPLITS.load(std::sync::atomic::Ordering::Relaxed);
+        let before = splits_on("rows-shared-test-");
         for (cell, i, h, dirs) in [
             (Cell::Lstm, 5, 8, vec![false]),
             (Cell::Lstm, 160, 128, vec![false]),
@@ -2072,8 +2092,8 @@ mod tests {
             }
         }
         assert!(
-            SPLITS.load(std::sync::atomic::Ordering::Relaxed) > before,
-            "no rows were shared"
+            splits_on("rows-shared-test-") > before,
+            "no rows were shared by this test's threads"
         );
     }
 
