@@ -4,6 +4,14 @@
 //! graph) and the cotangents of its outputs, and emits the cotangents of its inputs.
 //! Broadcasting is undone with [`Emit::unbroadcast`]; values whose gradient nobody needs
 //! (`need[i] == false`) are skipped.
+//!
+//! Conventions where a function has no derivative (each documented at its rule):
+//! `Max`/`Min`/`ReduceMax`/`ReduceMin` split the cotangent evenly among tied extremes
+//! (JAX's convention: the tied copies together get what one untied extreme would);
+//! `Clip` gives the cotangent to x on the bounds (min ≤ x ≤ max, as TensorFlow and
+//! PyTorch) and to a bound only strictly outside; `Relu` and `Abs` give 0 at 0.
+//! Softmax/LogSoftmax below opset 13 follow ONNX's 2-D coercion at `axis` (default 1),
+//! as the CPU kernel does.
 
 use crate::emit::Emit;
 use crate::{branch_vjp, loop_body_vjp, scan_body_vjp, Error, Result};
@@ -69,10 +77,20 @@ impl NodeCx<'_> {
         self.need.get(i).copied().unwrap_or(false)
     }
 
+    /// A constant input's tensor (`None`: omitted, or not a constant).
+    fn const_tensor(&self, i: usize) -> Option<Tensor> {
+        let v = self.src.node_inputs(self.node).get(i).copied().flatten()?;
+        self.src.constant(v)
+    }
+
     /// A constant input's integer values (axes, shapes, slice bounds).
     fn const_ints(&self, i: usize) -> Option<Vec<i64>> {
-        let v = self.src.node_inputs(self.node).get(i).copied().flatten()?;
-        self.src.constant(v)?.as_i64_vec()
+        self.const_tensor(i)?.as_i64_vec()
+    }
+
+    /// A constant input's values as f64 (bool tensors included: false 0, true 1).
+    fn const_f64s(&self, i: usize) -> Option<Vec<f64>> {
+        Some(self.const_tensor(i)?.to_f64_vec())
     }
 }
 
@@ -279,27 +297,7 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
                 outer: vec![],
             })
         }
-        Op::Min {} | Op::Max {} => {
-            // The gradient goes to every operand equal to the result.
-            let g = cx.g()?;
-            let y = y.ok_or_else(no_rule)?;
-            let mut out = Vec::new();
-            for i in 0..cx.ins.len() {
-                out.push(if cx.need(i) {
-                    let v = cx.input(i)?;
-                    let eq = e.op(Op::Equal {}, &[v, y], "is_extreme")?;
-                    let z = e.scalar(e.dtype(g), 0.0)?;
-                    let t = e.where_(eq, g, z)?;
-                    Some(e.unbroadcast(t, &e.static_shape(v, "Min/Max operand")?)?)
-                } else {
-                    None
-                });
-            }
-            Ok(Grads {
-                inputs: out,
-                outer: vec![],
-            })
-        }
+        Op::Min {} | Op::Max {} => min_max(e, cx),
         Op::Where {} => {
             let g = cx.g()?;
             let (c, a, b) = (cx.input(0)?, cx.input(1)?, cx.input(2)?);
@@ -436,15 +434,7 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
             let ga = e.mul(g, al)?;
             Ok(one(Some(e.where_(inside, ga, z)?)))
         }
-        Op::Clip { .. } => {
-            // The gradient passes where the input is inside [min, max].
-            let g = cx.g()?;
-            let a = x()?;
-            let y = y.ok_or_else(no_rule)?;
-            let eq = e.op(Op::Equal {}, &[a, y], "unclipped")?;
-            let z = e.scalar(e.dtype(a), 0.0)?;
-            Ok(one(Some(e.where_(eq, g, z)?)))
-        }
+        Op::Clip { min, max } => clip(e, cx, *min, *max),
         Op::Cast { .. } | Op::CastLike { .. } => {
             let a = x()?;
             let from = e.dtype(a);
@@ -454,15 +444,7 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
             let g = cx.g()?;
             Ok(one(Some(e.cast(g, from)?)))
         }
-        Op::Dropout { .. } => {
-            // Inference-mode Dropout (no training_mode input, or a constant false) is the
-            // identity; a random training-mode Dropout has no rule.
-            let training = cx.ins.get(2).copied().flatten().is_some();
-            if training && cx.const_ints(2).is_none_or(|v| v.iter().any(|&t| t != 0)) {
-                return Err(cx.unsupported("training-mode Dropout (random) in the graph"));
-            }
-            Ok(one(Some(cx.g()?)))
-        }
+        Op::Dropout { ratio, .. } => dropout(cx, *ratio),
         Op::MatMul {} => matmul(e, cx),
         Op::Gemm {
             alpha,
@@ -470,28 +452,7 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
             transA,
             transB,
         } => gemm(e, cx, *alpha, *beta, *transA != 0, *transB != 0),
-        Op::Softmax { axis } | Op::LogSoftmax { axis } => {
-            let g = cx.g()?;
-            let y = y.ok_or_else(no_rule)?;
-            let rank = e.static_shape(y, "Softmax output")?.len();
-            let ax = norm_axis(axis.unwrap_or(-1), rank) as i64;
-            if cx.src.opset("") < 13 && ax as usize != rank - 1 {
-                return Err(cx.unsupported("opset < 13 Softmax over a non-last axis"));
-            }
-            if matches!(cx.op, Op::Softmax { .. }) {
-                // y ⊙ (g − Σ g⊙y)
-                let gy = e.mul(g, y)?;
-                let s = e.reduce_sum(gy, &[ax], true)?;
-                let d = e.sub(g, s)?;
-                Ok(one(Some(e.mul(y, d)?)))
-            } else {
-                // g − exp(y) ⊙ Σ g
-                let s = e.reduce_sum(g, &[ax], true)?;
-                let p = e.op(Op::Exp {}, &[y], "exp")?;
-                let t = e.mul(p, s)?;
-                Ok(one(Some(e.sub(g, t)?)))
-            }
-        }
+        Op::Softmax { axis } | Op::LogSoftmax { axis } => softmax(e, cx, *axis),
         Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => {
             let g = cx.g()?;
             let s = e.static_shape(x()?, "the input of a reshape")?;
@@ -561,12 +522,51 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         }
         Op::Slice {} => slice(e, cx),
         Op::Gather { axis } => gather(e, cx, *axis),
-        Op::ReduceSum { axes, keepdims, .. }
-        | Op::ReduceMean { axes, keepdims, .. }
-        | Op::ReduceMax { axes, keepdims, .. }
-        | Op::ReduceMin { axes, keepdims, .. } => {
-            // Works with dynamic sizes: only the rank must be known.
+        Op::ReduceSum {
+            axes,
+            keepdims,
+            noop_with_empty_axes,
+        }
+        | Op::ReduceMean {
+            axes,
+            keepdims,
+            noop_with_empty_axes,
+        }
+        | Op::ReduceMax {
+            axes,
+            keepdims,
+            noop_with_empty_axes,
+        }
+        | Op::ReduceMin {
+            axes,
+            keepdims,
+            noop_with_empty_axes,
+        } => {
+            // The axes as the kernel reads them: the attribute, else the (constant)
+            // input; none or empty means every axis, or, with noop_with_empty_axes,
+            // no reduction at all (the op is the identity, whatever keepdims says).
+            // ReduceMax/ReduceMin split the cotangent evenly among tied extremes:
+            // dx = g · [x = y] / Σ_axes [x = y] (JAX's convention), so k tied copies of
+            // one value get g in total. Works with dynamic sizes: only the rank must be
+            // known.
+            let given = match axes {
+                Some(v) => Some(v.clone()),
+                None if cx.ins.get(1).copied().flatten().is_some() => Some(
+                    cx.const_ints(1)
+                        .ok_or_else(|| cx.unsupported("axes that are not a constant"))?,
+                ),
+                None => None,
+            }
+            .filter(|v| !v.is_empty());
             let g = cx.g()?;
+            if given.is_none() && *noop_with_empty_axes != 0 {
+                let mut out = vec![Some(g)];
+                out.resize(cx.ins.len(), None);
+                return Ok(Grads {
+                    inputs: out,
+                    outer: vec![],
+                });
+            }
             let a = x()?;
             let rank =
                 e.g.value(a)
@@ -574,9 +574,9 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
                     .dims()
                     .map(<[_]>::len)
                     .ok_or_else(|| cx.unsupported("an input of unknown rank"))?;
-            let mut axes: Vec<i64> = match axes.clone().or_else(|| cx.const_ints(1)) {
-                Some(v) if !v.is_empty() => v.iter().map(|&a| norm_axis(a, rank) as i64).collect(),
-                _ => (0..rank as i64).collect(),
+            let mut axes: Vec<i64> = match given {
+                Some(v) => v.iter().map(|&a| norm_axis(a, rank) as i64).collect(),
+                None => (0..rank as i64).collect(),
             };
             axes.sort_unstable();
             let gk = if *keepdims == 0 {
@@ -625,8 +625,14 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
                         y
                     };
                     let eq = e.op(Op::Equal {}, &[a, yk], "is_extreme")?;
-                    let z = e.scalar(e.dtype(a), 0.0)?;
-                    e.where_(eq, ge, z)?
+                    let dt = e.dtype(a);
+                    let z = e.scalar(dt, 0.0)?;
+                    // Ties share the cotangent: g / k for k tied extremes (k ≥ 1 where
+                    // eq holds; the share is unused elsewhere).
+                    let ones = e.cast(eq, dt)?;
+                    let k = e.reduce_sum(ones, &axes, true)?;
+                    let share = e.div(ge, k)?;
+                    e.where_(eq, share, z)?
                 }
             };
             let mut out = vec![Some(r)];
@@ -659,6 +665,234 @@ pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         Op::Einsum { equation } => einsum(e, cx, equation),
         _ => Err(no_rule()),
     }
+}
+
+/// Elementwise variadic `Max`/`Min` (with broadcasting). Where one operand is the
+/// extreme, it gets the whole cotangent; where `k` operands tie for it (after
+/// broadcasting), each gets `g / k`, as JAX's `jnp.maximum`/`jnp.minimum` do:
+/// `dx_i = unbroadcast(g · [x_i = y] / Σ_j [x_j = y])`. The shares add up to `g`, so
+/// `Max(x, x)` has gradient `g` (it is `x`), not `2g`.
+fn min_max(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
+    let g = cx.g()?;
+    let n = cx.ins.len();
+    if n == 1 {
+        return Ok(one(cx.need(0).then_some(g)));
+    }
+    let y = cx
+        .outs
+        .first()
+        .copied()
+        .ok_or_else(|| Error::Internal("Min/Max without an output".into()))?;
+    let dt = e.dtype(g);
+    // [x_i = y], each broadcast to y's shape (the broadcast of every operand).
+    let mut eqs = Vec::with_capacity(n);
+    for i in 0..n {
+        eqs.push(e.op(Op::Equal {}, &[cx.input(i)?, y], "is_extreme")?);
+    }
+    let mut count = e.cast(eqs[0], dt)?;
+    for &eq in &eqs[1..] {
+        let c = e.cast(eq, dt)?;
+        count = e.add(count, c)?;
+    }
+    // count ≥ 1 wherever some operand equals y; elsewhere (NaN) the share is unused.
+    let share = e.div(g, count)?;
+    let z = e.scalar(dt, 0.0)?;
+    let mut out = Vec::with_capacity(n);
+    for (i, &eq) in eqs.iter().enumerate() {
+        out.push(if cx.need(i) {
+            let v = cx.input(i)?;
+            let t = e.where_(eq, share, z)?;
+            Some(e.unbroadcast(t, &e.static_shape(v, "Min/Max operand")?)?)
+        } else {
+            None
+        });
+    }
+    Ok(Grads {
+        inputs: out,
+        outer: vec![],
+    })
+}
+
+/// `Softmax` and `LogSoftmax`, with the kernel's (and ONNX's) axis semantics:
+///
+/// - opset ≥ 13: along the one axis `axis` (default −1);
+/// - opset < 13 (Softmax-1/11): the input is coerced to 2-D at `axis` (default 1),
+///   `[∏ dims[..axis], ∏ dims[axis..]]`, and normalised along its second axis, i.e.
+///   jointly over every axis from `axis` on. The rule reshapes `g` and `y` the same way,
+///   applies the one-axis rule on axis 1 and reshapes back (nothing to reshape when
+///   `axis` is the last axis).
+///
+/// One axis: Softmax `dx = y ⊙ (g − Σ g⊙y)`, LogSoftmax `dx = g − exp(y) ⊙ Σ g`. A
+/// rank-0 input has a constant output (1 or 0), so its gradient is zero.
+fn softmax(e: &mut Emit, cx: &NodeCx, axis: Option<i64>) -> Result<Grads> {
+    let g = cx.g()?;
+    let y = cx
+        .outs
+        .first()
+        .copied()
+        .ok_or_else(|| Error::Internal("Softmax without an output".into()))?;
+    let log = matches!(cx.op, Op::LogSoftmax { .. });
+    let rank =
+        e.g.value(y)
+            .ty
+            .dims()
+            .map(<[_]>::len)
+            .ok_or_else(|| cx.unsupported("an input of unknown rank"))?;
+    if rank == 0 {
+        return Ok(one(Some(e.zeros_like(y, "a rank-0 Softmax")?)));
+    }
+    let old = cx.src.opset("") < 13;
+    let default = if old { 1 } else { -1 };
+    let ax = cellgraph_ir::ops::infer::norm_axis(axis.unwrap_or(default), rank)
+        .map_err(|why| cx.unsupported(why))?;
+    let one_axis = |e: &mut Emit, g: ValueRef, y: ValueRef, ax: i64| -> Result<ValueRef> {
+        if log {
+            // g − exp(y) ⊙ Σ g
+            let s = e.reduce_sum(g, &[ax], true)?;
+            let p = e.op(Op::Exp {}, &[y], "exp")?;
+            let t = e.mul(p, s)?;
+            e.sub(g, t)
+        } else {
+            // y ⊙ (g − Σ g⊙y)
+            let gy = e.mul(g, y)?;
+            let s = e.reduce_sum(gy, &[ax], true)?;
+            let d = e.sub(g, s)?;
+            e.mul(y, d)
+        }
+    };
+    if !old || ax == rank - 1 {
+        return Ok(one(Some(one_axis(e, g, y, ax as i64)?)));
+    }
+    // Opset < 13 over the axes ax..: the 2-D coercion.
+    let shape = e.static_shape(y, "an opset < 13 Softmax output (coerced to 2-D)")?;
+    let flat = [
+        shape[..ax].iter().product::<usize>(),
+        shape[ax..].iter().product::<usize>(),
+    ];
+    let g2 = e.reshape(g, &flat)?;
+    let y2 = e.reshape(y, &flat)?;
+    let d2 = one_axis(e, g2, y2, 1)?;
+    Ok(one(Some(e.reshape(d2, &shape)?)))
+}
+
+/// `Dropout` where it is the identity: in inference mode (no `training_mode` input, or a
+/// constant false one: a bool scalar, as ONNX types it) or with a constant ratio of 0
+/// (training mode then keeps every element and scales by 1/(1 − 0)). The ratio is the
+/// `ratio` input, else the attribute (opset < 12), else 0.5. A training-mode Dropout
+/// with another ratio, or a `training_mode` that is not a constant, is random (the IR
+/// has no random op to replay its mask) and is refused. The mask output has no
+/// gradient.
+fn dropout(cx: &NodeCx, ratio_attr: Option<f32>) -> Result<Grads> {
+    // As the kernel reads them: the first element of each.
+    let training = match cx.ins.get(2).copied().flatten() {
+        None => Some(false),
+        Some(_) => cx
+            .const_f64s(2)
+            .map(|v| v.first().is_some_and(|&t| t != 0.0)),
+    };
+    let ratio = match cx.ins.get(1).copied().flatten() {
+        None => Some(ratio_attr.map_or(0.5, f64::from)),
+        Some(_) => cx.const_f64s(1).map(|v| v.first().copied().unwrap_or(0.5)),
+    };
+    let identity = training == Some(false) || ratio == Some(0.0);
+    if !identity {
+        let why = match training {
+            None => "a training_mode that is not a constant (training-mode Dropout is random)",
+            Some(_) => "training-mode Dropout (random) with a ratio that is not a constant 0",
+        };
+        return Err(cx.unsupported(why));
+    }
+    let mut out = vec![Some(cx.g()?)];
+    out.resize(cx.ins.len().max(1), None);
+    Ok(Grads {
+        inputs: out,
+        outer: vec![],
+    })
+}
+
+/// `Clip`: y = min(max(x, lo), hi) (the kernel's order, and `jnp.clip`'s), the bounds
+/// given as inputs (opset ≥ 11, differentiable) or attributes (opset < 11), each
+/// optional. Every element's cotangent goes to exactly one of x, lo, hi:
+///
+/// - x where lo ≤ x ≤ hi (ties go to x, the bounds inclusive);
+/// - lo where x < lo ≤ hi;
+/// - hi where x > hi, or everywhere when lo > hi (then y = hi).
+///
+/// For ordered bounds (lo ≤ hi) that is the convention of TensorFlow's `clip_by_value`
+/// and PyTorch's `clamp` (x's gradient inclusive of the bounds, the bounds' strict), and
+/// it matches the x gradient this rule always had; JAX instead splits a tie between x
+/// and the bound. Crossed bounds follow the kernel's order: the outer min picks hi. The bounds' cotangents are summed to their shapes (scalars).
+fn clip(e: &mut Emit, cx: &NodeCx, min: Option<f32>, max: Option<f32>) -> Result<Grads> {
+    let g = cx.g()?;
+    let a = cx.input(0)?;
+    let dt = e.dtype(a);
+    let input_lo = cx.ins.get(1).copied().flatten();
+    let input_hi = cx.ins.get(2).copied().flatten();
+    let lo = match (input_lo, min) {
+        (Some(v), _) => Some(v),
+        (None, Some(m)) => Some(e.scalar(dt, m as f64)?),
+        (None, None) => None,
+    };
+    let hi = match (input_hi, max) {
+        (Some(v), _) => Some(v),
+        (None, Some(m)) => Some(e.scalar(dt, m as f64)?),
+        (None, None) => None,
+    };
+    let z = e.scalar(dt, 0.0)?;
+    // Shapes: the cotangent has x's shape; a mask may broadcast further only when a
+    // bound has a higher rank than x (then it is summed back).
+    let fit = |e: &mut Emit, t: ValueRef, like: ValueRef| -> Result<ValueRef> {
+        match (e.shape_of(t), e.shape_of(like)) {
+            (Some(ts), Some(ls)) if ts != ls => e.unbroadcast(t, &ls),
+            _ => Ok(t),
+        }
+    };
+    let mut out = vec![None; cx.ins.len().max(1)];
+    if cx.need(0) {
+        let mut inside: Option<ValueRef> = None;
+        if let Some(lo) = lo {
+            let below = e.op(Op::Less {}, &[a, lo], "below_min")?;
+            inside = Some(e.op(Op::Not {}, &[below], "at_least_min")?);
+        }
+        if let Some(hi) = hi {
+            let above = e.op(Op::Greater {}, &[a, hi], "above_max")?;
+            let le = e.op(Op::Not {}, &[above], "at_most_max")?;
+            inside = Some(match inside {
+                Some(m) => e.op(Op::And {}, &[m, le], "inside")?,
+                None => le,
+            });
+        }
+        out[0] = Some(match inside {
+            Some(m) => {
+                let t = e.where_(m, g, z)?;
+                fit(e, t, a)?
+            }
+            None => g,
+        });
+    }
+    if let (Some(lo), true) = (input_lo, cx.need(1)) {
+        let mut mask = e.op(Op::Less {}, &[a, lo], "below_min")?;
+        if let Some(hi) = hi {
+            let crossed = e.op(Op::Greater {}, &[lo, hi], "min_above_max")?;
+            let ok = e.op(Op::Not {}, &[crossed], "min_at_most_max")?;
+            mask = e.op(Op::And {}, &[mask, ok], "clipped_to_min")?;
+        }
+        let t = e.where_(mask, g, z)?;
+        out[1] = Some(e.unbroadcast(t, &e.static_shape(lo, "the min of Clip")?)?);
+    }
+    if let (Some(hi), true) = (input_hi, cx.need(2)) {
+        let mut mask = e.op(Op::Greater {}, &[a, hi], "above_max")?;
+        if let Some(lo) = lo {
+            let crossed = e.op(Op::Greater {}, &[lo, hi], "min_above_max")?;
+            mask = e.op(Op::Or {}, &[mask, crossed], "clipped_to_max")?;
+        }
+        let t = e.where_(mask, g, z)?;
+        out[2] = Some(e.unbroadcast(t, &e.static_shape(hi, "the max of Clip")?)?);
+    }
+    Ok(Grads {
+        inputs: out,
+        outer: vec![],
+    })
 }
 
 fn matmul(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
