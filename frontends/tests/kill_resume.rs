@@ -134,7 +134,7 @@ enum Moment {
 fn timed_reference(out: &Path) -> (Duration, Duration, Duration, String) {
     let t0 = Instant::now();
     let mut child = spawn(out, &[]);
-    let mut seen = vec![None; EPOCHS + 1];
+    let mut seen = [None; EPOCHS + 1];
     let status = loop {
         let e = newest(out);
         if e > 0 && seen[e].is_none() {

@@ -5,6 +5,7 @@
 //!
 //! A new backend joins the suite with one line in [`paths`].
 
+use cellgraph::backends::cpu::paths::{self as kernel_paths, PathCounts};
 use cellgraph::backends::cpu::Recurrent as Mode;
 use cellgraph::backends::select::Placement;
 use cellgraph::ir::{DType, Tensor};
@@ -318,6 +319,8 @@ struct Run {
     outputs: Vec<Vec<f32>>,
     loss: f32,
     grads: Vec<Vec<f32>>,
+    /// The fused kernels' paths in inference and in the gradient run.
+    paths: (PathCounts, PathCounts),
 }
 
 fn run(c: &Cfg, path: &PathUnderTest, x: &[Tensor]) -> Result<Run, TestCaseError> {
@@ -343,14 +346,18 @@ fn run(c: &Cfg, path: &PathUnderTest, x: &[Tensor]) -> Result<Run, TestCaseError
         let fused = matches!(ch.placement, Placement::Fused { .. });
         prop_assert_eq!(fused, path.fused, "{}: {}", path.name, ch);
     }
+    kernel_paths::take();
     let outputs: Vec<Vec<f32>> = m.predict(x).expect("predict").iter().map(flat).collect();
+    let inference = kernel_paths::take();
     let first = m.predict(x).expect("predict")[0].clone();
     let mut rng = Rng(c.seed.rotate_left(17) | 1);
     let target: Vec<f32> = (0..first.len()).map(|_| rng.next()).collect();
     let target = Tensor::F32(ArrayD::from_shape_vec(IxDyn(first.shape()), target).expect("target"));
+    kernel_paths::take();
     let g = m
         .gradients(x, &target, Loss::MeanSquaredError, 0, false)
         .expect("gradients");
+    let training = kernel_paths::take();
     // The compiled plans run what the selector chose: fused ops (and their fused
     // backward) and no Scan on the fused path.
     let texts: Vec<String> = m
@@ -381,7 +388,31 @@ fn run(c: &Cfg, path: &PathUnderTest, x: &[Tensor]) -> Result<Run, TestCaseError
             .iter()
             .map(|a| a.iter().copied().collect())
             .collect(),
+        paths: (inference, training),
     })
+}
+
+/// Every path agrees with the loop path on outputs, loss and every weight gradient;
+/// returns each path's runs.
+fn agree(c: &Cfg) -> Result<Vec<Run>, TestCaseError> {
+    let x = inputs(c);
+    let all = paths();
+    let reference = run(c, &all[0], &x)?;
+    let mut runs = Vec::new();
+    for p in &all[1..] {
+        let got = run(c, p, &x)?;
+        prop_assert_eq!(got.outputs.len(), reference.outputs.len());
+        for (k, (a, b)) in got.outputs.iter().zip(&reference.outputs).enumerate() {
+            close(&format!("{} output {k}", p.name), a, b)?;
+        }
+        close(&format!("{} loss", p.name), &[got.loss], &[reference.loss])?;
+        prop_assert_eq!(got.grads.len(), reference.grads.len());
+        for (k, (a, b)) in got.grads.iter().zip(&reference.grads).enumerate() {
+            close(&format!("{} gradient {k}", p.name), a, b)?;
+        }
+        runs.push(got);
+    }
+    Ok(runs)
 }
 
 proptest! {
@@ -391,21 +422,51 @@ proptest! {
     /// and the fused path runs fused kernels both ways.
     #[test]
     fn loop_and_fused_paths_agree(c in cfg()) {
-        let x = inputs(&c);
-        let all = paths();
-        let reference = run(&c, &all[0], &x)?;
-        for p in &all[1..] {
-            let got = run(&c, p, &x)?;
-            prop_assert_eq!(got.outputs.len(), reference.outputs.len());
-            for (k, (a, b)) in got.outputs.iter().zip(&reference.outputs).enumerate() {
-                close(&format!("{} output {k}", p.name), a, b)?;
-            }
-            close(&format!("{} loss", p.name), &[got.loss], &[reference.loss])?;
-            prop_assert_eq!(got.grads.len(), reference.grads.len());
-            for (k, (a, b)) in got.grads.iter().zip(&reference.grads).enumerate() {
-                close(&format!("{} gradient {k}", p.name), a, b)?;
-            }
-        }
+        agree(&c)?;
+    }
+}
+
+/// Sizes past the kernels' threading threshold (`PARALLEL_MIN_MACS`, 2^18 multiply-adds
+/// over the sequence): blocks of batch rows run on two threads, forward and backward.
+/// The default activations (bounded: f32 rounding differences between the paths stay
+/// small at these widths).
+fn threaded_cfg() -> impl Strategy<Value = Cfg> {
+    (cfg(), 17usize..=40, 8usize..=12, 40usize..=64, 12usize..=24).prop_map(
+        |(mut c, batch, steps, units, input)| {
+            c.batch = batch;
+            c.steps = steps;
+            c.units = units;
+            c.input = input;
+            c.activation = 0;
+            c.recurrent_activation = 0;
+            c
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// The threaded paths agree with the loop too; the kernels' path counts show the
+    /// fused path ran blocks of rows on threads in inference and in training.
+    #[test]
+    fn threaded_fused_paths_agree_with_the_loop(c in threaded_cfg()) {
+        static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+        let pool = POOL.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a thread pool")
+        });
+        let runs = pool.install(|| agree(&c))?;
+        let fused = runs.iter().find(|r| r.paths.0.forward > 0);
+        let Some(fused) = fused else {
+            return Err(TestCaseError::fail("no path ran a fused kernel"));
+        };
+        let (inference, training) = fused.paths;
+        prop_assert!(inference.forward_threaded > 0, "inference on threads: {:?}", inference);
+        prop_assert!(
+            training.threaded_training_passes > 0,
+            "training on threads: {:?}",
+            training
+        );
     }
 }
 

@@ -6,6 +6,7 @@ mod control;
 mod elementwise;
 pub mod fastmath;
 mod nn;
+pub mod paths;
 mod reduce;
 pub mod rnn;
 pub mod rnn_grad;

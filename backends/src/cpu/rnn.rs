@@ -853,6 +853,14 @@ fn run_with<T: RFloat>(
         }
     }
     let mut done = Vec::with_capacity(blocks.len());
+    super::paths::count(|c| {
+        c.forward += 1;
+        c.forward_threaded += usize::from(parallel && blocks.len() > 1);
+        for dir in &dirs {
+            c.one_pass_directions += usize::from(dir.standard);
+            c.joint_directions += usize::from(matches!(dir.packs, Packs::Joint(_)));
+        }
+    });
     if parallel && blocks.len() > 1 {
         // Each thread takes whole blocks while there are any, then part of the rows of
         // the running block with the most work left (see `steal`).
@@ -871,12 +879,14 @@ fn run_with<T: RFloat>(
         let queue = std::sync::Mutex::new(blocks.into_iter().zip(slots).collect::<Vec<_>>());
         let finished = std::sync::Mutex::new(Vec::new());
         let pop = || queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let splits = std::sync::atomic::AtomicUsize::new(0);
         (0..threads).into_par_iter().for_each(|_| {
             let mut mine = Vec::new();
             while let Some((part, slot)) = pop() {
                 mine.push(dirs[part.d].rows(part, Some(&slot), true));
             }
             while let Some(part) = share.then(|| board.take()).flatten() {
+                splits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let slot = board.register(0);
                 mine.push(dirs[part.d].rows(part, Some(&slot), true));
             }
@@ -886,6 +896,7 @@ fn run_with<T: RFloat>(
                 .append(&mut mine);
         });
         done = finished.into_inner().unwrap_or_else(|e| e.into_inner());
+        super::paths::count(|c| c.row_splits += splits.into_inner());
     } else {
         for part in blocks {
             done.push(dirs[part.d].rows(part, None, false));
@@ -1044,8 +1055,6 @@ impl<T: RFloat> Direction<'_, T> {
             cs: cs.split_off(keep * h),
         };
         slot.answer(Some(given));
-        #[cfg(test)]
-        tests::count_split();
         keep
     }
 
@@ -2005,29 +2014,6 @@ mod tests {
         }
     }
 
-    /// Rows handed to another thread between steps, by the name of the thread that
-    /// handed them over (counted for the test below, whose pool names its threads, so
-    /// that splits made by other tests running at the same time are not counted).
-    static SPLITS: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
-
-    pub(super) fn count_split() {
-        let name = std::thread::current().name().unwrap_or_default().to_string();
-        let mut s = SPLITS.lock().unwrap_or_else(|e| e.into_inner());
-        match s.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, k)) => *k += 1,
-            None => s.push((name, 1)),
-        }
-    }
-
-    /// Splits made by threads whose name starts with `prefix`.
-    fn splits_on(prefix: &str) -> usize {
-        let s = SPLITS.lock().unwrap_or_else(|e| e.into_inner());
-        s.iter()
-            .filter(|(n, _)| n.starts_with(prefix))
-            .map(|(_, k)| k)
-            .sum()
-    }
-
     /// Rows shared between threads mid-sequence give the values of the unshared run bit
     /// for bit: two threads, the second block's rows end after one or two steps so its
     /// thread asks for part of the first block's rows; joined products (small LSTM) and
@@ -2036,14 +2022,13 @@ mod tests {
     fn rows_shared_between_threads_give_the_same_bits() {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
-            .thread_name(|i| format!("rows-shared-test-{i}"))
             .build()
             .expect("a thread pool");
         let (t, n) = (24, 64);
         let mut lens = vec![t; n];
         lens[32..].fill(2);
         lens[40] = 1;
-        let before = splits_on("rows-shared-test-");
+        let mut splits = 0;
         for (cell, i, h, dirs) in [
             (Cell::Lstm, 5, 8, vec![false]),
             (Cell::Lstm, 160, 128, vec![false]),
@@ -2072,7 +2057,13 @@ mod tests {
             };
             let alone = pool.install(|| outputs::<f32>(&c, false));
             for _ in 0..8 {
-                let shared = pool.install(|| outputs::<f32>(&c, true));
+                // The counts of the pool thread that ran the kernel (taken before too:
+                // the thread may have run other work).
+                let (shared, paths) = pool.install(|| {
+                    super::super::paths::take();
+                    (outputs::<f32>(&c, true), super::super::paths::take())
+                });
+                splits += paths.row_splits;
                 for (name, a, b) in [
                     ("Y", &shared.y, &alone.y),
                     ("Y_h", &shared.yh, &alone.yh),
@@ -2092,8 +2083,8 @@ mod tests {
             }
         }
         assert!(
-            splits_on("rows-shared-test-") > before,
-            "no rows were shared by this test's threads"
+            splits > 0,
+            "no rows were shared"
         );
     }
 

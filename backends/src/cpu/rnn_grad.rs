@@ -123,6 +123,7 @@ fn output<T: RFloat>(dtype: cellgraph_ir::DType, shape: &[usize], v: Vec<T>) -> 
 /// being computed. dX — a GEMM as large as the forward's input projection — is the one
 /// skipped; a layer fed by data needs no gradient of its input.
 pub fn eval(op: &Op, ins: &[Option<&Data>], wanted: &[bool]) -> R<Vec<Data>> {
+    super::paths::count(|c| c.recomputing_backward += 1);
     Ok(run(op, ins, wanted, Mode::Grad(None))?.0)
 }
 
@@ -151,6 +152,7 @@ pub fn forward_saving(op: &Op, ins: &[Option<&Data>], wanted: &[bool]) -> R<(Vec
             ))
         }
     };
+    super::paths::count(|c| c.saving_forward += 1);
     let (outs, saved) = run(&grad, ins, wanted, Mode::Forward)?;
     Ok((outs, saved.ok_or("the forward kept nothing")?))
 }
@@ -158,6 +160,7 @@ pub fn forward_saving(op: &Op, ins: &[Option<&Data>], wanted: &[bool]) -> R<(Vec
 /// Runs a recurrent backward op from its forward's [`Saved`] state (its inputs must be
 /// the ones the forward ran on); `wanted` as for [`eval`].
 pub fn eval_saved(op: &Op, ins: &[Option<&Data>], wanted: &[bool], saved: Saved) -> R<Vec<Data>> {
+    super::paths::count(|c| c.paired_backward += 1);
     Ok(run(op, ins, wanted, Mode::Grad(Some(saved)))?.0)
 }
 
@@ -718,6 +721,10 @@ impl<'a, T: RFloat> Dir<'a, T> {
                 self.block_forward(&packs, &io, b0, nb, nested, self.cx.want_y),
             )
         };
+        super::paths::count(|c| {
+            c.threaded_training_passes += usize::from(blocks.len() > 1);
+            c.plain_training_directions += usize::from(self.plain_lstm() || self.plain_gru());
+        });
         DirSaved {
             blocks: if blocks.len() > 1 {
                 blocks.par_iter().map(|b| run(b, true)).collect()
@@ -763,6 +770,7 @@ impl<'a, T: RFloat> Dir<'a, T> {
             Some(sv) => {
                 let blocks: Vec<(usize, usize)> = sv.blocks.iter().map(|(b, _)| *b).collect();
                 let nested = sv.blocks.len() > 1;
+                super::paths::count(|c| c.threaded_training_passes += usize::from(nested));
                 let run = |((b0, nb), fwd): ((usize, usize), Fwd<T>)| {
                     self.block_backward(&back, &io, b0, nb, nested, fwd)
                 };
@@ -776,6 +784,11 @@ impl<'a, T: RFloat> Dir<'a, T> {
             None => {
                 let packs = (self.forward_packs(), back);
                 let blocks = self.blocks();
+                super::paths::count(|c| {
+                    c.threaded_training_passes += usize::from(blocks.len() > 1);
+                    c.plain_training_directions +=
+                        usize::from(self.plain_lstm() || self.plain_gru());
+                });
                 let parts = if blocks.len() > 1 {
                     blocks
                         .par_iter()
