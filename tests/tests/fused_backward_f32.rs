@@ -21,47 +21,43 @@
 //! itself spot-checked against central differences, since the f64 FD suites use sizes
 //! that do not reach the threaded blocks.
 //!
-//! Whether a fast path ran is not observable from outside the backend (no counter, and
-//! the pairing map is private): the tests establish the conditions instead — the
-//! gradient graph holds the fused `*Grad` op reading the same values as its forward and
-//! no sequence_lens (pairing), the cell is plain (one-pass kernels), hidden ≥ 16 and the
-//! CPU has AVX2 and FMA (vector kernels, reported), and the work passes the threading
-//! threshold with rayon running ≥ 2 threads (set below). `kernel_paths_agree_in_f32`
-//! also calls the kernel's entry points directly (`rnn_grad::forward_saving` +
-//! `eval_saved`, and `eval`), so the saved and recomputing paths certainly both run.
+//! Every configuration runs on a pool of two threads that its test builds for itself
+//! (whatever the machine has, so the blocks of rows are threaded even on one core; a
+//! pool shared between tests could run one test's closure on a thread waiting inside
+//! another's kernel, mixing the per-thread counts), and the kernel's path counts
+//! (`backends::cpu::paths`, read on the pool thread that ran the plan) show, for the
+//! f32 run and the f64 run alike, that it reached what it is meant to: the forward and
+//! backward paired (`saving_forward`, `paired_backward`) without sequence_lens or
+//! recomputing (`recomputing_backward`) with them, the plain LSTM/GRU training steps
+//! (`plain_training_directions`) exactly where the cell is plain, and blocks of rows on
+//! threads (`threaded_training_passes`) exactly where the work passes the threshold.
+//! The counters do not tell the AVX2/FMA kernels from the portable ones: the vector
+//! lanes run where hidden ≥ 16 and the CPU has AVX2 and FMA (reported).
+//! `kernel_paths_agree_in_f32` also calls the kernel's entry points directly
+//! (`rnn_grad::forward_saving` + `eval_saved`, and `eval`) and checks their counts too.
 
 use cellgraph::autodiff::grad;
+use cellgraph::backends::cpu::paths::{self, PathCounts};
 use cellgraph::backends::cpu::{rnn_grad, CpuBackend, Recurrent};
 use cellgraph::backends::{Backend, Data, Plan};
 use cellgraph::ir::{DType, Graph, NodeId, Op, Tensor, ValueRef, ValueType};
 use ndarray::{ArrayD, IxDyn};
-use std::sync::Once;
 
 /// The threshold in `backends/src/cpu/rnn.rs` (`PARALLEL_MIN_MACS`, crate-private).
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
-/// Rayon's global pool with at least two threads (so the blocks are threaded even on
-/// one core), set before any kernel of this test binary runs.
-fn threads() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let n = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0);
-        if n < 2 {
-            std::env::set_var("RAYON_NUM_THREADS", "4");
-        }
-    });
+/// A pool of two threads, whatever the machine has. Each test builds its own: a pool
+/// thread waiting inside one test's kernel may run another test's closure injected into
+/// the same pool, and the path counts are the thread's.
+fn two_threads() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a thread pool")
 }
 
-fn threads_running() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-}
-
+/// Whether the f32 step kernels run their AVX2/FMA lanes (hidden ≥ 16 given): the path
+/// counts do not distinguish the SIMD kernels from the portable ones.
 fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -126,8 +122,13 @@ impl Cfg {
         let (t, n, i, h) = self.dims;
         t * n * self.cell.gates() * h * (h + i)
     }
+    /// On the two-thread pool the tests run in.
     fn threaded(&self) -> bool {
-        self.macs() >= PARALLEL_MIN_MACS && threads_running() > 1
+        self.macs() >= PARALLEL_MIN_MACS
+    }
+    /// The plan pairs the forward and backward (no sequence_lens) or recomputes.
+    fn paired(&self) -> bool {
+        self.lens.is_none()
     }
     fn plain(&self) -> bool {
         match self.cell {
@@ -338,10 +339,58 @@ fn pairing(dg: &Graph) -> (bool, bool) {
     (true, paired)
 }
 
-/// Runs `cfg` in f32 and f64 and compares every output; returns the worst
-/// `max|g32 − g64| / max|g64|` over the gradients.
-fn compare(cfg: &Cfg) -> f64 {
-    threads();
+/// The kernel paths one run of `cfg`'s gradient plan took, against what it is meant to
+/// reach: paired or recomputing, plain steps or not, blocks on threads or one block.
+fn check_paths(cfg: &Cfg, what: &str, p: &PathCounts) {
+    let name = cfg.name;
+    if cfg.paired() {
+        assert!(
+            p.saving_forward >= 1 && p.paired_backward >= 1,
+            "{name} ({what}): the forward and backward did not pair: {p:?}"
+        );
+        assert_eq!(
+            p.recomputing_backward, 0,
+            "{name} ({what}): a paired plan recomputed: {p:?}"
+        );
+    } else {
+        assert!(
+            p.recomputing_backward >= 1,
+            "{name} ({what}): the backward did not recompute: {p:?}"
+        );
+        assert_eq!(
+            (p.saving_forward, p.paired_backward),
+            (0, 0),
+            "{name} ({what}): paired with sequence_lens: {p:?}"
+        );
+    }
+    if cfg.plain() {
+        assert!(
+            p.plain_training_directions >= 1,
+            "{name} ({what}): the plain training steps did not run: {p:?}"
+        );
+    } else {
+        assert_eq!(
+            p.plain_training_directions, 0,
+            "{name} ({what}): the plain training steps ran: {p:?}"
+        );
+    }
+    if cfg.threaded() {
+        assert!(
+            p.threaded_training_passes >= 1,
+            "{name} ({what}): no training pass ran on threads: {p:?}"
+        );
+    } else {
+        assert_eq!(
+            p.threaded_training_passes, 0,
+            "{name} ({what}): a training pass ran on threads: {p:?}"
+        );
+    }
+}
+
+/// Runs `cfg` in f32 and f64 (on the calling thread's pool) and compares every output;
+/// returns the worst `max|g32 − g64| / max|g64|` over the gradients and the path
+/// counts of the f64 and f32 runs, both checked against what `cfg` is meant to reach.
+fn compare(cfg: &Cfg) -> (f64, PathCounts, PathCounts) {
     let (g64, dg64, in64, wrt) = build(cfg, DType::F64);
     let (_, dg32, in32, _) = build(cfg, DType::F32);
     for (a, b) in in64.iter().zip(&in32) {
@@ -355,12 +404,17 @@ fn compare(cfg: &Cfg) -> f64 {
     );
     assert_eq!(
         paired,
-        cfg.lens.is_none(),
+        cfg.paired(),
         "{}: forward/backward pairing",
         cfg.name
     );
+    paths::take();
     let o64 = run(&dg64, &in64);
+    let p64 = paths::take();
     let o32 = run(&dg32, &in32);
+    let p32 = paths::take();
+    check_paths(cfg, "f64", &p64);
+    check_paths(cfg, "f32", &p32);
     assert_eq!(o32.len(), o64.len());
     let names: Vec<String> = std::iter::once("loss".to_string())
         .chain(wrt.iter().map(|&v| format!("d{}", g64.value(v).name)))
@@ -389,7 +443,7 @@ fn compare(cfg: &Cfg) -> f64 {
     }
     assert!(errs.is_empty(), "{}: {}", cfg.name, errs.join("; "));
     spot_check_f64(cfg, &g64, &in64, &o64);
-    worst
+    (worst, p64, p32)
 }
 
 /// A few elements of each f64 gradient against central differences (h = 1e-5;
@@ -451,7 +505,8 @@ fn cfg(name: &'static str, cell: Cell, dir: &'static str) -> Cfg {
     }
 }
 
-/// The configurations: what each reaches is asserted from its conditions.
+/// The configurations: what each reaches is asserted from the path counts of its runs
+/// (`check_paths`).
 fn configs() -> Vec<Cfg> {
     let lstm = Cell::Lstm;
     let gru1 = Cell::Gru { lbr: true };
@@ -538,30 +593,27 @@ fn configs() -> Vec<Cfg> {
 
 #[test]
 fn fused_backward_f32_matches_f64() {
-    threads();
-    eprintln!(
-        "AVX2+FMA: {}; rayon threads: {}",
-        avx2_fma(),
-        threads_running()
-    );
+    eprintln!("AVX2+FMA: {} (f32 vector lanes)", avx2_fma());
+    let pool = two_threads();
     let mut lines = Vec::new();
     for c in configs() {
-        let worst = compare(&c);
+        let (worst, p64, p32) = pool.install(|| compare(&c));
         lines.push(format!(
-            "{}: plain {}, threaded {} ({} MACs), worst max|g32 − g64| / max|g64| = {worst:.2e}",
+            "{}: paired {}, plain {}, threaded {} ({} MACs), worst max|g32 − g64| / max|g64| = {worst:.2e}\n  f64 {p64:?}\n  f32 {p32:?}",
             c.name,
+            c.paired(),
             c.plain(),
             c.threaded(),
             c.macs()
         ));
     }
     eprintln!("{}", lines.join("\n"));
-    // The configurations reach what they are meant to.
+    // Every kind of configuration is there (each one's paths were checked above).
     let cs = configs();
-    assert!(cs
-        .iter()
-        .any(|c| c.plain() && c.threaded() && c.lens.is_none()));
+    assert!(cs.iter().any(|c| c.plain() && c.threaded() && c.paired()));
+    assert!(cs.iter().any(|c| c.plain() && c.threaded() && !c.paired()));
     assert!(cs.iter().any(|c| c.plain() && !c.threaded()));
+    assert!(cs.iter().any(|c| !c.plain() && c.threaded()));
     assert!(
         cs.iter().all(|c| c.dims.3 >= 16),
         "vector lanes need H ≥ 16"
@@ -588,87 +640,127 @@ fn refs(d: &[Option<Data>]) -> Vec<Option<&Data>> {
 /// The kernel's entry points directly, in f32 and f64: the saving forward then the
 /// backward from what it saved (`forward_saving` + `eval_saved`, the paired path), and
 /// the recomputing backward (`eval`), for the plain LSTM and GRU at threaded sizes; all
-/// against f64 `eval`, and the saving forward's outputs against the f64 ones.
+/// against f64 `eval`, and the saving forward's outputs against the f64 ones. Each call's
+/// path counts show which entry point ran, with the plain steps and threaded blocks.
 #[test]
 fn kernel_paths_agree_in_f32() {
-    threads();
+    let pool = two_threads();
     for cell in [Cell::Lstm, Cell::Gru { lbr: true }] {
-        let c = cfg("kernel", cell, "forward");
-        assert!(c.plain() && c.threaded());
-        let (_, dg64, in64, _) = build(&c, DType::F64);
-        let (_, dg32, in32, _) = build(&c, DType::F32);
-        // The backward op the pass emitted; random cotangents (what reaches the op
-        // in a graph is beside the point here).
-        let (op64, op32) = (backward_op(&dg64), backward_op(&dg32));
-        assert_eq!(op64, op32);
-        let fwd_op = op32.recurrent_pair().unwrap();
-        let (t, n, _, h) = c.dims;
-        let lstm = cell == Cell::Lstm;
-        let mut rng = Rng(99);
-        let dy = rng.vals(t * n * h, 1.0);
-        let dyh = rng.vals(n * h, 1.0);
-        let dyc = rng.vals(n * h, 1.0);
-        let data = |dt: DType, ins: &[Tensor]| -> Vec<Option<Data>> {
-            // X, W, R, B, (no lens), H0, [C0, (no P)], dY, dY_h, [dY_c]
-            let mut v: Vec<Option<Data>> = vec![
-                Some(Data::Tensor(ins[0].clone())),
-                Some(Data::Tensor(ins[1].clone())),
-                Some(Data::Tensor(ins[2].clone())),
-                Some(Data::Tensor(ins[3].clone())),
-                None,
-                Some(Data::Tensor(ins[4].clone())),
-            ];
-            if lstm {
-                v.push(Some(Data::Tensor(ins[5].clone())));
-                v.push(None);
-            }
-            v.push(Some(Data::Tensor(tensor(dt, &[t, 1, n, h], &dy))));
-            v.push(Some(Data::Tensor(tensor(dt, &[1, n, h], &dyh))));
-            if lstm {
-                v.push(Some(Data::Tensor(tensor(dt, &[1, n, h], &dyc))));
-            }
-            v
-        };
-        let d64 = data(DType::F64, &in64);
-        let d32 = data(DType::F32, &in32);
-        let nout = if lstm { 7 } else { 5 };
-        let want = vec![true; nout];
-        let ref64 = rnn_grad::eval(&op64, &refs(&d64), &want).unwrap();
-        let rec32 = rnn_grad::eval(&op32, &refs(&d32), &want).unwrap();
-        let nfwd = if lstm { 8 } else { 6 };
-        let (fwd32, saved) = rnn_grad::forward_saving(
-            &fwd_op,
-            &refs(&d32)[..nfwd],
-            &vec![true; if lstm { 3 } else { 2 }],
-        )
-        .unwrap();
-        let sav32 = rnn_grad::eval_saved(&op32, &refs(&d32), &want, saved).unwrap();
-        let (fwd64, _) = rnn_grad::forward_saving(
-            &fwd_op,
-            &refs(&d64)[..nfwd],
-            &vec![true; if lstm { 3 } else { 2 }],
-        )
-        .unwrap();
-        let close = |what: &str, a: &[Data], b: &[Data]| {
-            for (k, (x, y)) in a.iter().zip(b).enumerate() {
-                let (x, y) = (
-                    x.tensor().unwrap().to_f64_vec(),
-                    y.tensor().unwrap().to_f64_vec(),
-                );
-                assert_eq!(x.len(), y.len(), "{what} output {k}");
-                let scale = y.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                let diff = x
-                    .iter()
-                    .zip(&y)
-                    .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
-                assert!(
-                    diff <= 1e-5 * scale + 1e-6,
-                    "{cell:?} {what} output {k}: max|f32 − f64| {diff:.3e} (max|f64| {scale:.3e})"
-                );
-            }
-        };
-        close("recomputing backward", &rec32, &ref64);
-        close("backward from the saved forward", &sav32, &ref64);
-        close("saving forward", &fwd32, &fwd64);
+        pool.install(|| kernel_paths(cell));
     }
+}
+
+/// The path counts of one direct call (the counts since the last `paths::take`): one
+/// run of the entry point named by `saving`/`paired`/`recomputing`, no inference
+/// forward, blocks of rows on threads, and (but for the backward from a saved forward,
+/// which does not step the cell forward) the plain training steps.
+fn check_call(cell: Cell, what: &str, saving: usize, paired: usize, recomputing: usize) {
+    let p = paths::take();
+    assert_eq!(
+        (
+            p.saving_forward,
+            p.paired_backward,
+            p.recomputing_backward,
+            p.forward
+        ),
+        (saving, paired, recomputing, 0),
+        "{cell:?} {what}: entry point run: {p:?}"
+    );
+    assert!(
+        p.threaded_training_passes >= 1,
+        "{cell:?} {what}: no training pass ran on threads: {p:?}"
+    );
+    if paired == 0 {
+        assert!(
+            p.plain_training_directions >= 1,
+            "{cell:?} {what}: the plain training steps did not run: {p:?}"
+        );
+    }
+}
+
+/// `kernel_paths_agree_in_f32` for one plain cell, on the calling thread's pool.
+fn kernel_paths(cell: Cell) {
+    let c = cfg("kernel", cell, "forward");
+    assert!(c.plain() && c.threaded());
+    let (_, dg64, in64, _) = build(&c, DType::F64);
+    let (_, dg32, in32, _) = build(&c, DType::F32);
+    // The backward op the pass emitted; random cotangents (what reaches the op
+    // in a graph is beside the point here).
+    let (op64, op32) = (backward_op(&dg64), backward_op(&dg32));
+    assert_eq!(op64, op32);
+    let fwd_op = op32.recurrent_pair().unwrap();
+    let (t, n, _, h) = c.dims;
+    let lstm = cell == Cell::Lstm;
+    let mut rng = Rng(99);
+    let dy = rng.vals(t * n * h, 1.0);
+    let dyh = rng.vals(n * h, 1.0);
+    let dyc = rng.vals(n * h, 1.0);
+    let data = |dt: DType, ins: &[Tensor]| -> Vec<Option<Data>> {
+        // X, W, R, B, (no lens), H0, [C0, (no P)], dY, dY_h, [dY_c]
+        let mut v: Vec<Option<Data>> = vec![
+            Some(Data::Tensor(ins[0].clone())),
+            Some(Data::Tensor(ins[1].clone())),
+            Some(Data::Tensor(ins[2].clone())),
+            Some(Data::Tensor(ins[3].clone())),
+            None,
+            Some(Data::Tensor(ins[4].clone())),
+        ];
+        if lstm {
+            v.push(Some(Data::Tensor(ins[5].clone())));
+            v.push(None);
+        }
+        v.push(Some(Data::Tensor(tensor(dt, &[t, 1, n, h], &dy))));
+        v.push(Some(Data::Tensor(tensor(dt, &[1, n, h], &dyh))));
+        if lstm {
+            v.push(Some(Data::Tensor(tensor(dt, &[1, n, h], &dyc))));
+        }
+        v
+    };
+    let d64 = data(DType::F64, &in64);
+    let d32 = data(DType::F32, &in32);
+    let nout = if lstm { 7 } else { 5 };
+    let want = vec![true; nout];
+    paths::take();
+    let ref64 = rnn_grad::eval(&op64, &refs(&d64), &want).unwrap();
+    check_call(cell, "f64 eval", 0, 0, 1);
+    let rec32 = rnn_grad::eval(&op32, &refs(&d32), &want).unwrap();
+    check_call(cell, "f32 eval", 0, 0, 1);
+    let nfwd = if lstm { 8 } else { 6 };
+    let (fwd32, saved) = rnn_grad::forward_saving(
+        &fwd_op,
+        &refs(&d32)[..nfwd],
+        &vec![true; if lstm { 3 } else { 2 }],
+    )
+    .unwrap();
+    check_call(cell, "f32 forward_saving", 1, 0, 0);
+    let sav32 = rnn_grad::eval_saved(&op32, &refs(&d32), &want, saved).unwrap();
+    check_call(cell, "f32 eval_saved", 0, 1, 0);
+    let (fwd64, _) = rnn_grad::forward_saving(
+        &fwd_op,
+        &refs(&d64)[..nfwd],
+        &vec![true; if lstm { 3 } else { 2 }],
+    )
+    .unwrap();
+    check_call(cell, "f64 forward_saving", 1, 0, 0);
+    let close = |what: &str, a: &[Data], b: &[Data]| {
+        for (k, (x, y)) in a.iter().zip(b).enumerate() {
+            let (x, y) = (
+                x.tensor().unwrap().to_f64_vec(),
+                y.tensor().unwrap().to_f64_vec(),
+            );
+            assert_eq!(x.len(), y.len(), "{what} output {k}");
+            let scale = y.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let diff = x
+                .iter()
+                .zip(&y)
+                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                diff <= 1e-5 * scale + 1e-6,
+                "{cell:?} {what} output {k}: max|f32 − f64| {diff:.3e} (max|f64| {scale:.3e})"
+            );
+        }
+    };
+    close("recomputing backward", &rec32, &ref64);
+    close("backward from the saved forward", &sav32, &ref64);
+    close("saving forward", &fwd32, &fwd64);
 }
