@@ -1,5 +1,5 @@
-//! The `cellgraph` command line: `inspect` and `convert` (more subcommands land with
-//! later issues).
+//! The `cellgraph` command line: `mnist` (the main job), `inspect`, `convert`, `run`,
+//! `bench` and `conformance onnx|keras`.
 
 use crate::ir::onnx::Model;
 use crate::ir::{print_graph, to_dot, verify, NodeKind};
@@ -165,8 +165,10 @@ pub enum Command {
         #[arg(long, hide = true, value_name = "E")]
         fault_abort_in_checkpoint: Option<usize>,
     },
-    /// Print an ONNX model: opset imports, inputs and outputs with shapes, parameter
-    /// count, and the IR text (one line per node).
+    /// Print a model. An ONNX file: opset imports, inputs and outputs with shapes,
+    /// parameter count, and the IR text (one line per node). A Keras model: its
+    /// `summary()` and the IR graph it lowers to. Both list each recurrent node's
+    /// backend decision (fused or loop, and why).
     Inspect {
         /// The `.onnx` file (or a `.json` file written by `convert`), or a Keras model: a
         /// Keras 3 `model.json`, or a folder holding one (with `weights/NNN.npy`).
@@ -270,8 +272,10 @@ pub enum Suite {
     },
     /// Keras reference cases: each PATH is a case folder (`model.json`, `meta.json`,
     /// `weights/`, `inputs/`, `outputs/`, ...) or a folder of such. Compares the summary,
-    /// outputs, stateful call sequences and losses; gradients are reported as skipped
-    /// until autodiff lands.
+    /// outputs, stateful call sequences, losses and, where the case stores them, the
+    /// gradient of every trainable weight (per tensor: max|got − want| ≤ 1e-7 +
+    /// 1e-4·max|want| unless the case's meta sets `grad_atol`/`grad_rtol`; a stored
+    /// gradient that is all zeros must be declared in `disconnected_grads`).
     Keras {
         /// Case folders, or folders holding case folders.
         #[arg(required = true)]

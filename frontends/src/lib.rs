@@ -1,8 +1,9 @@
 //! cellgraph: recurrent neural networks in Rust.
 //!
-//! This facade re-exports the workspace crates and holds the `cellgraph` command line.
-//! Today it offers the IR and ONNX files ([`ir`]); the CPU backend, autodiff and the
-//! Keras-style frontend land in later issues.
+//! This facade re-exports the workspace crates and holds the `cellgraph` command line:
+//! the IR and ONNX files ([`ir`]), the CPU backend with its fused LSTM/GRU/RNN kernels,
+//! the raise rules and the selector ([`backends`]), reverse-mode autodiff ([`autodiff`]),
+//! and the Keras-style frontend with training ([`keras`]).
 //!
 //! ```
 //! use cellgraph::ir::onnx::Model;
