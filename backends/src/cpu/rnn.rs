@@ -2082,10 +2082,7 @@ mod tests {
                 }
             }
         }
-        assert!(
-            splits > 0,
-            "no rows were shared"
-        );
+        assert!(splits > 0, "no rows were shared");
     }
 
     proptest! {
