@@ -21,6 +21,16 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// A run went over its budget ([`crate::budget::Budget`]): memory, loop trips or time.
+    #[error("node {node:?} ({op}): asks for {}; the {} is {}", .overrun.asked, .overrun.exceeded.describe(), .overrun.limit)]
+    Budget {
+        /// Node name.
+        node: String,
+        /// Op name.
+        op: String,
+        /// Which limit, what was asked and the limit.
+        overrun: crate::budget::Overrun,
+    },
     /// The graph cannot be compiled.
     #[error("compile: {0}")]
     Compile(String),

@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod cpu;
 pub mod data;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod packed;
 pub mod raise;
 pub mod select;
 
+pub use budget::Budget;
 pub use data::Data;
 pub use error::{Error, Result};
 

@@ -1,6 +1,7 @@
 //! Kernels refuse absurd sizes and runaway loops with errors naming node and op, never
 //! an out-of-memory abort or a hang.
 
+use cellgraph_backends::budget::{Budget, Exceeded};
 use cellgraph_backends::cpu::{CpuBackend, Recurrent};
 use cellgraph_backends::{Backend, Data, Error, Plan};
 use cellgraph_ir::{DType, Graph, Op, Tensor, ValueRef, ValueType};
@@ -35,39 +36,54 @@ fn expect_kernel_error(r: Result<Vec<Data>, Error>, op: &str, needle: &str) {
     }
 }
 
+/// Expects the run to stop at `op` on the `exceeded` budget.
+fn expect_budget(r: Result<Vec<Data>, Error>, op: &str, exceeded: Exceeded) {
+    match r {
+        Err(Error::Budget {
+            node,
+            op: o,
+            overrun,
+        }) => {
+            assert_eq!((node.as_str(), o.as_str()), ("victim", op));
+            assert_eq!(overrun.exceeded, exceeded, "{overrun:?}");
+        }
+        other => panic!("expected {op} to exceed {exceeded:?}, got {other:?}"),
+    }
+}
+
 #[test]
 fn huge_outputs_are_refused_before_allocating() {
     let t = Instant::now();
     let shape = Tensor::vec_i64(&[1 << 20, 1 << 20]);
-    expect_kernel_error(
+    expect_budget(
         run_one(
             Op::ConstantOfShape { value: None },
             vec![("s", shape.clone())],
             CpuBackend::default(),
         ),
         "ConstantOfShape",
-        "more than the kernel limit",
+        Exceeded::TensorBytes,
     );
     let one = Tensor::zeros(DType::F32, &[1, 1]);
-    expect_kernel_error(
+    expect_budget(
         run_one(
             Op::Expand {},
             vec![("x", one), ("s", shape)],
             CpuBackend::default(),
         ),
         "Expand",
-        "more than the kernel limit",
+        Exceeded::TensorBytes,
     );
     let x = Tensor::zeros(DType::F32, &[2, 2]);
     let reps = Tensor::vec_i64(&[1 << 40, 1]);
-    expect_kernel_error(
+    expect_budget(
         run_one(
             Op::Tile {},
             vec![("x", x), ("r", reps)],
             CpuBackend::default(),
         ),
         "Tile",
-        "kernel limit",
+        Exceeded::TensorBytes,
     );
     let f = |v: f32| Tensor::F32(ArrayD::from_elem(IxDyn(&[]), v));
     expect_kernel_error(
@@ -141,7 +157,10 @@ fn a_loop_that_never_stops_hits_the_trip_limit() {
     g.set_outputs(vec![ValueRef { node: id, slot: 0 }])
         .expect("outputs");
     let backend = CpuBackend {
-        max_loop_trips: 1000,
+        budget: Budget {
+            max_loop_trips: 1000,
+            ..Budget::default()
+        },
         ..CpuBackend::new(Recurrent::Fused)
     };
     let mut plan = backend.compile(&g).expect("compile");
@@ -150,7 +169,14 @@ fn a_loop_that_never_stops_hits_the_trip_limit() {
         Data::Tensor(Tensor::Bool(ArrayD::from_elem(IxDyn(&[]), true))),
         Data::Tensor(Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 1.0))),
     ]);
-    expect_kernel_error(r, "Loop", "1000 iterations without stopping");
+    match r {
+        Err(Error::Budget { op, overrun, .. }) => {
+            assert_eq!(op, "Loop");
+            assert_eq!(overrun.exceeded, Exceeded::LoopTrips);
+            assert_eq!(overrun.limit, "1000 iterations");
+        }
+        other => panic!("expected the Loop to hit its trip budget, got {other:?}"),
+    }
     assert!(t.elapsed().as_secs_f64() < 5.0);
     // With cond false it stops at once and carries the value through.
     let out = plan

@@ -338,6 +338,8 @@ pub fn bench_model(
 ) -> Result<Timing, String> {
     let g = &model.graph;
     let mut inputs = Vec::new();
+    let meter =
+        cellgraph_backends::budget::Meter::new(cellgraph_backends::Budget::process_default());
     for (k, t) in g.input_types().iter().enumerate() {
         let tt = t
             .as_tensor()
@@ -352,7 +354,23 @@ pub fn bench_model(
             .iter()
             .map(|d| d.known().map(|v| v as usize).unwrap_or(dim))
             .collect();
-        let n: usize = shape.iter().product();
+        // The input and the f64 values it is made from must fit the run-time budget.
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("input {k} of shape {shape:?} has too many elements"))?;
+        let bytes = (n as u64).saturating_mul(dt.size_of() as u64);
+        meter
+            .ask(&[bytes, (n as u64).saturating_mul(8)])
+            .map_err(|o| {
+                format!(
+                    "input {k} of shape {shape:?} (--dim {dim}) asks for {}; the {} is {}",
+                    o.asked,
+                    o.exceeded.describe(),
+                    o.limit
+                )
+            })?;
+        meter.hold(bytes);
         let vals: Vec<f64> = (0..n)
             .map(|i| {
                 if dt.is_float() {

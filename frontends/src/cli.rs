@@ -55,14 +55,16 @@ pub struct Cli {
     pub limits: LimitArgs,
 }
 
-/// `--max-*` flags: the limits a model file must stay within (defaults: 4 GiB per tensor,
-/// 16 GiB in all, subgraphs 32 deep, a million nodes, 8 GiB files, 2^24 loop iterations).
+/// `--max-*` flags: the limits every input file (ONNX, Keras, `.npy`, IDX) and every run
+/// stays within (defaults: 4 GiB per tensor, 16 GiB in all, subgraphs 32 deep, a million
+/// nodes, 8 GiB files, 65,536 iterations of one Loop, no time limit).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitArgs {
-    /// Largest single tensor, in bytes.
+    /// Largest single tensor, in bytes: read from a file or made at run time.
     #[arg(long, global = true, value_name = "BYTES")]
     pub max_tensor_bytes: Option<u64>,
-    /// Largest total of all tensors, in bytes.
+    /// Largest total of a file's tensors, and of the values alive at once at run time,
+    /// in bytes.
     #[arg(long, global = true, value_name = "BYTES")]
     pub max_total_bytes: Option<u64>,
     /// Deepest nesting of subgraphs.
@@ -74,9 +76,14 @@ pub struct LimitArgs {
     /// Largest model file, in bytes.
     #[arg(long, global = true, value_name = "BYTES")]
     pub max_file_bytes: Option<u64>,
-    /// Most iterations of one Loop/Scan at run time.
+    /// Most iterations of one Loop at run time (a Scan runs as many steps as its input
+    /// has).
     #[arg(long, global = true, value_name = "N")]
     pub max_loop_trips: Option<u64>,
+    /// Wall-clock limit of one run of a model (inference or one training step), in
+    /// seconds.
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub max_seconds: Option<f64>,
 }
 
 impl LimitArgs {
@@ -100,22 +107,60 @@ impl LimitArgs {
         }
         l
     }
+
+    /// The run-time budget these flags set (defaults elsewhere).
+    pub fn budget(&self) -> crate::backends::Budget {
+        let mut b = crate::backends::Budget::default();
+        if let Some(v) = self.max_tensor_bytes {
+            b.max_tensor_bytes = v;
+        }
+        if let Some(v) = self.max_total_bytes {
+            b.max_live_bytes = v;
+        }
+        if let Some(v) = self.max_loop_trips {
+            b.max_loop_trips = v;
+        }
+        b.max_seconds = self.max_seconds;
+        b
+    }
+
+    /// Refuses limits that mean nothing: a deadline that is not a positive number of
+    /// seconds, or a zero size, count or depth.
+    fn check(&self) -> Result<(), CliError> {
+        if let Some(s) = self.max_seconds {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(CliError::Usage(format!(
+                    "--max-seconds {s}: give a positive number of seconds"
+                )));
+            }
+        }
+        for (flag, v) in [
+            ("--max-tensor-bytes", self.max_tensor_bytes),
+            ("--max-total-bytes", self.max_total_bytes),
+            ("--max-file-bytes", self.max_file_bytes),
+            ("--max-loop-trips", self.max_loop_trips),
+            ("--max-nesting", self.max_nesting.map(|v| v as u64)),
+            ("--max-nodes", self.max_nodes.map(|v| v as u64)),
+        ] {
+            if v == Some(0) {
+                return Err(CliError::Usage(format!(
+                    "{flag} 0 would refuse everything: give a positive limit"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 thread_local! {
     /// The limits of the command being run (set by [`run`] from the flags).
     static LIMITS: std::cell::RefCell<crate::ir::onnx::Limits> =
         std::cell::RefCell::new(crate::ir::onnx::Limits::default());
-    static MAX_TRIPS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
-/// A CPU backend with the command's loop-trip limit.
+/// A CPU backend within the command's budget (set as the process default by [`run`]).
 fn cpu_backend(r: crate::backends::cpu::Recurrent) -> crate::backends::cpu::CpuBackend {
-    let mut b = crate::backends::cpu::CpuBackend::new(r);
-    if let Some(t) = MAX_TRIPS.with(|m| m.get()) {
-        b.max_loop_trips = t;
-    }
-    b
+    crate::backends::cpu::CpuBackend::new(r)
 }
 
 /// The subcommands.
@@ -177,6 +222,10 @@ pub enum Command {
         /// instead of the text form).
         #[arg(long, value_name = "PATH")]
         dot: Option<PathBuf>,
+        /// A Keras model with no `weights/` folder: build it with fresh random weights
+        /// instead of refusing it.
+        #[arg(long)]
+        random_weights: bool,
     },
     /// Read a model and write it again from the IR: `.onnx`, or `.json` for the serde form.
     Convert {
@@ -354,7 +403,8 @@ pub fn run_model(
         if given[k].is_some() {
             return Err(CliError::Usage(format!("--input {name:?} is given twice")));
         }
-        let t = crate::npy::read(Path::new(file), types[k].dtype())
+        let limits = LIMITS.with(|l| l.borrow().clone());
+        let t = crate::npy::read_with(Path::new(file), types[k].dtype(), &limits)
             .map_err(|e| CliError::Usage(format!("--input {name:?}: {e}")))?;
         given[k] = Some(Data::Tensor(t));
     }
@@ -387,24 +437,18 @@ pub fn run_model(
         path: out_dir.to_path_buf(),
         source,
     })?;
-    for (d, &v) in outs.iter().zip(g.outputs()) {
-        let name = &g.value(v).name;
+    let names: Vec<&str> = g
+        .outputs()
+        .iter()
+        .map(|&v| g.value(v).name.as_str())
+        .collect();
+    for ((d, name), file) in outs.iter().zip(&names).zip(output_files(&names)) {
         let t = d.tensor().map_err(|e| {
             CliError::Usage(format!(
                 "output {name:?}: {e}; only tensors can be written as .npy"
             ))
         })?;
-        let safe: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = out_dir.join(format!("{safe}.npy"));
+        let path = out_dir.join(file);
         crate::npy::write(&path, t).map_err(CliError::Run)?;
         println!(
             "{name}: {} {:?} -> {}",
@@ -414,6 +458,39 @@ pub fn run_model(
         );
     }
     Ok(())
+}
+
+/// The `.npy` file name of each output: its name with every character outside
+/// `[A-Za-z0-9-_.]` replaced by `_`; when two names (or an empty one and another) come
+/// out the same, a `~N` suffix keeps them apart (`a_b.npy`, `a_b~2.npy`), compared
+/// without case so that case-insensitive file systems keep them apart too. Names that
+/// would be hidden or special (`.`, `..`, empty) become `output_K`.
+pub fn output_files(names: &[&str]) -> Vec<String> {
+    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut files = Vec::with_capacity(names.len());
+    for (k, name) in names.iter().enumerate() {
+        let mut safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if safe.is_empty() || safe.starts_with('.') {
+            safe = format!("output_{k}");
+        }
+        let mut file = format!("{safe}.npy");
+        let mut n = 2;
+        while !taken.insert(file.to_ascii_lowercase()) {
+            file = format!("{safe}~{n}.npy");
+            n += 1;
+        }
+        files.push(file);
+    }
+    files
 }
 
 fn bench_keras(runs: usize, json: bool) -> Result<(), CliError> {
@@ -571,14 +648,25 @@ fn bench(o: &BenchOpts<'_>) -> Result<(), CliError> {
 /// Sets the worker threads of the process's parallel kernels (rayon's global pool and
 /// matrixmultiply's `MATMUL_NUM_THREADS`); must run before any kernel does.
 fn set_threads(n: usize) -> Result<(), CliError> {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     if n == 0 {
-        return Err(CliError::Run("--threads must be at least 1".into()));
+        return Err(CliError::Usage("--threads 0: give at least 1".into()));
+    }
+    if n > 4 * cores {
+        return Err(CliError::Usage(format!(
+            "--threads {n}: this machine has {cores} cores; more than {} threads only slow the kernels down",
+            4 * cores
+        )));
     }
     std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
-        .map_err(|e| CliError::Run(format!("--threads {n}: {e}")))
+        .map_err(|e| {
+            CliError::Run(format!(
+                "--threads {n}: could not start the worker threads: {e}"
+            ))
+        })
 }
 
 /// `--backend` values.
@@ -594,8 +682,9 @@ pub type ExitCode = i32;
 /// Runs a parsed command line; returns the exit status (0, or 1 when a conformance
 /// run had failures).
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    cli.limits.check()?;
     LIMITS.with(|l| *l.borrow_mut() = cli.limits.limits());
-    MAX_TRIPS.with(|m| m.set(cli.limits.max_loop_trips));
+    crate::backends::Budget::set_process_default(cli.limits.budget());
     match cli.command {
         Command::Bench {
             model,
@@ -609,10 +698,19 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             workloads,
             steps,
         } => {
+            if runs == 0 {
+                return Err(CliError::Usage(
+                    "--runs 0: give at least 1 timed run".into(),
+                ));
+            }
+            if dim == 0 {
+                return Err(CliError::Usage(
+                    "--dim 0: symbolic dimensions need a size of at least 1".into(),
+                ));
+            }
             if let Some(n) = threads {
                 set_threads(n)?;
             }
-            let runs = runs.max(1);
             if keras {
                 bench_keras(runs, json)?;
             } else if let Some(path) = model.as_deref() {
@@ -722,9 +820,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             crate::mnist::main_job(&opts).map_err(CliError::Run)?;
             Ok(0)
         }
-        Command::Inspect { file, dot } => {
+        Command::Inspect {
+            file,
+            dot,
+            random_weights,
+        } => {
             if is_keras(&file) {
-                let text = inspect_keras(&file)?;
+                let text = inspect_keras(&file, random_weights)?;
                 print!("{text}");
                 return Ok(0);
             }
@@ -744,6 +846,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(0)
         }
         Command::Convert { input, output } => {
+            let ext = output
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase());
+            if !matches!(ext.as_deref(), Some("onnx" | "json")) {
+                return Err(CliError::Usage(format!(
+                    "{}: the output's extension says what to write: .onnx (ONNX) or .json (the IR's JSON form)",
+                    output.display()
+                )));
+            }
             let m = load(&input)?;
             save(&m, &output)?;
             println!(
@@ -765,6 +876,20 @@ fn is_json(p: &Path) -> bool {
 /// Loads a model from `.onnx` or (with the `serde` feature) `.json`, and verifies it.
 pub fn load(path: &Path) -> Result<Model, CliError> {
     let wrap = |source| CliError::model(path, source);
+    if is_keras(path) {
+        return Err(CliError::Usage(format!(
+            "{}: is a Keras model; this command reads ONNX models (.onnx) and the IR JSON \
+             that `cellgraph convert` writes (`cellgraph inspect` reads Keras models)",
+            path.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(CliError::Usage(format!(
+            "{}: is a folder, expected an .onnx file (or IR .json); a Keras model folder \
+             needs a model.json",
+            path.display()
+        )));
+    }
     let m = if is_json(path) {
         load_json(path)?
     } else {
@@ -774,16 +899,137 @@ pub fn load(path: &Path) -> Result<Model, CliError> {
         })?
     };
     verify(&m.graph).map_err(wrap)?;
+    let unread = unread_values(&m.graph);
+    if !unread.is_empty() {
+        eprintln!(
+            "warning: {}: no node reads {} (a missing edge?)",
+            path.display(),
+            unread
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok(m)
 }
 
 #[cfg(feature = "serde")]
 fn load_json(path: &Path) -> Result<Model, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+    let limits = LIMITS.with(|l| l.borrow().clone());
+    let io = |source| CliError::Io {
         path: path.to_path_buf(),
         source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > limits.max_file_bytes {
+        return Err(CliError::Usage(format!(
+            "{}: the file has {len} bytes, more than the limit of {} (--max-file-bytes)",
+            path.display(),
+            limits.max_file_bytes
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let m = Model::from_json(&text).map_err(|source| match source {
+        crate::ir::Error::Json(msg) => CliError::Usage(format!(
+            "{}: not the IR JSON that `cellgraph convert MODEL.onnx OUT.json` writes: {msg}",
+            path.display()
+        )),
+        other => CliError::model(path, other),
     })?;
-    Model::from_json(&text).map_err(|source| CliError::model(path, source))
+    check_limits(&m.graph, &limits, 0, &mut 0, &mut 0)
+        .map_err(|msg| CliError::Usage(format!("{}: {msg}", path.display())))?;
+    Ok(m)
+}
+
+/// Checks a graph read from IR JSON against the limits an ONNX file is read within:
+/// nesting, node count, each initializer's and all initializers' bytes.
+#[cfg(feature = "serde")]
+fn check_limits(
+    g: &crate::ir::Graph,
+    limits: &crate::ir::onnx::Limits,
+    depth: usize,
+    nodes: &mut usize,
+    total: &mut u64,
+) -> Result<(), String> {
+    if depth > limits.max_nesting {
+        return Err(format!(
+            "graph {:?} is nested {depth} deep, more than the limit of {} (--max-nesting)",
+            g.name, limits.max_nesting
+        ));
+    }
+    for n in g.node_ids() {
+        *nodes += 1;
+        if *nodes > limits.max_nodes {
+            return Err(format!(
+                "more than {} nodes (--max-nodes)",
+                limits.max_nodes
+            ));
+        }
+        match &g.node(n).kind {
+            NodeKind::Initializer { tensor, .. }
+            | NodeKind::Input {
+                default: Some(tensor),
+            } => {
+                let b = (tensor.len() as u64).saturating_mul(tensor.dtype().size_of() as u64);
+                let name = &g.node(n).name;
+                if b > limits.max_tensor_bytes {
+                    return Err(format!(
+                        "tensor {name:?} has {b} bytes, more than the limit of {} (--max-tensor-bytes)",
+                        limits.max_tensor_bytes
+                    ));
+                }
+                *total = total.saturating_add(b);
+                if *total > limits.max_total_bytes {
+                    return Err(format!(
+                        "the tensors up to {name:?} take {total} bytes, more than the limit of {} (--max-total-bytes)",
+                        limits.max_total_bytes
+                    ));
+                }
+            }
+            NodeKind::Op(op) => {
+                for (_, body) in op.subgraphs() {
+                    check_limits(body, limits, depth + 1, nodes, total)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The graph inputs and initializers of `g` that nothing reads: no node, no graph
+/// output, no subgraph by name. Legal, but in a hand-edited file usually a lost edge.
+pub fn unread_values(g: &crate::ir::Graph) -> Vec<String> {
+    fn outer_names(g: &crate::ir::Graph, into: &mut std::collections::HashSet<String>) {
+        for n in g.node_ids() {
+            if let Some(op) = g.node(n).op() {
+                for (_, body) in op.subgraphs() {
+                    for &o in body.outers() {
+                        into.insert(body.node(o).name.clone());
+                    }
+                    outer_names(body, into);
+                }
+            }
+        }
+    }
+    let mut by_name = std::collections::HashSet::new();
+    outer_names(g, &mut by_name);
+    let mut unread = Vec::new();
+    let sources = g.input_values().into_iter().chain(
+        g.initializers()
+            .iter()
+            .map(|&n| crate::ir::ValueRef { node: n, slot: 0 }),
+    );
+    for v in sources {
+        let name = &g.value(v).name;
+        if g.users(v).is_empty() && !g.outputs().contains(&v) && !by_name.contains(name) {
+            unread.push(name.clone());
+        }
+    }
+    unread.sort();
+    unread.dedup();
+    unread
 }
 
 #[cfg(not(feature = "serde"))]
@@ -875,10 +1121,15 @@ pub fn is_keras(path: &Path) -> bool {
 }
 
 /// `cellgraph inspect` on a Keras model: its summary, then the IR graph it lowers to
-/// (inference, unknown sizes taken as 1) with how each recurrent layer runs.
-pub fn inspect_keras(path: &Path) -> Result<String, CliError> {
+/// (inference, unknown sizes taken as 1) with how each recurrent layer runs. A model
+/// without weights is refused unless `random_weights`.
+pub fn inspect_keras(path: &Path, random_weights: bool) -> Result<String, CliError> {
     let keras_err = |e: crate::keras::KerasError| CliError::Usage(e.to_string());
-    let model = crate::keras::load_model(path).map_err(keras_err)?;
+    let options = crate::keras::LoadOptions {
+        limits: LIMITS.with(|l| l.borrow().clone()),
+        random_weights,
+    };
+    let model = crate::keras::load_model_with(path, &options).map_err(keras_err)?;
     let mut s = format!("keras model: {}\n", path.display());
     s += &model.summary();
     let sig: Vec<(crate::ir::DType, Vec<usize>)> = model

@@ -1,16 +1,47 @@
 //! `.npy` files in and out of [`Tensor`]s.
 
+use crate::ir::onnx::Limits;
 use crate::ir::{DType, Tensor};
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use std::io::Cursor;
 use std::path::Path;
 
-/// Reads a `.npy` file. With `want`, the file must hold that dtype; otherwise the dtype
-/// is whatever the file holds (f16/bf16 files are not supported by the reader).
+/// Reads a `.npy` file within the default [`Limits`]. With `want`, the file must hold
+/// that dtype; otherwise the dtype is whatever the file holds (numbers of 1 to 8 bytes,
+/// float16 and booleans; strings and objects are refused).
 pub fn read(path: &Path, want: Option<DType>) -> Result<Tensor, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(&bytes, want, &path.display().to_string())
+    read_with(path, want, &Limits::default())
+}
+
+/// [`read`] within `limits`: the file's size (`max_file_bytes`) is checked before it is
+/// read, the array's (`max_tensor_bytes`) before anything is allocated for it.
+pub fn read_with(path: &Path, want: Option<DType>, limits: &Limits) -> Result<Tensor, String> {
+    let what = path.display().to_string();
+    let len = std::fs::metadata(path)
+        .map_err(|e| format!("{what}: {e}"))?
+        .len();
+    if path.is_dir() {
+        return Err(format!("{what}: is a folder, expected a .npy file"));
+    }
+    if len > limits.max_file_bytes {
+        return Err(format!(
+            "{what}: the file has {len} bytes, more than the limit of {} (--max-file-bytes)",
+            limits.max_file_bytes
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{what}: {e}"))?;
+    let (shape, item) = check_header(&bytes).map_err(|e| format!("{what}: {e}"))?;
+    let total = shape
+        .iter()
+        .fold(item as u64, |a, &d| a.saturating_mul(d as u64));
+    if total > limits.max_tensor_bytes {
+        return Err(format!(
+            "{what}: the array {shape:?} has {total} bytes, more than the limit of {} (--max-tensor-bytes)",
+            limits.max_tensor_bytes
+        ));
+    }
+    parse(&bytes, want, &what)
 }
 
 /// The largest `.npy` payload accepted (bytes).
@@ -59,6 +90,25 @@ fn header_fields(bytes: &[u8]) -> Result<(Vec<usize>, usize, String), String> {
         .strip_prefix('\'')
         .and_then(|d| d.split('\'').next())
         .ok_or("descr is not a string")?;
+    // numpy's type codes: only numbers and booleans are tensors.
+    match descr.as_bytes().get(1) {
+        Some(b'f' | b'i' | b'u' | b'b' | b'?') => {}
+        Some(b'U' | b'S' | b'a') => {
+            return Err(format!(
+                "holds strings (descr {descr:?}); cellgraph reads arrays of numbers or booleans"
+            ))
+        }
+        Some(b'O') => {
+            return Err(format!(
+            "holds Python objects (descr {descr:?}); cellgraph reads arrays of numbers or booleans"
+        ))
+        }
+        _ => {
+            return Err(format!(
+                "unsupported descr {descr:?}; cellgraph reads arrays of numbers or booleans"
+            ))
+        }
+    }
     let item: usize = descr
         .get(2..)
         .and_then(|n| n.parse().ok())
@@ -102,8 +152,26 @@ fn header_fields(bytes: &[u8]) -> Result<(Vec<usize>, usize, String), String> {
 
 /// Parses `.npy` bytes (`what` names them in errors); see [`read`].
 pub fn parse(bytes: &[u8], want: Option<DType>, what: &str) -> Result<Tensor, String> {
-    let (_, _, descr) = header_fields(bytes).map_err(|e| format!("{what}: {e}"))?;
+    let (shape, _, descr) = header_fields(bytes).map_err(|e| format!("{what}: {e}"))?;
     let path = Path::new(what);
+    if descr == "<f2" || descr == "=f2" {
+        return match want {
+            None | Some(DType::F16) => {
+                let data = &bytes[bytes.len() - shape.iter().product::<usize>() * 2..];
+                let v: Vec<half::f16> = data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                ArrayD::from_shape_vec(shape, v)
+                    .map(Tensor::F16)
+                    .map_err(|e| format!("{what}: {e}"))
+            }
+            Some(d) => Err(format!(
+                "{what}: holds float16 ({descr:?}), expected {d} (convert it, e.g. numpy's x.astype({:?}))",
+                numpy_name(d)
+            )),
+        };
+    }
     macro_rules! try_as {
         ($t:ty, $v:ident) => {
             ArrayD::<$t>::read_npy(Cursor::new(bytes)).map(Tensor::$v)
@@ -154,6 +222,25 @@ pub fn parse(bytes: &[u8], want: Option<DType>, what: &str) -> Result<Tensor, St
                     path.display()
                 )
             }),
+    }
+}
+
+/// numpy's name of a dtype (`float32`, `int64`, `bool`).
+fn numpy_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::F64 => "float64",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::I8 => "int8",
+        DType::I16 => "int16",
+        DType::I32 => "int32",
+        DType::I64 => "int64",
+        DType::U8 => "uint8",
+        DType::U16 => "uint16",
+        DType::U32 => "uint32",
+        DType::U64 => "uint64",
+        DType::Bool => "bool",
     }
 }
 

@@ -109,7 +109,7 @@ pub enum Error {
         msg: String,
     },
     /// The protobuf bytes do not decode.
-    #[error("not a valid ONNX protobuf: {0}")]
+    #[error("not a valid ONNX protobuf: {}", short_decode_error(.0))]
     Decode(#[from] prost::DecodeError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
@@ -126,3 +126,53 @@ pub enum Error {
 
 /// The IR's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A protobuf decoding error as `cause at Outer.field: … : Inner.field`, its field path
+/// shortened: a file nested 20,000 deep would print every level; the outermost three and
+/// innermost three say where it is. (prost lists the fields innermost first.)
+fn short_decode_error(e: &prost::DecodeError) -> String {
+    let text = e.to_string();
+    let text = text
+        .strip_prefix("failed to decode Protobuf message: ")
+        .unwrap_or(&text);
+    // Leading `Message.field: ` segments are the path; the rest is the cause (which
+    // may hold ": " itself).
+    let is_field = |p: &str| {
+        p.split_once('.').is_some_and(|(m, f)| {
+            let ok =
+                |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            ok(m) && ok(f)
+        })
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    let mut rest = text;
+    while let Some((head, tail)) = rest.split_once(": ") {
+        if !is_field(head) {
+            break;
+        }
+        parts.push(head);
+        rest = tail;
+    }
+    let cause = rest;
+    if parts.is_empty() {
+        return cause.to_string();
+    }
+    parts.reverse();
+    let n = parts.len();
+    let at = if n <= 6 {
+        parts.join(": ")
+    } else {
+        format!(
+            "{}: … ({} more levels) …: {}",
+            parts[..3].join(": "),
+            n - 6,
+            parts[n - 3..].join(": ")
+        )
+    };
+    let cause = if cause == "recursion limit reached" {
+        "nested deeper than the protobuf decoder's limit of 100 messages"
+    } else {
+        cause
+    };
+    format!("{cause}, at {at}")
+}

@@ -185,15 +185,24 @@ fn verify_scoped(g: &Graph, scopes: &[&HashMap<String, ValueType>]) -> Result<()
         }
     }
     // Graph outputs exist and are not omitted outputs.
-    for &v in g.outputs() {
+    for (i, &v) in g.outputs().iter().enumerate() {
         match g.value_opt(v) {
             Some(val) if !val.name.is_empty() => {}
-            _ => {
+            found => {
+                let name = match found {
+                    Some(_) => format!("the omitted output {} of node #{}", v.slot, v.node.index()),
+                    None => format!(
+                        "output {} of node #{} (the graph has {} nodes)",
+                        v.slot,
+                        v.node.index(),
+                        g.node_ids().len()
+                    ),
+                };
                 return Err(Error::Dangling {
                     graph: g.name.clone(),
-                    name: format!("{v:?}"),
-                    user: "graph output".into(),
-                })
+                    name,
+                    user: format!("graph output {i}"),
+                });
             }
         }
     }

@@ -2,7 +2,8 @@
 
 use super::shape::{concat, reshape};
 use super::util::{axis, input};
-use super::{Compiled, ControlError};
+use super::{tensor_bytes, Compiled, ControlError};
+use crate::budget::Meter;
 use crate::data::Data;
 use cellgraph_ir::{Op, Tensor};
 use ndarray::Axis;
@@ -54,6 +55,7 @@ pub fn eval(
     bodies: &[Compiled],
     outer: &[Vec<&Data>],
     opset: i64,
+    meter: &Meter,
 ) -> R<Vec<Data>> {
     match op {
         Op::If { .. } => {
@@ -65,7 +67,7 @@ pub fn eval(
                 .ok_or("condition is empty")?
                 != 0.0;
             let k = if cond { 0 } else { 1 };
-            Ok(bodies[k].run(Vec::new(), &outer[k])?)
+            Ok(bodies[k].run(Vec::new(), &outer[k], meter)?)
         }
         Op::Loop { .. } => {
             let body = &bodies[0];
@@ -101,14 +103,23 @@ pub fn eval(
                 .checked_sub(n)
                 .ok_or("fewer outputs than loop-carried values")?;
             let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); k];
-            let mut i: i64 = 0;
-            let max_trips = i64::try_from(body.max_trips).unwrap_or(i64::MAX);
-            while cond && max.is_none_or(|m| i < m) {
-                if i >= max_trips {
-                    return Err(ControlError::Msg(format!(
-                        "loop ran {max_trips} iterations without stopping (the plan's limit)"
-                    )));
+            // A loop whose condition cannot turn false runs its whole trip count: refuse
+            // at once what the trip budget would stop only after its last allowed trip.
+            if let (true, true, Some(m)) = (cond, body.cond_never_changes, max) {
+                let m = u64::try_from(m).unwrap_or(0);
+                if m > meter.budget().max_loop_trips {
+                    return Err(ControlError::Over(crate::budget::Overrun {
+                        exceeded: crate::budget::Exceeded::LoopTrips,
+                        asked: format!("{m} iterations (its condition never turns false)"),
+                        limit: format!("{} iterations", meter.budget().max_loop_trips),
+                    }));
                 }
+            }
+            let mut i: i64 = 0;
+            // Bytes of the scan outputs gathered so far (counted on the meter).
+            let mut gathered = Gathered::new(meter);
+            while cond && max.is_none_or(|m| i < m) {
+                meter.trip(i as u64)?;
                 let mut args = vec![
                     Data::Tensor(Tensor::I64(ndarray::ArrayD::from_elem(
                         ndarray::IxDyn(&[]),
@@ -120,7 +131,7 @@ pub fn eval(
                     ))),
                 ];
                 args.append(&mut carried);
-                let mut outs = body.run(args, &outer[0])?;
+                let mut outs = body.run(args, &outer[0], meter)?;
                 if outs.len() != 1 + n + k {
                     return Err(ControlError::Msg(format!(
                         "body gave {} outputs, expected {}",
@@ -137,12 +148,15 @@ pub fn eval(
                     .copied()
                     .ok_or("condition is empty")?
                     != 0.0;
-                for (s, d) in scans.iter_mut().zip(scan_part) {
-                    s.push(d.into_tensor()?);
+                for (j, (s, d)) in scans.iter_mut().zip(scan_part).enumerate() {
+                    let t = d.into_tensor()?;
+                    gathered.add(j, &t)?;
+                    s.push(t);
                 }
                 i += 1;
             }
             let mut out = carried;
+            gathered.ask_stacked()?;
             for (j, s) in scans.iter().enumerate() {
                 out.push(Data::Tensor(stack(s, 0, || elem_of(body, 1 + n + j))?));
             }
@@ -168,7 +182,7 @@ pub fn eval(
                 .checked_sub(n)
                 .ok_or("fewer outputs than state variables")?;
             if opset < 9 {
-                return scan8(ins, m, nout, directions.as_deref(), body, &outer[0]);
+                return scan8(ins, m, nout, directions.as_deref(), body, &outer[0], meter);
             }
             let states: Vec<Data> = (0..n)
                 .map(|i| {
@@ -214,8 +228,19 @@ pub fn eval(
                     )));
                 }
             }
-            let (states, scans) =
-                run_scan(body, &outer[0], states, &xs, &in_axes, &in_rev, steps, k)?;
+            let mut gathered = Gathered::new(meter);
+            let (states, scans) = run_scan(
+                body,
+                &outer[0],
+                states,
+                &xs,
+                &in_axes,
+                &in_rev,
+                steps,
+                k,
+                &mut gathered,
+            )?;
+            gathered.ask_stacked()?;
             let mut out = states;
             for (j, mut s) in scans.into_iter().enumerate() {
                 if out_rev[j] {
@@ -254,6 +279,7 @@ fn run_scan(
     rev: &[bool],
     steps: usize,
     k: usize,
+    gathered: &mut Gathered<'_>,
 ) -> R<(Vec<Data>, Vec<Vec<Tensor>>)> {
     let n = states.len();
     let mut scans: Vec<Vec<Tensor>> = vec![Vec::with_capacity(steps); k];
@@ -271,7 +297,16 @@ fn run_scan(
         if xs[j].shape().len() < 2 || w.shape().len() != 2 {
             continue;
         }
+        // The product over all steps is as large as the per-step ones together.
+        let rows = xs[j].shape()[..xs[j].shape().len() - 1]
+            .iter()
+            .fold(1u64, |a, &d| a.saturating_mul(d as u64));
+        let size = rows
+            .saturating_mul(w.shape()[1] as u64)
+            .saturating_mul(xs[j].dtype().size_of() as u64);
+        gathered.meter.ask(&[size])?;
         if let Ok(full) = super::nn::matmul_tensor(xs[j], w) {
+            gathered.hold(&full)?;
             hoisted.push((node, j, full));
         }
     }
@@ -290,7 +325,7 @@ fn run_scan(
                 )
             })
             .collect();
-        let mut outs = body.run_with(args, outer, overrides)?;
+        let mut outs = body.run_with(args, outer, overrides, gathered.meter)?;
         if outs.len() != n + k {
             return Err(ControlError::Msg(format!(
                 "body gave {} outputs, expected {}",
@@ -300,8 +335,10 @@ fn run_scan(
         }
         let scan_part = outs.split_off(n);
         states = outs;
-        for (s, d) in scans.iter_mut().zip(scan_part) {
-            s.push(d.into_tensor()?);
+        for (j, (s, d)) in scans.iter_mut().zip(scan_part).enumerate() {
+            let t = d.into_tensor()?;
+            gathered.add(j, &t)?;
+            s.push(t);
         }
     }
     Ok((states, scans))
@@ -317,6 +354,7 @@ fn scan8(
     directions: Option<&[i64]>,
     body: &Compiled,
     outer: &[&Data],
+    meter: &Meter,
 ) -> R<Vec<Data>> {
     let n = ins.len() - 1 - m;
     let k = nout - n;
@@ -350,6 +388,7 @@ fn scan8(
         .collect();
     let mut final_states: Vec<Vec<Tensor>> = vec![Vec::new(); n];
     let mut scan_rows: Vec<Vec<Tensor>> = vec![Vec::new(); k];
+    let mut kept = Gathered::new(meter);
     for b in 0..batch {
         let len = *lens
             .get(b)
@@ -365,7 +404,18 @@ fn scan8(
             super::util::map_all!(&row, v => v.slice_axis(Axis(0), ndarray::Slice::from(0..len)).to_owned())
         }).collect();
         let row_refs: Vec<&Tensor> = rows.iter().collect();
-        let (st, scans) = run_scan(body, outer, st, &row_refs, &vec![0; m], &rev, len, k)?;
+        let mut gathered = Gathered::new(meter);
+        let (st, scans) = run_scan(
+            body,
+            outer,
+            st,
+            &row_refs,
+            &vec![0; m],
+            &rev,
+            len,
+            k,
+            &mut gathered,
+        )?;
         for (f, s) in final_states.iter_mut().zip(st) {
             f.push(s.into_tensor()?);
         }
@@ -376,9 +426,12 @@ fn scan8(
                     padded.push(Tensor::zeros(first.dtype(), first.shape()));
                 }
             }
-            scan_rows[j].push(stack(&padded, 0, || elem_of(body, n + j))?);
+            let row = stack(&padded, 0, || elem_of(body, n + j))?;
+            kept.add(j, &row)?;
+            scan_rows[j].push(row);
         }
     }
+    kept.ask_stacked()?;
     let mut out = Vec::new();
     for f in &final_states {
         out.push(Data::Tensor(stack(f, 0, || None)?));
@@ -387,4 +440,62 @@ fn scan8(
         out.push(Data::Tensor(stack(s, 0, || None)?));
     }
     Ok(out)
+}
+
+/// The per-step values a loop keeps until it stacks them: counted on the meter while
+/// the loop runs (each addition checked against the live budget), released when the
+/// loop ends (its stacked outputs are then counted as the node's results).
+struct Gathered<'a> {
+    meter: &'a Meter,
+    /// Bytes counted in all.
+    bytes: u64,
+    /// Bytes gathered per scan output.
+    per_output: Vec<u64>,
+}
+
+impl<'a> Gathered<'a> {
+    fn new(meter: &'a Meter) -> Gathered<'a> {
+        Gathered {
+            meter,
+            bytes: 0,
+            per_output: Vec::new(),
+        }
+    }
+
+    /// Counts a value the loop keeps (not one of its outputs' parts).
+    fn hold(&mut self, t: &Tensor) -> R<()> {
+        let b = tensor_bytes(t);
+        self.bytes = self.bytes.saturating_add(b);
+        self.meter.hold(b);
+        self.meter.check_live()?;
+        Ok(())
+    }
+
+    /// Counts a part of scan output `j`.
+    fn add(&mut self, j: usize, t: &Tensor) -> R<()> {
+        if self.per_output.len() <= j {
+            self.per_output.resize(j + 1, 0);
+        }
+        self.per_output[j] = self.per_output[j].saturating_add(tensor_bytes(t));
+        self.hold(t)
+    }
+
+    /// Checks that the stacked outputs (each as large as its parts) may be made, and
+    /// counts them while the parts still exist.
+    fn ask_stacked(&mut self) -> R<()> {
+        self.meter.ask(&self.per_output)?;
+        let stacked = self
+            .per_output
+            .iter()
+            .fold(0u64, |a, &b| a.saturating_add(b));
+        self.bytes = self.bytes.saturating_add(stacked);
+        self.meter.hold(stacked);
+        Ok(())
+    }
+}
+
+impl Drop for Gathered<'_> {
+    fn drop(&mut self) {
+        self.meter.release(self.bytes);
+    }
 }

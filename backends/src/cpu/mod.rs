@@ -15,6 +15,7 @@ mod shape;
 mod steal;
 pub(crate) mod util;
 
+use crate::budget::{Budget, Meter, Overrun};
 use crate::data::Data;
 use crate::error::{Error, Result};
 use crate::{Backend, Plan};
@@ -37,9 +38,9 @@ pub enum Recurrent {
 pub struct CpuBackend {
     /// How recurrent ops run.
     pub recurrent: Recurrent,
-    /// The most iterations one `Loop` may run before the plan gives up with an error
-    /// (a guard against runaway loops in hostile files; default 2^24).
-    pub max_loop_trips: u64,
+    /// The run-time budget of the plans it compiles: memory per value and alive at
+    /// once, `Loop` iterations, time.
+    pub budget: Budget,
 }
 
 impl Default for CpuBackend {
@@ -49,11 +50,12 @@ impl Default for CpuBackend {
 }
 
 impl CpuBackend {
-    /// A CPU backend running recurrent ops as `recurrent` says, with default limits.
+    /// A CPU backend running recurrent ops as `recurrent` says, within the process's
+    /// default budget ([`Budget::process_default`]).
     pub fn new(recurrent: Recurrent) -> CpuBackend {
         CpuBackend {
             recurrent,
-            max_loop_trips: 1 << 24,
+            budget: Budget::process_default(),
         }
     }
 }
@@ -80,7 +82,13 @@ impl Backend for CpuBackend {
             Recurrent::Loop => crate::lower::lower_recurrent(graph)?,
         };
         Ok(CpuPlan {
-            inner: Compiled::new(g, self.max_loop_trips)?,
+            inner: {
+                let mut c = Compiled::new(g)?;
+                c.infer_static_sizes();
+                c
+            },
+            budget: self.budget,
+            peak: 0,
         })
     }
 }
@@ -89,12 +97,30 @@ impl Backend for CpuBackend {
 #[derive(Debug)]
 pub struct CpuPlan {
     inner: Compiled,
+    budget: Budget,
+    peak: u64,
 }
 
 impl CpuPlan {
     /// The graph the plan runs (after lowering, when recurrent ops run as loops).
     pub fn graph(&self) -> &Graph {
         &self.inner.graph
+    }
+
+    /// The budget each run stays within.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Changes the budget of the runs to come.
+    pub fn set_budget(&mut self, budget: Budget) {
+        self.budget = budget;
+    }
+
+    /// The most bytes of values alive at once during the last run (its inputs, the
+    /// intermediates, loops' scan outputs; not the model's weights).
+    pub fn peak_bytes(&self) -> u64 {
+        self.peak
     }
 }
 
@@ -151,7 +177,10 @@ impl Plan for CpuPlan {
                 msg,
             })?;
         }
-        self.inner.run(inputs, &[])
+        let meter = Meter::new(self.budget);
+        let out = self.inner.run(inputs, &[], &meter);
+        self.peak = meter.peak();
+        out
     }
 }
 
@@ -195,10 +224,15 @@ pub(crate) struct Compiled {
     /// `MatMul(graph input p, loop-invariant weight)` nodes: (order index, p, weight
     /// slot). A `Scan` over this body computes them for all steps in one product.
     pub(crate) hoistable: Vec<(usize, usize, usize)>,
-    /// The `Loop` iteration limit.
-    pub(crate) max_trips: u64,
     /// By order index: a `Constant` evaluated at compile time (its value is in `consts`).
     precomputed: Vec<bool>,
+    /// By order index: the output sizes in bytes when shape inference from the graph's
+    /// inputs and constants alone fixes them (see [`Compiled::infer_static_sizes`]);
+    /// `None` when a size is known only at run time, from the inputs.
+    static_bytes: Vec<Option<Vec<u64>>>,
+    /// As a `Loop` body: its condition output is its condition input passed through (or
+    /// a constant true), so a loop that starts runs until its trip count.
+    pub(crate) cond_never_changes: bool,
     /// Fused recurrent forward ops whose backward op reads the same inputs: forward
     /// order index → backward order index. The forward keeps what the backward would
     /// recompute (`rnn_grad::forward_saving`).
@@ -246,8 +280,35 @@ fn forward_backward_pairs(
 
 const KEEP: usize = usize::MAX / 2;
 
+/// Whether, read as a `Loop` body, `graph` hands its condition input (input 1) straight
+/// back as its condition output (output 0), through `Identity` nodes, or outputs a
+/// constant true: a loop over it that starts stops only at its trip count.
+fn cond_never_changes(graph: &Graph) -> bool {
+    let (Some(&out), Some(&cond_in)) = (graph.outputs().first(), graph.input_values().get(1))
+    else {
+        return false;
+    };
+    let mut v = out;
+    for _ in 0..64 {
+        if v == cond_in {
+            return true;
+        }
+        match &graph.node(v.node).kind {
+            NodeKind::Initializer { tensor, .. } => {
+                return tensor.len() == 1 && tensor.to_f64_vec().first() == Some(&1.0)
+            }
+            NodeKind::Op(Op::Identity {}) => match graph.node_inputs(v.node).first() {
+                Some(Some(next)) => v = *next,
+                _ => return false,
+            },
+            _ => return false,
+        }
+    }
+    false
+}
+
 impl Compiled {
-    pub(crate) fn new(graph: Graph, max_trips: u64) -> Result<Compiled> {
+    pub(crate) fn new(graph: Graph) -> Result<Compiled> {
         let order = graph
             .topo_order()
             .map_err(|_| Error::Compile(format!("graph {:?} has a cycle", graph.name)))?;
@@ -286,7 +347,7 @@ impl Compiled {
                 if !subs.is_empty() {
                     let mut compiled = Vec::new();
                     for (_, body) in subs {
-                        let c = Compiled::new(body.clone(), max_trips)?;
+                        let c = Compiled::new(body.clone())?;
                         for name in &c.outers {
                             match graph.find(name) {
                                 // Read by the body: a use by this node, freed after it runs.
@@ -368,6 +429,8 @@ impl Compiled {
                 }
             }
         }
+        let never_stops = cond_never_changes(&graph);
+        let static_bytes = vec![None; order.len()];
         Ok(Compiled {
             graph,
             order,
@@ -383,16 +446,83 @@ impl Compiled {
             outer_slots,
             output_slots,
             bodies,
+            cond_never_changes: never_stops,
+            static_bytes,
             hoistable,
-            max_trips,
             precomputed,
             pair_of,
         })
     }
 
-    /// Runs the graph: `inputs` for the graph inputs, `outer` for the names in `outers`.
-    pub(crate) fn run(&self, inputs: Vec<Data>, outer: &[&Data]) -> Result<Vec<Data>> {
-        self.run_with(inputs, outer, Vec::new())
+    /// Fills `static_bytes` for a top-level graph, whose inputs every run checks against
+    /// their declared types: shape inference again from those types and the graph's
+    /// constants, ignoring the types the file declares for intermediate values (a hostile
+    /// file could declare a small shape for a large value). By induction over the node
+    /// order, a size inferred this way is the size the kernel makes. Bodies of loops are
+    /// not filled: the values passed to them are not checked against their declarations.
+    fn infer_static_sizes(&mut self) {
+        use cellgraph_ir::ops::InferCtx;
+        let g = &self.graph;
+        let small_int = |v: ValueRef| -> Option<cellgraph_ir::Tensor> {
+            match &g.node(v.node).kind {
+                NodeKind::Initializer { tensor, .. }
+                    if tensor.dtype().is_int() && tensor.len() <= 64 =>
+                {
+                    Some(tensor.clone())
+                }
+                NodeKind::Op(Op::Constant { .. }) => g.constant(v),
+                _ => None,
+            }
+        };
+        let mut known: HashMap<ValueRef, ValueType> = HashMap::new();
+        for v in g.input_values() {
+            known.insert(v, g.value(v).ty.clone());
+        }
+        for &n in g.initializers() {
+            if let NodeKind::Initializer { tensor, .. } = &g.node(n).kind {
+                known.insert(
+                    ValueRef { node: n, slot: 0 },
+                    cellgraph_ir::graph::tensor_type(tensor),
+                );
+            }
+        }
+        for (k, &n) in self.order.iter().enumerate() {
+            let node = g.node(n);
+            let Some(op) = node.op() else { continue };
+            let ins = g.node_inputs(n);
+            let types: Vec<Option<ValueType>> = ins
+                .iter()
+                .map(|v| v.map(|v| known.get(&v).cloned().unwrap_or(ValueType::Unknown)))
+                .collect();
+            let consts: Vec<Option<cellgraph_ir::Tensor>> =
+                ins.iter().map(|v| v.and_then(small_int)).collect();
+            let const_refs: Vec<Option<&cellgraph_ir::Tensor>> =
+                consts.iter().map(Option::as_ref).collect();
+            let cx = InferCtx {
+                inputs: &types,
+                consts: &const_refs,
+                num_outputs: node.outputs.len(),
+                opset: g.opset(op.kind().info().domain),
+            };
+            let Ok(outs) = op.infer(&cx) else { continue };
+            for (slot, t) in outs.iter().enumerate() {
+                known.insert(ValueRef { node: n, slot }, t.clone());
+            }
+            if outs.len() == node.outputs.len() && op.subgraphs().is_empty() {
+                self.static_bytes[k] = outs.iter().map(type_bytes).collect();
+            }
+        }
+    }
+
+    /// Runs the graph: `inputs` for the graph inputs, `outer` for the names in `outers`,
+    /// counting values and time on `meter`.
+    pub(crate) fn run(
+        &self,
+        inputs: Vec<Data>,
+        outer: &[&Data],
+        meter: &Meter,
+    ) -> Result<Vec<Data>> {
+        self.run_with(inputs, outer, Vec::new(), meter)
     }
 
     /// The value of a constant or outer slot, before running.
@@ -411,6 +541,7 @@ impl Compiled {
         inputs: Vec<Data>,
         outer: &[&Data],
         mut overrides: Vec<(usize, Data)>,
+        meter: &Meter,
     ) -> Result<Vec<Data>> {
         let mut slots: Vec<Slot<'_>> = (0..self.nslots).map(|_| Slot::Empty).collect();
         for (s, d) in &self.consts {
@@ -421,7 +552,10 @@ impl Compiled {
                 slots[*s] = Slot::Borrowed(d);
             }
         }
+        // Inputs move in: the run owns (and counts) them until they are freed or
+        // handed out as outputs.
         for (d, &s) in inputs.into_iter().zip(&self.input_slots) {
+            meter.hold(data_bytes(&d));
             slots[s] = Slot::Owned(d);
         }
         let mut uses = self.uses.clone();
@@ -438,6 +572,12 @@ impl Compiled {
                 op: op.name().to_string(),
                 msg,
             };
+            let over = |overrun: Overrun| Error::Budget {
+                node: node.display_name(),
+                op: op.name().to_string(),
+                overrun,
+            };
+            meter.time().map_err(over)?;
             let ins: Vec<Option<&Data>> = self.inputs[k]
                 .iter()
                 .map(|s| match s {
@@ -449,6 +589,18 @@ impl Compiled {
                 })
                 .collect::<Result<_>>()?;
             let out_types: Vec<&ValueType> = node.outputs.iter().map(|v| &v.ty).collect();
+            if !self.bodies.contains_key(&n) {
+                match &self.static_bytes[k] {
+                    Some(sizes) => meter.ask(sizes).map_err(over)?,
+                    None => {
+                        if let Some(sizes) =
+                            predict_bytes(op, &ins, node.outputs.len(), &self.graph)
+                        {
+                            meter.ask(&sizes).map_err(over)?;
+                        }
+                    }
+                }
+            }
             // Outputs something reads (a later node, or the graph's outputs): the
             // recurrent backward ops skip the others' work.
             let wanted = || -> Vec<bool> { self.outputs[k].iter().map(|&s| uses[s] > 0).collect() };
@@ -515,9 +667,11 @@ impl Compiled {
                         bodies,
                         &outer_refs,
                         self.graph.opset(""),
+                        meter,
                     )
                     .map_err(|e| match e {
                         ControlError::Msg(m) => fail(m),
+                        ControlError::Over(o) => over(o),
                         ControlError::Inner(e) => e,
                     })?
                 }
@@ -533,14 +687,26 @@ impl Compiled {
             for s in self.inputs[k].iter().flatten().chain(&self.implicit[k]) {
                 uses[*s] -= 1;
                 if uses[*s] == 0 {
-                    slots[*s] = Slot::Empty;
+                    if let Slot::Owned(d) = std::mem::replace(&mut slots[*s], Slot::Empty) {
+                        meter.release(data_bytes(&d));
+                    }
                 }
             }
+            let mut largest = 0;
             for (d, &s) in results.into_iter().zip(&self.outputs[k]) {
                 if uses[s] > 0 {
+                    let b = data_bytes(&d);
+                    largest = largest.max(b);
+                    meter.hold(b);
                     slots[s] = Slot::Owned(d);
                 }
             }
+            // What no prediction covered (a kernel's output whose size its shape rule
+            // could not tell) is checked once it exists.
+            if largest > meter.budget().max_tensor_bytes {
+                meter.ask(&[largest]).map_err(over)?;
+            }
+            meter.check_live().map_err(over)?;
         }
         let mut out = Vec::with_capacity(self.output_slots.len());
         for (i, &s) in self.output_slots.iter().enumerate() {
@@ -551,7 +717,10 @@ impl Compiled {
                     slots[s] = Slot::Owned(d);
                     c
                 }
-                Slot::Owned(d) => d,
+                Slot::Owned(d) => {
+                    meter.release(data_bytes(&d));
+                    d
+                }
                 Slot::Borrowed(d) => {
                     slots[s] = Slot::Borrowed(d);
                     d.clone()
@@ -569,10 +738,78 @@ impl Compiled {
     }
 }
 
-/// Errors from control-flow kernels: a message for this node, or an error from a body.
+/// Errors from control-flow kernels: a message for this node, a budget this node
+/// exceeded, or an error from a body.
 pub(crate) enum ControlError {
     Msg(String),
+    Over(Overrun),
     Inner(Error),
+}
+
+impl From<Overrun> for ControlError {
+    fn from(o: Overrun) -> ControlError {
+        ControlError::Over(o)
+    }
+}
+
+/// The bytes a value's elements take.
+pub(crate) fn data_bytes(d: &Data) -> u64 {
+    match d {
+        Data::Tensor(t) => tensor_bytes(t),
+        Data::Sequence(ts) => ts.iter().map(tensor_bytes).sum(),
+        Data::Optional(Some(d)) => data_bytes(d),
+        Data::Optional(None) => 0,
+    }
+}
+
+/// The bytes a tensor's elements take.
+pub(crate) fn tensor_bytes(t: &cellgraph_ir::Tensor) -> u64 {
+    (t.len() as u64).saturating_mul(t.dtype().size_of() as u64)
+}
+
+/// The bytes of a tensor type whose dtype and dims are all known.
+fn type_bytes(ty: &ValueType) -> Option<u64> {
+    let t = ty.as_tensor()?;
+    let elems = t
+        .known_dims()?
+        .iter()
+        .fold(1u128, |a, &d| a.saturating_mul(d as u128));
+    let b = elems.saturating_mul(t.dtype?.size_of() as u128);
+    Some(u64::try_from(b).unwrap_or(u64::MAX))
+}
+
+/// The sizes in bytes of the outputs `op` will make from `ins`, by its shape rule given
+/// every input's actual shape (and the values of small integer inputs: shapes, repeats,
+/// ranges); `None` when the rule cannot tell (then the outputs are checked once made).
+fn predict_bytes(op: &Op, ins: &[Option<&Data>], nout: usize, graph: &Graph) -> Option<Vec<u64>> {
+    use cellgraph_ir::ops::InferCtx;
+    let types: Vec<Option<ValueType>> = ins
+        .iter()
+        .map(|d| {
+            d.map(|d| match d {
+                Data::Tensor(t) => ValueType::tensor(
+                    t.dtype(),
+                    &t.shape().iter().map(|&x| x as u64).collect::<Vec<_>>(),
+                ),
+                _ => ValueType::Unknown,
+            })
+        })
+        .collect();
+    let consts: Vec<Option<&cellgraph_ir::Tensor>> = ins
+        .iter()
+        .map(|d| match d {
+            Some(Data::Tensor(t)) if t.dtype().is_int() && t.len() <= 64 => Some(t),
+            _ => None,
+        })
+        .collect();
+    let cx = InferCtx {
+        inputs: &types,
+        consts: &consts,
+        num_outputs: nout,
+        opset: graph.opset(op.kind().info().domain),
+    };
+    let outs = op.infer(&cx).ok()?;
+    Some(outs.iter().filter_map(type_bytes).collect())
 }
 
 impl From<String> for ControlError {

@@ -17,9 +17,27 @@ use std::path::Path;
 
 type R<T> = Result<T, KerasError>;
 
-/// Reads `dir/model.json` (or the given `.json` file) and, when present, the weights in
-/// `weights/NNN.npy` next to it.
+/// How [`load_model_with`] reads a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Size limits: `max_file_bytes` for `model.json` and each weight file,
+    /// `max_tensor_bytes` per weight, `max_total_bytes` for all weights together,
+    /// `max_nodes` for the number of layers and of weight files.
+    pub limits: cellgraph_ir::onnx::Limits,
+    /// Build a model whose folder has no `weights/` with freshly initialised weights
+    /// (otherwise that is an error: a model without its weights predicts nothing useful).
+    pub random_weights: bool,
+}
+
+/// Reads `dir/model.json` (or the given `.json` file) and the weights in
+/// `weights/NNN.npy` next to it, within the default limits; a model without weights is an
+/// error (see [`load_model_with`]).
 pub fn load_model(path: &Path) -> R<Model> {
+    load_model_with(path, &LoadOptions::default())
+}
+
+/// [`load_model`] with limits, and optionally fresh weights for a model that has none.
+pub fn load_model_with(path: &Path, o: &LoadOptions) -> R<Model> {
     let (json, dir) = if path.is_dir() {
         (path.join("model.json"), path.to_path_buf())
     } else {
@@ -28,14 +46,40 @@ pub fn load_model(path: &Path) -> R<Model> {
             path.parent().map(Path::to_path_buf).unwrap_or_default(),
         )
     };
-    let text = std::fs::read_to_string(&json).map_err(|source| KerasError::Io {
-        path: json.display().to_string(),
+    let io = |p: &Path, source| KerasError::Io {
+        path: p.display().to_string(),
         source,
-    })?;
+    };
+    if path.is_dir() && !json.is_file() {
+        return Err(KerasError::Config {
+            path: path.display().to_string(),
+            msg: "a Keras model folder holds model.json (and weights/NNN.npy); this one has no model.json".into(),
+        });
+    }
+    let len = std::fs::metadata(&json).map_err(|e| io(&json, e))?.len();
+    if len > o.limits.max_file_bytes {
+        return Err(KerasError::Config {
+            path: json.display().to_string(),
+            msg: format!(
+                "the file has {len} bytes, more than the limit of {} (--max-file-bytes)",
+                o.limits.max_file_bytes
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(&json).map_err(|e| io(&json, e))?;
     let wdir = dir.join("weights");
-    let mut model = model_from_json_with(&text, &json.display().to_string(), !wdir.is_dir())?;
+    let fresh = !wdir.is_dir() && o.random_weights;
+    let mut model = model_from_json_with(&text, &json.display().to_string(), fresh)?;
+    if !wdir.is_dir() && !o.random_weights {
+        return Err(KerasError::Weights(format!(
+            "{}: no weights folder next to {} (a saved model has weights/000.npy, ...); \
+             to build the model with fresh random weights, ask for it (--random-weights)",
+            wdir.display(),
+            json.display()
+        )));
+    }
     if wdir.is_dir() {
-        let values = read_weight_dir(&wdir)?;
+        let values = read_weight_dir_with(&wdir, &o.limits)?;
         model.set_weights(values)?;
     }
     Ok(model)
@@ -43,6 +87,15 @@ pub fn load_model(path: &Path) -> R<Model> {
 
 /// Reads every `NNN.npy` of a folder, in name order, as float32 arrays.
 pub fn read_weight_dir(dir: &Path) -> R<Vec<ndarray::ArrayD<f32>>> {
+    read_weight_dir_with(dir, &cellgraph_ir::onnx::Limits::default())
+}
+
+/// [`read_weight_dir`] within `limits` (each file, each array, all arrays together, the
+/// number of files).
+pub fn read_weight_dir_with(
+    dir: &Path,
+    limits: &cellgraph_ir::onnx::Limits,
+) -> R<Vec<ndarray::ArrayD<f32>>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map_err(|source| KerasError::Io {
             path: dir.display().to_string(),
@@ -51,20 +104,49 @@ pub fn read_weight_dir(dir: &Path) -> R<Vec<ndarray::ArrayD<f32>>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "npy"))
         .collect();
+    if files.len() > limits.max_nodes {
+        return Err(KerasError::Weights(format!(
+            "{}: {} weight files, more than the limit of {} (--max-nodes)",
+            dir.display(),
+            files.len(),
+            limits.max_nodes
+        )));
+    }
     files.sort();
-    files.iter().map(|f| read_f32(f)).collect::<R<Vec<_>>>()
+    let mut total: u64 = 0;
+    let mut out = Vec::with_capacity(files.len());
+    for f in &files {
+        let a = read_f32_with(f, limits)?;
+        total = total.saturating_add(a.len() as u64 * 4);
+        if total > limits.max_total_bytes {
+            return Err(KerasError::Weights(format!(
+                "{}: the weights up to {} take {total} bytes, more than the limit of {} (--max-total-bytes)",
+                dir.display(),
+                f.display(),
+                limits.max_total_bytes
+            )));
+        }
+        out.push(a);
+    }
+    Ok(out)
 }
 
 /// Reads one `.npy` file as float32.
 pub fn read_f32(path: &Path) -> R<ndarray::ArrayD<f32>> {
-    match crate::npy::read(path, None) {
+    read_f32_with(path, &cellgraph_ir::onnx::Limits::default())
+}
+
+/// [`read_f32`] within `limits`.
+pub fn read_f32_with(path: &Path, limits: &cellgraph_ir::onnx::Limits) -> R<ndarray::ArrayD<f32>> {
+    match crate::npy::read_with(path, None, limits) {
         Ok(cellgraph_ir::Tensor::F32(a)) => Ok(a),
         Ok(other) => Err(KerasError::Weights(format!(
             "{}: dtype {} (weights are float32)",
             path.display(),
             other.dtype().name()
         ))),
-        Err(msg) => Err(KerasError::Weights(format!("{}: {msg}", path.display()))),
+        // The message names the file already.
+        Err(msg) => Err(KerasError::Weights(msg)),
     }
 }
 
@@ -682,6 +764,75 @@ impl Cx {
         }
     }
 
+    /// Why the layers of a functional model that have not run cannot run: a tensor
+    /// they read names a layer the model does not have, or a call of it that does not
+    /// exist, or they wait on each other (a cycle).
+    #[allow(clippy::type_complexity)]
+    fn stuck(
+        &self,
+        entries: &[(String, Option<LayerId>, Vec<Value>, bool)],
+        done: &[usize],
+        made: &HashMap<(String, usize, usize), KerasTensor>,
+    ) -> KerasError {
+        let mut waiting: Vec<String> = Vec::new();
+        for ((name, _, nodes, _), &d) in entries.iter().zip(done) {
+            let Some(node) = nodes.get(d) else { continue };
+            let kwargs = node.get("kwargs").cloned().unwrap_or(Value::Null);
+            let mut refs = self
+                .tensor_list(&node.get("args").cloned().unwrap_or(Value::Null), name)
+                .unwrap_or_default();
+            for key in ["initial_state", "mask"] {
+                refs.extend(
+                    self.tensor_list(kwargs.get(key).unwrap_or(&Value::Null), name)
+                        .unwrap_or_default(),
+                );
+            }
+            for r in refs.iter().filter(|r| !made.contains_key(*r)) {
+                let j = entries.iter().position(|e| e.0 == r.0);
+                if j.is_some_and(|j| done[j] > r.1 || (entries[j].3 && r.1 == 0)) {
+                    return self.err(
+                        &format!("config.layers[{name:?}].inbound_nodes"),
+                        format!(
+                            "reads output {} of call {} of layer {:?}, which has no such output",
+                            r.2, r.1, r.0
+                        ),
+                    );
+                }
+                match j.map(|j| &entries[j]) {
+                    None => {
+                        return self.err(
+                            &format!("config.layers[{name:?}].inbound_nodes"),
+                            format!(
+                                "reads a tensor of layer {:?}, which this model does not have",
+                                r.0
+                            ),
+                        )
+                    }
+                    Some(e) if r.1 >= e.2.len().max(1) => {
+                        return self.err(
+                            &format!("config.layers[{name:?}].inbound_nodes"),
+                            format!(
+                                "reads call {} of layer {:?}, which is called {} time(s)",
+                                r.1,
+                                r.0,
+                                e.2.len()
+                            ),
+                        )
+                    }
+                    Some(_) => waiting.push(format!("{name:?} reads {:?}", r.0)),
+                }
+            }
+        }
+        self.err(
+            "config.layers",
+            format!(
+                "the layers wait on each other's outputs (a cycle; a functional model must be \
+                 acyclic): {}",
+                waiting.join(", ")
+            ),
+        )
+    }
+
     fn functional(&self, config: &Value) -> R<Model> {
         let layers = self
             .get(config, "layers", "config")?
@@ -775,16 +926,7 @@ impl Cx {
                 break;
             }
             if !progress {
-                let stuck: Vec<&str> = entries
-                    .iter()
-                    .zip(&done)
-                    .filter(|((_, _, n, _), d)| **d < n.len())
-                    .map(|((name, ..), _)| name.as_str())
-                    .collect();
-                return Err(self.err(
-                    "config.layers",
-                    format!("inbound nodes refer to tensors that no layer makes: {stuck:?}"),
-                ));
+                return Err(self.stuck(&entries, &done, &made));
             }
         }
         let lookup = |refs: Vec<(String, usize, usize)>, what: &str| -> R<Vec<KerasTensor>> {

@@ -290,15 +290,21 @@ impl Cell {
                 what,
             })
         };
+        let invalid = |msg: String| {
+            Err(KerasError::Layer {
+                layer: layer.to_string(),
+                msg,
+            })
+        };
         if self.units == 0 {
-            return bad("units must be positive".into());
+            return invalid("units = 0: a recurrent layer needs at least 1 unit".into());
         }
         for (opt, r) in [
             ("dropout", self.dropout),
             ("recurrent_dropout", self.recurrent_dropout),
         ] {
             if !(0.0..1.0).contains(&r) {
-                return bad(format!("{opt} = {r} (must be in [0, 1))"));
+                return invalid(format!("{opt} = {r}: a rate must be in [0, 1)"));
             }
         }
         for a in [self.activation, self.recurrent_activation] {

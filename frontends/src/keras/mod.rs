@@ -38,7 +38,7 @@ pub use custom::{
     register_cell, registered_cell, registered_cells, CellBuilder, CellFactory, CellOps,
     CustomCell, CustomRnn, Nest, Sym,
 };
-pub use import::{load_model, model_from_json, model_from_json_with};
+pub use import::{load_model, load_model_with, model_from_json, model_from_json_with, LoadOptions};
 pub use init::Init;
 pub use layers::{
     Activation, BatchNormalization, Bidirectional, Cell, CellKind, Dense, Dropout, Embedding,

@@ -93,6 +93,12 @@ pub fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
             ),
         });
     }
+    if bytes.is_empty() {
+        return Err(malformed(
+            "file",
+            "is empty (0 bytes); an ONNX model is a serialized ModelProto",
+        ));
+    }
     let mp = proto::ModelProto::decode(bytes)?;
     let mut opsets = BTreeMap::new();
     for o in &mp.opset_import {
@@ -113,7 +119,10 @@ pub fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
         }
     }
     if mp.opset_import.is_empty() {
-        return Err(malformed("ModelProto.opset_import", "no opset is imported"));
+        return Err(malformed(
+            "ModelProto.opset_import",
+            "no opset is imported (every ONNX model declares the opsets it uses; is this an ONNX file?)",
+        ));
     }
     let gp = mp
         .graph
