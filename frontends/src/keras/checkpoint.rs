@@ -38,7 +38,10 @@ pub struct CheckpointOptions {
     pub dir: PathBuf,
     /// How many of the newest checkpoints to keep (at least 1).
     pub keep: usize,
-    /// Resume from the newest complete checkpoint in `dir` before training.
+    /// Resume from the newest complete checkpoint in `dir` before training (none: start
+    /// at epoch 1). Refused when a checkpoint of another configuration is met, or when
+    /// checkpoints exist and none loads. Without it, a `dir` that holds any checkpoint is
+    /// refused (never overwritten).
     pub resume: bool,
     /// Fault injection for tests: abort the process halfway through writing the
     /// checkpoint of this epoch (1-based), leaving a partial temporary file.

@@ -579,6 +579,11 @@ impl Model {
     /// than one output Keras's logs follow: `loss`, then `<output>_loss` for each output,
     /// then `<output>_<metric>` (outputs named by their layer; a layer's second output
     /// `<layer>_1`, ...).
+    ///
+    /// Before training: 0 samples, a batch size of 0, a `validation_split` outside
+    /// [0, 1) or leaving an empty side, and empty `validation_data` are
+    /// [`KerasError::Fit`]; with checkpoints, the folder is checked against this run's
+    /// [`RunConfig`] and for writing (see [`super::checkpoint`]).
     pub fn fit_outputs(&mut self, x: &[Tensor], y: &[Tensor], opts: &FitOptions) -> R<History> {
         let state = self.training.as_ref().ok_or_else(|| KerasError::Layer {
             layer: self.name.clone(),
@@ -1516,11 +1521,13 @@ pub type Callback = Box<dyn Fn(usize, &History)>;
 
 /// Options of [`Model::fit`], with Keras's defaults.
 pub struct FitOptions {
-    /// Samples per gradient step (default 32).
+    /// Samples per gradient step (default 32; 0 is an error).
     pub batch_size: usize,
-    /// Passes over the data (default 1).
+    /// Passes over the data (default 1; 0 trains nothing, as in Keras). A resumed run
+    /// trains the epochs after the checkpoint's.
     pub epochs: usize,
-    /// Fraction of the data, from the end, held out for validation.
+    /// Fraction of the data, from the end, held out for validation: at least 0 and
+    /// below 1, leaving at least one sample on each side.
     pub validation_split: f32,
     /// Validation inputs and targets, one target tensor per output (wins over
     /// `validation_split`).
@@ -1535,7 +1542,8 @@ pub struct FitOptions {
     pub progress_every_batch: bool,
     /// Run after each epoch.
     pub callbacks: Vec<Callback>,
-    /// Write a checkpoint after every epoch (and resume from the newest one).
+    /// Write a checkpoint after every epoch (and resume from the newest one); see
+    /// [`super::checkpoint`] for what is checked before training.
     pub checkpoint: Option<CheckpointOptions>,
 }
 
