@@ -133,9 +133,9 @@ impl RunConfig {
 /// The fingerprint of a list of tensors: `N samples (fnv64 HASH)`, N the first
 /// dimension of the first tensor, the hash over every tensor's dtype, shape and
 /// little-endian bytes.
-pub fn data_fingerprint(ts: &[Tensor]) -> String {
+pub fn data_fingerprint(ts: &[&Tensor]) -> String {
     let mut h = Fnv::new();
-    for t in ts {
+    for &t in ts {
         h.write(format!("{:?}{:?}", t.dtype(), t.shape()).as_bytes());
         match t {
             Tensor::F32(a) => {

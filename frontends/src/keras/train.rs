@@ -781,12 +781,10 @@ impl Model {
             }
             None => ("none".into(), "none".into()),
         };
-        let mut xy: Vec<Tensor> = x.to_vec();
-        xy.extend_from_slice(y);
+        let xy: Vec<&Tensor> = x.iter().chain(y).collect();
         let validation = match (&opts.validation_data, opts.validation_split) {
             (Some((vx, vy)), _) => {
-                let mut v = vx.clone();
-                v.extend_from_slice(vy);
+                let v: Vec<&Tensor> = vx.iter().chain(vy).collect();
                 format!("data {}", super::checkpoint::data_fingerprint(&v))
             }
             (None, s) if s > 0.0 => format!("split {s:?}"),
