@@ -251,6 +251,17 @@ fn name_of(dir: &Path) -> String {
     dir.display().to_string()
 }
 
+/// The error's message, starting with the file's name when it does not name it.
+fn naming(path: &Path, e: KerasError) -> String {
+    let why = e.to_string();
+    let name = path.display().to_string();
+    if why.contains(&name) {
+        why
+    } else {
+        format!("{name}: {why}")
+    }
+}
+
 /// Reads `path` and checks its size, magic, checksum and metadata.
 fn read_checkpoint(path: &Path) -> R<Parsed> {
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
@@ -541,7 +552,7 @@ impl Model {
                 Ok(parsed) => parsed,
                 Err(e @ KerasError::OldCheckpoint { .. }) => return Err(e),
                 Err(e) => {
-                    skipped.push((p.clone(), e.to_string()));
+                    skipped.push((p.clone(), naming(p, e)));
                     continue;
                 }
             };
@@ -552,8 +563,7 @@ impl Model {
             match self.apply_checkpoint(p, &parsed, &mut h) {
                 Ok(epoch) => {
                     check_writable_dir(dir)?;
-                    for (s, why) in &skipped {
-                        debug_assert!(why.contains(&*s.display().to_string()));
+                    for (_, why) in &skipped {
                         eprintln!(
                             "warning: checkpoint {why}; skipped it, resuming from the older {}",
                             p.display()
@@ -566,7 +576,7 @@ impl Model {
                         skipped,
                     }));
                 }
-                Err(e) => skipped.push((p.clone(), e.to_string())),
+                Err(e) => skipped.push((p.clone(), naming(p, e))),
             }
         }
         if !skipped.is_empty() {
