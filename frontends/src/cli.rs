@@ -196,14 +196,19 @@ pub enum Command {
         /// Output folder.
         #[arg(long, default_value = "mnist-out")]
         out: PathBuf,
-        /// Train on the first N training digits (validate on the first N/4 test digits).
+        /// Train on the first N training digits (validate on the first N/4 test digits,
+        /// at least one); N at least 1.
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
-        /// Write a checkpoint (weights, optimizer state, epoch, history) after every
-        /// epoch, atomically; default OUT/checkpoints.
+        /// Write a checkpoint (weights, optimizer state, epoch, history and the run's
+        /// configuration) after every epoch, atomically; default OUT/checkpoints. A
+        /// folder that already holds checkpoints is refused without --resume.
         #[arg(long, value_name = "DIR")]
         checkpoint_dir: Option<PathBuf>,
-        /// Resume from the newest complete checkpoint.
+        /// Resume from the newest complete checkpoint (none yet: start at epoch 1).
+        /// Refused, changing no file, when the checkpoints were written by another
+        /// configuration (cell, optimizer, learning rate, batch size, seed, data or
+        /// limit) or when checkpoints exist but none loads.
         #[arg(long)]
         resume: bool,
         /// Test fault: abort while writing the checkpoint of epoch E.
@@ -799,10 +804,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     | Optimizer::RMSprop { learning_rate, .. } => *learning_rate = lr,
                 }
             }
-            if epochs == 0 || batch_size == 0 {
-                return Err(CliError::Usage(
-                    "--epochs and --batch-size must be positive".into(),
-                ));
+            for (flag, v) in [
+                ("--epochs", Some(epochs)),
+                ("--batch-size", Some(batch_size)),
+                ("--limit", limit),
+            ] {
+                if v == Some(0) {
+                    return Err(CliError::Usage(format!("{flag} 0: it must be at least 1")));
+                }
             }
             let opts = crate::mnist::JobOptions {
                 data,

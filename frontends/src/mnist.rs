@@ -130,21 +130,38 @@ static BUNDLED: [&[u8]; 4] = [
 impl Mnist {
     /// The bundled subset: 7,996 training and 2,004 test digits.
     pub fn bundled() -> Result<Mnist, IdxError> {
-        let files: Vec<(String, Vec<u8>)> = FILES
-            .iter()
+        let files: Vec<(String, Vec<u8>)> = Mnist::file_names(None)
+            .into_iter()
             .zip(BUNDLED)
-            .map(|(n, b)| (format!("bundled {n}.gz"), b.to_vec()))
+            .map(|(n, b)| (n, b.to_vec()))
             .collect();
         Mnist::from_files(files)
+    }
+
+    /// The names of the four files as loading and errors name them: the paths
+    /// [`Mnist::load`] reads in `dir` (`<name>.gz` when it is a file, else `<name>`), or
+    /// the bundled names; training images, training labels, test images, test labels.
+    pub fn file_names(dir: Option<&Path>) -> [String; 4] {
+        FILES.map(|n| match dir {
+            Some(dir) => Mnist::file_in(dir, n).display().to_string(),
+            None => format!("bundled {n}.gz"),
+        })
+    }
+
+    fn file_in(dir: &Path, n: &str) -> std::path::PathBuf {
+        let gz = dir.join(format!("{n}.gz"));
+        if gz.is_file() {
+            gz
+        } else {
+            dir.join(n)
+        }
     }
 
     /// Reads the four files from `dir` (`<name>.gz` or `<name>`).
     pub fn load(dir: &Path) -> Result<Mnist, IdxError> {
         let mut files = Vec::new();
         for n in FILES {
-            let gz = dir.join(format!("{n}.gz"));
-            let plain = dir.join(n);
-            let path = if gz.is_file() { gz } else { plain };
+            let path = Mnist::file_in(dir, n);
             let bytes = std::fs::read(&path).map_err(|e| IdxError {
                 file: path.display().to_string(),
                 msg: e.to_string(),
@@ -278,7 +295,7 @@ pub struct JobOptions {
     /// Where the trained model, its ONNX graph and the curves go.
     pub out: std::path::PathBuf,
     /// Train on the first `n` training digits and validate on the first `n/4` test
-    /// digits (quick runs).
+    /// digits, at least one (quick runs); `n` must be at least 1.
     pub limit: Option<usize>,
     /// Write a checkpoint after every epoch here.
     pub checkpoint_dir: Option<std::path::PathBuf>,
@@ -317,20 +334,82 @@ pub fn guide_model(
     Ok(m)
 }
 
+/// An output file the job writes after training: an existing one must be a file that
+/// can be opened for writing (it is not truncated here); a missing one needs its folder,
+/// checked separately.
+fn check_output_file(path: &Path) -> Result<(), String> {
+    let fail = |why: String| {
+        format!(
+            "{}: cannot be written ({why}); checked before training starts",
+            path.display()
+        )
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(fail("it is a folder".into())),
+        Ok(_) => std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map(drop)
+            .map_err(|err| fail(err.to_string())),
+        Err(_) => Ok(()),
+    }
+}
+
 /// The main job: trains the guide's model on MNIST rows as sequences, prints the
 /// summary, a progress line per epoch and one test digit with its prediction, and
 /// writes the model (`OUT/model/`), its inference ONNX graph (`OUT/mnist_lstm.onnx`)
 /// and the loss/accuracy curves (`OUT/curves.png`).
+///
+/// Before loading data or training it refuses 0 epochs, a batch size of 0 and a limit
+/// of 0, and checks that every output (the folder, the model folder, the ONNX and PNG
+/// files, the checkpoint folder) can be written; after loading, an empty training or
+/// test set is an error naming its file. The checkpoint folder's contents are checked
+/// against the run by `fit` (see [`crate::keras::checkpoint`]).
 pub fn main_job(o: &JobOptions) -> Result<JobReport, String> {
     use crate::ir::Tensor;
+    use crate::keras::checkpoint::check_writable_dir;
     use crate::keras::{FitOptions, Loss, Metric};
     let e = |err: crate::keras::KerasError| err.to_string();
+    if o.epochs == 0 {
+        return Err("0 epochs: the job needs at least 1".into());
+    }
+    if o.batch_size == 0 {
+        return Err("a batch size of 0: it must be at least 1".into());
+    }
+    if o.limit == Some(0) {
+        return Err("a limit of 0 digits: it must be at least 1".into());
+    }
+    check_writable_dir(&o.out).map_err(e)?;
+    let mdir = o.out.join("model");
+    if mdir.exists() {
+        check_writable_dir(&mdir).map_err(e)?;
+    }
+    let onnx = o.out.join("mnist_lstm.onnx");
+    let png = o.out.join("curves.png");
+    check_output_file(&onnx)?;
+    check_output_file(&png)?;
+    if let Some(dir) = &o.checkpoint_dir {
+        check_writable_dir(dir).map_err(e)?;
+    }
     let mut data = match &o.data {
         Some(dir) => Mnist::load(dir).map_err(|err| err.to_string())?,
         None => Mnist::bundled().map_err(|err| err.to_string())?,
     };
+    let names = Mnist::file_names(o.data.as_deref());
+    if data.train_labels.is_empty() {
+        return Err(format!(
+            "{}: 0 training images: there is nothing to train on",
+            names[0]
+        ));
+    }
+    if data.test_labels.is_empty() {
+        return Err(format!(
+            "{}: 0 test images: there is nothing to validate on",
+            names[2]
+        ));
+    }
     if let Some(n) = o.limit {
-        let nt = n.clamp(1, data.train_labels.len());
+        let nt = n.min(data.train_labels.len());
         let nv = (n / 4).clamp(1, data.test_labels.len());
         let ti: Vec<usize> = (0..nt).collect();
         let vi: Vec<usize> = (0..nv).collect();
@@ -382,11 +461,8 @@ pub fn main_job(o: &JobOptions) -> Result<JobReport, String> {
     let val_accuracy = series("val_accuracy").last().copied().unwrap_or(0.0);
 
     std::fs::create_dir_all(&o.out).map_err(|err| format!("{}: {err}", o.out.display()))?;
-    let mdir = o.out.join("model");
     model.save(&mdir).map_err(e)?;
-    let onnx = o.out.join("mnist_lstm.onnx");
     model.save_onnx(&onnx).map_err(e)?;
-    let png = o.out.join("curves.png");
     crate::plot::training_curves(
         &png,
         &series("loss"),

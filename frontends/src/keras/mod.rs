@@ -33,7 +33,7 @@ pub mod model;
 pub mod summary;
 pub mod train;
 
-pub use checkpoint::CheckpointOptions;
+pub use checkpoint::{CheckpointOptions, Resumed, RunConfig};
 pub use custom::{
     register_cell, registered_cell, registered_cells, CellBuilder, CellFactory, CellOps,
     CustomCell, CustomRnn, Nest, Sym,
@@ -102,6 +102,77 @@ pub enum KerasError {
     /// The backend failed to compile or run the graph.
     #[error(transparent)]
     Backend(#[from] cellgraph_backends::Error),
+    /// `fit` options or data that leave nothing to train or validate on (no samples, a
+    /// batch size of 0, a validation split leaving an empty side).
+    #[error("fit: {0}")]
+    Fit(String),
+    /// A folder or file that training would write to cannot be written; found before
+    /// training starts.
+    #[error("{path}: cannot be written ({source}); checked before training starts")]
+    NotWritable {
+        /// The folder or file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A checkpoint was written by another training configuration (model, optimizer,
+    /// loss, batch size, shuffling, seed or data); nothing in its folder was changed.
+    #[error(
+        "checkpoint {file} was written by another configuration: {}; use another \
+         --checkpoint-dir, or remove the folder {dir} to start over (nothing in it was \
+         changed)",
+        .differences.join("; ")
+    )]
+    CheckpointMismatch {
+        /// The checkpoint file.
+        file: String,
+        /// Its folder.
+        dir: String,
+        /// One entry per field that differs: `batch_size 32 here, 64 in the checkpoint`.
+        differences: Vec<String>,
+    },
+    /// A checkpoint of the first format (`CGCKPT01`), which records no training
+    /// configuration and so cannot be checked against this run.
+    #[error(
+        "checkpoint {file} has cellgraph's first checkpoint format (CGCKPT01), which \
+         records no training configuration, so it cannot be checked against this run; use \
+         another --checkpoint-dir, or remove the folder {dir} to start over (nothing in it \
+         was changed)"
+    )]
+    OldCheckpoint {
+        /// The checkpoint file.
+        file: String,
+        /// Its folder.
+        dir: String,
+    },
+    /// A run without `resume` found checkpoints in its folder; it refuses to overwrite
+    /// them.
+    #[error(
+        "{dir} already holds checkpoints ({detail}); pass --resume to continue from them, \
+         or use another --checkpoint-dir, or remove the folder to start over (nothing in \
+         it was changed)"
+    )]
+    CheckpointsExist {
+        /// The folder.
+        dir: String,
+        /// What they are: the newest, and whether it is of this configuration.
+        detail: String,
+    },
+    /// `resume` found checkpoints but none of them loads; it refuses to start again from
+    /// epoch 1.
+    #[error(
+        "cannot resume: none of the {} checkpoints in {dir} loads ({}); refusing to start \
+         again from epoch 1: remove the folder (or use another --checkpoint-dir) to start \
+         over",
+        .failures.len(),
+        .failures.join("; ")
+    )]
+    NoCheckpointLoads {
+        /// The folder.
+        dir: String,
+        /// Each file with why it did not load (the message names the file).
+        failures: Vec<String>,
+    },
     /// A bug in cellgraph.
     #[error("internal error: {0}")]
     Internal(String),

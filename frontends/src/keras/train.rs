@@ -4,7 +4,7 @@
 //! turns it into a graph that also computes the gradient of every trainable weight; the
 //! CPU backend runs it. Optimizers follow Keras's update rules and defaults.
 
-use super::checkpoint::CheckpointOptions;
+use super::checkpoint::{CheckpointOptions, Resumed, RunConfig};
 use super::model::{run_plan, signature, Feed, Lowered, Model};
 use super::KerasError;
 use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
@@ -579,6 +579,11 @@ impl Model {
     /// than one output Keras's logs follow: `loss`, then `<output>_loss` for each output,
     /// then `<output>_<metric>` (outputs named by their layer; a layer's second output
     /// `<layer>_1`, ...).
+    ///
+    /// Before training: 0 samples, a batch size of 0, a `validation_split` outside
+    /// [0, 1) or leaving an empty side, and empty `validation_data` are
+    /// [`KerasError::Fit`]; with checkpoints, the folder is checked against this run's
+    /// [`RunConfig`] and for writing (see [`super::checkpoint`]).
     pub fn fit_outputs(&mut self, x: &[Tensor], y: &[Tensor], opts: &FitOptions) -> R<History> {
         let state = self.training.as_ref().ok_or_else(|| KerasError::Layer {
             layer: self.name.clone(),
@@ -589,6 +594,16 @@ impl Model {
         let heads: Vec<(usize, Loss)> = (0..y.len()).map(|o| (o, loss)).collect();
         let names = self.output_names();
         let n = y[0].shape().first().copied().unwrap_or(0);
+        if opts.batch_size == 0 {
+            return Err(KerasError::Fit(
+                "batch_size 0: it must be at least 1".into(),
+            ));
+        }
+        if n == 0 {
+            return Err(KerasError::Fit(
+                "the targets have 0 samples: there is nothing to train on".into(),
+            ));
+        }
         for (what, ts) in [("x", x), ("y", y)] {
             for (i, t) in ts.iter().enumerate() {
                 if t.shape().first() != Some(&n) {
@@ -604,33 +619,56 @@ impl Model {
         }
         // validation_data wins over validation_split (taken from the end, as Keras).
         type Split = (Vec<Tensor>, Vec<Tensor>);
-        let (train_idx, val): (Vec<usize>, Option<Split>) =
-            match (&opts.validation_data, opts.validation_split) {
-                (Some((vx, vy)), _) => ((0..n).collect(), Some((vx.clone(), vy.clone()))),
-                (None, s) if s > 0.0 => {
-                    let nv = ((n as f64) * s as f64).floor() as usize;
-                    let cut = n - nv;
-                    let idx: Vec<usize> = (cut..n).collect();
-                    let val = (take_rows_all(x, &idx)?, take_rows_all(y, &idx)?);
-                    ((0..cut).collect(), Some(val))
+        let split = opts.validation_split;
+        if !(0.0..1.0).contains(&split) {
+            return Err(KerasError::Fit(format!(
+                "validation_split {split}: it must be at least 0 and below 1"
+            )));
+        }
+        let (train_idx, val): (Vec<usize>, Option<Split>) = match (&opts.validation_data, split) {
+            (Some((vx, vy)), _) => {
+                let nv = vy.first().and_then(|t| t.shape().first().copied());
+                if nv.unwrap_or(0) == 0 {
+                    return Err(KerasError::Fit(
+                        "validation_data has 0 samples: there is nothing to validate on".into(),
+                    ));
                 }
-                _ => ((0..n).collect(), None),
-            };
-        let bs = opts.batch_size.max(1);
+                ((0..n).collect(), Some((vx.clone(), vy.clone())))
+            }
+            (None, s) if s > 0.0 => {
+                let nv = ((n as f64) * s as f64).floor() as usize;
+                let cut = n - nv;
+                if nv == 0 || cut == 0 {
+                    return Err(KerasError::Fit(format!(
+                        "validation_split {s} of {n} samples leaves {cut} for training \
+                             and {nv} for validation: each needs at least one"
+                    )));
+                }
+                let idx: Vec<usize> = (cut..n).collect();
+                let val = (take_rows_all(x, &idx)?, take_rows_all(y, &idx)?);
+                ((0..cut).collect(), Some(val))
+            }
+            _ => ((0..n).collect(), None),
+        };
+        let bs = opts.batch_size;
         let mut history = History::default();
         let mut first = 0;
-        if let Some(ck) = &opts.checkpoint {
-            if ck.resume {
-                if let Some((epoch, path)) =
-                    self.restore_latest_checkpoint(&ck.dir, &mut history)?
-                {
+        // Checked before any training: the folder's checkpoints against this run's
+        // configuration (and, resuming, loaded), and the folder's writability.
+        let config = match &opts.checkpoint {
+            Some(ck) => {
+                let config = self.run_config(x, y, opts);
+                if let Some(r) = self.prepare_checkpoints(ck, &config, &mut history)? {
                     if opts.verbose {
-                        println!("resumed from {} (epoch {epoch} done)", path.display());
+                        println!("resumed from {} (epoch {} done)", r.path.display(), r.epoch);
                     }
-                    first = epoch;
+                    first = r.epoch;
+                    history.resumed = Some(r);
                 }
+                Some(config)
             }
-        }
+            None => None,
+        };
         for epoch in first..opts.epochs {
             let start = Instant::now();
             // Per-epoch random streams (shuffling, dropout) derived from the seeds: an
@@ -690,14 +728,78 @@ impl Model {
                     parts.join(" - ")
                 );
             }
-            if let Some(ck) = &opts.checkpoint {
-                self.write_checkpoint(ck, epoch + 1, &history)?;
+            if let (Some(ck), Some(config)) = (&opts.checkpoint, &config) {
+                self.write_checkpoint(ck, epoch + 1, &history, config)?;
             }
             for cb in &opts.callbacks {
                 cb(epoch, &history);
             }
         }
         Ok(history)
+    }
+
+    /// The configuration recorded in checkpoints and compared on resume: the model
+    /// (layer classes and config hash), the compiled optimizer, clipping, loss and
+    /// metrics, batch size, shuffling, seed, and fingerprints of the data and the
+    /// validation.
+    pub fn run_config(&self, x: &[Tensor], y: &[Tensor], opts: &FitOptions) -> RunConfig {
+        let json = self.to_json();
+        let classes: Vec<String> = serde_json::from_str::<serde_json::Value>(&json)
+            .ok()
+            .and_then(|v| v["config"]["layers"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|l| l["class_name"].as_str().map(str::to_string))
+            .collect();
+        let model = format!(
+            "{}[{}] (config fnv64 {:016x})",
+            if self.sequential {
+                "Sequential"
+            } else {
+                "Functional"
+            },
+            classes.join(", "),
+            fnv64(json.as_bytes())
+        );
+        let (optimizer, loss) = match &self.training {
+            Some(t) => {
+                let mut o = t.optimizer.describe();
+                for (name, v) in [
+                    ("clipnorm", t.clipping.clipnorm),
+                    ("global_clipnorm", t.clipping.global_clipnorm),
+                    ("clipvalue", t.clipping.clipvalue),
+                ] {
+                    if let Some(v) = v {
+                        o += &format!(" {name}={v:?}");
+                    }
+                }
+                let metrics: Vec<&str> = t.metrics.iter().map(Metric::name).collect();
+                (
+                    o,
+                    format!("{} metrics [{}]", t.loss.key(), metrics.join(", ")),
+                )
+            }
+            None => ("none".into(), "none".into()),
+        };
+        let xy: Vec<&Tensor> = x.iter().chain(y).collect();
+        let validation = match (&opts.validation_data, opts.validation_split) {
+            (Some((vx, vy)), _) => {
+                let v: Vec<&Tensor> = vx.iter().chain(vy).collect();
+                format!("data {}", super::checkpoint::data_fingerprint(&v))
+            }
+            (None, s) if s > 0.0 => format!("split {s:?}"),
+            _ => "none".into(),
+        };
+        RunConfig {
+            model,
+            optimizer,
+            loss,
+            batch_size: opts.batch_size,
+            shuffle: opts.shuffle,
+            seed: opts.seed,
+            data: super::checkpoint::data_fingerprint(&xy),
+            validation,
+        }
     }
 
     /// Keras's `train_on_batch`: one update of the compiled optimizer on one batch
@@ -1229,6 +1331,47 @@ impl Optimizer {
     }
 }
 
+/// FNV-1a 64 of `bytes`.
+fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl Optimizer {
+    /// The optimizer with every setting, as checkpoints record it:
+    /// `adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7)`.
+    pub fn describe(&self) -> String {
+        match *self {
+            Optimizer::SGD {
+                learning_rate,
+                momentum,
+                nesterov,
+            } => format!(
+                "sgd(learning_rate={learning_rate:?}, momentum={momentum:?}, nesterov={nesterov})"
+            ),
+            Optimizer::Adam {
+                learning_rate,
+                beta_1,
+                beta_2,
+                epsilon,
+            } => format!(
+                "adam(learning_rate={learning_rate:?}, beta_1={beta_1:?}, beta_2={beta_2:?}, \
+                 epsilon={epsilon:?})"
+            ),
+            Optimizer::RMSprop {
+                learning_rate,
+                rho,
+                momentum,
+                epsilon,
+            } => format!(
+                "rmsprop(learning_rate={learning_rate:?}, rho={rho:?}, momentum={momentum:?}, \
+                 epsilon={epsilon:?})"
+            ),
+        }
+    }
+}
+
 /// An optimizer's per-weight state (momenta, second moments) and its step count.
 #[derive(Clone, Debug, Default)]
 pub struct OptimizerState {
@@ -1376,11 +1519,13 @@ pub type Callback = Box<dyn Fn(usize, &History)>;
 
 /// Options of [`Model::fit`], with Keras's defaults.
 pub struct FitOptions {
-    /// Samples per gradient step (default 32).
+    /// Samples per gradient step (default 32; 0 is an error).
     pub batch_size: usize,
-    /// Passes over the data (default 1).
+    /// Passes over the data (default 1; 0 trains nothing, as in Keras). A resumed run
+    /// trains the epochs after the checkpoint's.
     pub epochs: usize,
-    /// Fraction of the data, from the end, held out for validation.
+    /// Fraction of the data, from the end, held out for validation: at least 0 and
+    /// below 1, leaving at least one sample on each side.
     pub validation_split: f32,
     /// Validation inputs and targets, one target tensor per output (wins over
     /// `validation_split`).
@@ -1395,7 +1540,8 @@ pub struct FitOptions {
     pub progress_every_batch: bool,
     /// Run after each epoch.
     pub callbacks: Vec<Callback>,
-    /// Write a checkpoint after every epoch (and resume from the newest one).
+    /// Write a checkpoint after every epoch (and resume from the newest one); see
+    /// [`super::checkpoint`] for what is checked before training.
     pub checkpoint: Option<CheckpointOptions>,
 }
 
@@ -1423,6 +1569,9 @@ pub struct History {
     pub history: Vec<(String, Vec<f64>)>,
     /// Wall time of each epoch in seconds.
     pub epoch_seconds: Vec<f64>,
+    /// Set by a `fit` that resumed from a checkpoint: which one, and the newer ones
+    /// skipped because they did not load.
+    pub resumed: Option<Resumed>,
 }
 
 impl History {
