@@ -825,6 +825,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 limit,
                 resume,
                 abort_in_checkpoint: fault_abort_in_checkpoint,
+                limits: LIMITS.with(|l| l.borrow().clone()),
             };
             crate::mnist::main_job(&opts).map_err(CliError::Run)?;
             Ok(0)

@@ -35,6 +35,18 @@ pub struct Idx {
 /// Parses an IDX file (ubyte data only), gunzipping it first when it starts with the
 /// gzip magic.
 pub fn parse_idx(bytes: &[u8], file: &str) -> Result<Idx, IdxError> {
+    parse_idx_with(bytes, file, MAX_IDX_BYTES, "")
+}
+
+/// [`parse_idx`] with a smaller payload limit than [`MAX_IDX_BYTES`]; `which` names the
+/// limit in errors (` (--max-tensor-bytes)`).
+pub fn parse_idx_with(
+    bytes: &[u8],
+    file: &str,
+    max_bytes: usize,
+    which: &str,
+) -> Result<Idx, IdxError> {
+    let max_bytes = max_bytes.min(MAX_IDX_BYTES);
     let err = |msg: String| IdxError {
         file: file.to_string(),
         msg,
@@ -43,11 +55,13 @@ pub fn parse_idx(bytes: &[u8], file: &str) -> Result<Idx, IdxError> {
     let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         GzDecoder::new(bytes)
-            .take(MAX_IDX_BYTES as u64 + 1)
+            .take(max_bytes as u64 + 4 + 4 * 255 + 1)
             .read_to_end(&mut out)
             .map_err(|e| err(format!("gzip: {e}")))?;
-        if out.len() > MAX_IDX_BYTES {
-            return Err(err(format!("more than {MAX_IDX_BYTES} bytes uncompressed")));
+        if out.len() > max_bytes + 4 + 4 * 255 {
+            return Err(err(format!(
+                "more than {max_bytes} bytes uncompressed{which}"
+            )));
         }
         raw = out;
         &raw[..]
@@ -83,8 +97,12 @@ pub fn parse_idx(bytes: &[u8], file: &str) -> Result<Idx, IdxError> {
         let d = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
         total = total
             .checked_mul(d)
-            .filter(|&t| t <= MAX_IDX_BYTES)
-            .ok_or_else(|| err(format!("dimensions {dims:?} × {d} are too large")))?;
+            .filter(|&t| t <= max_bytes)
+            .ok_or_else(|| {
+                err(format!(
+                    "dimensions {dims:?} × {d} are more than the limit of {max_bytes} bytes{which}"
+                ))
+            })?;
         dims.push(d);
     }
     let payload = &bytes[header..];
@@ -157,24 +175,68 @@ impl Mnist {
         }
     }
 
-    /// Reads the four files from `dir` (`<name>.gz` or `<name>`).
+    /// Reads the four files from `dir` (`<name>.gz` or `<name>`), within the default
+    /// limits.
     pub fn load(dir: &Path) -> Result<Mnist, IdxError> {
+        Mnist::load_with(dir, &crate::ir::onnx::Limits::default())
+    }
+
+    /// [`Mnist::load`] within `limits`: each file's size (`max_file_bytes`, before it is
+    /// read), each array as float32 (`max_tensor_bytes`, before it is decoded) and all
+    /// of them together (`max_total_bytes`).
+    pub fn load_with(dir: &Path, limits: &crate::ir::onnx::Limits) -> Result<Mnist, IdxError> {
         let mut files = Vec::new();
         for n in FILES {
             let path = Mnist::file_in(dir, n);
-            let bytes = std::fs::read(&path).map_err(|e| IdxError {
+            let err = |msg: String| IdxError {
                 file: path.display().to_string(),
-                msg: e.to_string(),
-            })?;
+                msg,
+            };
+            let len = std::fs::metadata(&path)
+                .map_err(|e| err(e.to_string()))?
+                .len();
+            if len > limits.max_file_bytes {
+                return Err(err(format!(
+                    "the file has {len} bytes, more than the limit of {} (--max-file-bytes)",
+                    limits.max_file_bytes
+                )));
+            }
+            let bytes = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
             files.push((path.display().to_string(), bytes));
         }
-        Mnist::from_files(files)
+        Mnist::from_files_with(files, limits)
     }
 
     fn from_files(files: Vec<(String, Vec<u8>)>) -> Result<Mnist, IdxError> {
+        Mnist::from_files_with(files, &crate::ir::onnx::Limits::default())
+    }
+
+    fn from_files_with(
+        files: Vec<(String, Vec<u8>)>,
+        limits: &crate::ir::onnx::Limits,
+    ) -> Result<Mnist, IdxError> {
+        // Every byte becomes a 4-byte float (images) or stays a byte (labels): the
+        // per-tensor limit allows a quarter of it in bytes of the file.
+        let max = usize::try_from(limits.max_tensor_bytes / 4).unwrap_or(usize::MAX);
         let mut parsed = Vec::new();
+        let mut total: u64 = 0;
         for (name, bytes) in &files {
-            parsed.push((name.clone(), parse_idx(bytes, name)?));
+            let which = format!(
+                " ({} bytes as float32: --max-tensor-bytes)",
+                limits.max_tensor_bytes
+            );
+            let idx = parse_idx_with(bytes, name, max, &which)?;
+            total = total.saturating_add(idx.data.len() as u64 * 4);
+            if total > limits.max_total_bytes {
+                return Err(IdxError {
+                    file: name.clone(),
+                    msg: format!(
+                        "the data up to this file take {total} bytes as float32, more than the limit of {} (--max-total-bytes)",
+                        limits.max_total_bytes
+                    ),
+                });
+            }
+            parsed.push((name.clone(), idx));
         }
         let images = |(name, idx): &(String, Idx)| -> Result<ArrayD<f32>, IdxError> {
             if idx.dims.len() != 3 {
@@ -268,7 +330,7 @@ mod tests {
         let e = parse_idx(&[0, 0, 8, 2, 255, 255, 255, 255, 255, 255, 255, 255], "x")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("too large"), "{e}");
+        assert!(e.contains("more than the limit of"), "{e}");
         let e = parse_idx(&[0x1f, 0x8b, 0, 0], "x").unwrap_err().to_string();
         assert!(e.contains("gzip"), "{e}");
         let ok = parse_idx(&[0, 0, 8, 1, 0, 0, 0, 2, 5, 6], "x").unwrap();
@@ -303,6 +365,9 @@ pub struct JobOptions {
     pub resume: bool,
     /// Test fault: abort while writing the checkpoint of this epoch.
     pub abort_in_checkpoint: Option<usize>,
+    /// Size limits for the IDX files of `data` (file size, each array and all arrays
+    /// as float32).
+    pub limits: crate::ir::onnx::Limits,
 }
 
 /// What the main job measured.
@@ -392,7 +457,7 @@ pub fn main_job(o: &JobOptions) -> Result<JobReport, String> {
         check_writable_dir(dir).map_err(e)?;
     }
     let mut data = match &o.data {
-        Some(dir) => Mnist::load(dir).map_err(|err| err.to_string())?,
+        Some(dir) => Mnist::load_with(dir, &o.limits).map_err(|err| err.to_string())?,
         None => Mnist::bundled().map_err(|err| err.to_string())?,
     };
     let names = Mnist::file_names(o.data.as_deref());

@@ -648,3 +648,57 @@ fn malformed_model_files_get_messages_that_say_what_and_where() {
         "{err}"
     );
 }
+
+#[test]
+fn idx_files_get_the_limits() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist-10k");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let err = clear_error(&[
+        "--max-file-bytes",
+        "100000",
+        "mnist",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+    ]);
+    assert!(
+        err.contains("train-images-idx3-ubyte.gz: the file has")
+            && err.contains("(--max-file-bytes)"),
+        "{err}"
+    );
+    // 7,996 images of 28×28 as float32 are 25 MB.
+    let err = clear_error(&[
+        "--max-tensor-bytes",
+        "1000000",
+        "mnist",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+    ]);
+    assert!(
+        err.contains(
+            "train-images-idx3-ubyte.gz: more than 250000 bytes uncompressed \
+             (1000000 bytes as float32: --max-tensor-bytes)"
+        ),
+        "{err}"
+    );
+    let err = clear_error(&[
+        "--max-total-bytes",
+        "30000000",
+        "mnist",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+    ]);
+    assert!(err.contains("--max-total-bytes"), "{err}");
+}

@@ -174,12 +174,20 @@ fn malformed_files_are_refused_naming_the_file_and_the_field() {
             "needs 24 bytes, the file has 28",
         ),
         (
-            "half precision",
+            "strings",
             npy_v1(
-                "{'descr': '<f2', 'fortran_order': False, 'shape': (2,), }",
-                &[0; 4],
+                "{'descr': '<U1', 'fortran_order': False, 'shape': (2,), }",
+                &[0; 8],
             ),
-            "supported",
+            "holds strings",
+        ),
+        (
+            "objects",
+            npy_v1(
+                "{'descr': '|O', 'fortran_order': False, 'shape': (2,), }",
+                &[0; 16],
+            ),
+            "holds Python objects",
         ),
     ];
     for (what, bytes, why) in &cases {
@@ -191,6 +199,27 @@ fn malformed_files_are_refused_naming_the_file_and_the_field() {
             );
         }
     }
+}
+
+#[test]
+fn half_precision_reads_as_f16_and_is_named_when_another_dtype_is_wanted() {
+    // 1.0 and -2.0 in IEEE binary16.
+    let mut data = 0x3c00u16.to_le_bytes().to_vec();
+    data.extend_from_slice(&0xc000u16.to_le_bytes());
+    let bytes = npy_v1(
+        "{'descr': '<f2', 'fortran_order': False, 'shape': (2,), }",
+        &data,
+    );
+    let t = npy::parse(&bytes, None, "dir/h.npy").expect("float16");
+    assert_eq!(t.dtype(), DType::F16);
+    assert_eq!(t.to_f64_vec(), vec![1.0, -2.0]);
+    let t = npy::parse(&bytes, Some(DType::F16), "dir/h.npy").expect("float16 wanted");
+    assert_eq!(t.to_f64_vec(), vec![1.0, -2.0]);
+    let e = npy::parse(&bytes, Some(DType::F32), "dir/h.npy").unwrap_err();
+    assert!(
+        e.contains("dir/h.npy: holds float16") && e.contains("astype(\"float32\")"),
+        "{e}"
+    );
 }
 
 #[test]
