@@ -593,9 +593,7 @@ impl Compiled {
                 match &self.static_bytes[k] {
                     Some(sizes) => meter.ask(sizes).map_err(over)?,
                     None => {
-                        if let Some(sizes) =
-                            predict_bytes(op, &ins, node.outputs.len(), &self.graph)
-                        {
+                        if let Some(sizes) = predict_bytes(op, &ins, &out_types, &self.graph) {
                             meter.ask(&sizes).map_err(over)?;
                         }
                     }
@@ -767,6 +765,29 @@ pub(crate) fn tensor_bytes(t: &cellgraph_ir::Tensor) -> u64 {
     (t.len() as u64).saturating_mul(t.dtype().size_of() as u64)
 }
 
+/// The element count of the numpy broadcast of `shapes`; `None` when they do not
+/// broadcast (the kernel then says why).
+fn broadcast_elems(shapes: &[&[usize]]) -> Option<u128> {
+    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut elems: u128 = 1;
+    for axis in 0..rank {
+        let mut dim = 1usize;
+        for s in shapes {
+            let Some(&d) = (s.len() + axis).checked_sub(rank).and_then(|i| s.get(i)) else {
+                continue;
+            };
+            match (dim, d) {
+                (_, 1) => {}
+                (1, d) => dim = d,
+                (a, d) if a == d => {}
+                _ => return None,
+            }
+        }
+        elems = elems.saturating_mul(dim as u128);
+    }
+    Some(elems)
+}
+
 /// The bytes of a tensor type whose dtype and dims are all known.
 fn type_bytes(ty: &ValueType) -> Option<u64> {
     let t = ty.as_tensor()?;
@@ -781,8 +802,43 @@ fn type_bytes(ty: &ValueType) -> Option<u64> {
 /// The sizes in bytes of the outputs `op` will make from `ins`, by its shape rule given
 /// every input's actual shape (and the values of small integer inputs: shapes, repeats,
 /// ranges); `None` when the rule cannot tell (then the outputs are checked once made).
-fn predict_bytes(op: &Op, ins: &[Option<&Data>], nout: usize, graph: &Graph) -> Option<Vec<u64>> {
+fn predict_bytes(
+    op: &Op,
+    ins: &[Option<&Data>],
+    out_types: &[&ValueType],
+    graph: &Graph,
+) -> Option<Vec<u64>> {
     use cellgraph_ir::ops::InferCtx;
+    // The elementwise ops (most of a loop body's nodes) make the broadcast of their
+    // inputs: computed here without the shape rule's allocations. (`CastLike` takes
+    // its shape from input 0 alone.)
+    if op.kind().info().family == "elementwise" {
+        let take = if matches!(op, Op::CastLike { .. }) {
+            1
+        } else {
+            ins.len()
+        };
+        let mut shapes = Vec::with_capacity(take);
+        for d in ins.iter().take(take).flatten() {
+            match d {
+                Data::Tensor(t) => shapes.push(t.shape()),
+                _ => return None,
+            }
+        }
+        let elems = broadcast_elems(&shapes)?;
+        let item = out_types
+            .first()
+            .and_then(|t| t.as_tensor())
+            .and_then(|t| t.dtype)
+            .map(|d| d.size_of())
+            .or_else(|| match ins.iter().flatten().next() {
+                Some(Data::Tensor(t)) => Some(t.dtype().size_of()),
+                _ => None,
+            })?;
+        let b = elems.saturating_mul(item as u128);
+        return Some(vec![u64::try_from(b).unwrap_or(u64::MAX)]);
+    }
+    let nout = out_types.len();
     let types: Vec<Option<ValueType>> = ins
         .iter()
         .map(|d| {
@@ -846,5 +902,22 @@ pub(crate) fn eval(
         "rnn" => rnn::eval(op, ins, out_types.len()),
         "sequence" => sequence::eval(op, ins, out_types),
         other => Err(format!("no CPU kernel family {other}")),
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::broadcast_elems;
+
+    #[test]
+    fn broadcast_counts_follow_numpy() {
+        assert_eq!(
+            broadcast_elems(&[&[50_000, 1], &[1, 50_000]]),
+            Some(2_500_000_000)
+        );
+        assert_eq!(broadcast_elems(&[&[3, 1, 5], &[4, 1], &[]]), Some(60));
+        assert_eq!(broadcast_elems(&[&[0, 1], &[1, 7]]), Some(0));
+        assert_eq!(broadcast_elems(&[&[2, 3], &[4, 3]]), None);
+        assert_eq!(broadcast_elems(&[]), Some(1));
     }
 }
