@@ -120,6 +120,9 @@ fn a_small_declared_shape_does_not_hide_a_large_value() {
         "Expand",
         Exceeded::TensorBytes,
     );
+    // Refused before the kernel ran: the 4 MB value never existed (a check after the
+    // kernel would have counted it).
+    assert!(plan.peak_bytes() < 1000, "peak {}", plan.peak_bytes());
 }
 
 #[test]
