@@ -4,7 +4,7 @@
 Usage:
   python bench/compare.py [--cellgraph target/release/cellgraph] [--workloads W1,W2,W3,W4]
                           [--steps inference,train] [--rounds 3] [--runs 20] [--big-runs 5]
-                          [--threads 2] [--json FILE]
+                          [--threads 2] [--json FILE] [--baseline OLD_CELLGRAPH]
 
 The workloads (float32, as `cellgraph bench` defines them): W1 LSTM batch 64, 28 steps,
 input 28, units 64; W2 LSTM 64/100/512/512; W3 GRU (reset-after) at W2's size; W4
@@ -25,6 +25,10 @@ ratio is printed too, and `paired`, the median of those: when the machine drifts
 rounds (this VM moves the same binary by up to 1.9x), the two medians can land in different
 rounds, and the paired figure compares runs that saw the same minute. Peak memory is each
 process's peak resident set (Python processes include the interpreter and the framework).
+
+With --baseline, another cellgraph binary (an older build) is timed as one more peer, `old`,
+in the same alternating rounds with the same threads: its line's ratio is new/old (above 1:
+the new build is slower). Without the Python peers installed, `old` is the only peer.
 
 Before timing, the script samples the CPUs for a second and reads the load average, and says
 BUSY when the machine is not idle: numbers taken then are unreliable.
@@ -225,6 +229,7 @@ def main():
     ap.add_argument("--big-runs", type=int, default=5, help="timed runs per measurement, W2 and W3")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", help="also write every measurement here")
+    ap.add_argument("--baseline", help="an older cellgraph binary, timed as the peer `old`")
     # internal: one peer measurement in this process
     ap.add_argument("--peer", choices=["ort", "keras", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
@@ -241,6 +246,10 @@ def main():
     print(f"machine: {cores} cores; 1-minute load average {load:.2f}; CPUs busy {busy:.0%} over 1 s before timing{flag}")
     peers_inf = [p for p, mods in (("ort", ["onnxruntime"]), ("keras", ["keras", "jax"]), ("torch", ["torch"])) if all(available(m) for m in mods)]
     peers_train = [p for p in peers_inf if p != "ort"]
+    if args.baseline:
+        peers_inf.append("old")
+        peers_train.append("old")
+        old_exe = os.path.abspath(args.baseline)
     versions = [f"{m} {version(m)}" if version(m) else f"{m}: not installed" for m in ("onnxruntime", "keras", "jax", "torch")]
     print("peers: " + ", ".join(versions) + f"; threads: 1 and {args.threads} (the faster counts)")
     exe = os.path.abspath(args.cellgraph)
@@ -269,7 +278,11 @@ def main():
                     cg_peak.append(r.get("peak_mib") or 0.0)
                     for p in peers:
                         for t in thread_opts:
+                            if p == "old" and t != args.threads:
+                                continue
                             cmd = [sys.executable, me, "--peer", p, "--workload", wid, "--step", step, "--runs", str(runs), "--threads", str(t)]
+                            if p == "old":
+                                cmd = [old_exe, "bench", "--workload", wid, "--step", step, "--runs", str(runs), "--json", "--threads", str(t)]
                             if p == "ort":
                                 cmd += ["--onnx", os.path.join(d, names[wid] + ".onnx")]
                             try:
@@ -279,7 +292,7 @@ def main():
                                 print(f"  {p} {wid} {step} ({t} threads) failed: {err.strip().splitlines()[-1] if err.strip() else e}")
                                 continue
                             pm[(p, t)].append(r["median_ms"])
-                            pk[(p, t)] = max(pk.get((p, t), 0.0), r["peak_mib"])
+                            pk[(p, t)] = max(pk.get((p, t), 0.0), r.get("peak_mib") or 0.0)
                 timed = {k: median(v) for k, v in pm.items() if v}
                 if not timed:
                     print(f"{wid:<4}{step:<10}{median(cg):>13.3f}   (no peer ran)")

@@ -15,6 +15,7 @@
 
 use crate::emit::Emit;
 use crate::{branch_vjp, loop_body_vjp, scan_body_vjp, Error, Result};
+use cellgraph_ir::ops::rnn::GradSlots;
 use cellgraph_ir::{DType, Graph, NodeId, Op, Tensor, ValueRef};
 
 /// What a rule sees of one node.
@@ -1473,10 +1474,9 @@ fn fused_rnn(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         .recurrent_pair()
         .ok_or_else(|| Error::Internal("not a recurrent op".into()))?;
     // Forward inputs, cotangent inputs and gradient outputs of the backward op.
-    let (n_fwd, n_cot, n_out) = match cx.op {
-        Op::LSTM { .. } | Op::LSTMMasked { .. } => (8, 3, 7),
-        _ => (6, 2, 5),
-    };
+    let slots =
+        GradSlots::of_op(cx.op).ok_or_else(|| Error::Internal("not a recurrent op".into()))?;
+    let (n_fwd, n_cot) = (slots.forward_inputs, slots.cotangents);
     // A masked op's mask (after its forward inputs) goes last, after the cotangents.
     let mask = match cx.op {
         Op::LSTMMasked { .. } | Op::GRUMasked { .. } | Op::RNNMasked { .. } => Some(
@@ -1511,10 +1511,8 @@ fn fused_rnn(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
         ins.resize(n_fwd + n_cot, None);
         ins.push(Some(m));
     }
-    // Input slot of each gradient output: X, W, R, B, initial_h, initial_c, P.
-    let slots = [0usize, 1, 2, 3, 5, 6, 7];
     let mut names = Vec::new();
-    for &s in &slots[..n_out] {
+    for &s in slots.outputs {
         names.push(
             if cx.need(s) && cx.ins.get(s).copied().flatten().is_some() {
                 e.fresh("d_rnn")
@@ -1533,8 +1531,8 @@ fn fused_rnn(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
     let id = e.g.add_node("", op, &ins, &refs)?;
     let mut inputs = vec![None; cx.ins.len()];
     for (k, name) in names.iter().enumerate() {
-        if !name.is_empty() && slots[k] < inputs.len() {
-            inputs[slots[k]] = Some(ValueRef { node: id, slot: k });
+        if !name.is_empty() && slots.outputs[k] < inputs.len() {
+            inputs[slots.outputs[k]] = Some(ValueRef { node: id, slot: k });
         }
     }
     Ok(Grads {

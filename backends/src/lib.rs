@@ -2,29 +2,35 @@
 //!
 //! Today there is the CPU backend ([`cpu::CpuBackend`]): a kernel for every op of the IR
 //! with ONNX semantics, `Scan`/`Loop`/`If` run as loops over their compiled bodies, and
-//! fused kernels for ONNX `LSTM`/`GRU`/`RNN`. [`lower`] expands the recurrent ops into
-//! `Scan` loops over the cell's primitive ops: the reference the fused kernels are
-//! checked against; [`raise`] is its inverse, recognising cells written as `Scan` loops
-//! (by the Keras frontend, by hand, in ONNX files) and [`select`] decides per recurrent
-//! node whether it runs on a backend's fused kernel or as a loop, and why. This crate
-//! depends only on `cellgraph-ir`.
+//! fused kernels for ONNX `LSTM`/`GRU`/`RNN`. The backend-neutral passes live in
+//! [`passes`]: [`passes::lower`] expands the recurrent ops into `Scan` loops over the
+//! cell's primitive ops (the reference the fused kernels are checked against),
+//! [`passes::raise`] is its inverse, recognising cells written as `Scan` loops (by the
+//! Keras frontend, by hand, in ONNX files), and [`passes::select`] decides per recurrent
+//! node whether it runs on a backend's fused kernel or as a loop, and why. The passes
+//! import nothing from a backend; only `cpu/` imports `cpu::` (checked by
+//! `scripts/check-layout.sh`). Of the workspace this crate depends only on `cellgraph-ir`.
 
 #![warn(missing_docs)]
 
 pub mod budget;
 pub mod cpu;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod gemm;
-pub mod lower;
 pub mod num;
 pub mod packed;
-pub mod raise;
-pub mod select;
+pub mod passes;
+pub mod placed;
+pub mod schedule;
+pub mod subset;
 
 pub use budget::Budget;
 pub use data::Data;
+pub use device::{Device, DevicePlan, Value};
 pub use error::{Error, Result};
+pub use placed::PlacedPlan;
 
 use cellgraph_ir::Graph;
 
@@ -38,7 +44,7 @@ pub trait Backend {
     fn compile(&self, graph: &Graph) -> Result<Self::Plan>;
     /// Whether the backend's fused kernel runs this recurrent op (`LSTM`, `GRUMasked`,
     /// ...) with its attributes; `Err` says why not, and the selector
-    /// ([`select::select`]) then runs it as a loop.
+    /// ([`passes::select::select`]) then runs it as a loop.
     fn fused_recurrent(&self, op: &cellgraph_ir::Op) -> std::result::Result<(), String> {
         let _ = op;
         Ok(())

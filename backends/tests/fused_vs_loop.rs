@@ -484,8 +484,8 @@ proptest! {
     fn raise_inverts_the_loop_lowering(c in cfg()) {
         let dtype = DType::F64;
         let (g, inputs) = build(&c, dtype);
-        let lowered = cellgraph_backends::lower::lower_recurrent(&g).expect("lower");
-        let raised = cellgraph_backends::raise::raise_recurrent(&lowered).expect("raise");
+        let lowered = cellgraph_backends::passes::lower::lower_recurrent(&g).expect("lower");
+        let raised = cellgraph_backends::passes::raise::raise_recurrent(&lowered).expect("raise");
         cellgraph_ir::verify(&raised.graph).expect("the raised graph verifies");
         let dirs = if c.dir == 2 { 2 } else { 1 };
         let (merged, per_scan): (Vec<_>, Vec<_>) = raised

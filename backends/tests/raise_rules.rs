@@ -3,7 +3,7 @@
 //! computes what the loop computes.
 
 use cellgraph_backends::cpu::{CpuBackend, Recurrent};
-use cellgraph_backends::raise::{raise_recurrent, Raised};
+use cellgraph_backends::passes::raise::{raise_recurrent, Raised};
 use cellgraph_backends::{Backend, Data, Plan};
 use cellgraph_ir::{DType, Graph, Op, Tensor, ValueRef, ValueType};
 

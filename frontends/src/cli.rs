@@ -55,34 +55,38 @@ pub struct Cli {
     pub limits: LimitArgs,
 }
 
+/// The `--help` heading of the global `--max-*` flags: they follow each subcommand's own
+/// options instead of mixing with them.
+const LIMITS_HEADING: &str = "Limits (every command)";
+
 /// `--max-*` flags: the limits every input file (ONNX, Keras, `.npy`, IDX) and every run
 /// stays within (defaults: 4 GiB per tensor, 16 GiB in all, subgraphs 32 deep, a million
 /// nodes, 8 GiB files, 65,536 iterations of one Loop, no time limit).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitArgs {
     /// Largest single tensor, in bytes: read from a file or made at run time.
-    #[arg(long, global = true, value_name = "BYTES")]
+    #[arg(long, global = true, value_name = "BYTES", help_heading = LIMITS_HEADING)]
     pub max_tensor_bytes: Option<u64>,
     /// Largest total of a file's tensors, and of the values alive at once at run time,
     /// in bytes.
-    #[arg(long, global = true, value_name = "BYTES")]
+    #[arg(long, global = true, value_name = "BYTES", help_heading = LIMITS_HEADING)]
     pub max_total_bytes: Option<u64>,
     /// Deepest nesting of subgraphs.
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", help_heading = LIMITS_HEADING)]
     pub max_nesting: Option<usize>,
     /// Most nodes, counting nested graphs.
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", help_heading = LIMITS_HEADING)]
     pub max_nodes: Option<usize>,
     /// Largest model file, in bytes.
-    #[arg(long, global = true, value_name = "BYTES")]
+    #[arg(long, global = true, value_name = "BYTES", help_heading = LIMITS_HEADING)]
     pub max_file_bytes: Option<u64>,
     /// Most iterations of one Loop at run time (a Scan runs as many steps as its input
     /// has).
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", help_heading = LIMITS_HEADING)]
     pub max_loop_trips: Option<u64>,
     /// Wall-clock limit of one run of a model (inference or one training step), in
     /// seconds.
-    #[arg(long, global = true, value_name = "SECONDS")]
+    #[arg(long, global = true, value_name = "SECONDS", help_heading = LIMITS_HEADING)]
     pub max_seconds: Option<f64>,
 }
 
@@ -231,6 +235,10 @@ pub enum Command {
         /// instead of refusing it.
         #[arg(long)]
         random_weights: bool,
+        /// Also print where each node of an ONNX model runs on these backends (the
+        /// first that accepts it, the CPU for the rest) and why not on the others.
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
     },
     /// Read a model and write it again from the IR: `.onnx`, or `.json` for the serde form.
     Convert {
@@ -252,6 +260,10 @@ pub enum Command {
         /// How LSTM/GRU/RNN run.
         #[arg(long, value_enum, default_value = "fused")]
         recurrent: RecurrentArg,
+        /// The backends: `cpu`, or `subset` (the test-only backend first, the CPU for
+        /// the nodes it refuses).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
     },
     /// Time the CPU backend. With no MODEL, the standard workloads W1 LSTM B64 T28 I28 H64,
     /// W2 LSTM B64 T100 I512 H512, W3 GRU (reset-after) at W2's size, W4 bidirectional W1:
@@ -385,6 +397,17 @@ pub fn run_model(
     out_dir: &Path,
     recurrent: crate::backends::cpu::Recurrent,
 ) -> Result<(), CliError> {
+    run_model_on(model, inputs, out_dir, recurrent, BackendArg::Cpu)
+}
+
+/// [`run_model`] on a backend list: `backend`'s backends first, the CPU for the rest.
+pub fn run_model_on(
+    model: &Path,
+    inputs: &[String],
+    out_dir: &Path,
+    recurrent: crate::backends::cpu::Recurrent,
+    backend_arg: BackendArg,
+) -> Result<(), CliError> {
     use crate::backends::{Backend, Data, Plan};
     let m = load(model)?;
     let g = &m.graph;
@@ -426,15 +449,27 @@ pub fn run_model(
         )));
     }
     let backend = cpu_backend(recurrent);
-    let selected = crate::backends::select::select(
+    let selected = crate::backends::passes::select::select(
         &backend,
         g,
         recurrent == crate::backends::cpu::Recurrent::Fused,
     )
     .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
-    let mut plan = backend
-        .compile(&selected.graph)
-        .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
+    let before = backend_arg.before_cpu();
+    let mut plan: Box<dyn Plan> = if before.is_empty() {
+        Box::new(
+            backend
+                .compile(&selected.graph)
+                .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?,
+        )
+    } else {
+        let mut list = before;
+        list.push(std::sync::Arc::new(backend));
+        Box::new(
+            crate::backends::PlacedPlan::compile(&selected.graph, list)
+                .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?,
+        )
+    };
     let outs = plan
         .run(given.into_iter().flatten().collect())
         .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
@@ -675,10 +710,25 @@ fn set_threads(n: usize) -> Result<(), CliError> {
 }
 
 /// `--backend` values.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendArg {
     /// The CPU backend.
     Cpu,
+    /// The test-only `subset` backend (f32 elementwise ops and 2-D MatMul, in its own
+    /// buffers) with the CPU for every other node: shows per-node placement and copies
+    /// between backends; not for speed.
+    Subset,
+}
+
+impl BackendArg {
+    /// The backends placed before the CPU (the fallback, which runs every op): the one
+    /// place the command line maps a backend name to backends.
+    pub fn before_cpu(self) -> Vec<std::sync::Arc<dyn crate::backends::Device>> {
+        match self {
+            BackendArg::Cpu => Vec::new(),
+            BackendArg::Subset => vec![std::sync::Arc::new(crate::backends::subset::SubsetBackend)],
+        }
+    }
 }
 
 /// What a command asks the process to exit with.
@@ -737,8 +787,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             inputs,
             output_dir,
             recurrent,
+            backend,
         } => {
-            run_model(&model, &inputs, &output_dir, recurrent.into())?;
+            run_model_on(&model, &inputs, &output_dir, recurrent.into(), backend)?;
             Ok(0)
         }
         Command::Conformance {
@@ -746,32 +797,39 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 Suite::Onnx {
                     paths,
                     recurrent,
-                    backend: BackendArg::Cpu,
+                    backend,
                     rtol,
                     atol,
                 },
         } => {
             let recurrent = recurrent.into();
             let tol = crate::conformance::Tolerance { rtol, atol };
+            let before = backend.before_cpu();
             run_suite(&paths, crate::conformance::find_cases, |case| {
-                crate::conformance::run_case(case, recurrent, tol).map(|()| String::new())
+                crate::conformance::run_case_on(case, recurrent, tol, &before)
+                    .map(|()| String::new())
             })
         }
         Command::Conformance {
-            suite:
-                Suite::Keras {
-                    paths,
-                    backend: BackendArg::Cpu,
-                },
-        } => run_suite(&paths, crate::keras::conformance::find_cases, |case| {
-            crate::keras::conformance::run_case(case).map(|r| {
-                let mut line = format!(" ({})", r.checked.join(", "));
-                if !r.skipped.is_empty() {
-                    line += &format!("; skipped: {}", r.skipped.join(", "));
-                }
-                line
+            suite: Suite::Keras { paths, backend },
+        } => {
+            if backend != BackendArg::Cpu {
+                return Err(CliError::Usage(
+                    "conformance keras: the Keras runner runs on the cpu backend only (the \
+                     ONNX runner, `run` and `inspect` take --backend subset)"
+                        .into(),
+                ));
+            }
+            run_suite(&paths, crate::keras::conformance::find_cases, |case| {
+                crate::keras::conformance::run_case(case).map(|r| {
+                    let mut line = format!(" ({})", r.checked.join(", "));
+                    if !r.skipped.is_empty() {
+                        line += &format!("; skipped: {}", r.skipped.join(", "));
+                    }
+                    line
+                })
             })
-        }),
+        }
         Command::Mnist {
             data,
             epochs,
@@ -834,6 +892,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             file,
             dot,
             random_weights,
+            backend,
         } => {
             if is_keras(&file) {
                 let text = inspect_keras(&file, random_weights)?;
@@ -852,6 +911,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     println!("DOT graph written to {}", p.display());
                 }
                 None => print!("{}", inspect_text(&file, &m)),
+            }
+            if let Some(b) = backend {
+                print!("{}", placement_report(&m.graph, b)?);
             }
             Ok(0)
         }
@@ -1213,12 +1275,30 @@ pub fn inspect_text(path: &Path, m: &Model) -> String {
     s
 }
 
+/// Where every top-level node of `g` runs on `backend`'s list (the CPU last), after the
+/// selector's fused/loop choice: one line per node, with each refusal's reason.
+pub fn placement_report(g: &crate::ir::Graph, backend: BackendArg) -> Result<String, CliError> {
+    let cpu = cpu_backend(crate::backends::cpu::Recurrent::Fused);
+    let selected = crate::backends::passes::select::select(&cpu, g, true)
+        .map_err(|e| CliError::Run(format!("select: {e}")))?;
+    let mut list = backend.before_cpu();
+    list.push(std::sync::Arc::new(cpu));
+    let names: Vec<&str> = list.iter().map(|d| d.name()).collect();
+    let placed = crate::backends::placed::place(&selected.graph, &list)
+        .map_err(|e| CliError::Run(format!("placement: {e}")))?;
+    let mut s = format!("placement (backends {}):\n", names.join(", "));
+    for p in placed {
+        let _ = writeln!(s, "  {p}");
+    }
+    Ok(s)
+}
+
 /// The selector's decision for every recurrent node of `g` on the CPU backend: one line
 /// per `Scan` loop or recurrent op, `LSTM → fused cpu` or `loop: <why>`.
 pub fn recurrent_report(g: &crate::ir::Graph) -> String {
     let backend = crate::backends::cpu::CpuBackend::default();
     let mut s = String::new();
-    match crate::backends::select::select(&backend, g, true) {
+    match crate::backends::passes::select::select(&backend, g, true) {
         Ok(sel) if sel.choices.is_empty() => {
             let _ = writeln!(s, "recurrent nodes: none");
         }

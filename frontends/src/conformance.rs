@@ -2,11 +2,11 @@
 //! `test_data_set_*/input_<j>.pb`, `output_<j>.pb`) and compares every output.
 
 use crate::backends::cpu::{CpuBackend, Recurrent};
-use crate::backends::{Backend, Data, Plan};
-use crate::ir::onnx::{proto, tensor_from_proto, Limits, Model};
+use crate::backends::{Backend, Data, Device, PlacedPlan, Plan};
+use crate::ir::onnx::{decode_stored_value, Limits, Model, StoredKind, StoredValue};
 use crate::ir::{verify, Tensor, ValueType};
-use prost::Message;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Comparison tolerances: `|got − want| ≤ atol + rtol·|want|`.
 #[derive(Clone, Copy, Debug)]
@@ -53,41 +53,22 @@ pub fn find_folders_with(path: &Path, markers: &[&str]) -> Vec<PathBuf> {
 
 fn read_value(path: &Path, ty: &ValueType) -> Result<Data, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let what = path.display().to_string();
-    let tensor = |t: &proto::TensorProto| {
-        tensor_from_proto(t, &what, None, &Limits::default()).map_err(|e| e.to_string())
+    let kind = match ty {
+        ValueType::Sequence(_) => StoredKind::Sequence,
+        ValueType::Optional(_) => StoredKind::Optional,
+        _ => StoredKind::Tensor,
     };
-    match ty {
-        ValueType::Sequence(_) => {
-            let s = proto::SequenceProto::decode(bytes.as_slice())
-                .map_err(|e| format!("{what}: {e}"))?;
-            Ok(Data::Sequence(
-                s.tensor_values
-                    .iter()
-                    .map(tensor)
-                    .collect::<Result<_, _>>()?,
-            ))
-        }
-        ValueType::Optional(_) => {
-            let o = proto::OptionalProto::decode(bytes.as_slice())
-                .map_err(|e| format!("{what}: {e}"))?;
-            Ok(Data::Optional(match (&o.tensor_value, &o.sequence_value) {
-                (Some(t), _) => Some(Box::new(Data::Tensor(tensor(t)?))),
-                (None, Some(s)) => Some(Box::new(Data::Sequence(
-                    s.tensor_values
-                        .iter()
-                        .map(tensor)
-                        .collect::<Result<_, _>>()?,
-                ))),
-                (None, None) => None,
-            }))
-        }
-        _ => {
-            let t =
-                proto::TensorProto::decode(bytes.as_slice()).map_err(|e| format!("{what}: {e}"))?;
-            Ok(Data::Tensor(tensor(&t)?))
+    let what = path.display().to_string();
+    let v =
+        decode_stored_value(&bytes, kind, &what, &Limits::default()).map_err(|e| e.to_string())?;
+    fn data(v: StoredValue) -> Data {
+        match v {
+            StoredValue::Tensor(t) => Data::Tensor(t),
+            StoredValue::Sequence(s) => Data::Sequence(s),
+            StoredValue::Optional(o) => Data::Optional(o.map(|v| Box::new(data(*v)))),
         }
     }
+    Ok(data(v))
 }
 
 /// Compares two tensors: shape, dtype, then values within `tol` (NaNs must match).
@@ -150,18 +131,42 @@ fn compare(got: &Data, want: &Data, tol: Tolerance) -> Result<(), String> {
     }
 }
 
-/// Runs one case folder; `Ok` or the reason it failed.
+/// Runs one case folder on the CPU backend; `Ok` or the reason it failed.
 pub fn run_case(dir: &Path, recurrent: Recurrent, tol: Tolerance) -> Result<(), String> {
+    run_case_on(dir, recurrent, tol, &[])
+}
+
+/// Runs one case folder on `before` (backends in order of preference, e.g. the
+/// test-only [`crate::backends::subset::SubsetBackend`]) with the CPU after them as the
+/// fallback: a [`PlacedPlan`] over the list, each node on the first backend that accepts
+/// it. With `before` empty, the CPU's own plan runs the whole graph.
+pub fn run_case_on(
+    dir: &Path,
+    recurrent: Recurrent,
+    tol: Tolerance,
+    before: &[Arc<dyn Device>],
+) -> Result<(), String> {
     let model = Model::load(dir.join("model.onnx")).map_err(|e| format!("import: {e}"))?;
     verify(&model.graph).map_err(|e| format!("verify: {e}"))?;
     let backend = CpuBackend::new(recurrent);
     // With fused recurrent ops the selector first raises Scan loops that compute a cell.
-    let selected =
-        crate::backends::select::select(&backend, &model.graph, recurrent == Recurrent::Fused)
-            .map_err(|e| format!("select: {e}"))?;
-    let mut plan = backend
-        .compile(&selected.graph)
-        .map_err(|e| format!("compile: {e}"))?;
+    let selected = crate::backends::passes::select::select(
+        &backend,
+        &model.graph,
+        recurrent == Recurrent::Fused,
+    )
+    .map_err(|e| format!("select: {e}"))?;
+    let mut plan: Box<dyn Plan> = if before.is_empty() {
+        Box::new(
+            backend
+                .compile(&selected.graph)
+                .map_err(|e| format!("compile: {e}"))?,
+        )
+    } else {
+        let mut list = before.to_vec();
+        list.push(Arc::new(backend));
+        Box::new(PlacedPlan::compile(&selected.graph, list).map_err(|e| format!("compile: {e}"))?)
+    };
     let g = &model.graph;
     let in_types = g.input_types();
     let out_types = g.output_types();

@@ -1,4 +1,4 @@
-//! The `cellgraph` binary: inspect and convert, and their errors.
+//! The `cellgraph` binary: inspect, convert and run (on one backend or several), and their errors.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -125,11 +125,12 @@ fn bad_files_are_clear_errors_not_panics() {
 }
 
 fn pb_tensor(path: &Path) -> cellgraph::ir::Tensor {
-    use prost::Message;
+    use cellgraph::ir::onnx::{decode_stored_value, Limits, StoredKind, StoredValue};
     let bytes = std::fs::read(path).expect("read pb");
-    let t = cellgraph::ir::onnx::proto::TensorProto::decode(bytes.as_slice()).expect("decode");
-    cellgraph::ir::onnx::tensor_from_proto(&t, "pb", None, &cellgraph::ir::onnx::Limits::default())
-        .expect("tensor")
+    match decode_stored_value(&bytes, StoredKind::Tensor, "pb", &Limits::default()) {
+        Ok(StoredValue::Tensor(t)) => t,
+        other => panic!("{}: not a tensor: {other:?}", path.display()),
+    }
 }
 
 #[test]
@@ -426,4 +427,79 @@ fn bench_times_a_training_step_with_threads_and_peak_memory() {
         err.contains("no workload \"w9\"") && err.contains("W1, W2, W3, W4"),
         "{err}"
     );
+}
+
+/// A small ONNX model mixing ops the test-only `subset` backend runs (Add, Tanh) with one
+/// it refuses (Transpose).
+fn mixed_model(path: &Path) {
+    use cellgraph::ir::{DType, Graph, Op, ValueRef, ValueType};
+    let mut g = Graph::new("mixed");
+    let x = g
+        .add_input("x", ValueType::tensor(DType::F32, &[2, 3]))
+        .expect("x");
+    let add = |g: &mut Graph, name: &str, op: Op, ins: &[ValueRef]| {
+        let ins: Vec<Option<ValueRef>> = ins.iter().copied().map(Some).collect();
+        let id = g.add_node(name, op, &ins, &[name]).expect(name);
+        ValueRef { node: id, slot: 0 }
+    };
+    let a = add(&mut g, "add", Op::Add {}, &[x, x]);
+    let t = add(&mut g, "flip", Op::Transpose { perm: None }, &[a]);
+    let y = add(&mut g, "y", Op::Tanh {}, &[t]);
+    g.set_outputs(vec![y]).expect("outputs");
+    cellgraph::ir::onnx::Model::new(g).save(path).expect("save");
+}
+
+#[test]
+fn backend_subset_places_nodes_and_gives_the_cpu_s_outputs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("mixed.onnx");
+    mixed_model(&model);
+    let text = succeeded(
+        &bin()
+            .args(["inspect", "--backend", "subset"])
+            .arg(&model)
+            .output()
+            .expect("inspect"),
+    );
+    assert!(text.contains("placement (backends subset, cpu):"), "{text}");
+    assert!(text.contains("  add (Add) → subset\n"), "{text}");
+    assert!(
+        text.contains("  flip (Transpose) → cpu; not subset: ") && text.contains("not Transpose"),
+        "{text}"
+    );
+    assert!(text.contains("  y (Tanh) → subset\n"), "{text}");
+    let x = dir.path().join("x.npy");
+    let v: Vec<f32> = (0..6).map(|i| i as f32 * 0.3 - 0.8).collect();
+    cellgraph::npy::write(
+        &x,
+        &cellgraph::ir::Tensor::F32(ndarray::ArrayD::from_shape_vec(vec![2, 3], v).expect("x")),
+    )
+    .expect("npy");
+    let mut outs = Vec::new();
+    for backend in ["cpu", "subset"] {
+        let out = dir.path().join(backend);
+        succeeded(
+            &bin()
+                .arg("run")
+                .arg(&model)
+                .arg("--input")
+                .arg(format!("x={}", x.display()))
+                .arg("--output-dir")
+                .arg(&out)
+                .args(["--backend", backend])
+                .output()
+                .expect("run"),
+        );
+        outs.push(cellgraph::npy::read(&out.join("y.npy"), None).expect("y.npy"));
+    }
+    assert_eq!(outs[0].shape(), [3, 2]);
+    cellgraph::conformance::compare_tensors(
+        &outs[1],
+        &outs[0],
+        cellgraph::conformance::Tolerance {
+            rtol: 1e-6,
+            atol: 1e-7,
+        },
+    )
+    .expect("subset+cpu gives the cpu's outputs");
 }

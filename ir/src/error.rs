@@ -130,7 +130,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A protobuf decoding error as `cause at Outer.field: … : Inner.field`, its field path
 /// shortened: a file nested 20,000 deep would print every level; the outermost three and
 /// innermost three say where it is. (prost lists the fields innermost first.)
-fn short_decode_error(e: &prost::DecodeError) -> String {
+pub(crate) fn short_decode_error(e: &prost::DecodeError) -> String {
     let text = e.to_string();
     let text = text
         .strip_prefix("failed to decode Protobuf message: ")

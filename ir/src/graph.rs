@@ -519,6 +519,18 @@ impl Graph {
         &self.initializers
     }
 
+    /// Marks the initializer `node` trainable or not (whether training updates it);
+    /// `false` when `node` is not an initializer of this graph.
+    pub fn set_trainable(&mut self, node: NodeId, trainable: bool) -> bool {
+        match self.graph.node_weight_mut(node).map(|n| &mut n.kind) {
+            Some(NodeKind::Initializer { trainable: t, .. }) => {
+                *t = trainable;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The values read from enclosing graphs.
     pub fn outers(&self) -> &[NodeId] {
         &self.outers

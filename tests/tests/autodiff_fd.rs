@@ -5,7 +5,7 @@
 
 use cellgraph::autodiff::{differentiability, grad, Differentiability};
 use cellgraph::backends::cpu::{CpuBackend, Recurrent};
-use cellgraph::backends::{lower::lower_recurrent, Backend, Data, Plan};
+use cellgraph::backends::{passes::lower::lower_recurrent, Backend, Data, Plan};
 use cellgraph::ir::{DType, Graph, Op, OpKind, Tensor, ValueRef, ValueType};
 use proptest::prelude::*;
 

@@ -7,7 +7,7 @@
 
 use cellgraph::backends::cpu::paths::{self as kernel_paths, PathCounts};
 use cellgraph::backends::cpu::Recurrent as Mode;
-use cellgraph::backends::select::Placement;
+use cellgraph::backends::passes::select::Placement;
 use cellgraph::ir::{DType, Tensor};
 use cellgraph::keras::{
     Activation, Bidirectional, CallArgs, Functional, Input, Loss, Masking, MergeMode, Model,
@@ -487,7 +487,7 @@ proptest! {
             .collect();
         let g = m.to_graph(&sig).expect("graph");
         let backend = cellgraph::backends::cpu::CpuBackend::default();
-        let sel = cellgraph::backends::select::select(&backend, &g, true).expect("select");
+        let sel = cellgraph::backends::passes::select::select(&backend, &g, true).expect("select");
         prop_assert!(sel.all_fused(), "{:?}", sel.choices);
         let bytes = model_to_bytes(&cellgraph::ir::onnx::Model::new(sel.graph.clone()));
         let back = import_model(&bytes, &ImportOptions::default()).expect("re-import");

@@ -17,8 +17,11 @@ pub(crate) mod util;
 
 use crate::budget::{Budget, Meter, Overrun};
 use crate::data::Data;
+use crate::device::{Device, DevicePlan, Value};
 use crate::error::{Error, Result};
+use crate::schedule::Schedule;
 use crate::{Backend, Plan};
+use cellgraph_ir::ops::rnn as rnn_ops;
 use cellgraph_ir::{Graph, NodeId, NodeKind, Op, ValueRef, ValueType};
 use std::collections::HashMap;
 
@@ -29,7 +32,7 @@ pub enum Recurrent {
     /// and fused gate arithmetic per step.
     #[default]
     Fused,
-    /// Lowered to `Scan` loops over the cell's primitive ops ([`crate::lower`]).
+    /// Lowered to `Scan` loops over the cell's primitive ops ([`crate::passes::lower`]).
     Loop,
 }
 
@@ -60,6 +63,63 @@ impl CpuBackend {
     }
 }
 
+/// Every op of the IR has a CPU kernel: the CPU accepts every node, holds its values on
+/// the host and is the fallback at the end of a placed plan's backend list.
+impl Device for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn supports(
+        &self,
+        _op: &Op,
+        _inputs: &[Option<&ValueType>],
+    ) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    fn host_resident(&self) -> bool {
+        true
+    }
+
+    fn compile_part(&self, graph: &Graph) -> Result<Box<dyn DevicePlan>> {
+        Ok(Box::new(Backend::compile(self, graph)?))
+    }
+
+    fn upload(&self, data: Data) -> Result<Value> {
+        Ok(Value::Host(data))
+    }
+
+    fn download(&self, value: &Value) -> Result<Data> {
+        match value {
+            Value::Host(d) => Ok(d.clone()),
+            Value::Device(dv) => Err(Error::Compile(format!(
+                "a value on backend {} was given to the cpu backend",
+                dv.backend
+            ))),
+        }
+    }
+}
+
+impl DevicePlan for CpuPlan {
+    fn run(&mut self, inputs: Vec<Value>) -> Result<Vec<Value>> {
+        let data = inputs
+            .into_iter()
+            .map(|v| match v {
+                Value::Host(d) => Ok(d),
+                Value::Device(dv) => Err(Error::Compile(format!(
+                    "a value on backend {} was given to the cpu backend",
+                    dv.backend
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Plan::run(self, data)?
+            .into_iter()
+            .map(Value::Host)
+            .collect())
+    }
+}
+
 impl Backend for CpuBackend {
     type Plan = CpuPlan;
 
@@ -79,7 +139,7 @@ impl Backend for CpuBackend {
     fn compile(&self, graph: &Graph) -> Result<CpuPlan> {
         let g = match self.recurrent {
             Recurrent::Fused => graph.clone(),
-            Recurrent::Loop => crate::lower::lower_recurrent(graph)?,
+            Recurrent::Loop => crate::passes::lower::lower_recurrent(graph)?,
         };
         Ok(CpuPlan {
             inner: {
@@ -200,257 +260,94 @@ impl Slot<'_> {
     }
 }
 
-/// A graph prepared for execution: node order, value slots, use counts, constants, and
-/// compiled nested graphs.
+/// A graph prepared for execution on the CPU: the backend-neutral [`Schedule`] (node
+/// order, value slots and lifetimes, folded constants, forward/backward pairs; reached
+/// through `Deref`), the constants' values, the compiled bodies, and what only the CPU
+/// uses (hoisted products, the budget's size predictions).
 #[derive(Debug)]
 pub(crate) struct Compiled {
-    graph: Graph,
-    order: Vec<NodeId>,
-    nslots: usize,
-    slot_of: HashMap<ValueRef, usize>,
-    inputs: Vec<Vec<Option<usize>>>,
-    /// Slots each node's bodies read by name (uses beyond the explicit inputs).
-    implicit: Vec<Vec<usize>>,
-    outputs: Vec<Vec<usize>>,
-    uses: Vec<usize>,
-    input_slots: Vec<usize>,
+    sched: Schedule,
     consts: Vec<(usize, Data)>,
-    /// Names this graph reads from enclosing graphs (its own outer values and those its
-    /// bodies need), in the order callers pass them.
-    pub(crate) outers: Vec<String>,
-    outer_slots: Vec<Option<usize>>,
-    output_slots: Vec<usize>,
     bodies: HashMap<NodeId, Vec<Compiled>>,
     /// `MatMul(graph input p, loop-invariant weight)` nodes: (order index, p, weight
     /// slot). A `Scan` over this body computes them for all steps in one product.
     pub(crate) hoistable: Vec<(usize, usize, usize)>,
-    /// By order index: a `Constant` evaluated at compile time (its value is in `consts`).
-    precomputed: Vec<bool>,
     /// By order index: the output sizes in bytes when shape inference from the graph's
     /// inputs and constants alone fixes them (see [`Compiled::infer_static_sizes`]);
     /// `None` when a size is known only at run time, from the inputs.
     static_bytes: Vec<Option<Vec<u64>>>,
-    /// As a `Loop` body: its condition output is its condition input passed through (or
-    /// a constant true), so a loop that starts runs until its trip count.
-    pub(crate) cond_never_changes: bool,
-    /// Fused recurrent forward ops whose backward op reads the same inputs: forward
-    /// order index → backward order index. The forward keeps what the backward would
-    /// recompute (`rnn_grad::forward_saving`).
-    pair_of: HashMap<usize, usize>,
 }
 
-/// The (forward, backward) pairs of fused recurrent ops in `order` that can share the
-/// forward's work: a plain `LSTM`/`GRU`/`RNN` and the `*Grad` op of the same attributes
-/// reading the same X, W, R, B, initial states and P, with no sequence_lens and no mask
-/// (every row runs every step, so the forward's Y is its h after each step).
-fn forward_backward_pairs(
-    graph: &Graph,
-    order: &[NodeId],
-    inputs: &[Vec<Option<usize>>],
-) -> HashMap<usize, usize> {
-    let mut pair_of = HashMap::new();
-    let at = |k: usize, i: usize| inputs[k].get(i).copied().flatten();
-    for (k2, &n2) in order.iter().enumerate() {
-        let Some(grad) = graph.node(n2).op() else {
-            continue;
-        };
-        let (shared, mask_at) = match grad {
-            Op::LSTMGrad { .. } => (8, 11),
-            Op::GRUGrad { .. } | Op::RNNGrad { .. } => (6, 8),
-            _ => continue,
-        };
-        if at(k2, 4).is_some() || at(k2, mask_at).is_some() {
-            continue;
-        }
-        let Some(forward) = grad.recurrent_pair() else {
-            continue;
-        };
-        let found = (0..k2).find(|&k1| {
-            !pair_of.contains_key(&k1)
-                && graph.node(order[k1]).op() == Some(&forward)
-                && inputs[k1].len() <= shared
-                && (0..shared).all(|i| at(k1, i) == at(k2, i))
-        });
-        if let Some(k1) = found {
-            pair_of.insert(k1, k2);
-        }
+/// The schedule's fields (`order`, `inputs`, `uses`, `pair_of`, ...) read as the plan's
+/// own.
+impl std::ops::Deref for Compiled {
+    type Target = Schedule;
+    fn deref(&self) -> &Schedule {
+        &self.sched
     }
-    pair_of
-}
-
-const KEEP: usize = usize::MAX / 2;
-
-/// Whether, read as a `Loop` body, `graph` hands its condition input (input 1) straight
-/// back as its condition output (output 0), through `Identity` nodes, or outputs a
-/// constant true: a loop over it that starts stops only at its trip count.
-fn cond_never_changes(graph: &Graph) -> bool {
-    let (Some(&out), Some(&cond_in)) = (graph.outputs().first(), graph.input_values().get(1))
-    else {
-        return false;
-    };
-    let mut v = out;
-    for _ in 0..64 {
-        if v == cond_in {
-            return true;
-        }
-        match &graph.node(v.node).kind {
-            NodeKind::Initializer { tensor, .. } => {
-                return tensor.len() == 1 && tensor.to_f64_vec().first() == Some(&1.0)
-            }
-            NodeKind::Op(Op::Identity {}) => match graph.node_inputs(v.node).first() {
-                Some(Some(next)) => v = *next,
-                _ => return false,
-            },
-            _ => return false,
-        }
-    }
-    false
 }
 
 impl Compiled {
     pub(crate) fn new(graph: Graph) -> Result<Compiled> {
-        let order = graph
-            .topo_order()
-            .map_err(|_| Error::Compile(format!("graph {:?} has a cycle", graph.name)))?;
-        let mut slot_of = HashMap::new();
-        for n in graph.node_ids() {
-            for s in 0..graph.node(n).outputs.len() {
-                let k = slot_of.len();
-                slot_of.insert(ValueRef { node: n, slot: s }, k);
-            }
-        }
-        let nslots = slot_of.len();
-        let mut uses = vec![0usize; nslots];
-        let mut inputs = Vec::with_capacity(order.len());
-        let mut outputs: Vec<Vec<usize>> = Vec::with_capacity(order.len());
+        Compiled::from_schedule(Schedule::new(graph)?)
+    }
+
+    fn from_schedule(mut sched: Schedule) -> Result<Compiled> {
         let mut bodies = HashMap::new();
-        let mut outers: Vec<String> = Vec::new();
-        let mut implicit: Vec<Vec<usize>> = Vec::with_capacity(order.len());
-        for &n in &order {
-            let ins: Vec<Option<usize>> = graph
-                .node_inputs(n)
+        for (n, scheds) in std::mem::take(&mut sched.bodies) {
+            let compiled = scheds
                 .into_iter()
-                .map(|v| v.map(|v| slot_of[&v]))
-                .collect();
-            for s in ins.iter().flatten() {
-                uses[*s] += 1;
-            }
-            inputs.push(ins);
-            implicit.push(Vec::new());
-            outputs.push(
-                (0..graph.node(n).outputs.len())
-                    .map(|s| slot_of[&ValueRef { node: n, slot: s }])
-                    .collect(),
-            );
-            if let Some(op) = graph.node(n).op() {
-                let subs = op.subgraphs();
-                if !subs.is_empty() {
-                    let mut compiled = Vec::new();
-                    for (_, body) in subs {
-                        let c = Compiled::new(body.clone())?;
-                        for name in &c.outers {
-                            match graph.find(name) {
-                                // Read by the body: a use by this node, freed after it runs.
-                                Some(v) => {
-                                    let s = slot_of[&v];
-                                    uses[s] += 1;
-                                    implicit.last_mut().expect("pushed for this node").push(s);
-                                }
-                                None if !outers.contains(name) => outers.push(name.clone()),
-                                None => {}
-                            }
-                        }
-                        compiled.push(c);
-                    }
-                    bodies.insert(n, compiled);
-                }
-            }
+                .map(Compiled::from_schedule)
+                .collect::<Result<Vec<_>>>()?;
+            bodies.insert(n, compiled);
         }
-        let mut consts = Vec::new();
-        let mut outer_slots = Vec::new();
-        for n in graph.node_ids() {
-            let node = graph.node(n);
-            let s = slot_of[&ValueRef { node: n, slot: 0 }];
-            match &node.kind {
-                NodeKind::Initializer { tensor, .. } => {
-                    consts.push((s, Data::Tensor(tensor.clone())));
-                    uses[s] = KEEP;
-                }
-                NodeKind::Outer => {
-                    if !outers.contains(&node.name) {
-                        outers.push(node.name.clone());
-                    }
-                    uses[s] = KEEP;
-                }
-                _ => {}
-            }
-        }
-        // `Constant` nodes run once, here: their values join the initializers.
-        let mut precomputed = vec![false; order.len()];
-        for (k, &n) in order.iter().enumerate() {
-            let node = graph.node(n);
-            if let Some(op @ Op::Constant { .. }) = node.op() {
-                let out_types: Vec<&ValueType> = node.outputs.iter().map(|v| &v.ty).collect();
-                // A value that does not evaluate is reported when the node runs.
-                if let Ok(mut r) = eval(op, &[], &out_types, graph.opset("")) {
-                    if let (1, Some(d)) = (r.len(), r.pop()) {
-                        let s = outputs[k][0];
-                        consts.push((s, d));
-                        uses[s] = KEEP;
-                        precomputed[k] = true;
-                    }
-                }
-            }
-        }
-        let pair_of = forward_backward_pairs(&graph, &order, &inputs);
-        for name in &outers {
-            outer_slots.push(graph.find(name).map(|v| slot_of[&v]));
-        }
-        let output_slots: Vec<usize> = graph.outputs().iter().map(|v| slot_of[v]).collect();
-        for &s in &output_slots {
-            uses[s] = KEEP;
-        }
-        let input_slots: Vec<usize> = graph.input_values().iter().map(|v| slot_of[v]).collect();
+        let mut consts: Vec<(usize, Data)> = sched
+            .initializers
+            .iter()
+            .filter_map(|&(s, n)| match &sched.graph.node(n).kind {
+                NodeKind::Initializer { tensor, .. } => Some((s, Data::Tensor(tensor.clone()))),
+                _ => None,
+            })
+            .collect();
+        // `Constant` nodes run once, here: their values join the initializers. A value
+        // that does not evaluate is reported when the node runs.
+        consts.extend(sched.fold_constants(|op, types, opset| {
+            eval(op, &[], types, opset)
+                .ok()
+                .and_then(|mut r| match r.len() {
+                    1 => r.pop(),
+                    _ => None,
+                })
+        }));
         let mut hoistable = Vec::new();
-        for (k, &n) in order.iter().enumerate() {
-            if !matches!(graph.node(n).op(), Some(Op::MatMul {})) {
+        let g = &sched.graph;
+        for (k, &n) in sched.order.iter().enumerate() {
+            if !matches!(g.node(n).op(), Some(Op::MatMul {})) {
                 continue;
             }
-            if let [Some(a), Some(b)] = graph.node_inputs(n)[..] {
+            if let [Some(a), Some(b)] = g.node_inputs(n)[..] {
                 let invariant = matches!(
-                    graph.node(b.node).kind,
+                    g.node(b.node).kind,
                     NodeKind::Outer | NodeKind::Initializer { .. }
                 );
                 if let (Some(p), true) = (
-                    input_slots.iter().position(|&s| s == slot_of[&a]),
+                    sched
+                        .input_slots
+                        .iter()
+                        .position(|&s| s == sched.slot_of[&a]),
                     invariant,
                 ) {
-                    hoistable.push((k, p, slot_of[&b]));
+                    hoistable.push((k, p, sched.slot_of[&b]));
                 }
             }
         }
-        let never_stops = cond_never_changes(&graph);
-        let static_bytes = vec![None; order.len()];
+        let static_bytes = vec![None; sched.order.len()];
         Ok(Compiled {
-            graph,
-            order,
-            nslots,
-            slot_of,
-            inputs,
-            implicit,
-            outputs,
-            uses,
-            input_slots,
+            sched,
             consts,
-            outers,
-            outer_slots,
-            output_slots,
             bodies,
-            cond_never_changes: never_stops,
-            static_bytes,
             hoistable,
-            precomputed,
-            pair_of,
+            static_bytes,
         })
     }
 
@@ -462,7 +359,7 @@ impl Compiled {
     /// not filled: the values passed to them are not checked against their declarations.
     fn infer_static_sizes(&mut self) {
         use cellgraph_ir::ops::InferCtx;
-        let g = &self.graph;
+        let g = &self.sched.graph;
         let small_int = |v: ValueRef| -> Option<cellgraph_ir::Tensor> {
             match &g.node(v.node).kind {
                 NodeKind::Initializer { tensor, .. }
@@ -486,7 +383,7 @@ impl Compiled {
                 );
             }
         }
-        for (k, &n) in self.order.iter().enumerate() {
+        for (k, &n) in self.sched.order.iter().enumerate() {
             let node = g.node(n);
             let Some(op) = node.op() else { continue };
             let ins = g.node_inputs(n);
@@ -562,7 +459,7 @@ impl Compiled {
         // What paired forward ops kept for their backward ops: (backward index, state).
         let mut saved: Vec<(usize, rnn_grad::Saved)> = Vec::new();
         for (k, &n) in self.order.iter().enumerate() {
-            if self.precomputed[k] && !overrides.iter().any(|(o, _)| *o == k) {
+            if self.folded[k] && !overrides.iter().any(|(o, _)| *o == k) {
                 continue;
             }
             let node = self.graph.node(n);
@@ -626,7 +523,7 @@ impl Compiled {
                             let state = saved.swap_remove(i).1;
                             rnn_grad::eval_saved(op, &ins, &wanted(), state).map_err(fail)?
                         }
-                        (None, None) if crate::lower::is_grad(op) => {
+                        (None, None) if rnn_ops::is_grad(op) => {
                             rnn_grad::eval(op, &ins, &wanted()).map_err(fail)?
                         }
                         (None, None) => {
@@ -898,7 +795,7 @@ pub(crate) fn eval(
         "nn" => nn::eval(op, ins, out_types, opset),
         "shape" => shape::eval(op, ins, out_types),
         "reduce" => reduce::eval(op, ins),
-        "rnn" if crate::lower::is_grad(op) => rnn_grad::eval(op, ins, &vec![true; out_types.len()]),
+        "rnn" if rnn_ops::is_grad(op) => rnn_grad::eval(op, ins, &vec![true; out_types.len()]),
         "rnn" => rnn::eval(op, ins, out_types.len()),
         "sequence" => sequence::eval(op, ins, out_types),
         other => Err(format!("no CPU kernel family {other}")),

@@ -12,7 +12,7 @@ use super::steal::{Board, Slot};
 use super::util::{input, opt_input};
 use crate::data::Data;
 use crate::gemm::{dgemm, sgemm};
-use cellgraph_ir::ops::rnn::num_directions;
+use cellgraph_ir::ops::rnn::{Act, Cell, Spec};
 use cellgraph_ir::{Op, Tensor};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -384,37 +384,16 @@ rfloat_impl!(f64, F64, dgemm, {
     }
 });
 
-/// An ONNX recurrent activation function with its parameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Act {
-    /// max(0, x).
-    Relu,
-    /// tanh(x).
-    Tanh,
-    /// 1 / (1 + e^-x).
-    Sigmoid,
-    /// alpha·x + beta.
-    Affine(f32, f32),
-    /// x < 0 ? alpha·x : x.
-    LeakyRelu(f32),
-    /// x > alpha ? x : 0.
-    ThresholdedRelu(f32),
-    /// alpha·tanh(beta·x).
-    ScaledTanh(f32, f32),
-    /// clip(alpha·x + beta, 0, 1).
-    HardSigmoid(f32, f32),
-    /// x < 0 ? alpha·(e^x − 1) : x.
-    Elu(f32),
-    /// x / (1 + |x|).
-    Softsign,
-    /// ln(1 + e^x).
-    Softplus,
+/// The CPU's arithmetic of an activation function ([`Act`] itself is backend-neutral and
+/// lives with the recurrent ops in `cellgraph_ir::ops::rnn`).
+pub trait ActApply {
+    /// Applies the function.
+    fn apply<T: RFloat>(self, x: T) -> T;
 }
 
-impl Act {
-    /// Applies the function.
+impl ActApply for Act {
     #[inline]
-    pub fn apply<T: RFloat>(self, x: T) -> T {
+    fn apply<T: RFloat>(self, x: T) -> T {
         let zero = T::of(0.0);
         let one = T::of(1.0);
         match self {
@@ -471,222 +450,6 @@ impl Act {
             Act::Softsign => T::of(x.to() / (1.0 + x.to().abs())),
             Act::Softplus => T::of(x.to().max(0.0) + (-x.to().abs()).exp().ln_1p()),
         }
-    }
-}
-
-/// Parses an ONNX activation list, consuming alpha/beta values in order.
-pub fn parse_activations(
-    names: &[String],
-    alpha: &[f32],
-    beta: &[f32],
-) -> Result<Vec<Act>, String> {
-    let (mut ai, mut bi) = (0, 0);
-    let next = |v: &[f32], i: &mut usize, d: f32| {
-        let x = v.get(*i).copied().unwrap_or(d);
-        *i += 1;
-        x
-    };
-    names
-        .iter()
-        .map(|n| {
-            Ok(match n.as_str() {
-                "Relu" => Act::Relu,
-                "Tanh" => Act::Tanh,
-                "Sigmoid" => Act::Sigmoid,
-                "Softsign" => Act::Softsign,
-                "Softplus" => Act::Softplus,
-                "LeakyRelu" => Act::LeakyRelu(next(alpha, &mut ai, 0.01)),
-                "ThresholdedRelu" => Act::ThresholdedRelu(next(alpha, &mut ai, 1.0)),
-                "Elu" => Act::Elu(next(alpha, &mut ai, 1.0)),
-                "HardSigmoid" => {
-                    Act::HardSigmoid(next(alpha, &mut ai, 0.2), next(beta, &mut bi, 0.5))
-                }
-                "Affine" => Act::Affine(next(alpha, &mut ai, 1.0), next(beta, &mut bi, 0.0)),
-                "ScaledTanh" => {
-                    Act::ScaledTanh(next(alpha, &mut ai, 1.0), next(beta, &mut bi, 1.0))
-                }
-                other => return Err(format!("unknown activation {other:?}")),
-            })
-        })
-        .collect()
-}
-
-/// The recurrent cell kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cell {
-    /// LSTM (gates i, o, f, c).
-    Lstm,
-    /// GRU (gates z, r, h).
-    Gru,
-    /// Simple RNN.
-    Rnn,
-}
-
-impl Cell {
-    /// Gates per unit.
-    pub fn gates(self) -> usize {
-        match self {
-            Cell::Lstm => 4,
-            Cell::Gru => 3,
-            Cell::Rnn => 1,
-        }
-    }
-    /// Activation functions per direction.
-    pub fn acts(self) -> usize {
-        match self {
-            Cell::Lstm => 3,
-            Cell::Gru => 2,
-            Cell::Rnn => 1,
-        }
-    }
-    fn default_acts(self) -> Vec<Act> {
-        match self {
-            Cell::Lstm => vec![Act::Sigmoid, Act::Tanh, Act::Tanh],
-            Cell::Gru => vec![Act::Sigmoid, Act::Tanh],
-            Cell::Rnn => vec![Act::Tanh],
-        }
-    }
-}
-
-/// Everything a fused kernel needs from the op's attributes.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Spec {
-    /// The cell.
-    pub cell: Cell,
-    /// Units.
-    pub hidden: usize,
-    /// Per direction: reverse or not.
-    pub reverse: Vec<bool>,
-    /// Per direction: the activation functions.
-    pub acts: Vec<Vec<Act>>,
-    /// Gate pre-activation clip.
-    pub clip: Option<f32>,
-    /// LSTM `input_forget`.
-    pub input_forget: bool,
-    /// GRU `linear_before_reset`.
-    pub linear_before_reset: bool,
-    /// Batch-major layout.
-    pub layout1: bool,
-    /// Masked ops: masked steps output the held state instead of zeros.
-    pub hold: bool,
-}
-
-impl Spec {
-    /// Reads the spec of an LSTM/GRU/RNN op; `hidden` comes from R when the attribute is absent.
-    pub fn from_op(op: &Op, r_hidden: usize) -> Result<Spec, String> {
-        if !matches!(op, Op::LSTM { .. } | Op::GRU { .. } | Op::RNN { .. }) {
-            if let Some((base, hold)) = op.unmasked_recurrent() {
-                let mut spec = Spec::from_op(&base, r_hidden)?;
-                spec.hold = hold != 0;
-                return Ok(spec);
-            }
-        }
-        let (cell, aa, ab, acts, clip, dir, hs, layout, inf, lbr) = match op {
-            Op::LSTM {
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                input_forget,
-                layout,
-            } => (
-                Cell::Lstm,
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                layout,
-                *input_forget != 0,
-                false,
-            ),
-            Op::GRU {
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                layout,
-                linear_before_reset,
-            } => (
-                Cell::Gru,
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                layout,
-                false,
-                *linear_before_reset != 0,
-            ),
-            Op::RNN {
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                layout,
-            } => (
-                Cell::Rnn,
-                activation_alpha,
-                activation_beta,
-                activations,
-                clip,
-                direction,
-                hidden_size,
-                layout,
-                false,
-                false,
-            ),
-            other => return Err(format!("{} is not a recurrent op", other.name())),
-        };
-        let d = num_directions(dir)?;
-        let reverse = match dir.as_str() {
-            "forward" => vec![false],
-            "reverse" => vec![true],
-            _ => vec![false, true],
-        };
-        let per = cell.acts();
-        let acts = match acts {
-            Some(names) => {
-                let all = parse_activations(
-                    names,
-                    aa.as_deref().unwrap_or(&[]),
-                    ab.as_deref().unwrap_or(&[]),
-                )?;
-                if all.len() != per * d {
-                    return Err(format!(
-                        "{} activations for {d} direction(s) of {per}",
-                        all.len()
-                    ));
-                }
-                all.chunks(per).map(|c| c.to_vec()).collect()
-            }
-            None => vec![cell.default_acts(); d],
-        };
-        let hidden = match hs {
-            Some(h) if *h as usize != r_hidden => {
-                return Err(format!("hidden_size {h} but R has {r_hidden} columns"))
-            }
-            _ => r_hidden,
-        };
-        Ok(Spec {
-            cell,
-            hidden,
-            reverse,
-            acts,
-            clip: *clip,
-            input_forget: inf,
-            linear_before_reset: lbr,
-            layout1: *layout == 1,
-            hold: false,
-        })
     }
 }
 

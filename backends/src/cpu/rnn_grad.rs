@@ -9,8 +9,9 @@
 //! projections, dX, dW, dR) are one GEMM over all steps. Layout 0 (time-major) only; the importer canonicalises
 //! `layout=1`.
 
-use super::rnn::{Act, Cell, GemmMode, RFloat, Spec, PARALLEL_MIN_MACS};
+use super::rnn::{ActApply, GemmMode, RFloat, PARALLEL_MIN_MACS};
 use crate::data::Data;
+use cellgraph_ir::ops::rnn::{Act, Cell, GradSlots, Spec};
 use cellgraph_ir::{Op, Tensor};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -241,8 +242,8 @@ fn run(
         }
         None => vec![t_len; n],
     };
-    let mask_slot = if lstm { 11 } else { 8 };
-    let mask = match get(mask_slot) {
+    let slots = GradSlots::of(spec.cell);
+    let mask = match get(slots.mask()) {
         Some(m) => Some(crate::cpu::rnn::step_mask(m.tensor()?, t_len, n, false)?),
         None => None,
     };
@@ -257,14 +258,11 @@ fn run(
     };
     let h0 = tensor_f64(get(5), "initial_h")?;
     check_state(&h0, "initial_h")?;
-    let (c0, p, cot0) = if lstm {
-        (
-            tensor_f64(get(6), "initial_c")?,
-            tensor_f64(get(7), "P")?,
-            8,
-        )
+    let cot0 = slots.first_cotangent();
+    let (c0, p) = if lstm {
+        (tensor_f64(get(6), "initial_c")?, tensor_f64(get(7), "P")?)
     } else {
-        (None, None, 6)
+        (None, None)
     };
     check_state(&c0, "initial_c")?;
     if let Some((ps, _)) = &p {

@@ -401,7 +401,7 @@ impl Model {
     pub fn recurrent_choices(
         &self,
         sig: &[(DType, Vec<usize>)],
-    ) -> R<Vec<cellgraph_backends::select::Choice>> {
+    ) -> R<Vec<cellgraph_backends::passes::select::Choice>> {
         let lowered = self.lower(sig, false, true)?;
         Ok(self.select(&lowered.graph)?.choices)
     }
@@ -416,9 +416,9 @@ impl Model {
     }
 
     /// The selector over a lowered graph, for this model's recurrent mode.
-    pub(crate) fn select(&self, g: &Graph) -> R<cellgraph_backends::select::Selected> {
+    pub(crate) fn select(&self, g: &Graph) -> R<cellgraph_backends::passes::select::Selected> {
         let backend = CpuBackend::new(self.recurrent);
-        Ok(cellgraph_backends::select::select(
+        Ok(cellgraph_backends::passes::select::select(
             &backend,
             g,
             self.recurrent == RecurrentMode::Fused,

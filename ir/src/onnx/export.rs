@@ -36,13 +36,33 @@ pub fn export_model(m: &Model) -> proto::ModelProto {
         metadata_props: m
             .metadata
             .iter()
+            .filter(|(k, _)| k != super::FROZEN_KEY)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(frozen_initializers(&m.graph).map(|v| (super::FROZEN_KEY.to_string(), v)))
             .map(|(k, v)| proto::StringStringEntryProto {
-                key: Some(k.clone()),
-                value: Some(v.clone()),
+                key: Some(k),
+                value: Some(v),
             })
             .collect(),
         ..Default::default()
     }
+}
+
+/// The names of the top-level float initializers training does not update, one per line
+/// (the value of [`super::FROZEN_KEY`]); `None` when every one is trainable.
+fn frozen_initializers(g: &Graph) -> Option<String> {
+    let names: Vec<&str> = g
+        .initializers()
+        .iter()
+        .filter_map(|&n| match &g.node(n).kind {
+            NodeKind::Initializer {
+                tensor,
+                trainable: false,
+            } if tensor.dtype().is_float() => Some(g.node(n).name.as_str()),
+            _ => None,
+        })
+        .collect();
+    (!names.is_empty()).then(|| names.join("\n"))
 }
 
 /// A `TensorProto` with the data in `raw_data`.

@@ -137,7 +137,32 @@ pub fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
         nodes: 0,
         reserved,
     };
-    let graph = imp.graph(gp, &[], 0)?;
+    let mut graph = imp.graph(gp, &[], 0)?;
+    let mut metadata = Vec::new();
+    for p in &mp.metadata_props {
+        if p.key() != super::FROZEN_KEY {
+            metadata.push((p.key().to_string(), p.value().to_string()));
+            continue;
+        }
+        for name in p.value().lines().filter(|l| !l.is_empty()) {
+            let node = graph
+                .initializers()
+                .iter()
+                .copied()
+                .find(|&n| graph.node(n).name == name);
+            match node {
+                Some(n) => {
+                    graph.set_trainable(n, false);
+                }
+                None => {
+                    return Err(malformed(
+                        format!("metadata_props {:?}", super::FROZEN_KEY),
+                        format!("names {name:?}, which is not an initializer of the main graph"),
+                    ))
+                }
+            }
+        }
+    }
     Ok(Model {
         ir_version: mp.ir_version(),
         producer_name: mp.producer_name().to_string(),
@@ -145,11 +170,7 @@ pub fn import_model(bytes: &[u8], opts: &ImportOptions) -> Result<Model> {
         domain: mp.domain().to_string(),
         model_version: mp.model_version(),
         doc: mp.doc_string().to_string(),
-        metadata: mp
-            .metadata_props
-            .iter()
-            .map(|p| (p.key().to_string(), p.value().to_string()))
-            .collect(),
+        metadata,
         graph,
     })
 }
@@ -912,4 +933,67 @@ fn read_external(
     let mut buf = vec![0u8; want as usize];
     f.read_exact(&mut buf).map_err(|e| err(e.to_string()))?;
     Ok(buf)
+}
+
+/// What a stored value file (an ONNX node test's `input_N.pb` / `output_N.pb`) holds: the
+/// files carry no tag, so the reader says which message to decode (the graph's declared
+/// type of that input or output).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredKind {
+    /// A `TensorProto`.
+    Tensor,
+    /// A `SequenceProto` of tensors.
+    Sequence,
+    /// An `OptionalProto` of a tensor or a sequence.
+    Optional,
+}
+
+/// A value decoded from a stored value file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoredValue {
+    /// A tensor.
+    Tensor(Tensor),
+    /// A sequence of tensors.
+    Sequence(Vec<Tensor>),
+    /// An optional value: `None`, a tensor or a sequence.
+    Optional(Option<Box<StoredValue>>),
+}
+
+/// Decodes a stored value file's bytes as `kind`; `what` names the file in errors. The
+/// tensors are checked against `limits` as a model's initializers are. This is how the
+/// ONNX conformance runner reads the node tests' data without a protobuf dependency of
+/// its own.
+pub fn decode_stored_value(
+    bytes: &[u8],
+    kind: StoredKind,
+    what: &str,
+    limits: &Limits,
+) -> Result<StoredValue> {
+    let bad = |e: prost::DecodeError| Error::Tensor {
+        name: what.to_string(),
+        msg: format!(
+            "not a valid {kind:?} protobuf: {}",
+            crate::error::short_decode_error(&e)
+        ),
+    };
+    let tensor = |t: &proto::TensorProto| tensor_from_proto(t, what, None, limits);
+    let seq = |s: &proto::SequenceProto| -> Result<Vec<Tensor>> {
+        s.tensor_values.iter().map(tensor).collect()
+    };
+    Ok(match kind {
+        StoredKind::Tensor => {
+            StoredValue::Tensor(tensor(&proto::TensorProto::decode(bytes).map_err(bad)?)?)
+        }
+        StoredKind::Sequence => {
+            StoredValue::Sequence(seq(&proto::SequenceProto::decode(bytes).map_err(bad)?)?)
+        }
+        StoredKind::Optional => {
+            let o = proto::OptionalProto::decode(bytes).map_err(bad)?;
+            StoredValue::Optional(match (&o.tensor_value, &o.sequence_value) {
+                (Some(t), _) => Some(Box::new(StoredValue::Tensor(tensor(t)?))),
+                (None, Some(s)) => Some(Box::new(StoredValue::Sequence(seq(s)?))),
+                (None, None) => None,
+            })
+        }
+    })
 }

@@ -5,11 +5,21 @@ mod export;
 mod import;
 
 pub use export::{export_model, model_to_bytes, tensor_to_proto};
-pub use import::{import_model, tensor_from_proto, ImportOptions, Limits};
+pub use import::{
+    decode_stored_value, import_model, tensor_from_proto, ImportOptions, Limits, StoredKind,
+    StoredValue,
+};
 
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use std::path::Path;
+
+/// The model metadata key (`metadata_props`) under which export lists the top-level
+/// float initializers that training does not update (Keras's non-trainable weights, e.g.
+/// BatchNormalization's moving statistics), one name per line. ONNX has no such flag;
+/// import reads the key back into each initializer's `trainable` and does not keep it in
+/// [`Model::metadata`], so a round trip gives the same model and the same bytes.
+pub const FROZEN_KEY: &str = "cellgraph.non_trainable_initializers";
 
 /// The prost types generated from `onnx.proto` and `onnx-data.proto` (package `onnx`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,5 +1,5 @@
 //! Raise: recognise `Scan` loops whose body computes an LSTM, a GRU (both reset forms) or
-//! a simple RNN cell, and replace them with the fused op — the inverse of [`crate::lower`].
+//! a simple RNN cell, and replace them with the fused op — the inverse of [`crate::passes::lower`].
 //!
 //! The body is first read in a canonical form: every gate pre-activation becomes an
 //! affine sum of projections `src · W[:, lo..hi]` and bias slices, whatever mix of
@@ -22,9 +22,9 @@
 //! flipped back into processing order. Whatever a rule cannot prove it refuses, with the
 //! reason recorded in a [`Decision`]; the Scan then stays a loop.
 
-use crate::cpu::rnn::{Act, Cell};
 use crate::error::{Error, Result};
-use crate::lower::{rewrite, Builder};
+use crate::passes::lower::{rewrite, Builder};
+use cellgraph_ir::ops::rnn::{Act, Cell};
 use cellgraph_ir::{DType, Dim, Graph, NodeId, NodeKind, Op, Tensor, ValueRef};
 use std::cell::RefCell;
 

@@ -9,8 +9,8 @@
 //! state and emit zeros, and a reversed scan over the whole time axis starts each row at
 //! its own last valid step.
 
-use crate::cpu::rnn::{parse_activations, Act, Cell};
 use crate::error::{Error, Result};
+use cellgraph_ir::ops::rnn::{self, Act, Cell, Spec};
 use cellgraph_ir::{
     DType, Dim, Graph, NodeId, NodeKind, Op, Tensor, TensorType, ValueRef, ValueType,
 };
@@ -29,7 +29,7 @@ pub fn lower_where(graph: &Graph, pick: &dyn Fn(&Op) -> bool) -> Result<Graph> {
         &mut |dst, src, n, ins, names| {
             let node = src.node(n);
             match node.op() {
-                Some(op) if op.unmasked_recurrent().is_some() && !is_grad(op) && pick(op) => {
+                Some(op) if op.unmasked_recurrent().is_some() && !rnn::is_grad(op) && pick(op) => {
                     expand(dst, &node.display_name(), op, ins, names).map(Some)
                 }
                 _ => Ok(None),
@@ -141,14 +141,6 @@ fn is_masked(op: &Op) -> bool {
     matches!(
         op,
         Op::LSTMMasked { .. } | Op::GRUMasked { .. } | Op::RNNMasked { .. }
-    )
-}
-
-/// `LSTMGrad`/`GRUGrad`/`RNNGrad`.
-pub(crate) fn is_grad(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::LSTMGrad { .. } | Op::GRUGrad { .. } | Op::RNNGrad { .. }
     )
 }
 
@@ -307,7 +299,7 @@ fn facts(g: &Graph, op: &Op, ins: &[Option<ValueRef>]) -> Result<Rec> {
             ))
         }
     };
-    let spec = crate::cpu::rnn::Spec::from_op(op, h).map_err(err)?;
+    let spec = Spec::from_op(op, h).map_err(err)?;
     let x = ins
         .first()
         .copied()
@@ -318,7 +310,6 @@ fn facts(g: &Graph, op: &Op, ins: &[Option<ValueRef>]) -> Result<Rec> {
         .ty
         .dtype()
         .ok_or_else(|| err("X's dtype must be known".into()))?;
-    let _ = parse_activations;
     Ok(Rec {
         cell: spec.cell,
         h,

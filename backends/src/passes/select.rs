@@ -3,8 +3,8 @@
 //! it back to a loop, recording why for every recurrent node.
 
 use crate::error::Result;
-use crate::lower::lower_where;
-use crate::raise::{is_fused_recurrent, raise_recurrent};
+use crate::passes::lower::lower_where;
+use crate::passes::raise::{is_fused_recurrent, raise_recurrent};
 use crate::Backend;
 use cellgraph_ir::{Graph, Op};
 use std::fmt;
