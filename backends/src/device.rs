@@ -82,7 +82,7 @@ impl DeviceValue {
 
 /// A backend as an object: per-node capability, compiling its part of a graph, and
 /// moving values between the host and its memory.
-pub trait Device: Send + Sync {
+pub trait Device: Send + Sync + fmt::Debug {
     /// The backend's name (`cpu`, `subset`, `cuda`).
     fn name(&self) -> &'static str;
 

@@ -104,6 +104,7 @@ struct Part {
 
 /// A plan over several backends (see the module docs).
 pub struct PlacedPlan {
+    graph: Graph,
     devices: Vec<Arc<dyn Device>>,
     placement: Vec<NodePlace>,
     parts: Vec<Part>,
@@ -265,6 +266,7 @@ impl PlacedPlan {
             }
         }
         Ok(PlacedPlan {
+            graph: graph.clone(),
             devices,
             placement,
             parts,
@@ -275,6 +277,11 @@ impl PlacedPlan {
             uses,
             transfers: Transfers::default(),
         })
+    }
+
+    /// The graph this plan runs.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
     }
 
     /// Where each node runs, in execution order.

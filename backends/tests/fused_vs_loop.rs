@@ -434,7 +434,27 @@ fn check_within(c: &Cfg, dtype: DType, atol: f64) -> Result<PathCounts, TestCase
     let a = fused.run(inputs.clone()).expect("run fused");
     let counts = paths::take();
     prop_assert_eq!(counts.forward, 1, "the fused kernel ran once: {:?}", counts);
+    // The loop lowering placed over the backend list [subset, cpu]: the subset backend
+    // takes the f32 elementwise ops and 2-D products outside the loops, the CPU the rest;
+    // it must give the loop plan's values.
+    let lowered = cellgraph_backends::passes::lower::lower_recurrent(&g).expect("lower");
+    let list: Vec<std::sync::Arc<dyn cellgraph_backends::Device>> = vec![
+        std::sync::Arc::new(cellgraph_backends::subset::SubsetBackend),
+        std::sync::Arc::new(CpuBackend::new(Recurrent::Loop)),
+    ];
+    let placed = cellgraph_backends::PlacedPlan::compile(&lowered, list)
+        .expect("placed")
+        .run(inputs.clone())
+        .expect("run placed");
     let b = looped.run(inputs).expect("run loop");
+    for (k, (x, y)) in placed.iter().zip(&b).enumerate() {
+        let (x, y) = (x.tensor().expect("tensor"), y.tensor().expect("tensor"));
+        if let Err(e) = close_within(x, y, atol) {
+            return Err(TestCaseError::fail(format!(
+                "{dtype} placed output {k}: {e}"
+            )));
+        }
+    }
     prop_assert_eq!(a.len(), b.len());
     for (k, (x, y)) in a.iter().zip(&b).enumerate() {
         let (x, y) = (x.tensor().expect("tensor"), y.tensor().expect("tensor"));

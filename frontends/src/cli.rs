@@ -215,6 +215,10 @@ pub enum Command {
         /// limit) or when checkpoints exist but none loads.
         #[arg(long)]
         resume: bool,
+        /// The backends: `cpu`, or `subset` (the test-only backend first, the CPU for
+        /// the nodes it refuses; slower, for showing placement in training).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
         /// Test fault: abort while writing the checkpoint of epoch E.
         #[arg(long, hide = true, value_name = "E")]
         fault_abort_in_checkpoint: Option<usize>,
@@ -326,7 +330,8 @@ pub enum Suite {
         /// How LSTM/GRU/RNN run: fused kernels or Scan loops.
         #[arg(long, value_enum, default_value = "fused")]
         recurrent: RecurrentArg,
-        /// The backend.
+        /// The backends: `cpu`, or `subset` (the test-only backend first, the CPU for
+        /// the nodes it refuses).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
         /// Relative tolerance.
@@ -346,7 +351,8 @@ pub enum Suite {
         /// Case folders, or folders holding case folders.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// The backend.
+        /// The backends: `cpu`, or `subset` (the test-only backend first, the CPU for
+        /// the nodes it refuses).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
     },
@@ -813,15 +819,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Conformance {
             suite: Suite::Keras { paths, backend },
         } => {
-            if backend != BackendArg::Cpu {
-                return Err(CliError::Usage(
-                    "conformance keras: the Keras runner runs on the cpu backend only (the \
-                     ONNX runner, `run` and `inspect` take --backend subset)"
-                        .into(),
-                ));
-            }
+            let before = backend.before_cpu();
             run_suite(&paths, crate::keras::conformance::find_cases, |case| {
-                crate::keras::conformance::run_case(case).map(|r| {
+                crate::keras::conformance::run_case_on(case, &before).map(|r| {
                     let mut line = format!(" ({})", r.checked.join(", "));
                     if !r.skipped.is_empty() {
                         line += &format!("; skipped: {}", r.skipped.join(", "));
@@ -842,6 +842,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             limit,
             checkpoint_dir,
             resume,
+            backend,
             fault_abort_in_checkpoint,
         } => {
             use crate::keras::Optimizer;
@@ -884,6 +885,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 resume,
                 abort_in_checkpoint: fault_abort_in_checkpoint,
                 limits: LIMITS.with(|l| l.borrow().clone()),
+                backends: backend.before_cpu(),
             };
             crate::mnist::main_job(&opts).map_err(CliError::Run)?;
             Ok(0)

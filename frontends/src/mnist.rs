@@ -368,6 +368,9 @@ pub struct JobOptions {
     /// Size limits for the IDX files of `data` (file size, each array and all arrays
     /// as float32).
     pub limits: crate::ir::onnx::Limits,
+    /// Backends placed before the CPU ([`crate::keras::Model::set_backends`]); empty:
+    /// the CPU alone.
+    pub backends: Vec<std::sync::Arc<dyn crate::backends::Device>>,
 }
 
 /// What the main job measured.
@@ -492,6 +495,7 @@ pub fn main_job(o: &JobOptions) -> Result<JobReport, String> {
             .map_or("bundled subset".to_string(), |d| d.display().to_string())
     );
     let mut model = guide_model(o.rnn_lstmcell, o.seed).map_err(e)?;
+    model.set_backends(o.backends.clone());
     print!("{}", model.summary());
     model.compile(
         o.optimizer,

@@ -375,6 +375,71 @@ fn fit_trains_through_fused_kernels_both_ways() {
     }
 }
 
+/// Training on a plan placed over two backends — the test-only `subset` backend
+/// (elementwise ops and 2-D MatMul: Dense, BatchNormalization's arithmetic, the optimizer
+/// updates' elementwise parts) before the CPU (the fused LSTM and its backward, shapes,
+/// reductions) — gives the CPU's losses and weights, and the training plan does put
+/// nodes of the forward, the backward and both on the subset backend.
+#[test]
+fn fit_on_a_plan_placed_over_two_backends_matches_the_cpu() {
+    use cellgraph::backends::subset::SubsetBackend;
+    let data = Mnist::bundled().unwrap();
+    let (x, y) = subset(&data.train_images, &data.train_labels, 128);
+    let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
+    let opts = FitOptions {
+        batch_size: 32,
+        epochs: 2,
+        seed: 4,
+        verbose: false,
+        ..Default::default()
+    };
+    let mut runs = Vec::new();
+    for placed in [false, true] {
+        let mut model = guide_model(false, 5).unwrap();
+        if placed {
+            model.set_backends(vec![std::sync::Arc::new(SubsetBackend)]);
+        }
+        model.compile(Optimizer::adam(), loss, &[]);
+        let h = model.fit(std::slice::from_ref(&x), &y, &opts).unwrap();
+        let pred = model.predict(std::slice::from_ref(&x)).unwrap();
+        let places = model.placements();
+        if placed {
+            let all: Vec<_> = places.iter().flatten().collect();
+            let on = |b: &str, op: &str| all.iter().any(|p| p.backend == b && p.op == op);
+            assert!(on("subset", "MatMul") && on("subset", "Add") && on("subset", "Mul"));
+            assert!(
+                on("cpu", "LSTM") && on("cpu", "LSTMGrad"),
+                "the fused LSTM stays on the cpu"
+            );
+            let n_subset = all.iter().filter(|p| p.backend == "subset").count();
+            assert!(
+                n_subset >= 20,
+                "only {n_subset} nodes on the subset backend"
+            );
+        } else {
+            assert!(places.is_empty());
+        }
+        runs.push((h.get("loss").unwrap().to_vec(), model.get_weights(), pred));
+    }
+    let (a, b) = (&runs[0], &runs[1]);
+    for (p, q) in a.0.iter().zip(&b.0) {
+        assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0), "loss {p} vs {q}");
+    }
+    for (wa, wb) in a.1.iter().zip(&b.1) {
+        for (p, q) in wa.iter().zip(wb) {
+            assert!((p - q).abs() <= 1e-4 + 1e-3 * q.abs(), "weight {p} vs {q}");
+        }
+    }
+    for (pa, pb) in a.2.iter().zip(&b.2) {
+        for (p, q) in pa.to_f64_vec().iter().zip(pb.to_f64_vec()) {
+            assert!(
+                (p - q).abs() <= 1e-3 + 1e-3 * q.abs(),
+                "prediction {p} vs {q}"
+            );
+        }
+    }
+}
+
 /// `train_on_batch` is one step of `fit` on one batch: the same loss and the same
 /// weights after it as `fit` with one batch, unshuffled; before `compile` it is an error.
 #[test]

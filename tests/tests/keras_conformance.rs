@@ -1,16 +1,24 @@
 //! The Keras conformance cases: the 8 seed cases of the guide and the option cases from
 //! real Keras (`tests/conformance/keras-options`) all pass: summary, outputs, stateful
-//! sequences, losses and the gradient of every trainable weight.
+//! sequences, losses and the gradient of every trainable weight — on the CPU, and on the
+//! test-only `subset` backend placed before the CPU.
 
-use cellgraph::keras::conformance::{find_cases, run_case};
+use cellgraph::backends::subset::{nodes_run, SubsetBackend};
+use cellgraph::backends::Device;
+use cellgraph::keras::conformance::{find_cases, run_case, run_case_on};
 use cellgraph_tests::conformance_dir;
+use std::sync::Arc;
 
 fn check(folder: &str, expected: usize) {
+    check_on(folder, expected, &[]);
+}
+
+fn check_on(folder: &str, expected: usize, before: &[Arc<dyn Device>]) {
     let cases = find_cases(&conformance_dir().join(folder));
     assert_eq!(cases.len(), expected, "the shipped cases in {folder}");
     let mut failures = Vec::new();
     for case in &cases {
-        match run_case(case) {
+        match run_case_on(case, before) {
             Ok(report) => {
                 assert!(
                     report
@@ -49,6 +57,16 @@ fn seed_cases_pass() {
 #[test]
 fn option_cases_from_real_keras_pass() {
     check("keras-options", 15);
+}
+
+#[test]
+fn seed_and_option_cases_pass_with_the_subset_backend_before_the_cpu() {
+    let before = nodes_run();
+    check_on("keras", 8, &[Arc::new(SubsetBackend)]);
+    check_on("keras-options", 15, &[Arc::new(SubsetBackend)]);
+    let ran = nodes_run() - before;
+    assert!(ran >= 1000, "only {ran} nodes ran on the subset backend");
+    eprintln!("{ran} nodes ran on the subset backend");
 }
 
 /// Every option case's loss covers every output (so every weight that feeds an output has

@@ -8,6 +8,7 @@
 use cellgraph::backends::cpu::paths::{self as kernel_paths, PathCounts};
 use cellgraph::backends::cpu::Recurrent as Mode;
 use cellgraph::backends::passes::select::Placement;
+use cellgraph::backends::subset::SubsetBackend;
 use cellgraph::ir::{DType, Tensor};
 use cellgraph::keras::{
     Activation, Bidirectional, CallArgs, Functional, Input, Loss, Masking, MergeMode, Model,
@@ -36,6 +37,17 @@ fn paths() -> Vec<PathUnderTest> {
         PathUnderTest {
             name: "cpu fused",
             configure: |m| m.set_recurrent(Mode::Fused),
+            fused: true,
+        },
+        // The test-only subset backend before the CPU: Dense, masks' arithmetic and the
+        // gradient's elementwise ops and MatMuls on it, the fused recurrent ops on the
+        // CPU, copies at the edges.
+        PathUnderTest {
+            name: "subset + cpu fused",
+            configure: |m| {
+                m.set_recurrent(Mode::Fused);
+                m.set_backends(vec![std::sync::Arc::new(SubsetBackend)]);
+            },
             fused: true,
         },
     ]
@@ -380,6 +392,21 @@ fn run(c: &Cfg, path: &PathUnderTest, x: &[Tensor]) -> Result<Run, TestCaseError
             .any(|op| t.contains(op))
     });
     prop_assert_eq!(backward, path.fused, "{}: fused backward ops", path.name);
+    // A path with a backend before the CPU puts nodes on it (and only there, the CPU's
+    // own plans otherwise).
+    let on_subset = m
+        .placements()
+        .iter()
+        .flatten()
+        .filter(|p| p.backend == "subset")
+        .count();
+    prop_assert_eq!(
+        on_subset > 0,
+        path.name.starts_with("subset"),
+        "{}: {} nodes on the subset backend",
+        path.name,
+        on_subset
+    );
     Ok(Run {
         outputs,
         loss: g.loss,

@@ -6,9 +6,11 @@ use super::layers::Shape;
 use super::model::Model;
 use super::summary::SummaryRow;
 use crate::conformance::{compare_tensors, Tolerance};
+use cellgraph_backends::Device;
 use cellgraph_ir::Tensor;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The outcome of one case.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,7 +50,12 @@ fn files_of(list: &Value, what: &str) -> Result<Vec<String>, String> {
         .collect()
 }
 
-fn load(dir: &Path, json: &str, weights: &[String]) -> Result<Model, String> {
+fn load(
+    dir: &Path,
+    json: &str,
+    weights: &[String],
+    backends: &[Arc<dyn Device>],
+) -> Result<Model, String> {
     let path = dir.join(json);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut model = model_from_json_with(&text, &path.display().to_string(), false)
@@ -58,6 +65,7 @@ fn load(dir: &Path, json: &str, weights: &[String]) -> Result<Model, String> {
         .map(|f| read_f32(&dir.join(f)).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     model.set_weights(values).map_err(|e| e.to_string())?;
+    model.set_backends(backends.to_vec());
     Ok(model)
 }
 
@@ -193,8 +201,13 @@ pub fn loss_value(name: &str, output: &Tensor, targets: &Tensor) -> Result<f64, 
     }
 }
 
-/// Runs one case folder.
+/// Runs one case folder on the CPU backend.
 pub fn run_case(dir: &Path) -> Result<CaseReport, String> {
+    run_case_on(dir, &[])
+}
+
+/// Runs one case folder with `backends` placed before the CPU ([`Model::set_backends`]).
+pub fn run_case_on(dir: &Path, backends: &[Arc<dyn Device>]) -> Result<CaseReport, String> {
     let meta = read_json(&dir.join("meta.json"))?;
     let tol = meta
         .get("tolerance")
@@ -205,7 +218,7 @@ pub fn run_case(dir: &Path) -> Result<CaseReport, String> {
         checked: Vec::new(),
         skipped: Vec::new(),
     };
-    let mut models = vec![load(dir, "model.json", &weights)?];
+    let mut models = vec![load(dir, "model.json", &weights, backends)?];
     if let Some(summary) = meta.get("summary") {
         check_summary(&models[0], summary)?;
         report.checked.push("summary".into());
@@ -219,7 +232,7 @@ pub fn run_case(dir: &Path) -> Result<CaseReport, String> {
                     .and_then(Value::as_str)
                     .ok_or("model without json")?;
                 let w = files_of(m.get("weights").unwrap_or(&Value::Null), "models[].weights")?;
-                let model = load(dir, json, &w)?;
+                let model = load(dir, json, &w, backends)?;
                 if let Some(s) = m.get("summary") {
                     check_summary(&model, s).map_err(|e| format!("{json}: {e}"))?;
                 }

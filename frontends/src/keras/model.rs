@@ -6,10 +6,11 @@ use super::layers::{shape_str, Input, Layer, Recurrent, Shape};
 use super::lower::{self, Emit};
 use super::KerasError;
 use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
-use cellgraph_backends::{Backend, Data, Plan};
+use cellgraph_backends::{Backend, Data, Device, PlacedPlan, Plan};
 use cellgraph_ir::{DType, Dim, Graph, Op, Tensor, TensorType, ValueRef, ValueType};
 use ndarray::{ArrayD, IxDyn};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 type R<T> = Result<T, KerasError>;
 
@@ -103,8 +104,56 @@ pub const MAX_WEIGHT_ELEMENTS: usize = 1 << 30;
 type PlanKey = (Vec<(DType, Vec<usize>)>, bool);
 
 struct Compiled {
-    plan: CpuPlan,
+    plan: ModelPlan,
     lowered: Lowered,
+}
+
+/// A compiled plan of a model: the CPU backend's own, or one placed over several
+/// backends (those of [`Model::set_backends`], then the CPU for every node they
+/// refuse).
+pub(crate) enum ModelPlan {
+    /// The whole graph on the CPU.
+    Cpu(Box<CpuPlan>),
+    /// Placed over a backend list.
+    Placed(Box<PlacedPlan>),
+}
+
+impl ModelPlan {
+    /// Compiles `graph` on `before` (in order of preference) and the CPU.
+    pub(crate) fn compile(graph: &Graph, before: &[Arc<dyn Device>]) -> R<ModelPlan> {
+        let cpu = CpuBackend::new(RecurrentMode::Fused);
+        if before.is_empty() {
+            return Ok(ModelPlan::Cpu(Box::new(cpu.compile(graph)?)));
+        }
+        let mut list = before.to_vec();
+        list.push(Arc::new(cpu));
+        Ok(ModelPlan::Placed(Box::new(PlacedPlan::compile(
+            graph, list,
+        )?)))
+    }
+
+    /// The graph the plan runs.
+    pub(crate) fn graph(&self) -> &Graph {
+        match self {
+            ModelPlan::Cpu(p) => p.graph(),
+            ModelPlan::Placed(p) => p.graph(),
+        }
+    }
+
+    /// Where each node runs (`None` for a CPU-only plan).
+    pub(crate) fn placement(&self) -> Option<&[cellgraph_backends::placed::NodePlace]> {
+        match self {
+            ModelPlan::Cpu(_) => None,
+            ModelPlan::Placed(p) => Some(p.placement()),
+        }
+    }
+
+    fn run(&mut self, data: Vec<Data>) -> R<Vec<Data>> {
+        Ok(match self {
+            ModelPlan::Cpu(p) => p.run(data)?,
+            ModelPlan::Placed(p) => p.run(data)?,
+        })
+    }
 }
 
 /// A Keras model: a sequential stack or a functional graph of layers.
@@ -125,6 +174,8 @@ pub struct Model {
     plans: HashMap<PlanKey, Compiled>,
     /// How recurrent layers run: raised to fused kernels (default) or as loops.
     pub(crate) recurrent: RecurrentMode,
+    /// Backends placed before the CPU ([`Model::set_backends`]).
+    pub(crate) backends: Vec<Arc<dyn Device>>,
     pub(crate) grad_plans: HashMap<GradKey, super::train::GradPlan>,
     pub(crate) training: Option<super::train::TrainState>,
 }
@@ -380,6 +431,7 @@ impl Model {
             rng: rand::SeedableRng::seed_from_u64(seed ^ 0x5EED_D80F),
             plans: HashMap::new(),
             recurrent: RecurrentMode::Fused,
+            backends: Vec::new(),
             grad_plans: HashMap::new(),
             training: None,
         }
@@ -394,6 +446,45 @@ impl Model {
         self.recurrent = mode;
         self.plans.clear();
         self.grad_plans.clear();
+    }
+
+    /// The backends this model's plans run on, in order of preference, before the CPU
+    /// (which runs every node they refuse). Empty (the default): the CPU alone. Each
+    /// node of the inference and training graphs runs on the first backend that accepts
+    /// it, with copies only at the edges between backends (`backends::placed`); the
+    /// results are the CPU's. Compiled plans are dropped.
+    ///
+    /// ```
+    /// use cellgraph::backends::subset::SubsetBackend;
+    /// use cellgraph::keras::{Dense, Input, Sequential};
+    /// use std::sync::Arc;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut m = Sequential::new();
+    /// m.add(Input::new(&[Some(3)]))?;
+    /// m.add(Dense::new(2))?;
+    /// m.set_backends(vec![Arc::new(SubsetBackend)]);
+    /// let x = cellgraph::ir::Tensor::zeros(cellgraph::ir::DType::F32, &[4, 3]);
+    /// let y = m.predict(&[x])?;
+    /// assert_eq!(y[0].shape(), &[4, 2]);
+    /// assert!(m.placements().iter().flatten().any(|p| p.backend == "subset"));
+    /// # Ok(()) }
+    /// ```
+    pub fn set_backends(&mut self, backends: Vec<Arc<dyn Device>>) {
+        self.backends = backends;
+        self.plans.clear();
+        self.grad_plans.clear();
+    }
+
+    /// Where each node of every plan compiled so far runs (inference and training
+    /// plans), one line per node: `dense/matmul (MatMul) → subset`. Empty when the
+    /// model runs on the CPU alone.
+    pub fn placements(&self) -> Vec<Vec<cellgraph_backends::placed::NodePlace>> {
+        self.plans
+            .values()
+            .map(|c| &c.plan)
+            .chain(self.grad_plans.values().map(|p| &p.plan))
+            .filter_map(|p| p.placement().map(<[_]>::to_vec))
+            .collect()
     }
 
     /// What the selector decides for each recurrent layer for inputs of this signature
@@ -1157,7 +1248,7 @@ impl Model {
             let mut lowered = self.lower(&key.0, training, true)?;
             lowered.graph = self.select(&lowered.graph)?.graph;
             cellgraph_ir::verify(&lowered.graph)?;
-            let plan = CpuBackend::new(RecurrentMode::Fused).compile(&lowered.graph)?;
+            let plan = ModelPlan::compile(&lowered.graph, &self.backends)?;
             self.plans.insert(key.clone(), Compiled { plan, lowered });
         }
         let (feeds, states, bn) = {
@@ -1356,7 +1447,7 @@ pub(crate) fn signature(inputs: &[Tensor]) -> Vec<(DType, Vec<usize>)> {
 }
 
 /// Runs a plan and unwraps its tensors.
-pub(crate) fn run_plan(plan: &mut CpuPlan, data: Vec<Data>) -> R<Vec<Tensor>> {
+pub(crate) fn run_plan(plan: &mut ModelPlan, data: Vec<Data>) -> R<Vec<Tensor>> {
     plan.run(data)?
         .into_iter()
         .map(|d| d.into_tensor().map_err(KerasError::Internal))

@@ -7,8 +7,6 @@
 use super::checkpoint::{CheckpointOptions, Resumed, RunConfig};
 use super::model::{run_plan, signature, Feed, Lowered, Model};
 use super::KerasError;
-use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
-use cellgraph_backends::Backend;
 use cellgraph_ir::{DType, Graph, Op, Tensor, ValueRef, ValueType};
 use ndarray::{ArrayD, Axis, IxDyn};
 use std::fmt;
@@ -241,7 +239,7 @@ impl LossEmit<'_> {
 
 /// A compiled training graph: forward, loss and the gradient of every trainable weight.
 pub(crate) struct GradPlan {
-    pub(crate) plan: CpuPlan,
+    pub(crate) plan: super::model::ModelPlan,
     lowered: Lowered,
     /// (slot, weight index) of each gradient output, in order.
     params: Vec<(usize, usize)>,
@@ -338,7 +336,7 @@ impl Model {
         let graph = cellgraph_autodiff::grad(&lowered.graph, lv, &wrt)
             .map_err(|e| KerasError::Internal(format!("gradient pass: {e}")))?;
         cellgraph_ir::verify(&graph)?;
-        let plan = CpuBackend::new(RecurrentMode::Fused).compile(&graph)?;
+        let plan = super::model::ModelPlan::compile(&graph, &self.backends)?;
         lowered.graph = graph;
         Ok(GradPlan {
             plan,
