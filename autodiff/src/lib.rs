@@ -609,57 +609,14 @@ pub(crate) fn loop_body_vjp(body: &Graph, n: usize) -> Result<(Graph, Vec<String
     Ok((dst, names))
 }
 
-/// How the gradient pass treats an op.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Differentiability {
-    /// It has a VJP rule.
-    Rule,
-    /// Its outputs carry no gradient (integer, boolean, shape, constant results).
-    NonDifferentiable,
-    /// It is differentiable but has no rule yet: the pass fails by name on it.
-    Missing,
-}
+pub use cellgraph_ir::ops::Differentiability;
 
 /// How the pass treats the op `kind`.
 pub fn differentiability(kind: cellgraph_ir::OpKind) -> Differentiability {
-    let name = kind.info().name;
-    if rules::WITH_RULES.contains(&name) {
-        Differentiability::Rule
-    } else if NON_DIFFERENTIABLE.contains(&name) {
-        Differentiability::NonDifferentiable
-    } else {
-        Differentiability::Missing
-    }
+    kind.info().vjp
 }
-
-const NON_DIFFERENTIABLE: &[&str] = &[
-    "And",
-    "Or",
-    "Xor",
-    "Equal",
-    "Less",
-    "LessOrEqual",
-    "Greater",
-    "GreaterOrEqual",
-    "Not",
-    "Ceil",
-    "Floor",
-    "Shape",
-    "ConstantOfShape",
-    "Range",
-    "Constant",
-    "ArgMax",
-    "SequenceConstruct",
-    "SequenceEmpty",
-    "SequenceInsert",
-    "SequenceAt",
-    "SequenceLength",
-    "ConcatFromSequence",
-    "OptionalHasElement",
-    "OptionalGetElement",
-];
 
 /// Ops whose outputs carry no gradient (integer, boolean and shape results, constants).
 pub fn is_non_differentiable(op: &Op) -> bool {
-    NON_DIFFERENTIABLE.contains(&op.name())
+    op.kind().info().vjp == Differentiability::NonDifferentiable
 }

@@ -110,70 +110,6 @@ fn norm_axis(a: i64, rank: usize) -> usize {
     }
 }
 
-/// The ops with a VJP rule, by ONNX name.
-pub const WITH_RULES: &[&str] = &[
-    "Identity",
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Pow",
-    "Sum",
-    "Mean",
-    "Min",
-    "Max",
-    "Where",
-    "Neg",
-    "Abs",
-    "Exp",
-    "Log",
-    "Sqrt",
-    "Reciprocal",
-    "Sigmoid",
-    "Tanh",
-    "Relu",
-    "LeakyRelu",
-    "ThresholdedRelu",
-    "Elu",
-    "Softsign",
-    "Softplus",
-    "HardSigmoid",
-    "Clip",
-    "Cast",
-    "CastLike",
-    "Dropout",
-    "MatMul",
-    "Gemm",
-    "Softmax",
-    "LogSoftmax",
-    "Reshape",
-    "Flatten",
-    "Squeeze",
-    "Unsqueeze",
-    "Expand",
-    "Transpose",
-    "Concat",
-    "Split",
-    "Slice",
-    "Gather",
-    "ReduceSum",
-    "ReduceMean",
-    "ReduceMax",
-    "ReduceMin",
-    "BatchNormalization",
-    "Scan",
-    "Tile",
-    "Einsum",
-    "LSTM",
-    "GRU",
-    "RNN",
-    "LSTMMasked",
-    "GRUMasked",
-    "RNNMasked",
-    "If",
-    "Loop",
-];
-
 /// Runs the rule for `cx.op`.
 pub(crate) fn vjp(e: &mut Emit, cx: &NodeCx) -> Result<Grads> {
     let no_rule = || Error::NoRule {
@@ -752,13 +688,13 @@ fn softmax(e: &mut Emit, cx: &NodeCx, axis: Option<i64>) -> Result<Grads> {
             let s = e.reduce_sum(g, &[ax], true)?;
             let p = e.op(Op::Exp {}, &[y], "exp")?;
             let t = e.mul(p, s)?;
-            e.sub(g, t)
+            Ok(e.sub(g, t)?)
         } else {
             // y ⊙ (g − Σ g⊙y)
             let gy = e.mul(g, y)?;
             let s = e.reduce_sum(gy, &[ax], true)?;
             let d = e.sub(g, s)?;
-            e.mul(y, d)
+            Ok(e.mul(y, d)?)
         }
     };
     if !old || ax == rank - 1 {

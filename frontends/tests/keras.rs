@@ -21,6 +21,10 @@ fn example(name: &str) -> PathBuf {
 }
 
 fn run_example(name: &str) -> String {
+    run_example_with(name, &[])
+}
+
+fn run_example_with(name: &str, args: &[&str]) -> String {
     let path = example(name);
     if !path.exists() {
         // `cargo test --test keras` alone does not build the examples: build this one.
@@ -34,6 +38,7 @@ fn run_example(name: &str) -> String {
         assert!(status.success(), "cargo build --example {name} failed");
     }
     let out = Command::new(&path)
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{}: {e} (cargo test builds the examples)", path.display()));
     assert!(
@@ -59,6 +64,43 @@ fn examples_print_the_guides_parameter_totals() {
         );
         assert!(text.contains("┃ Layer (type)"), "{name}: no summary table");
     }
+}
+
+/// The GRU built by hand with the graph builder (`examples/gru_scan_by_hand.rs`): its
+/// gradient agrees with a central finite difference, and the subset backend placed
+/// before the CPU runs some of its nodes and gives the same loss and gradient.
+#[test]
+fn the_gru_built_by_hand_differentiates_and_runs_on_both_backend_lists() {
+    let number = |text: &str, prefix: &str, after: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in\n{text}"));
+        let rest = &line[line.find(after).expect("marker") + after.len()..];
+        rest.trim_start()
+            .split([' ', ')'])
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {after:?} in {line:?}"))
+    };
+    let cpu = run_example_with("gru_scan_by_hand", &["cpu"]);
+    let subset = run_example_with("gru_scan_by_hand", &["subset"]);
+    for text in [&cpu, &subset] {
+        let analytic = number(text, "d loss / d Rh", ":");
+        let numeric = number(text, "d loss / d Rh", "central difference:");
+        assert!(
+            (analytic - numeric).abs() <= 1e-4 + 1e-3 * numeric.abs(),
+            "{analytic} vs {numeric}:\n{text}"
+        );
+        assert!(text.contains("it imports back"), "{text}");
+    }
+    let (a, b) = (number(&cpu, "loss:", ":"), number(&subset, "loss:", ":"));
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "loss {a} vs {b}");
+    assert!(cpu.contains("0 node(s) off the cpu"), "{cpu}");
+    assert!(
+        !subset.contains(" 0 node(s) off the cpu") && subset.contains("(Mul)"),
+        "{subset}"
+    );
 }
 
 fn max_diff_line(text: &str, prefix: &str) -> f32 {

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod builder;
 pub mod convert;
 pub mod dtype;
 pub mod error;

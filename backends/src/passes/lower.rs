@@ -10,6 +10,7 @@
 //! its own last valid step.
 
 use crate::error::{Error, Result};
+use cellgraph_ir::builder::Builder as IrBuilder;
 use cellgraph_ir::ops::rnn::{self, Act, Cell, Spec};
 use cellgraph_ir::{
     DType, Dim, Graph, NodeId, NodeKind, Op, Tensor, TensorType, ValueRef, ValueType,
@@ -144,24 +145,35 @@ fn is_masked(op: &Op) -> bool {
     )
 }
 
-/// Adds nodes with generated unique names.
+/// Adds nodes with generated unique names: the shared [`cellgraph_ir::builder::Builder`]
+/// (reached through `Deref`) with inputs given as `Option`s (omitted optional inputs) and
+/// the recurrent ops' pieces (activations, clip, direction slices).
 pub(crate) struct Builder<'g> {
-    pub(crate) g: &'g mut Graph,
-    pub(crate) prefix: String,
-    pub(crate) k: usize,
+    b: IrBuilder<'g>,
+}
+
+impl<'g> std::ops::Deref for Builder<'g> {
+    type Target = IrBuilder<'g>;
+    fn deref(&self) -> &IrBuilder<'g> {
+        &self.b
+    }
+}
+
+impl std::ops::DerefMut for Builder<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.b
+    }
+}
+
+impl<'g> Builder<'g> {
+    pub(crate) fn new(g: &'g mut Graph, prefix: &str) -> Builder<'g> {
+        Builder {
+            b: IrBuilder::new(g, prefix),
+        }
+    }
 }
 
 impl Builder<'_> {
-    pub(crate) fn fresh(&mut self, hint: &str) -> String {
-        loop {
-            self.k += 1;
-            let name = format!("{}/{hint}_{}", self.prefix, self.k);
-            if self.g.find(&name).is_none() {
-                return name;
-            }
-        }
-    }
-
     pub(crate) fn op(&mut self, op: Op, ins: &[Option<ValueRef>], hint: &str) -> Result<ValueRef> {
         Ok(self.multi(op, ins, &[hint])?[0])
     }
@@ -172,30 +184,24 @@ impl Builder<'_> {
         ins: &[Option<ValueRef>],
         hints: &[&str],
     ) -> Result<Vec<ValueRef>> {
-        let names: Vec<String> = hints.iter().map(|h| self.fresh(h)).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let id = self.g.add_node("", op, ins, &refs)?;
-        Ok((0..names.len())
-            .map(|s| ValueRef { node: id, slot: s })
-            .collect())
+        Ok(self.b.node("", op, ins, hints)?)
     }
 
     fn named(&mut self, name: &str, op: Op, ins: &[Option<ValueRef>]) -> Result<ValueRef> {
-        let id = self.g.add_node("", op, ins, &[name])?;
+        let id = self.b.g.add_node("", op, ins, &[name])?;
         Ok(ValueRef { node: id, slot: 0 })
     }
 
     pub(crate) fn constant(&mut self, t: Tensor, hint: &str) -> Result<ValueRef> {
-        self.op(Op::constant(t), &[], hint)
+        Ok(self.b.constant(t, hint)?)
     }
 
     fn scalar(&mut self, dt: DType, v: f64) -> Result<ValueRef> {
-        let t = Tensor::from_f64_vec(dt, &[], &[v]).map_err(|e| Error::Compile(e.to_string()))?;
-        self.constant(t, "c")
+        Ok(self.b.scalar(dt, v)?)
     }
 
     pub(crate) fn ints(&mut self, v: &[i64]) -> Result<ValueRef> {
-        self.constant(Tensor::vec_i64(v), "i")
+        Ok(self.b.ints(v)?)
     }
 
     fn ty(&self, v: ValueRef) -> ValueType {
@@ -258,15 +264,15 @@ impl Builder<'_> {
     }
 
     pub(crate) fn add(&mut self, a: ValueRef, b: ValueRef) -> Result<ValueRef> {
-        self.op(Op::Add {}, &[Some(a), Some(b)], "add")
+        Ok(self.b.add(a, b)?)
     }
 
     fn mul(&mut self, a: ValueRef, b: ValueRef) -> Result<ValueRef> {
-        self.op(Op::Mul {}, &[Some(a), Some(b)], "mul")
+        Ok(self.b.mul(a, b)?)
     }
 
     fn matmul(&mut self, a: ValueRef, b: ValueRef) -> Result<ValueRef> {
-        self.op(Op::MatMul {}, &[Some(a), Some(b)], "matmul")
+        Ok(self.b.matmul(a, b)?)
     }
 }
 
@@ -338,11 +344,7 @@ fn expand(
 ) -> Result<Vec<Option<ValueRef>>> {
     let f = facts(g, op, ins)?;
     let (h, dt, gates) = (f.h, f.dt, f.cell.gates());
-    let mut b = Builder {
-        g,
-        prefix: format!("{label}/lower"),
-        k: 0,
-    };
+    let mut b = Builder::new(g, &format!("{label}/lower"));
     let input = |i: usize| ins.get(i).copied().flatten();
     let mut x = input(0).ok_or_else(|| Error::Compile("X is required".into()))?;
     let t102 = |b: &mut Builder<'_>, v: ValueRef| {
@@ -708,7 +710,7 @@ fn cell_body(
 ) -> Result<Graph> {
     let (h, dt) = (f.h, f.dt);
     let mut body = Graph::with_opsets(
-        format!("{}_dir{d}_cell", parent.prefix),
+        format!("{}_dir{d}_cell", parent.prefix()),
         parent.g.opsets().clone(),
     );
     let mut outer: HashMap<ValueRef, ValueRef> = HashMap::new();
@@ -729,11 +731,7 @@ fn cell_body(
     } else {
         None
     };
-    let mut b = Builder {
-        g: &mut body,
-        prefix: "cell".into(),
-        k: 0,
-    };
+    let mut b = Builder::new(&mut body, "cell");
     let acts = &f.acts[d];
     // Pre-activation of gate k: x·W_k + h·R_k (+ bias).
     let pre = |b: &mut Builder<'_>, k: usize, with_h: bool| -> Result<ValueRef> {

@@ -224,11 +224,7 @@ fn merge_bidirectional(
     for (f, b, key) in pairs {
         let name = format!("{}+{}", g.node(f).display_name(), g.node(b).display_name());
         let (fi, bi) = (g.node_inputs(f), g.node_inputs(b));
-        let mut bld = Builder {
-            g: &mut g,
-            prefix: format!("{name}/bidirectional"),
-            k: 0,
-        };
+        let mut bld = Builder::new(&mut g, &format!("{name}/bidirectional"));
         let cat = |bld: &mut Builder<'_>, k: usize| -> Result<Option<ValueRef>> {
             match (fi.get(k).copied().flatten(), bi.get(k).copied().flatten()) {
                 (Some(a), Some(c)) => Ok(Some(bld.op(
@@ -1587,11 +1583,7 @@ struct Emitted<'a> {
 
 /// Builds the fused op and the values standing for the Scan's outputs.
 fn emit(dst: &mut Graph, label: &str, m: &CellMatch, e: Emitted<'_>) -> Try<EmittedCell> {
-    let mut b = Builder {
-        g: dst,
-        prefix: format!("{label}/raise"),
-        k: 0,
-    };
+    let mut b = Builder::new(dst, &format!("{label}/raise"));
     let (h, k, dt) = (e.units, e.isz, e.dt);
     let zeros = |b: &mut Builder<'_>, shape: &[usize]| -> Try<ValueRef> {
         let n: usize = shape.iter().product();

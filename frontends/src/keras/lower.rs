@@ -8,28 +8,43 @@
 
 use super::layers::{Activation, Bidirectional, Cell, CellKind, MergeMode, Recurrent};
 use super::KerasError;
+use cellgraph_ir::builder::Builder as IrBuilder;
 use cellgraph_ir::{DType, Dim, Graph, Op, Tensor, TensorType, ValueRef, ValueType};
 use std::collections::HashMap;
 
 type R<T> = Result<T, KerasError>;
 
-/// Adds nodes to one graph with generated unique value names.
+/// Adds nodes to one graph with generated unique value names: the shared
+/// [`cellgraph_ir::builder::Builder`] (reached through `Deref`) with this frontend's
+/// error type, dropout masks and the Keras-specific pieces.
 pub(crate) struct Emit<'g> {
-    pub g: &'g mut Graph,
+    b: IrBuilder<'g>,
+    /// The layer prefix of every generated name (the layer's name, in errors too).
     pub prefix: String,
-    k: usize,
     /// Training mode: dropout is on.
     pub training: bool,
     /// The dropout masks this emitter added as graph inputs, in order: (shape, rate).
     pub randoms: Vec<(Vec<usize>, f32)>,
 }
 
+impl<'g> std::ops::Deref for Emit<'g> {
+    type Target = IrBuilder<'g>;
+    fn deref(&self) -> &IrBuilder<'g> {
+        &self.b
+    }
+}
+
+impl std::ops::DerefMut for Emit<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.b
+    }
+}
+
 impl<'g> Emit<'g> {
     pub fn new(g: &'g mut Graph, prefix: &str) -> Emit<'g> {
         Emit {
-            g,
+            b: IrBuilder::new(g, prefix),
             prefix: prefix.to_string(),
-            k: 0,
             training: false,
             randoms: Vec::new(),
         }
@@ -58,13 +73,7 @@ impl<'g> Emit<'g> {
     }
 
     fn fresh(&mut self, hint: &str) -> String {
-        loop {
-            self.k += 1;
-            let name = format!("{}/{hint}_{}", self.prefix, self.k);
-            if self.g.find(&name).is_none() {
-                return name;
-            }
-        }
+        self.b.fresh(hint)
     }
 
     pub fn op(&mut self, op: Op, ins: &[ValueRef], hint: &str) -> R<ValueRef> {
@@ -83,15 +92,9 @@ impl<'g> Emit<'g> {
         ins: &[ValueRef],
         hints: &[&str],
     ) -> R<Vec<ValueRef>> {
-        let names: Vec<String> = hints.iter().map(|h| self.fresh(h)).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let ins: Vec<Option<ValueRef>> = ins.iter().copied().map(Some).collect();
-        let id = self.g.add_node(node, op, &ins, &refs)?;
-        Ok((0..names.len())
-            .map(|slot| ValueRef { node: id, slot })
-            .collect())
+        Ok(self.b.node(node, op, &ins, hints)?)
     }
-
     pub fn constant(&mut self, t: Tensor, hint: &str) -> R<ValueRef> {
         self.op(Op::constant(t), &[], hint)
     }
@@ -181,12 +184,7 @@ impl<'g> Emit<'g> {
     }
 
     pub fn dims(&self, v: ValueRef) -> Vec<Dim> {
-        self.g
-            .value(v)
-            .ty
-            .dims()
-            .map(<[Dim]>::to_vec)
-            .unwrap_or_default()
+        self.b.dims(v)
     }
 
     /// Zeros of shape `(batch of x, width)`, where x's first axis is the batch.

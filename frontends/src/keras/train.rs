@@ -113,7 +113,9 @@ impl Loss {
 
     /// Emits the scalar loss of `y` against the prepared targets `t`.
     fn emit(&self, g: &mut Graph, y: ValueRef, t: ValueRef) -> R<ValueRef> {
-        let mut e = LossEmit { g, k: 0 };
+        let mut e = LossEmit {
+            b: cellgraph_ir::builder::Builder::new(g, "loss"),
+        };
         let rank = e.rank(y);
         let all: Vec<i64> = (0..rank as i64).collect();
         match *self {
@@ -170,25 +172,16 @@ impl Loss {
     }
 }
 
-/// Adds the loss nodes (`loss/v<k>`).
+/// Adds the loss nodes (`loss/v_<k>`) through the shared builder.
 struct LossEmit<'g> {
-    g: &'g mut Graph,
-    k: usize,
+    b: cellgraph_ir::builder::Builder<'g>,
 }
 
 impl LossEmit<'_> {
     fn op(&mut self, op: Op, ins: &[ValueRef]) -> R<ValueRef> {
-        // Several losses (one per output) share the graph: skip names already taken.
-        let name = loop {
-            self.k += 1;
-            let name = format!("loss/v{}", self.k);
-            if self.g.find(&name).is_none() {
-                break name;
-            }
-        };
-        let ins: Vec<Option<ValueRef>> = ins.iter().copied().map(Some).collect();
-        let id = self.g.add_node("", op, &ins, &[&name])?;
-        Ok(ValueRef { node: id, slot: 0 })
+        // Several losses (one per output) share the graph: the builder skips names
+        // already taken.
+        Ok(self.b.op(op, ins, "v")?)
     }
     fn constant(&mut self, t: Tensor) -> R<ValueRef> {
         self.op(Op::constant(t), &[])
@@ -197,7 +190,7 @@ impl LossEmit<'_> {
         self.constant(Tensor::scalar_f32(v))
     }
     fn rank(&self, v: ValueRef) -> usize {
-        self.g.value(v).ty.dims().map_or(0, <[_]>::len)
+        self.b.g.value(v).ty.dims().map_or(0, <[_]>::len)
     }
     fn mean(&mut self, v: ValueRef, axes: &[i64]) -> R<ValueRef> {
         if axes.is_empty() {

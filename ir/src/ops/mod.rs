@@ -46,6 +46,33 @@ pub struct OpInfo {
     pub outputs: (usize, usize),
     /// The family module holding the shape rule.
     pub family: &'static str,
+    /// How the gradient pass treats the op (declared in the op list: `vjp rule`,
+    /// `vjp none`, or nothing for a differentiable op without a rule yet).
+    pub vjp: Differentiability,
+}
+
+/// How the gradient pass treats an op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Differentiability {
+    /// It has a VJP rule.
+    Rule,
+    /// Its outputs carry no gradient (integer, boolean, shape, constant results).
+    NonDifferentiable,
+    /// It is differentiable but has no rule yet: the pass fails by name on it.
+    Missing,
+}
+
+/// The differentiability an op declares in the list (`vjp rule`, `vjp none`, or none).
+macro_rules! op_vjp {
+    () => {
+        Differentiability::Missing
+    };
+    (rule) => {
+        Differentiability::Rule
+    };
+    (none) => {
+        Differentiability::NonDifferentiable
+    };
 }
 
 /// The domain an op is declared in: ONNX's default unless the list names one.
@@ -64,7 +91,7 @@ pub const CELLGRAPH_DOMAIN: &str = "com.cellgraph";
 macro_rules! define_ops {
     ($(
         $(#[doc = $doc:literal])*
-        $var:ident [$family:ident $(@ $dom:literal)?, since $since:literal, in $imin:literal..=$imax:expr, out $omin:literal..=$omax:expr]
+        $var:ident [$family:ident $(@ $dom:literal)?, since $since:literal, in $imin:literal..=$imax:expr, out $omin:literal..=$omax:expr $(, vjp $vjp:ident)?]
         { $( $field:ident : $fty:ty $(= $default:expr)? ),* $(,)? }
     )*) => {
         /// An op instance: the kind and its typed attributes.
@@ -99,6 +126,7 @@ macro_rules! define_ops {
                         inputs: ($imin, $imax),
                         outputs: ($omin, $omax),
                         family: stringify!($family),
+                        vjp: op_vjp!($($vjp)?),
                     }, )*
                 }
             }
@@ -190,164 +218,164 @@ pub enum AttrError {
 define_ops! {
     // ---- elementwise: numpy-broadcast binary ops, unary maths and activations ----
     /// `A + B`.
-    Add [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Add [elementwise, since 7, in 2..=2, out 1..=1, vjp rule] {}
     /// `A - B`.
-    Sub [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Sub [elementwise, since 7, in 2..=2, out 1..=1, vjp rule] {}
     /// `A * B`.
-    Mul [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Mul [elementwise, since 7, in 2..=2, out 1..=1, vjp rule] {}
     /// `A / B` (integer division truncates).
-    Div [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Div [elementwise, since 7, in 2..=2, out 1..=1, vjp rule] {}
     /// `A ^ B`.
-    Pow [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Pow [elementwise, since 7, in 2..=2, out 1..=1, vjp rule] {}
     /// Logical and.
-    And [elementwise, since 7, in 2..=2, out 1..=1] {}
+    And [elementwise, since 7, in 2..=2, out 1..=1, vjp none] {}
     /// Logical or.
-    Or [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Or [elementwise, since 7, in 2..=2, out 1..=1, vjp none] {}
     /// Logical xor.
-    Xor [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Xor [elementwise, since 7, in 2..=2, out 1..=1, vjp none] {}
     /// `A == B`.
-    Equal [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Equal [elementwise, since 7, in 2..=2, out 1..=1, vjp none] {}
     /// `A < B`.
-    Less [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Less [elementwise, since 7, in 2..=2, out 1..=1, vjp none] {}
     /// `A <= B`.
-    LessOrEqual [elementwise, since 12, in 2..=2, out 1..=1] {}
+    LessOrEqual [elementwise, since 12, in 2..=2, out 1..=1, vjp none] {}
     /// `A > B`.
-    Greater [elementwise, since 7, in 2..=2, out 1..=1] {}
+    Greater [elementwise, since 7, in 2..=2, out 1..=1, vjp none] {}
     /// `A >= B`.
-    GreaterOrEqual [elementwise, since 12, in 2..=2, out 1..=1] {}
+    GreaterOrEqual [elementwise, since 12, in 2..=2, out 1..=1, vjp none] {}
     /// Elementwise sum of any number of inputs.
-    Sum [elementwise, since 8, in 1..=MANY, out 1..=1] {}
+    Sum [elementwise, since 8, in 1..=MANY, out 1..=1, vjp rule] {}
     /// Elementwise mean of any number of inputs.
-    Mean [elementwise, since 8, in 1..=MANY, out 1..=1] {}
+    Mean [elementwise, since 8, in 1..=MANY, out 1..=1, vjp rule] {}
     /// Elementwise minimum.
-    Min [elementwise, since 8, in 1..=MANY, out 1..=1] {}
+    Min [elementwise, since 8, in 1..=MANY, out 1..=1, vjp rule] {}
     /// Elementwise maximum.
-    Max [elementwise, since 8, in 1..=MANY, out 1..=1] {}
+    Max [elementwise, since 8, in 1..=MANY, out 1..=1, vjp rule] {}
     /// `cond ? X : Y`, broadcast.
-    Where [elementwise, since 9, in 3..=3, out 1..=1] {}
+    Where [elementwise, since 9, in 3..=3, out 1..=1, vjp rule] {}
     /// `-X`.
-    Neg [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Neg [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// `|X|`.
-    Abs [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Abs [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// `e^X`.
-    Exp [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Exp [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// Natural logarithm.
-    Log [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Log [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// Square root.
-    Sqrt [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Sqrt [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// `1 / X`.
-    Reciprocal [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Reciprocal [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// Round up.
-    Ceil [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Ceil [elementwise, since 6, in 1..=1, out 1..=1, vjp none] {}
     /// Round down.
-    Floor [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Floor [elementwise, since 6, in 1..=1, out 1..=1, vjp none] {}
     /// Logical not.
-    Not [elementwise, since 1, in 1..=1, out 1..=1] {}
+    Not [elementwise, since 1, in 1..=1, out 1..=1, vjp none] {}
     /// The input unchanged.
-    Identity [elementwise, since 1, in 1..=1, out 1..=1] {}
+    Identity [elementwise, since 1, in 1..=1, out 1..=1, vjp rule] {}
     /// `1 / (1 + e^-X)`.
-    Sigmoid [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Sigmoid [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// Hyperbolic tangent.
-    Tanh [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Tanh [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// `max(0, X)`.
-    Relu [elementwise, since 6, in 1..=1, out 1..=1] {}
+    Relu [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] {}
     /// `X / (1 + |X|)`.
-    Softsign [elementwise, since 1, in 1..=1, out 1..=1] {}
+    Softsign [elementwise, since 1, in 1..=1, out 1..=1, vjp rule] {}
     /// `ln(1 + e^X)`.
-    Softplus [elementwise, since 1, in 1..=1, out 1..=1] {}
+    Softplus [elementwise, since 1, in 1..=1, out 1..=1, vjp rule] {}
     /// `X < 0 ? alpha·X : X`.
-    LeakyRelu [elementwise, since 6, in 1..=1, out 1..=1] { alpha: f32 = 0.01 }
+    LeakyRelu [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] { alpha: f32 = 0.01 }
     /// `X < 0 ? alpha·(e^X − 1) : X`.
-    Elu [elementwise, since 6, in 1..=1, out 1..=1] { alpha: f32 = 1.0 }
+    Elu [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] { alpha: f32 = 1.0 }
     /// `X > alpha ? X : 0`.
-    ThresholdedRelu [elementwise, since 10, in 1..=1, out 1..=1] { alpha: f32 = 1.0 }
+    ThresholdedRelu [elementwise, since 10, in 1..=1, out 1..=1, vjp rule] { alpha: f32 = 1.0 }
     /// `clip(alpha·X + beta, 0, 1)`.
-    HardSigmoid [elementwise, since 6, in 1..=1, out 1..=1] { alpha: f32 = 0.2, beta: f32 = 0.5 }
+    HardSigmoid [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] { alpha: f32 = 0.2, beta: f32 = 0.5 }
     /// Clamp to `[min, max]` (attributes before opset 11, optional inputs after).
-    Clip [elementwise, since 6, in 1..=3, out 1..=1] { min: Option<f32>, max: Option<f32> }
+    Clip [elementwise, since 6, in 1..=3, out 1..=1, vjp rule] { min: Option<f32>, max: Option<f32> }
     /// Convert to the dtype `to` (an ONNX dtype code).
-    Cast [elementwise, since 6, in 1..=1, out 1..=1] { to: i64, saturate: Option<i64>, round_mode: Option<String> }
+    Cast [elementwise, since 6, in 1..=1, out 1..=1, vjp rule] { to: i64, saturate: Option<i64>, round_mode: Option<String> }
     /// Convert to the dtype of the second input.
-    CastLike [elementwise, since 15, in 2..=2, out 1..=1] { saturate: Option<i64>, round_mode: Option<String> }
+    CastLike [elementwise, since 15, in 2..=2, out 1..=1, vjp rule] { saturate: Option<i64>, round_mode: Option<String> }
 
     // ---- nn: products, normalisation, softmax, dropout ----
     /// numpy matmul.
-    MatMul [nn, since 1, in 2..=2, out 1..=1] {}
+    MatMul [nn, since 1, in 2..=2, out 1..=1, vjp rule] {}
     /// `alpha·op(A)·op(B) + beta·C`.
-    Gemm [nn, since 7, in 2..=3, out 1..=1] { alpha: f32 = 1.0, beta: f32 = 1.0, transA: i64 = 0, transB: i64 = 0 }
+    Gemm [nn, since 7, in 2..=3, out 1..=1, vjp rule] { alpha: f32 = 1.0, beta: f32 = 1.0, transA: i64 = 0, transB: i64 = 0 }
     /// Einstein summation.
-    Einsum [nn, since 12, in 1..=MANY, out 1..=1] { equation: String }
+    Einsum [nn, since 12, in 1..=MANY, out 1..=1, vjp rule] { equation: String }
     /// Batch normalisation over axis 1 (inference or training form).
-    BatchNormalization [nn, since 9, in 5..=5, out 1..=3] { epsilon: f32 = 1e-5, momentum: f32 = 0.9, training_mode: i64 = 0 }
+    BatchNormalization [nn, since 9, in 5..=5, out 1..=3, vjp rule] { epsilon: f32 = 1e-5, momentum: f32 = 0.9, training_mode: i64 = 0 }
     /// Softmax along `axis` (opset < 13: over the flattened trailing axes).
-    Softmax [nn, since 1, in 1..=1, out 1..=1] { axis: Option<i64> }
+    Softmax [nn, since 1, in 1..=1, out 1..=1, vjp rule] { axis: Option<i64> }
     /// Log-softmax along `axis` (opset < 13: over the flattened trailing axes).
-    LogSoftmax [nn, since 1, in 1..=1, out 1..=1] { axis: Option<i64> }
+    LogSoftmax [nn, since 1, in 1..=1, out 1..=1, vjp rule] { axis: Option<i64> }
     /// Dropout (ratio as attribute before opset 12, as input after).
-    Dropout [nn, since 7, in 1..=3, out 1..=2] { seed: Option<i64>, ratio: Option<f32> }
+    Dropout [nn, since 7, in 1..=3, out 1..=2, vjp rule] { seed: Option<i64>, ratio: Option<f32> }
 
     // ---- shape: data movement and shape computation ----
     /// Concatenate along `axis`.
-    Concat [shape, since 4, in 1..=MANY, out 1..=1] { axis: i64 }
+    Concat [shape, since 4, in 1..=MANY, out 1..=1, vjp rule] { axis: i64 }
     /// Split along `axis` (sizes from the `split` attribute, the second input, or `num_outputs`).
-    Split [shape, since 2, in 1..=2, out 1..=MANY] { axis: i64 = 0, split: Option<Vec<i64>>, num_outputs: Option<i64> }
+    Split [shape, since 2, in 1..=2, out 1..=MANY, vjp rule] { axis: i64 = 0, split: Option<Vec<i64>>, num_outputs: Option<i64> }
     /// Slice with starts, ends, axes and steps inputs.
-    Slice [shape, since 10, in 3..=5, out 1..=1] {}
+    Slice [shape, since 10, in 3..=5, out 1..=1, vjp rule] {}
     /// Gather along `axis`.
-    Gather [shape, since 1, in 2..=2, out 1..=1] { axis: i64 = 0 }
+    Gather [shape, since 1, in 2..=2, out 1..=1, vjp rule] { axis: i64 = 0 }
     /// Reshape to the shape given as the second input.
-    Reshape [shape, since 5, in 2..=2, out 1..=1] { allowzero: i64 = 0 }
+    Reshape [shape, since 5, in 2..=2, out 1..=1, vjp rule] { allowzero: i64 = 0 }
     /// Permute axes (reverse when `perm` is absent).
-    Transpose [shape, since 1, in 1..=1, out 1..=1] { perm: Option<Vec<i64>> }
+    Transpose [shape, since 1, in 1..=1, out 1..=1, vjp rule] { perm: Option<Vec<i64>> }
     /// Remove size-1 axes.
-    Squeeze [shape, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>> }
+    Squeeze [shape, since 1, in 1..=2, out 1..=1, vjp rule] { axes: Option<Vec<i64>> }
     /// Insert size-1 axes.
-    Unsqueeze [shape, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>> }
+    Unsqueeze [shape, since 1, in 1..=2, out 1..=1, vjp rule] { axes: Option<Vec<i64>> }
     /// Flatten to 2-D at `axis`.
-    Flatten [shape, since 1, in 1..=1, out 1..=1] { axis: i64 = 1 }
+    Flatten [shape, since 1, in 1..=1, out 1..=1, vjp rule] { axis: i64 = 1 }
     /// Broadcast to a shape.
-    Expand [shape, since 8, in 2..=2, out 1..=1] {}
+    Expand [shape, since 8, in 2..=2, out 1..=1, vjp rule] {}
     /// Repeat along each axis.
-    Tile [shape, since 6, in 2..=2, out 1..=1] {}
+    Tile [shape, since 6, in 2..=2, out 1..=1, vjp rule] {}
     /// The shape of the input as an i64 vector (optionally a `start..end` slice of it).
-    Shape [shape, since 1, in 1..=1, out 1..=1] { start: Option<i64>, end: Option<i64> }
+    Shape [shape, since 1, in 1..=1, out 1..=1, vjp none] { start: Option<i64>, end: Option<i64> }
     /// A tensor of the given shape filled with `value`'s single element.
-    ConstantOfShape [shape, since 9, in 1..=1, out 1..=1] { value: Option<Tensor> }
+    ConstantOfShape [shape, since 9, in 1..=1, out 1..=1, vjp none] { value: Option<Tensor> }
     /// `start, start+delta, ...` below `limit`.
-    Range [shape, since 11, in 3..=3, out 1..=1] {}
+    Range [shape, since 11, in 3..=3, out 1..=1, vjp none] {}
     /// A constant tensor.
-    Constant [shape, since 1, in 0..=0, out 1..=1] {
+    Constant [shape, since 1, in 0..=0, out 1..=1, vjp none] {
         value: Option<Tensor>, value_float: Option<f32>, value_floats: Option<Vec<f32>>,
         value_int: Option<i64>, value_ints: Option<Vec<i64>>
     }
 
     // ---- reduce ----
     /// Sum over axes.
-    ReduceSum [reduce, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
+    ReduceSum [reduce, since 1, in 1..=2, out 1..=1, vjp rule] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
     /// Mean over axes.
-    ReduceMean [reduce, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
+    ReduceMean [reduce, since 1, in 1..=2, out 1..=1, vjp rule] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
     /// Maximum over axes.
-    ReduceMax [reduce, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
+    ReduceMax [reduce, since 1, in 1..=2, out 1..=1, vjp rule] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
     /// Minimum over axes.
-    ReduceMin [reduce, since 1, in 1..=2, out 1..=1] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
+    ReduceMin [reduce, since 1, in 1..=2, out 1..=1, vjp rule] { axes: Option<Vec<i64>>, keepdims: i64 = 1, noop_with_empty_axes: i64 = 0 }
     /// Index of the maximum along `axis`.
-    ArgMax [reduce, since 1, in 1..=1, out 1..=1] { axis: i64 = 0, keepdims: i64 = 1, select_last_index: i64 = 0 }
+    ArgMax [reduce, since 1, in 1..=1, out 1..=1, vjp none] { axis: i64 = 0, keepdims: i64 = 1, select_last_index: i64 = 0 }
 
     // ---- rnn: the ONNX recurrent ops ----
     /// ONNX LSTM (gates i, o, f, c; peepholes [i, o, f]).
-    LSTM [rnn, since 7, in 3..=8, out 0..=3] {
+    LSTM [rnn, since 7, in 3..=8, out 0..=3, vjp rule] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
         input_forget: i64 = 0, layout: i64 = 0
     }
     /// ONNX GRU (gates z, r, h).
-    GRU [rnn, since 7, in 3..=6, out 0..=2] {
+    GRU [rnn, since 7, in 3..=6, out 0..=2, vjp rule] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
         layout: i64 = 0, linear_before_reset: i64 = 0
     }
     /// ONNX simple RNN.
-    RNN [rnn, since 7, in 3..=6, out 0..=2] {
+    RNN [rnn, since 7, in 3..=6, out 0..=2, vjp rule] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
         layout: i64 = 0
@@ -356,21 +384,21 @@ define_ops! {
     /// LSTM's eight inputs, then `mask` bool `[T, N]` (`[N, T]` with `layout=1`). A row
     /// whose mask is false at step t keeps its states; `Y` there is zero, or with
     /// `hold_output=1` the held hidden state. Masks may have holes and left padding.
-    LSTMMasked [rnn @ "com.cellgraph", since 1, in 9..=9, out 0..=3] {
+    LSTMMasked [rnn @ "com.cellgraph", since 1, in 9..=9, out 0..=3, vjp rule] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
         input_forget: i64 = 0, layout: i64 = 0, hold_output: i64 = 0
     }
     /// A `GRU` with a per-step mask (cellgraph domain): the GRU's six inputs, then `mask`;
     /// masked steps as for `LSTMMasked`.
-    GRUMasked [rnn @ "com.cellgraph", since 1, in 7..=7, out 0..=2] {
+    GRUMasked [rnn @ "com.cellgraph", since 1, in 7..=7, out 0..=2, vjp rule] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
         layout: i64 = 0, linear_before_reset: i64 = 0, hold_output: i64 = 0
     }
     /// An `RNN` with a per-step mask (cellgraph domain): the RNN's six inputs, then
     /// `mask`; masked steps as for `LSTMMasked`.
-    RNNMasked [rnn @ "com.cellgraph", since 1, in 7..=7, out 0..=2] {
+    RNNMasked [rnn @ "com.cellgraph", since 1, in 7..=7, out 0..=2, vjp rule] {
         activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
         clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
         layout: i64 = 0, hold_output: i64 = 0
@@ -404,34 +432,34 @@ define_ops! {
     // ---- control: ops with body graphs ----
     /// Scan: state variables first, then scanned inputs (opset 8: a leading
     /// `sequence_lens` input and a batch axis on every value).
-    Scan [control, since 8, in 1..=MANY, out 1..=MANY] {
+    Scan [control, since 8, in 1..=MANY, out 1..=MANY, vjp rule] {
         body: Box<Graph>, num_scan_inputs: i64,
         scan_input_axes: Option<Vec<i64>>, scan_input_directions: Option<Vec<i64>>,
         scan_output_axes: Option<Vec<i64>>, scan_output_directions: Option<Vec<i64>>,
         directions: Option<Vec<i64>>
     }
     /// Loop with an optional trip count and condition.
-    Loop [control, since 1, in 2..=MANY, out 1..=MANY] { body: Box<Graph> }
+    Loop [control, since 1, in 2..=MANY, out 1..=MANY, vjp rule] { body: Box<Graph> }
     /// Conditional.
-    If [control, since 1, in 1..=1, out 1..=MANY] { then_branch: Box<Graph>, else_branch: Box<Graph> }
+    If [control, since 1, in 1..=1, out 1..=MANY, vjp rule] { then_branch: Box<Graph>, else_branch: Box<Graph> }
 
     // ---- sequence: ONNX sequence and optional values ----
     /// A sequence of the inputs.
-    SequenceConstruct [sequence, since 11, in 1..=MANY, out 1..=1] {}
+    SequenceConstruct [sequence, since 11, in 1..=MANY, out 1..=1, vjp none] {}
     /// An empty sequence of dtype `dtype` (default f32).
-    SequenceEmpty [sequence, since 11, in 0..=0, out 1..=1] { dtype: Option<i64> }
+    SequenceEmpty [sequence, since 11, in 0..=0, out 1..=1, vjp none] { dtype: Option<i64> }
     /// Insert a tensor at a position (default: the end).
-    SequenceInsert [sequence, since 11, in 2..=3, out 1..=1] {}
+    SequenceInsert [sequence, since 11, in 2..=3, out 1..=1, vjp none] {}
     /// The element at a position.
-    SequenceAt [sequence, since 11, in 2..=2, out 1..=1] {}
+    SequenceAt [sequence, since 11, in 2..=2, out 1..=1, vjp none] {}
     /// The number of elements.
-    SequenceLength [sequence, since 11, in 1..=1, out 1..=1] {}
+    SequenceLength [sequence, since 11, in 1..=1, out 1..=1, vjp none] {}
     /// Concatenate (or stack, with `new_axis`) the elements.
-    ConcatFromSequence [sequence, since 11, in 1..=1, out 1..=1] { axis: i64, new_axis: i64 = 0 }
+    ConcatFromSequence [sequence, since 11, in 1..=1, out 1..=1, vjp none] { axis: i64, new_axis: i64 = 0 }
     /// Whether an optional holds a value.
-    OptionalHasElement [sequence, since 15, in 0..=1, out 1..=1] {}
+    OptionalHasElement [sequence, since 15, in 0..=1, out 1..=1, vjp none] {}
     /// The value held by an optional (identity on a plain tensor from opset 18).
-    OptionalGetElement [sequence, since 15, in 1..=1, out 1..=1] {}
+    OptionalGetElement [sequence, since 15, in 1..=1, out 1..=1, vjp none] {}
 }
 
 impl Op {
