@@ -3,7 +3,7 @@
 //! [`grad`] is a graph-to-graph pass: it returns an ordinary IR graph (printable,
 //! exportable, runnable on any backend) that computes the original outputs and the
 //! gradient of a scalar loss with respect to chosen values. Each op's vector-Jacobian
-//! product is a rule (`rules.rs`; [`differentiability`] says which ops have one), a pure function of the node and its output cotangents;
+//! product is a rule (`rules/`, one module per op family; [`differentiability`] says which ops have one), a pure function of the node and its output cotangents;
 //! the pass sums fan-out and undoes broadcasting. A `Scan` is differentiated by a
 //! backward `Scan` over its body's VJP: the forward Scan also emits the state at the start
 //! of every step, and the backward one runs in the opposite direction, recomputing each

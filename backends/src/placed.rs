@@ -162,13 +162,7 @@ impl PlacedPlan {
         let mut readers: HashMap<ValueRef, Vec<usize>> = HashMap::new();
         for (i, (_, nodes)) in runs.iter().enumerate() {
             for &n in nodes {
-                let mut read = graph
-                    .node_inputs(n)
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>();
-                read.extend(outer_reads(graph, n));
-                for v in read {
+                for v in reads(graph, n) {
                     if part_of.get(&v.node) != Some(&i) {
                         let r = readers.entry(v).or_default();
                         if !r.contains(&i) {
@@ -191,13 +185,7 @@ impl PlacedPlan {
             // The part's sources: what it reads from outside, in first-read order.
             let mut outside: Vec<ValueRef> = Vec::new();
             for &n in nodes {
-                let mut read = graph
-                    .node_inputs(n)
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>();
-                read.extend(outer_reads(graph, n));
-                for v in read {
+                for v in reads(graph, n) {
                     if part_of.get(&v.node) != Some(&i) && !outside.contains(&v) {
                         outside.push(v);
                     }
@@ -433,6 +421,13 @@ fn move_to(
     }
     transfers.uploads += 1;
     dev.upload(host)
+}
+
+/// Every value node `n` reads: its explicit inputs, then what its bodies read by name.
+fn reads(graph: &Graph, n: NodeId) -> Vec<ValueRef> {
+    let mut read: Vec<ValueRef> = graph.node_inputs(n).into_iter().flatten().collect();
+    read.extend(outer_reads(graph, n));
+    read
 }
 
 /// Values of the graph a node's bodies read by name (`NodeKind::Outer` in a body is

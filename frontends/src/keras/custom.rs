@@ -9,9 +9,9 @@
 //! A cell that computes an LSTM, GRU or simple RNN step is raised onto the fused kernels
 //! by the selector; any other cell runs as a loop (`cellgraph inspect` says why).
 
+use super::activation::{Activation, Shape};
+use super::emit::Emit;
 use super::init::Init;
-use super::layers::{Activation, Shape};
-use super::lower::Emit;
 use super::KerasError;
 use cellgraph_ir::{DType, Dim, Graph, Op, Tensor, TensorType, ValueRef, ValueType};
 use std::collections::{BTreeMap, HashMap};
@@ -580,14 +580,14 @@ impl CustomRnn {
                 };
                 return Err(format!(
                     "input part {path} has shape {}; a recurrent layer's inputs are {expect}",
-                    super::layers::shape_str(shape)
+                    super::activation::shape_str(shape)
                 ));
             }
             let feat: Option<Vec<usize>> = shape[2..].iter().copied().collect();
             let Some(feat) = feat else {
                 return Err(format!(
                     "input part {path} has shape {}: the sizes after the time axis must be known",
-                    super::layers::shape_str(shape)
+                    super::activation::shape_str(shape)
                 ));
             };
             if let Some(w) = want {
@@ -596,8 +596,8 @@ impl CustomRnn {
                     expect.extend(w.iter().map(|&d| Some(d)));
                     return Err(format!(
                         "input part {path} has shape {}, the layer was built for {}",
-                        super::layers::shape_str(shape),
-                        super::layers::shape_str(&expect)
+                        super::activation::shape_str(shape),
+                        super::activation::shape_str(&expect)
                     ));
                 }
             }

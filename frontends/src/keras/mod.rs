@@ -21,9 +21,11 @@
 //! # Ok(()) }
 //! ```
 
+mod activation;
 pub mod checkpoint;
 pub mod conformance;
 pub mod custom;
+mod emit;
 mod export;
 pub mod import;
 pub mod init;

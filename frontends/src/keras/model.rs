@@ -1,9 +1,10 @@
 //! Models: `Sequential`, the functional `Model`, weights, states, and running them.
 
 use super::custom::Nest;
+use super::emit::Emit;
 use super::init::{init_tensor, weight_seed, Init};
 use super::layers::{shape_str, Input, Layer, Recurrent, Shape};
-use super::lower::{self, Emit};
+use super::lower;
 use super::KerasError;
 use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
 use cellgraph_backends::{Backend, Data, Device, PlacedPlan, Plan};
