@@ -16,7 +16,8 @@
 //! checkpoints. The first format (`CGCKPT01`, no configuration) is refused by name.
 
 use super::model::Model;
-use super::train::History;
+use super::train::history::History;
+pub use super::train::history::Resumed;
 use super::KerasError;
 use cellgraph_ir::Tensor;
 use serde_json::{json, Value};
@@ -156,18 +157,6 @@ pub fn data_fingerprint(ts: &[&Tensor]) -> String {
         .and_then(|t| t.shape().first().copied())
         .unwrap_or(0);
     format!("{n} samples (fnv64 {:016x})", h.0)
-}
-
-/// Where a resumed `fit` started: in [`History::resumed`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Resumed {
-    /// The checkpoint loaded.
-    pub path: PathBuf,
-    /// Its completed epochs.
-    pub epoch: usize,
-    /// Newer checkpoints that did not load and were skipped, each with the reason (also
-    /// announced on standard error).
-    pub skipped: Vec<(PathBuf, String)>,
 }
 
 /// Creates `dir` if missing and writes and removes a probe file in it, so that a folder
@@ -492,7 +481,7 @@ impl Model {
         self.set_weights(values)?;
         let iterations = meta["iterations"].as_u64().unwrap_or(0);
         if let Some(st) = self.training.as_mut() {
-            st.state = super::train::OptimizerState::from_parts(moments, iterations);
+            st.state = super::train::optimizer::OptimizerState::from_parts(moments, iterations);
         }
         history.history = serde_json::from_value(meta["history"].clone()).unwrap_or_default();
         history.epoch_seconds =

@@ -109,6 +109,14 @@ struct Compiled {
     lowered: Lowered,
 }
 
+/// A compiled training graph: forward, loss and the gradient of every trainable weight.
+pub(crate) struct GradPlan {
+    pub(crate) plan: ModelPlan,
+    pub(crate) lowered: Lowered,
+    /// (slot, weight index) of each gradient output, in order.
+    pub(crate) params: Vec<(usize, usize)>,
+}
+
 /// A compiled plan of a model: the CPU backend's own, or one placed over several
 /// backends (those of [`Model::set_backends`], then the CPU for every node they
 /// refuse).
@@ -177,8 +185,8 @@ pub struct Model {
     pub(crate) recurrent: RecurrentMode,
     /// Backends placed before the CPU ([`Model::set_backends`]).
     pub(crate) backends: Vec<Arc<dyn Device>>,
-    pub(crate) grad_plans: HashMap<GradKey, super::train::GradPlan>,
-    pub(crate) training: Option<super::train::TrainState>,
+    pub(crate) grad_plans: HashMap<GradKey, GradPlan>,
+    pub(crate) training: Option<super::train::optimizer::TrainState>,
 }
 
 /// Input signature, training mode, and the losses (`output:loss` per head).
