@@ -336,6 +336,19 @@ pub fn bench_model(
     runs: usize,
     dim: usize,
 ) -> Result<Timing, String> {
+    bench_model_on(model, recurrent, runs, dim, &[])
+}
+
+/// [`bench_model`] on a backend list: `before` (in order of preference), then the CPU
+/// for every node they refuse (a [`cellgraph_backends::PlacedPlan`]); with `before`
+/// empty, the CPU's own plan.
+pub fn bench_model_on(
+    model: &Model,
+    recurrent: Recurrent,
+    runs: usize,
+    dim: usize,
+    before: &[std::sync::Arc<dyn cellgraph_backends::Device>],
+) -> Result<Timing, String> {
     let g = &model.graph;
     let mut inputs = Vec::new();
     let meter =
@@ -384,9 +397,14 @@ pub fn bench_model(
             Tensor::from_f64_vec(dt, &shape, &vals).map_err(|e| e.to_string())?,
         ));
     }
-    let mut plan = CpuBackend::new(recurrent)
-        .compile(g)
-        .map_err(|e| e.to_string())?;
+    let cpu = CpuBackend::new(recurrent);
+    let mut plan: Box<dyn Plan> = if before.is_empty() {
+        Box::new(cpu.compile(g).map_err(|e| e.to_string())?)
+    } else {
+        let mut list = before.to_vec();
+        list.push(std::sync::Arc::new(cpu));
+        Box::new(cellgraph_backends::PlacedPlan::compile(g, list).map_err(|e| e.to_string())?)
+    };
     time(runs, || {
         plan.run(inputs.clone())
             .map(|_| ())

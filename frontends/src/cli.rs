@@ -308,6 +308,11 @@ pub enum Command {
         /// Only this step of the standard workloads; repeatable (default: both).
         #[arg(long = "step", value_enum, conflicts_with_all = ["model", "keras"])]
         steps: Vec<BenchStep>,
+        /// The backends a MODEL runs on: `cpu`, or `subset` (the test-only backend
+        /// first, the CPU for the nodes it refuses). The standard and Keras workloads time
+        /// the CPU.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
     },
     /// Run conformance suites. Prints `PASS <case>` or `FAIL <case>: <reason>` per case,
     /// then `N passed, M failed`; exits 1 if anything failed.
@@ -588,9 +593,10 @@ fn bench_one_model(
     runs: usize,
     recurrent: crate::backends::cpu::Recurrent,
     dim: usize,
+    backend: BackendArg,
 ) -> Result<(), CliError> {
     let m = load(path)?;
-    let t = crate::bench::bench_model(&m, recurrent, runs, dim)
+    let t = crate::bench::bench_model_on(&m, recurrent, runs, dim, &backend.before_cpu())
         .map_err(|e| CliError::Run(format!("{}: {e}", path.display())))?;
     let peak = t.peak_mib.map_or("-".into(), |p| format!("{p:.1}"));
     println!(
@@ -758,7 +764,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             threads,
             workloads,
             steps,
+            backend,
         } => {
+            if backend != BackendArg::Cpu && model.is_none() {
+                return Err(CliError::Usage(
+                    "--backend subset times a MODEL only (the standard and Keras workloads time \
+                     the cpu backend)"
+                        .into(),
+                ));
+            }
             if runs == 0 {
                 return Err(CliError::Usage(
                     "--runs 0: give at least 1 timed run".into(),
@@ -775,7 +789,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             if keras {
                 bench_keras(runs, json)?;
             } else if let Some(path) = model.as_deref() {
-                bench_one_model(path, runs, recurrent.into(), dim)?;
+                bench_one_model(path, runs, recurrent.into(), dim, backend)?;
             } else {
                 bench(&BenchOpts {
                     runs,

@@ -502,4 +502,20 @@ fn backend_subset_places_nodes_and_gives_the_cpu_s_outputs() {
         },
     )
     .expect("subset+cpu gives the cpu's outputs");
+    // bench times a MODEL on the list; the standard workloads stay on the cpu.
+    let text = succeeded(
+        &bin()
+            .arg("bench")
+            .arg(&model)
+            .args(["--runs", "2", "--backend", "subset"])
+            .output()
+            .expect("bench"),
+    );
+    assert!(text.contains("median_ms: "), "{text}");
+    let out = bin()
+        .args(["bench", "--backend", "subset", "--runs", "1"])
+        .output()
+        .expect("bench");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("times a MODEL only"));
 }
