@@ -397,14 +397,9 @@ pub fn bench_model_on(
             Tensor::from_f64_vec(dt, &shape, &vals).map_err(|e| e.to_string())?,
         ));
     }
-    let cpu = CpuBackend::new(recurrent);
-    let mut plan: Box<dyn Plan> = if before.is_empty() {
-        Box::new(cpu.compile(g).map_err(|e| e.to_string())?)
-    } else {
-        let mut list = before.to_vec();
-        list.push(std::sync::Arc::new(cpu));
-        Box::new(cellgraph_backends::PlacedPlan::compile(g, list).map_err(|e| e.to_string())?)
-    };
+    let mut plan = CpuBackend::new(recurrent)
+        .compile_after(g, before)
+        .map_err(|e| e.to_string())?;
     time(runs, || {
         plan.run(inputs.clone())
             .map(|_| ())

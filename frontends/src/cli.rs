@@ -419,7 +419,7 @@ pub fn run_model_on(
     recurrent: crate::backends::cpu::Recurrent,
     backend_arg: BackendArg,
 ) -> Result<(), CliError> {
-    use crate::backends::{Backend, Data, Plan};
+    use crate::backends::Data;
     let m = load(model)?;
     let g = &m.graph;
     let names: Vec<String> = g
@@ -466,21 +466,9 @@ pub fn run_model_on(
         recurrent == crate::backends::cpu::Recurrent::Fused,
     )
     .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
-    let before = backend_arg.before_cpu();
-    let mut plan: Box<dyn Plan> = if before.is_empty() {
-        Box::new(
-            backend
-                .compile(&selected.graph)
-                .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?,
-        )
-    } else {
-        let mut list = before;
-        list.push(std::sync::Arc::new(backend));
-        Box::new(
-            crate::backends::PlacedPlan::compile(&selected.graph, list)
-                .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?,
-        )
-    };
+    let mut plan = backend
+        .compile_after(&selected.graph, &backend_arg.before_cpu())
+        .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;
     let outs = plan
         .run(given.into_iter().flatten().collect())
         .map_err(|e| CliError::Run(format!("{}: {e}", model.display())))?;

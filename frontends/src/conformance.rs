@@ -2,7 +2,7 @@
 //! `test_data_set_*/input_<j>.pb`, `output_<j>.pb`) and compares every output.
 
 use crate::backends::cpu::{CpuBackend, Recurrent};
-use crate::backends::{Backend, Data, Device, PlacedPlan, Plan};
+use crate::backends::{Data, Device};
 use crate::ir::onnx::{decode_stored_value, Limits, Model, StoredKind, StoredValue};
 use crate::ir::{verify, Tensor, ValueType};
 use std::path::{Path, PathBuf};
@@ -156,17 +156,9 @@ pub fn run_case_on(
         recurrent == Recurrent::Fused,
     )
     .map_err(|e| format!("select: {e}"))?;
-    let mut plan: Box<dyn Plan> = if before.is_empty() {
-        Box::new(
-            backend
-                .compile(&selected.graph)
-                .map_err(|e| format!("compile: {e}"))?,
-        )
-    } else {
-        let mut list = before.to_vec();
-        list.push(Arc::new(backend));
-        Box::new(PlacedPlan::compile(&selected.graph, list).map_err(|e| format!("compile: {e}"))?)
-    };
+    let mut plan = backend
+        .compile_after(&selected.graph, before)
+        .map_err(|e| format!("compile: {e}"))?;
     let g = &model.graph;
     let in_types = g.input_types();
     let out_types = g.output_types();

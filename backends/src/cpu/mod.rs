@@ -61,6 +61,22 @@ impl CpuBackend {
             budget: Budget::process_default(),
         }
     }
+
+    /// Compiles `graph` for a backend list: this CPU backend alone when `before` is
+    /// empty (its own plan), else a [`crate::PlacedPlan`] over `before` (in order of
+    /// preference) and then this backend, the fallback for every node they refuse.
+    pub fn compile_after(
+        self,
+        graph: &Graph,
+        before: &[std::sync::Arc<dyn Device>],
+    ) -> Result<Box<dyn Plan>> {
+        if before.is_empty() {
+            return Ok(Box::new(Backend::compile(&self, graph)?));
+        }
+        let mut list = before.to_vec();
+        list.push(std::sync::Arc::new(self));
+        Ok(Box::new(crate::PlacedPlan::compile(graph, list)?))
+    }
 }
 
 /// Every op of the IR has a CPU kernel: the CPU accepts every node, holds its values on
