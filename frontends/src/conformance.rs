@@ -138,7 +138,7 @@ pub fn run_case(dir: &Path, recurrent: Recurrent, tol: Tolerance) -> Result<(), 
 
 /// Runs one case folder on `before` (backends in order of preference, e.g. the
 /// test-only [`crate::backends::subset::SubsetBackend`]) with the CPU after them as the
-/// fallback: a [`PlacedPlan`] over the list, each node on the first backend that accepts
+/// fallback: a [`PlacedPlan`](crate::backends::PlacedPlan) over the list, each node on the first backend that accepts
 /// it. With `before` empty, the CPU's own plan runs the whole graph.
 pub fn run_case_on(
     dir: &Path,
