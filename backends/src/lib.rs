@@ -42,13 +42,6 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     /// Compiles `graph` (verified by the caller) into a plan.
     fn compile(&self, graph: &Graph) -> Result<Self::Plan>;
-    /// Whether the backend's fused kernel runs this recurrent op (`LSTM`, `GRUMasked`,
-    /// ...) with its attributes; `Err` says why not, and the selector
-    /// ([`passes::select::select`]) then runs it as a loop.
-    fn fused_recurrent(&self, op: &cellgraph_ir::Op) -> std::result::Result<(), String> {
-        let _ = op;
-        Ok(())
-    }
 }
 
 /// A compiled graph.

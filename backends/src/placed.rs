@@ -135,6 +135,10 @@ impl PlacedPlan {
         if devices.is_empty() {
             return Err(Error::Compile("no backend to place the graph on".into()));
         }
+        // Fused recurrent ops no backend runs become loops first (the selector's
+        // fallback), so every node left has a backend.
+        let lowered = crate::passes::select::lower_refused(&devices, graph)?;
+        let graph = &lowered;
         let placement = place(graph, &devices)?;
         let order: Vec<NodeId> = graph
             .topo_order()

@@ -361,3 +361,79 @@ fn wrong_inputs_are_named_by_the_backend_that_gets_them() {
         .to_string();
     assert!(e.contains("\"x\"") && e.contains("[3, 2]"), "{e}");
 }
+
+/// The selector's fused/loop choice is placement: a fused LSTM runs on the first backend
+/// that accepts it, and when every backend of the list refuses it (the subset backend
+/// runs no recurrent op, a CPU asked for loops refuses fused ones) it becomes its loop,
+/// whose top-level nodes are placed one by one (the `Scan`'s body runs where the `Scan`
+/// runs) — the reason names every backend — and the results are the fused kernel's.
+#[test]
+fn a_fused_op_no_backend_runs_becomes_its_loop_placed_node_by_node() {
+    use cellgraph_backends::cpu::Recurrent;
+    use cellgraph_backends::passes::select::{select, Placement};
+    let (t, b, i, h) = (4, 2, 3, 5);
+    let mut g = Graph::new("lstm");
+    let x = g
+        .add_input("x", ValueType::tensor(DType::F32, &[t, b, i]))
+        .expect("x");
+    let w = g
+        .add_input("w", ValueType::tensor(DType::F32, &[1, 4 * h, i]))
+        .expect("w");
+    let r = g
+        .add_input("r", ValueType::tensor(DType::F32, &[1, 4 * h, h]))
+        .expect("r");
+    let op = Op::LSTM {
+        activation_alpha: None,
+        activation_beta: None,
+        activations: None,
+        clip: None,
+        direction: "forward".into(),
+        hidden_size: Some(h as i64),
+        input_forget: 0,
+        layout: 0,
+    };
+    let id = g
+        .add_node(
+            "lstm",
+            op,
+            &[Some(x), Some(w), Some(r)],
+            &["y", "y_h", "y_c"],
+        )
+        .expect("lstm");
+    g.set_outputs(vec![ValueRef { node: id, slot: 1 }])
+        .expect("outputs");
+    let data = vec![
+        Data::Tensor(f32s(&[t as usize, b as usize, i as usize], 1)),
+        Data::Tensor(f32s(&[1, 4 * h as usize, i as usize], 2)),
+        Data::Tensor(f32s(&[1, 4 * h as usize, h as usize], 3)),
+    ];
+    let fused = CpuBackend::default()
+        .compile(&g)
+        .expect("compile")
+        .run(data.clone())
+        .expect("run");
+    // Accepted: fused on the CPU, after the subset backend's refusal.
+    let list = CpuBackend::default().after(&[Arc::new(SubsetBackend)]);
+    let sel = select(&list, &g, false).expect("select");
+    assert_eq!(
+        sel.choices[0].placement,
+        Placement::Fused { backend: "cpu" },
+        "{:?}",
+        sel.choices
+    );
+    // Refused by every backend: a loop, with both reasons, placed node by node.
+    let list = CpuBackend::new(Recurrent::Loop).after(&[Arc::new(SubsetBackend)]);
+    let sel = select(&list, &g, false).expect("select");
+    match &sel.choices[0].placement {
+        Placement::Loop { reason } => assert!(
+            reason.contains("subset: ") && reason.contains("cpu: LSTM asked to run as a loop"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let mut plan = PlacedPlan::compile(&g, list).expect("placed");
+    let ops: Vec<&str> = plan.placement().iter().map(|p| p.op.as_str()).collect();
+    assert!(ops.contains(&"Scan") && !ops.contains(&"LSTM"), "{ops:?}");
+    let got = plan.run(data).expect("run");
+    close(&got, &fused).expect("the loop gives the fused kernel's results");
+}

@@ -461,7 +461,7 @@ pub fn run_model_on(
     }
     let backend = cpu_backend(recurrent);
     let selected = crate::backends::passes::select::select(
-        &backend,
+        &backend.after(&backend_arg.before_cpu()),
         g,
         recurrent == crate::backends::cpu::Recurrent::Fused,
     )
@@ -1282,11 +1282,12 @@ pub fn inspect_text(path: &Path, m: &Model) -> String {
 /// Where every top-level node of `g` runs on `backend`'s list (the CPU last), after the
 /// selector's fused/loop choice: one line per node, with each refusal's reason.
 pub fn placement_report(g: &crate::ir::Graph, backend: BackendArg) -> Result<String, CliError> {
-    let cpu = cpu_backend(crate::backends::cpu::Recurrent::Fused);
-    let selected = crate::backends::passes::select::select(&cpu, g, true)
-        .map_err(|e| CliError::Run(format!("select: {e}")))?;
     let mut list = backend.before_cpu();
-    list.push(std::sync::Arc::new(cpu));
+    list.push(std::sync::Arc::new(cpu_backend(
+        crate::backends::cpu::Recurrent::Fused,
+    )));
+    let selected = crate::backends::passes::select::select(&list, g, true)
+        .map_err(|e| CliError::Run(format!("select: {e}")))?;
     let names: Vec<&str> = list.iter().map(|d| d.name()).collect();
     let placed = crate::backends::placed::place(&selected.graph, &list)
         .map_err(|e| CliError::Run(format!("placement: {e}")))?;
@@ -1300,9 +1301,10 @@ pub fn placement_report(g: &crate::ir::Graph, backend: BackendArg) -> Result<Str
 /// The selector's decision for every recurrent node of `g` on the CPU backend: one line
 /// per `Scan` loop or recurrent op, `LSTM → fused cpu` or `loop: <why>`.
 pub fn recurrent_report(g: &crate::ir::Graph) -> String {
-    let backend = crate::backends::cpu::CpuBackend::default();
+    let cpu: std::sync::Arc<dyn crate::backends::Device> =
+        std::sync::Arc::new(cpu_backend(crate::backends::cpu::Recurrent::Fused));
     let mut s = String::new();
-    match crate::backends::passes::select::select(&backend, g, true) {
+    match crate::backends::passes::select::select(&[cpu], g, true) {
         Ok(sel) if sel.choices.is_empty() => {
             let _ = writeln!(s, "recurrent nodes: none");
         }

@@ -151,7 +151,7 @@ pub fn run_case_on(
     let backend = CpuBackend::new(recurrent);
     // With fused recurrent ops the selector first raises Scan loops that compute a cell.
     let selected = crate::backends::passes::select::select(
-        &backend,
+        &backend.after(before),
         &model.graph,
         recurrent == Recurrent::Fused,
     )

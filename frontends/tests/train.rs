@@ -482,3 +482,130 @@ fn train_on_batch_is_one_fit_step() {
     let e = a.train_on_batch(std::slice::from_ref(&x), &[]).unwrap_err();
     assert!(e.to_string().contains("target"), "{e}");
 }
+
+/// A training step runs as one graph: forward, loss, gradients, clipping, the optimizer
+/// update and BatchNormalization's moving statistics. Its update nodes compute what the
+/// host optimizer computes, operation for operation in float32: three `train_on_batch`
+/// steps give bit for bit the weights (and optimizer moments) of `gradients_of_heads`
+/// followed by `Optimizer::apply_gradients` and BatchNorm's moving update on the host,
+/// for every optimizer and option. Clipping's norms are float32 sums in the graph, so
+/// the clipped cases agree to rounding instead.
+#[test]
+fn the_graph_step_matches_the_host_optimizer_bit_for_bit() {
+    use cellgraph::keras::{BatchNormalization, Clipping, Dense, Input, Sequential, LSTM};
+    let build = || {
+        let mut m = Sequential::with_seed(11);
+        m.add(Input::new(&[Some(5), Some(3)])).unwrap();
+        m.add(LSTM::new(4)).unwrap();
+        m.add(BatchNormalization::new()).unwrap();
+        m.add(Dense::new(2)).unwrap();
+        m
+    };
+    let sgd = |momentum, nesterov| Optimizer::SGD {
+        learning_rate: 0.05,
+        momentum,
+        nesterov,
+    };
+    let rms = |momentum| Optimizer::RMSprop {
+        learning_rate: 0.01,
+        rho: 0.9,
+        momentum,
+        epsilon: 1e-7,
+    };
+    let clip = |n: Option<f32>, g: Option<f32>, v: Option<f32>| Clipping {
+        clipnorm: n,
+        global_clipnorm: g,
+        clipvalue: v,
+    };
+    let cases = [
+        (Optimizer::sgd(), Clipping::default()),
+        (sgd(0.9, false), Clipping::default()),
+        (sgd(0.9, true), Clipping::default()),
+        (Optimizer::adam(), Clipping::default()),
+        (Optimizer::rmsprop(), Clipping::default()),
+        (rms(0.5), Clipping::default()),
+        (Optimizer::adam(), clip(Some(0.05), None, None)),
+        (Optimizer::adam(), clip(None, Some(0.05), None)),
+        (sgd(0.9, false), clip(None, None, Some(0.01))),
+    ];
+    let x = Tensor::F32(ArrayD::from_shape_fn(IxDyn(&[6, 5, 3]), |d| {
+        ((d[0] * 15 + d[1] * 3 + d[2]) as f32 * 0.37).sin()
+    }));
+    let y = Tensor::F32(ArrayD::from_shape_fn(IxDyn(&[6, 2]), |d| {
+        ((d[0] * 2 + d[1]) as f32 * 0.71).cos()
+    }));
+    let loss = Loss::MeanSquaredError;
+    for (opt, clipping) in cases {
+        let clipped = clipping != Clipping::default();
+        let mut graph = build();
+        graph.compile(opt, loss, &[]);
+        graph.set_clipping(clipping).unwrap();
+        let mut host = build();
+        let mut state = OptimizerState::default();
+        let trainable: Vec<bool> = host.weights().iter().map(|w| w.trainable).collect();
+        for _ in 0..3 {
+            graph
+                .train_on_batch(std::slice::from_ref(&x), std::slice::from_ref(&y))
+                .unwrap();
+            // The host reference: gradients (which also moves BatchNorm's statistics),
+            // Keras's clipping, then the host optimizer.
+            let gr = host
+                .gradients_of_heads(
+                    std::slice::from_ref(&x),
+                    std::slice::from_ref(&y),
+                    &[(0, loss)],
+                    true,
+                )
+                .unwrap();
+            let mut grads = gr.grads;
+            let norm = |g: &ArrayD<f32>| g.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if let Some(c) = clipping.clipnorm {
+                for g in &mut grads {
+                    let k = c / norm(g).max(c);
+                    g.mapv_inplace(|v| v * k);
+                }
+            } else if let Some(c) = clipping.global_clipnorm {
+                let n = grads.iter().map(|g| norm(g).powi(2)).sum::<f32>().sqrt();
+                let k = c / n.max(c);
+                for g in &mut grads {
+                    g.mapv_inplace(|v| v * k);
+                }
+            } else if let Some(c) = clipping.clipvalue {
+                for g in &mut grads {
+                    g.mapv_inplace(|v| v.clamp(-c, c));
+                }
+            }
+            let mut all = host.get_weights();
+            let mut refs: Vec<&mut ArrayD<f32>> = all
+                .iter_mut()
+                .zip(&trainable)
+                .filter(|(_, t)| **t)
+                .map(|(w, _)| w)
+                .collect();
+            opt.apply_gradients(&mut state, &mut refs, &grads).unwrap();
+            host.set_weights(all).unwrap();
+        }
+        let names: Vec<String> = host.weights().iter().map(|w| w.name.clone()).collect();
+        for ((a, b), name) in graph
+            .get_weights()
+            .iter()
+            .zip(host.get_weights())
+            .zip(&names)
+        {
+            if clipped {
+                for (p, q) in a.iter().zip(&b) {
+                    assert!(
+                        (p - q).abs() <= 1e-6 + 1e-5 * q.abs(),
+                        "{opt:?} {clipping:?}: {name}: {p} vs {q}"
+                    );
+                }
+            } else {
+                assert_eq!(a, &b, "{opt:?}: {name}");
+            }
+        }
+        assert!(
+            graph.get_weights() != build().get_weights(),
+            "{opt:?}: the steps changed nothing"
+        );
+    }
+}

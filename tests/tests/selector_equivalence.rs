@@ -514,7 +514,9 @@ proptest! {
             .collect();
         let g = m.to_graph(&sig).expect("graph");
         let backend = cellgraph::backends::cpu::CpuBackend::default();
-        let sel = cellgraph::backends::passes::select::select(&backend, &g, true).expect("select");
+        let list: Vec<std::sync::Arc<dyn cellgraph::backends::Device>> =
+            vec![std::sync::Arc::new(backend)];
+        let sel = cellgraph::backends::passes::select::select(&list, &g, true).expect("select");
         prop_assert!(sel.all_fused(), "{:?}", sel.choices);
         let bytes = model_to_bytes(&cellgraph::ir::onnx::Model::new(sel.graph.clone()));
         let back = import_model(&bytes, &ImportOptions::default()).expect("re-import");

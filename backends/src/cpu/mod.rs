@@ -73,25 +73,39 @@ impl CpuBackend {
         if before.is_empty() {
             return Ok(Box::new(Backend::compile(&self, graph)?));
         }
+        Ok(Box::new(crate::PlacedPlan::compile(
+            graph,
+            self.after(before),
+        )?))
+    }
+
+    /// The backend list `before`, then this CPU backend (the fallback): what
+    /// [`CpuBackend::compile_after`] places on and the selector asks.
+    pub fn after(self, before: &[std::sync::Arc<dyn Device>]) -> Vec<std::sync::Arc<dyn Device>> {
         let mut list = before.to_vec();
         list.push(std::sync::Arc::new(self));
-        Ok(Box::new(crate::PlacedPlan::compile(graph, list)?))
+        list
     }
 }
 
-/// Every op of the IR has a CPU kernel: the CPU accepts every node, holds its values on
-/// the host and is the fallback at the end of a placed plan's backend list.
+/// Every op of the IR has a CPU kernel: the CPU accepts every node (the fused recurrent
+/// ops unless loops were asked for), holds its values on the host and is the fallback
+/// at the end of a placed plan's backend list.
 impl Device for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
     }
 
-    fn supports(
-        &self,
-        _op: &Op,
-        _inputs: &[Option<&ValueType>],
-    ) -> std::result::Result<(), String> {
-        Ok(())
+    /// Every op, and every fused recurrent configuration (any mask, activation, clip,
+    /// direction and both GRU reset forms) — unless `Recurrent::Loop` asked for loops,
+    /// when the fused recurrent ops are refused and the selector lowers them.
+    fn supports(&self, op: &Op, _inputs: &[Option<&ValueType>]) -> std::result::Result<(), String> {
+        match self.recurrent {
+            Recurrent::Loop if rnn_ops::is_fused(op) => {
+                Err(format!("{} asked to run as a loop", op.name()))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn host_resident(&self) -> bool {
@@ -141,15 +155,6 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
-    }
-
-    /// The CPU kernels run every recurrent configuration: any mask, activation, clip,
-    /// direction and both GRU reset forms. Only `Recurrent::Loop` refuses.
-    fn fused_recurrent(&self, op: &Op) -> std::result::Result<(), String> {
-        match self.recurrent {
-            Recurrent::Fused => Ok(()),
-            Recurrent::Loop => Err(format!("{} asked to run as a loop", op.name())),
-        }
     }
 
     fn compile(&self, graph: &Graph) -> Result<CpuPlan> {

@@ -20,17 +20,22 @@ use std::collections::HashMap;
 /// Returns a copy of `graph` (and of its nested graphs) in which every recurrent op runs
 /// as a `Scan` loop.
 pub fn lower_recurrent(graph: &Graph) -> Result<Graph> {
-    lower_where(graph, &|_| true)
+    lower_where(graph, &|_, _, _| true)
 }
 
-/// Like [`lower_recurrent`], for the recurrent nodes `pick` selects (by op).
-pub fn lower_where(graph: &Graph, pick: &dyn Fn(&Op) -> bool) -> Result<Graph> {
+/// Like [`lower_recurrent`], for the recurrent nodes `pick(graph, node, op)` selects
+/// (`graph` is the one holding the node: the top level or a nested body).
+pub fn lower_where(graph: &Graph, pick: &dyn Fn(&Graph, NodeId, &Op) -> bool) -> Result<Graph> {
     rewrite(
         graph,
         &mut |dst, src, n, ins, names| {
             let node = src.node(n);
             match node.op() {
-                Some(op) if op.unmasked_recurrent().is_some() && !rnn::is_grad(op) && pick(op) => {
+                Some(op)
+                    if op.unmasked_recurrent().is_some()
+                        && !rnn::is_grad(op)
+                        && pick(src, n, op) =>
+                {
                     expand(dst, &node.display_name(), op, ins, names).map(Some)
                 }
                 _ => Ok(None),

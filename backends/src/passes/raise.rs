@@ -1903,15 +1903,5 @@ fn emit(dst: &mut Graph, label: &str, m: &CellMatch, e: Emitted<'_>) -> Try<Emit
     Ok((op_name, outs, seq))
 }
 
-/// The names of the recurrent ops the fused kernels run.
-pub fn is_fused_recurrent(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::LSTM { .. }
-            | Op::GRU { .. }
-            | Op::RNN { .. }
-            | Op::LSTMMasked { .. }
-            | Op::GRUMasked { .. }
-            | Op::RNNMasked { .. }
-    )
-}
+/// The fused recurrent ops of the forward (see [`cellgraph_ir::ops::rnn::is_fused`]).
+pub use cellgraph_ir::ops::rnn::is_fused as is_fused_recurrent;

@@ -1,13 +1,17 @@
-//! The backend selector: raise recurrent loops into fused ops, then keep each fused op
-//! on the backend's fused kernel when the backend supports its configuration, or lower
-//! it back to a loop, recording why for every recurrent node.
+//! The backend selector: raise recurrent loops into fused ops, then place each fused op
+//! as placement places any node — on the first backend of the list whose
+//! [`Device::supports`] accepts it with its input types — or, when no backend runs it,
+//! lower it back to its loop (whose nodes are then placed one by one), recording why
+//! for every recurrent node. The fused/loop choice is one case of placement: the loop is
+//! the fallback of a fused op every backend refuses.
 
+use crate::device::Device;
 use crate::error::Result;
 use crate::passes::lower::lower_where;
 use crate::passes::raise::{is_fused_recurrent, raise_recurrent};
-use crate::Backend;
-use cellgraph_ir::{Graph, Op};
+use cellgraph_ir::{Graph, NodeId, Op, ValueType};
 use std::fmt;
+use std::sync::Arc;
 
 /// Where one recurrent node runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,9 +80,9 @@ impl Selected {
     }
 }
 
-/// Raises recurrent loops (when `raise`), asks `backend` about every fused recurrent op,
-/// and lowers those it refuses to loops.
-pub fn select<B: Backend + ?Sized>(backend: &B, graph: &Graph, raise: bool) -> Result<Selected> {
+/// Raises recurrent loops (when `raise`), places every fused recurrent op on the first
+/// backend of `devices` that runs it, and lowers those no backend runs to loops.
+pub fn select(devices: &[Arc<dyn Device>], graph: &Graph, raise: bool) -> Result<Selected> {
     let mut choices = Vec::new();
     let mut rules = std::collections::HashMap::new();
     let graph = if raise {
@@ -101,14 +105,45 @@ pub fn select<B: Backend + ?Sized>(backend: &B, graph: &Graph, raise: bool) -> R
         list_scans(graph, &mut choices);
         graph.clone()
     };
-    collect(backend, &graph, &rules, &mut choices);
-    let graph = lower_where(&graph, &|op| backend.fused_recurrent(op).is_err())?;
+    collect(devices, &graph, &rules, &mut choices);
+    let graph = lower_refused(devices, &graph)?;
     Ok(Selected { graph, choices })
 }
 
-/// Calls `f(name, op)` for every op node of `g` and its nested graphs, in order; names
-/// inside nested graphs are `path/body/node`.
-fn walk(g: &Graph, path: &str, f: &mut dyn FnMut(String, &Op)) {
+/// The first backend of `devices` that runs the fused recurrent node `n` of `g` with its
+/// input types, or every backend's reason (`cpu: why; cuda: why`).
+pub fn fused_on(
+    devices: &[Arc<dyn Device>],
+    g: &Graph,
+    n: NodeId,
+) -> std::result::Result<&'static str, String> {
+    let Some(op) = g.node(n).op() else {
+        return Err("not an op node".into());
+    };
+    let ins = g.node_inputs(n);
+    let types: Vec<Option<&ValueType>> = ins.iter().map(|v| v.map(|v| &g.value(v).ty)).collect();
+    let mut why = Vec::new();
+    for d in devices {
+        match d.supports(op, &types) {
+            Ok(()) => return Ok(d.name()),
+            Err(r) => why.push(format!("{}: {r}", d.name())),
+        }
+    }
+    if why.is_empty() {
+        why.push("no backend in the list".into());
+    }
+    Err(why.join("; "))
+}
+
+/// Lowers to loops the fused recurrent ops (also in nested bodies) that no backend of
+/// `devices` runs; a placed plan does this before placing the nodes.
+pub fn lower_refused(devices: &[Arc<dyn Device>], graph: &Graph) -> Result<Graph> {
+    lower_where(graph, &|g, n, _| fused_on(devices, g, n).is_err())
+}
+
+/// Calls `f(name, graph, node, op)` for every op node of `g` and its nested graphs, in
+/// order; names inside nested graphs are `path/body/node`.
+fn walk(g: &Graph, path: &str, f: &mut dyn FnMut(String, &Graph, NodeId, &Op)) {
     let Ok(order) = g.topo_order() else { return };
     let within = |name: &str| {
         if path.is_empty() {
@@ -120,7 +155,7 @@ fn walk(g: &Graph, path: &str, f: &mut dyn FnMut(String, &Op)) {
     for n in order {
         let node = g.node(n);
         let Some(op) = node.op() else { continue };
-        f(within(&node.display_name()), op);
+        f(within(&node.display_name()), g, n, op);
         for (_, body) in op.subgraphs() {
             walk(body, &within(&body.name), f);
         }
@@ -129,7 +164,7 @@ fn walk(g: &Graph, path: &str, f: &mut dyn FnMut(String, &Op)) {
 
 /// Without raising, every `Scan` stays a loop.
 fn list_scans(g: &Graph, out: &mut Vec<Choice>) {
-    walk(g, "", &mut |node, op| {
+    walk(g, "", &mut |node, _, _, op| {
         if let Op::Scan { .. } = op {
             out.push(Choice {
                 node,
@@ -143,24 +178,20 @@ fn list_scans(g: &Graph, out: &mut Vec<Choice>) {
     });
 }
 
-/// One choice per fused recurrent op: the backend's kernel or a loop, and why.
-fn collect<B: Backend + ?Sized>(
-    backend: &B,
+/// One choice per fused recurrent op: the backend that runs it, or a loop and why.
+fn collect(
+    devices: &[Arc<dyn Device>],
     g: &Graph,
     rules: &std::collections::HashMap<String, &'static str>,
     out: &mut Vec<Choice>,
 ) {
-    walk(g, "", &mut |node, op| {
+    walk(g, "", &mut |node, body, n, op| {
         if !is_fused_recurrent(op) {
             return;
         }
-        let placement = match backend.fused_recurrent(op) {
-            Ok(()) => Placement::Fused {
-                backend: backend.name(),
-            },
-            Err(reason) => Placement::Loop {
-                reason: format!("{reason} (the {} kernel)", backend.name()),
-            },
+        let placement = match fused_on(devices, body, n) {
+            Ok(backend) => Placement::Fused { backend },
+            Err(reason) => Placement::Loop { reason },
         };
         out.push(Choice {
             rule: rules.get(&node).copied(),

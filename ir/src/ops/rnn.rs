@@ -504,6 +504,20 @@ impl Cell {
     }
 }
 
+/// Whether `op` is a fused recurrent op of the forward (`LSTM`, `GRU`, `RNN` and their
+/// masked forms): what a backend's fused kernel runs and what the selector places.
+pub fn is_fused(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::LSTM { .. }
+            | Op::GRU { .. }
+            | Op::RNN { .. }
+            | Op::LSTMMasked { .. }
+            | Op::GRUMasked { .. }
+            | Op::RNNMasked { .. }
+    )
+}
+
 /// Whether `op` is a fused recurrent backward op (`LSTMGrad`, `GRUGrad`, `RNNGrad`).
 pub fn is_grad(op: &Op) -> bool {
     matches!(

@@ -13,7 +13,7 @@ use super::layers::{shape_str, Input, Layer, Recurrent, Shape};
 use super::lower;
 use super::KerasError;
 use cellgraph_backends::cpu::{CpuBackend, CpuPlan, Recurrent as RecurrentMode};
-use cellgraph_backends::{Backend, Data, Device, PlacedPlan, Plan};
+use cellgraph_backends::{Backend, Data, Device, PlacedPlan, Plan, Value};
 use cellgraph_ir::{DType, Dim, Graph, Op, Tensor, TensorType, ValueRef, ValueType};
 use ndarray::{ArrayD, IxDyn};
 use std::collections::HashMap;
@@ -163,6 +163,39 @@ impl ModelPlan {
         }
     }
 
+    /// Runs on values wherever they are; outputs stay where they were computed (see
+    /// [`PlacedPlan::run_values`]). A CPU-only plan takes host values only.
+    pub(crate) fn run_values(&mut self, values: Vec<Value>) -> R<Vec<Value>> {
+        match self {
+            ModelPlan::Cpu(p) => {
+                let data = values
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Host(d) => Ok(d),
+                        Value::Device(d) => Err(KerasError::Internal(format!(
+                            "a value on backend {} given to a CPU plan",
+                            d.backend
+                        ))),
+                    })
+                    .collect::<R<Vec<_>>>()?;
+                Ok(p.run(data)?.into_iter().map(Value::Host).collect())
+            }
+            ModelPlan::Placed(p) => Ok(p.run_values(values)?),
+        }
+    }
+
+    /// Brings one value of this plan to the host.
+    pub(crate) fn download(&mut self, v: Value) -> R<Data> {
+        match (self, v) {
+            (_, Value::Host(d)) => Ok(d),
+            (ModelPlan::Placed(p), v) => Ok(p.to_host(v)?),
+            (ModelPlan::Cpu(_), Value::Device(d)) => Err(KerasError::Internal(format!(
+                "a value on backend {} in a CPU plan",
+                d.backend
+            ))),
+        }
+    }
+
     fn run(&mut self, data: Vec<Data>) -> R<Vec<Data>> {
         Ok(match self {
             ModelPlan::Cpu(p) => p.run(data)?,
@@ -192,6 +225,8 @@ pub struct Model {
     /// Backends placed before the CPU ([`Model::set_backends`]).
     pub(crate) backends: Vec<Arc<dyn Device>>,
     pub(crate) grad_plans: HashMap<GradKey, GradPlan>,
+    /// Compiled training steps (`train::step`).
+    pub(crate) step_plans: HashMap<super::train::step::StepKey, super::train::step::StepPlan>,
     pub(crate) training: Option<super::train::optimizer::TrainState>,
 }
 
@@ -448,6 +483,7 @@ impl Model {
             recurrent: RecurrentMode::Fused,
             backends: Vec::new(),
             grad_plans: HashMap::new(),
+            step_plans: HashMap::new(),
             training: None,
         }
     }
@@ -461,6 +497,7 @@ impl Model {
         self.recurrent = mode;
         self.plans.clear();
         self.grad_plans.clear();
+        self.step_plans.clear();
     }
 
     /// The backends this model's plans run on, in order of preference, before the CPU
@@ -488,6 +525,7 @@ impl Model {
         self.backends = backends;
         self.plans.clear();
         self.grad_plans.clear();
+        self.step_plans.clear();
     }
 
     /// Where each node of every plan compiled so far runs (inference and training
@@ -498,6 +536,7 @@ impl Model {
             .values()
             .map(|c| &c.plan)
             .chain(self.grad_plans.values().map(|p| &p.plan))
+            .chain(self.step_plans.values().map(|p| p.plan()))
             .filter_map(|p| p.placement().map(<[_]>::to_vec))
             .collect()
     }
@@ -518,14 +557,17 @@ impl Model {
             .values()
             .map(|c| c.plan.graph())
             .chain(self.grad_plans.values().map(|p| p.plan.graph()))
+            .chain(self.step_plans.values().map(|p| p.plan().graph()))
             .collect()
     }
 
-    /// The selector over a lowered graph, for this model's recurrent mode.
+    /// The selector over a lowered graph: this model's backends, then the CPU in this
+    /// model's recurrent mode.
     pub(crate) fn select(&self, g: &Graph) -> R<cellgraph_backends::passes::select::Selected> {
-        let backend = CpuBackend::new(self.recurrent);
+        let mut list = self.backends.clone();
+        list.push(Arc::new(CpuBackend::new(self.recurrent)));
         Ok(cellgraph_backends::passes::select::select(
-            &backend,
+            &list,
             g,
             self.recurrent == RecurrentMode::Fused,
         )?)

@@ -10,6 +10,7 @@ pub(crate) mod history;
 pub(crate) mod loss;
 pub(crate) mod metric;
 pub(crate) mod optimizer;
+pub(crate) mod step;
 
 pub use history::History;
 pub use loss::{loss_value, Loss};
@@ -54,6 +55,23 @@ impl Model {
         training: bool,
         heads: &[(usize, Loss)],
     ) -> R<GradPlan> {
+        let (lowered, params) = self.grad_graph(sig, training, heads)?;
+        let plan = super::model::ModelPlan::compile(&lowered.graph, &self.backends)?;
+        Ok(GradPlan {
+            plan,
+            lowered,
+            params,
+        })
+    }
+
+    /// The lowered model with its graph replaced by the gradient graph of
+    /// [`Model::build_grad_plan`], and the (slot, weight index) of each gradient output.
+    pub(crate) fn grad_graph(
+        &self,
+        sig: &[(DType, Vec<usize>)],
+        training: bool,
+        heads: &[(usize, Loss)],
+    ) -> R<(super::model::Lowered, Vec<(usize, usize)>)> {
         let mut lowered = self.lower(sig, training, true)?;
         // Recurrent loops raised to fused ops first: their gradient is the fused backward.
         lowered.graph = self.select(&lowered.graph)?.graph;
@@ -120,13 +138,8 @@ impl Model {
         let graph = cellgraph_autodiff::grad(&lowered.graph, lv, &wrt)
             .map_err(|e| KerasError::Internal(format!("gradient pass: {e}")))?;
         cellgraph_ir::verify(&graph)?;
-        let plan = super::model::ModelPlan::compile(&graph, &self.backends)?;
         lowered.graph = graph;
-        Ok(GradPlan {
-            plan,
-            lowered,
-            params,
-        })
+        Ok((lowered, params))
     }
 
     /// One forward and backward pass: the loss of output `output` against `targets`
@@ -328,28 +341,6 @@ impl Model {
         }
     }
 
-    fn apply_gradients(&mut self, grads: Vec<ArrayD<f32>>) -> R<()> {
-        let params = self.trainable();
-        let mut st = self.training.take().ok_or_else(|| KerasError::Layer {
-            layer: self.name.clone(),
-            msg: "call compile() before fit()".into(),
-        })?;
-        let mut values: Vec<ArrayD<f32>> = params
-            .iter()
-            .map(|&(s, k)| std::mem::take(&mut self.slots[s].weights[k].value))
-            .collect();
-        let res = {
-            let mut refs: Vec<&mut ArrayD<f32>> = values.iter_mut().collect();
-            st.optimizer
-                .apply_gradients(&mut st.state, &mut refs, &grads)
-        };
-        for (&(s, k), v) in params.iter().zip(values) {
-            self.slots[s].weights[k].value = v;
-        }
-        self.training = Some(st);
-        res
-    }
-
     /// `fit`: trains on `x` (model inputs) and `y` (targets) for `epochs`, in batches,
     /// shuffling with `seed`; prints Keras's progress line per epoch when `verbose`.
     pub fn fit(&mut self, x: &[Tensor], y: &Tensor, opts: &FitOptions) -> R<History> {
@@ -465,23 +456,34 @@ impl Model {
             }
             let steps = order.len().div_ceil(bs);
             let mut sums = Sums::new(heads.len(), metrics.len());
-            for (b, chunk) in order.chunks(bs).enumerate() {
-                let bx = take_rows_all(x, chunk)?;
-                let by = take_rows_all(y, chunk)?;
-                let at = format!(" at epoch {}, batch {}", epoch + 1, b + 1);
-                let gr = self.train_step(&bx, &by, &heads, &at)?;
-                let losses: Vec<f64> = gr.losses.iter().map(|&l| f64::from(l)).collect();
-                sums.add(chunk.len(), &losses, &metrics, &gr.outputs, &by, loss)?;
-                if opts.verbose && opts.progress_every_batch {
-                    eprint!(
-                        "\r{}/{} [{}] - loss: {:.4}",
-                        b + 1,
-                        steps,
-                        bar(b + 1, steps),
-                        sums.total_loss()
-                    );
+            // Weights and optimizer moments stay where the step plan left them (on its
+            // backend) for the epoch, and come to the model before validation and
+            // checkpoints, or when a step fails.
+            let mut res = step::Resident::default();
+            let mut epoch_steps = || -> R<()> {
+                for (b, chunk) in order.chunks(bs).enumerate() {
+                    let bx = take_rows_all(x, chunk)?;
+                    let by = take_rows_all(y, chunk)?;
+                    let at = format!(" at epoch {}, batch {}", epoch + 1, b + 1);
+                    let out = self.train_step_resident(&mut res, &bx, &by, &heads, &at)?;
+                    let losses: Vec<f64> = out.losses.iter().map(|&l| f64::from(l)).collect();
+                    sums.add(chunk.len(), &losses, &metrics, &out.outputs, &by, loss)?;
+                    if opts.verbose && opts.progress_every_batch {
+                        eprint!(
+                            "\r{}/{} [{}] - loss: {:.4}",
+                            b + 1,
+                            steps,
+                            bar(b + 1, steps),
+                            sums.total_loss()
+                        );
+                    }
                 }
-            }
+                Ok(())
+            };
+            let trained = epoch_steps();
+            let synced = self.sync_resident(&mut res);
+            trained?;
+            synced?;
             let mut logs = sums.logs(&names, &metrics);
             if let Some((vx, vy)) = &val {
                 let ev = self.evaluate_outputs_with(vx, vy, bs, loss, &metrics, &names)?;
@@ -599,33 +601,10 @@ impl Model {
             .loss;
         self.check_target_count(y)?;
         let heads: Vec<(usize, Loss)> = (0..y.len()).map(|o| (o, loss)).collect();
-        Ok(self.train_step(x, y, &heads, "")?.loss)
-    }
-
-    /// Gradients of the heads' losses, then (clipped) one optimizer update; `at` ends
-    /// the message of a loss that is not finite (`" at epoch 1, batch 3"`). The
-    /// returned [`Gradients`] has its `grads` moved out into the update.
-    fn train_step(
-        &mut self,
-        x: &[Tensor],
-        y: &[Tensor],
-        heads: &[(usize, Loss)],
-        at: &str,
-    ) -> R<Gradients> {
-        let mut gr = self.gradients_of_heads(x, y, heads, true)?;
-        if !gr.loss.is_finite() {
-            return Err(KerasError::Layer {
-                layer: self.name.clone(),
-                msg: format!("the loss became {}{at}", gr.loss),
-            });
-        }
-        let grads = std::mem::take(&mut gr.grads);
-        let grads = match self.training.as_ref().map(|t| t.clipping) {
-            Some(c) => c.apply(grads),
-            None => grads,
-        };
-        self.apply_gradients(grads)?;
-        Ok(gr)
+        let mut res = step::Resident::default();
+        let out = self.train_step_resident(&mut res, x, y, &heads, "");
+        self.sync_resident(&mut res)?;
+        Ok(out?.loss)
     }
 
     fn check_target_count(&self, y: &[Tensor]) -> R<()> {

@@ -299,31 +299,3 @@ pub struct Clipping {
     /// Per-element bound.
     pub clipvalue: Option<f32>,
 }
-
-impl Clipping {
-    pub(crate) fn apply(&self, mut grads: Vec<ArrayD<f32>>) -> Vec<ArrayD<f32>> {
-        let norm = |g: &ArrayD<f32>| g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-        if let Some(c) = self.clipnorm {
-            for g in &mut grads {
-                let n = norm(g);
-                if n > c as f64 {
-                    let k = (c as f64 / n) as f32;
-                    g.mapv_inplace(|x| x * k);
-                }
-            }
-        } else if let Some(c) = self.global_clipnorm {
-            let n = grads.iter().map(|g| norm(g).powi(2)).sum::<f64>().sqrt();
-            if n > c as f64 {
-                let k = (c as f64 / n) as f32;
-                for g in &mut grads {
-                    g.mapv_inplace(|x| x * k);
-                }
-            }
-        } else if let Some(c) = self.clipvalue {
-            for g in &mut grads {
-                g.mapv_inplace(|x| x.clamp(-c, c));
-            }
-        }
-        grads
-    }
-}
