@@ -20,7 +20,7 @@
 
 use super::loss::Loss;
 use super::optimizer::{Clipping, Optimizer};
-use crate::keras::model::{signature, Feed, Model, ModelPlan};
+use crate::keras::model::{signature, Feed, Model, ModelPlan, Moment, StepKey, StepPlan, WeightId};
 use crate::keras::KerasError;
 use cellgraph_backends::{Data, Value};
 use cellgraph_ir::builder::Builder;
@@ -29,54 +29,6 @@ use ndarray::ArrayD;
 use std::collections::HashMap;
 
 type R<T> = Result<T, KerasError>;
-
-/// Input signature, the heads' losses, the optimizer and clipping (compiled into the
-/// graph as constants).
-pub(crate) type StepKey = (Vec<(DType, Vec<usize>)>, String, String);
-
-/// Which optimizer moment a value is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Moment {
-    /// The first moment / momentum slot (`OptSlot::m`).
-    M,
-    /// The second moment (`OptSlot::v`).
-    V,
-}
-
-/// A weight by (layer slot, index in the slot).
-type WeightId = (usize, usize);
-
-/// A compiled training step (see the module docs).
-pub(crate) struct StepPlan {
-    plan: ModelPlan,
-    /// The lowered model's feeds (the first graph inputs).
-    feeds: Vec<Feed>,
-    /// Stateful layers whose final states follow the model outputs.
-    states: Vec<(usize, usize)>,
-    /// Weights read by the step that the lowered forward does not read (BatchNorm
-    /// moving statistics in training mode): graph inputs after the targets.
-    extra_weights: Vec<WeightId>,
-    /// Moment inputs (after the extra weights), and in the same order the new moments
-    /// among the outputs.
-    moments: Vec<(WeightId, Moment)>,
-    /// How many scalar inputs follow the moments ([`Optimizer::step_scalars`]).
-    n_scalars: usize,
-    /// The weight each new-weight output replaces, in output order.
-    writes: Vec<WeightId>,
-    /// Model outputs.
-    n_model: usize,
-    /// Loss heads.
-    n_heads: usize,
-    /// Each head's output shape (how its targets are prepared).
-    head_shapes: Vec<Vec<usize>>,
-}
-
-impl StepPlan {
-    /// The compiled plan.
-    pub(crate) fn plan(&self) -> &ModelPlan {
-        &self.plan
-    }
-}
 
 /// Weights and optimizer moments held where the last step left them (see the module
 /// docs). Empty: everything is read from the model.
