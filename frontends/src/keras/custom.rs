@@ -10,10 +10,14 @@
 //! by the selector; any other cell runs as a loop (`cellgraph inspect` says why).
 
 use super::activation::{Activation, Shape};
+use super::config::Cx;
 use super::emit::Emit;
 use super::init::Init;
+use super::layers::kind::{layer_entry, CallIo, LayerKind, Out, Spec};
+use super::layers::recurrent::custom_cell_class;
 use super::KerasError;
 use cellgraph_ir::{DType, Dim, Graph, Op, Tensor, TensorType, ValueRef, ValueType};
+use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -1001,4 +1005,92 @@ fn check_step(e: &Emit, layer: &str, got: &[Sym], sizes: &[Vec<usize>], what: &s
         }
     }
     Ok(())
+}
+
+impl CustomRnn {
+    /// `RNN` around a registered custom cell, rebuilt by its factory from its config.
+    pub(crate) fn from_config(cx: &Cx, cfg: &Value, at: &str) -> R<CustomRnn> {
+        let class = custom_cell_class(cfg).unwrap_or_default();
+        let factory = registered_cell(class).ok_or_else(|| {
+            cx.err(
+                at,
+                format!(
+                    "cell class {class:?} is not registered (register it with \
+                     cellgraph::keras::register_cell; registered: {:?})",
+                    registered_cells()
+                ),
+            )
+        })?;
+        let cell_cfg = cfg
+            .get("cell")
+            .and_then(|c| c.get("config"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let cell = factory(&cell_cfg).map_err(|msg| cx.err(at, format!("cell {class}: {msg}")))?;
+        for k in ["stateful", "unroll"] {
+            if cx.bool(cfg, k, false, at)? {
+                return Err(KerasError::Unsupported {
+                    layer: at.to_string(),
+                    what: format!("{k}=True with a custom cell"),
+                });
+            }
+        }
+        cx.refuse(cfg, at, &["time_major"])?;
+        Ok(CustomRnn::from_arc(cell)
+            .return_sequences(cx.bool(cfg, "return_sequences", false, at)?)
+            .return_state(cx.bool(cfg, "return_state", false, at)?)
+            .go_backwards(cx.bool(cfg, "go_backwards", false, at)?)
+            .zero_output_for_mask(cx.bool(cfg, "zero_output_for_mask", false, at)?)
+            .name(at))
+    }
+}
+
+impl LayerKind for CustomRnn {
+    fn class(&self) -> &'static str {
+        "RNN"
+    }
+    fn stem(&self) -> &'static str {
+        "rnn"
+    }
+    fn given(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn weight_specs(&self, name: &str, _: &Shape) -> Result<Vec<Spec>, String> {
+        let steps = self
+            .built
+            .as_ref()
+            .ok_or_else(|| "the layer was not called on inputs yet".to_string())?;
+        let cell = self.cell.name();
+        Ok(self
+            .specs(steps)?
+            .into_iter()
+            .map(|(w, shape, trainable, init)| {
+                (format!("{name}/{cell}/{w}"), shape, trainable, init)
+            })
+            .collect())
+    }
+    fn shapes(&self, input: &Shape) -> Result<Vec<Shape>, String> {
+        Ok(self.output_shapes(std::slice::from_ref(input)))
+    }
+    /// A custom RNN is lowered with all its input parts by the model (`lower` here).
+    fn lower_call(&self, _: &mut Emit, _: CallIo<'_>) -> R<Vec<Out>> {
+        Err(KerasError::Internal(
+            "custom RNN layers are lowered with all their input parts".into(),
+        ))
+    }
+    fn config(&self, name: &str) -> serde_json::Value {
+        let cell = serde_json::json!({"module": null, "class_name": self.cell.class_name(),
+                                      "config": self.cell.get_config(),
+                                      "registered_name": self.cell.class_name()});
+        layer_entry(
+            "RNN",
+            name,
+            serde_json::json!({"return_sequences": self.return_sequences,
+                               "return_state": self.return_state,
+                               "go_backwards": self.go_backwards, "stateful": false,
+                               "unroll": false,
+                               "zero_output_for_mask": self.zero_output_for_mask,
+                               "cell": cell}),
+        )
+    }
 }

@@ -23,6 +23,7 @@
 
 mod activation;
 pub mod checkpoint;
+mod config;
 pub mod conformance;
 pub mod custom;
 mod emit;
@@ -30,7 +31,7 @@ mod export;
 pub mod import;
 pub mod init;
 pub mod layers;
-mod lower;
+
 pub mod model;
 pub mod summary;
 pub mod train;

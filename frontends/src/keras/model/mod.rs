@@ -15,8 +15,9 @@ use lowering::*;
 use super::custom::Nest;
 use super::emit::Emit;
 use super::init::{init_tensor, weight_seed, Init};
-use super::layers::{shape_str, Input, Layer, Recurrent, Shape};
-use super::lower;
+use super::layers::kind::LayerKind;
+use super::layers::{dtype_of, op_shape, shape_str, Input, Layer, Shape};
+
 use super::KerasError;
 
 use cellgraph_backends::{Backend, Data, Device, PlacedPlan, Plan, Value};
@@ -504,7 +505,7 @@ impl Model {
             }
             None => self.unique_name(layer.default_stem()),
         };
-        validate(&mut layer, &name)?;
+        LayerKind::check(&mut layer, &name)?;
         self.slots.push(Slot {
             name,
             layer,
@@ -606,10 +607,10 @@ impl Model {
                     }
                 }
                 self.check_call_args(&layer, &shape, &args).map_err(err)?;
-                output_shapes(&layer, &shape).map_err(err)?
+                LayerKind::shapes(&layer, &shape).map_err(err)?
             }
         };
-        if self.slots[slot].calls > 0 && is_stateful(&layer) {
+        if self.slots[slot].calls > 0 && layer.is_stateful() {
             return Err(err(
                 "a stateful layer can be called only once in a model (it has one state store)"
                     .into(),
@@ -737,13 +738,4 @@ impl Model {
         }
         Ok(())
     }
-}
-
-pub(crate) fn dtype_of(name: &str) -> Option<DType> {
-    Some(match name {
-        "float32" => DType::F32,
-        "int32" => DType::I32,
-        "int64" => DType::I64,
-        _ => return None,
-    })
 }

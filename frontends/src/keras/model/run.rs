@@ -2,6 +2,7 @@
 //! weights, states, dropout masks) and results (states, BatchNorm statistics) of a plan.
 
 use super::*;
+use crate::keras::layers::lower_op;
 
 impl Model {
     /// Lowers the model to an IR graph for inputs of the given dtypes and shapes, in
@@ -177,10 +178,10 @@ impl Model {
                 }
                 continue;
             }
-            let stateful_here = is_stateful(&slot.layer) && init.is_none();
+            let stateful_here = slot.layer.is_stateful() && init.is_none();
             if stateful_here {
                 let mut v = Vec::new();
-                for (k, s) in state_sizes(&slot.layer).into_iter().enumerate() {
+                for (k, s) in LayerKind::state_sizes(&slot.layer).into_iter().enumerate() {
                     feeds.push(Feed::State(node.slot, k));
                     v.push(g.add_input(
                         &format!("{}/state_{k}", slot.name),
@@ -204,7 +205,7 @@ impl Model {
                 bn_outs.extend(extra);
             }
             if stateful_here {
-                let n = state_sizes(&slot.layer).len();
+                let n = LayerKind::state_sizes(&slot.layer).len();
                 let finals: Vec<ValueRef> = outs[outs.len() - n..].iter().map(|o| o.0).collect();
                 bindings.push((node.slot, n));
                 state_outs.extend(finals);
@@ -328,10 +329,10 @@ impl Model {
             .copied()
             .unwrap_or(0);
         for s in &mut self.slots {
-            if !is_stateful(&s.layer) {
+            if !s.layer.is_stateful() {
                 continue;
             }
-            let sizes = state_sizes(&s.layer);
+            let sizes = LayerKind::state_sizes(&s.layer);
             match &s.states {
                 Some(st) if st.first().map(|a| a.shape()[0]) != Some(batch) => {
                     return Err(KerasError::Layer {

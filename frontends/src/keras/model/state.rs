@@ -118,7 +118,7 @@ impl Model {
                     layer: layer.to_string(),
                     msg: "no layer of this name in the model".into(),
                 })?;
-        if !is_stateful(&slot.layer) {
+        if !slot.layer.is_stateful() {
             return Err(KerasError::Layer {
                 layer: layer.to_string(),
                 msg: "is not stateful: it keeps no states between calls".into(),
@@ -135,7 +135,7 @@ impl Model {
                 layer: layer.to_string(),
                 msg: "has no states yet: the batch size is unknown until the first call".into(),
             })?;
-        Ok(state_sizes(&slot.layer)
+        Ok(LayerKind::state_sizes(&slot.layer)
             .into_iter()
             .map(|s| ArrayD::zeros(IxDyn(&[batch, s])))
             .collect())

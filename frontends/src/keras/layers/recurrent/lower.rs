@@ -6,9 +6,9 @@
 //! direction, and the sequence output is stacked in processing order. The input is
 //! transposed to time-major first, so the CPU backend hoists `x_t · K` out of the loop.
 
-use super::emit::Emit;
-use super::layers::{Bidirectional, Cell, CellKind, MergeMode, Recurrent};
-use super::KerasError;
+use super::config::{Bidirectional, Cell, CellKind, MergeMode, Recurrent};
+use crate::keras::emit::Emit;
+use crate::keras::KerasError;
 use cellgraph_ir::{DType, Dim, Graph, Op, TensorType, ValueRef, ValueType};
 use std::collections::HashMap;
 
