@@ -3,7 +3,7 @@
 //! loop and fused paths.
 
 use crate::backends::cpu::{CpuBackend, Recurrent};
-use crate::backends::{Backend, Data, Plan};
+use crate::backends::Data;
 use crate::ir::onnx::Model;
 use crate::ir::{DType, Graph, Op, Tensor, ValueRef, ValueType};
 use crate::keras::{
@@ -304,11 +304,18 @@ pub fn time(runs: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<Ti
     })
 }
 
-/// Times inference of a workload's ONNX layer on the CPU backend (input `[T, N, I]`).
-pub fn bench_workload(w: &Workload, recurrent: Recurrent, runs: usize) -> Result<Timing, String> {
+/// Times inference of a workload's ONNX layer (input `[T, N, I]`) on `before` (in order
+/// of preference) and then the CPU for every node they refuse; with `before` empty, the
+/// CPU's own plan.
+pub fn bench_workload(
+    w: &Workload,
+    recurrent: Recurrent,
+    runs: usize,
+    before: &[std::sync::Arc<dyn cellgraph_backends::Device>],
+) -> Result<Timing, String> {
     let g = w.graph();
     let mut plan = CpuBackend::new(recurrent)
-        .compile(&g)
+        .compile_after(&g, before)
         .map_err(|e| e.to_string())?;
     let x = w.input();
     time(runs, || {
@@ -320,9 +327,16 @@ pub fn bench_workload(w: &Workload, recurrent: Recurrent, runs: usize) -> Result
 
 /// Times a training step of a workload: [`Workload::keras_model`]'s `train_on_batch`
 /// (forward, loss, backward through the recurrent layer and the head, SGD update).
-pub fn bench_train(w: &Workload, recurrent: Recurrent, runs: usize) -> Result<Timing, String> {
+/// The model runs on `before` and then the CPU ([`KerasModel::set_backends`]).
+pub fn bench_train(
+    w: &Workload,
+    recurrent: Recurrent,
+    runs: usize,
+    before: &[std::sync::Arc<dyn cellgraph_backends::Device>],
+) -> Result<Timing, String> {
     let e = |err: KerasError| err.to_string();
     let mut m = w.keras_model(recurrent).map_err(e)?;
+    m.set_backends(before.to_vec());
     let (x, y) = w.train_batch();
     let (xs, ys) = ([x], [y]);
     time(runs, || m.train_on_batch(&xs, &ys).map(|_| ()).map_err(e))
@@ -426,7 +440,11 @@ pub const KERAS_WORKLOADS: [(usize, usize, usize, usize); 2] =
 /// Times a Keras `Input(T, I) → LSTM(H) → Dense(10)` model on both paths: inference
 /// (`predict`) and a training step (forward and backward of the sparse categorical
 /// cross-entropy from logits with respect to every weight: `Model::gradients`).
-pub fn bench_keras(runs: usize) -> Result<Vec<KerasRow>, String> {
+/// The models run on `before` and then the CPU ([`KerasModel::set_backends`]).
+pub fn bench_keras(
+    runs: usize,
+    before: &[std::sync::Arc<dyn cellgraph_backends::Device>],
+) -> Result<Vec<KerasRow>, String> {
     let e = |err: KerasError| err.to_string();
     let mut rows = Vec::new();
     for (b, t, i, h) in KERAS_WORKLOADS {
@@ -447,6 +465,7 @@ pub fn bench_keras(runs: usize) -> Result<Vec<KerasRow>, String> {
             m.add(LSTM::new(h)).map_err(e)?;
             m.add(Dense::new(10)).map_err(e)?;
             m.set_recurrent(mode);
+            m.set_backends(before.to_vec());
             let xs = [x.clone()];
             let inf = time(runs, || m.predict(&xs).map(|_| ()).map_err(e))?;
             let loss = Loss::SparseCategoricalCrossentropy { from_logits: true };
