@@ -225,36 +225,11 @@ fn copy_graph(
     active: &HashSet<NodeId>,
     inputs: Option<&[ValueRef]>,
 ) -> Result<(HashMap<ValueRef, ValueRef>, HashMap<NodeId, Vec<ValueRef>>)> {
-    let mut map: HashMap<ValueRef, ValueRef> = HashMap::new();
-    for (i, v) in src.input_values().into_iter().enumerate() {
-        let node = src.node(v.node);
-        let val = &node.outputs[0];
-        let nv = match (inputs, &node.kind) {
-            (Some(given), _) => *given
-                .get(i)
-                .ok_or_else(|| Error::Internal("too few values for the body inputs".into()))?,
-            (None, NodeKind::Input { default: Some(t) }) => {
-                dst.add_input_with_default(&val.name, val.ty.clone(), t.clone())?
-            }
-            (None, _) => dst.add_input(&val.name, val.ty.clone())?,
-        };
-        map.insert(v, nv);
-    }
-    for &n in src.initializers() {
-        if let NodeKind::Initializer { tensor, trainable } = &src.node(n).kind {
-            map.insert(
-                ValueRef { node: n, slot: 0 },
-                dst.add_initializer(&src.node(n).name, tensor.clone(), *trainable)?,
-            );
-        }
-    }
-    for &n in src.outers() {
-        let node = src.node(n);
-        map.insert(
-            ValueRef { node: n, slot: 0 },
-            dst.add_outer(&node.outputs[0].name, node.outputs[0].ty.clone())?,
-        );
-    }
+    let mut map = src
+        .copy_sources_into(dst, inputs, &cellgraph_ir::ValueType::clone, &|t| {
+            Ok(t.clone())
+        })
+        .map_err(|e| Error::Internal(format!("copying the graph's sources: {e}")))?;
     let order = src
         .topo_order()
         .map_err(|_| Error::Usage(format!("graph {:?} has a cycle", src.name)))?;

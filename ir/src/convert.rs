@@ -8,7 +8,6 @@ use crate::graph::{Graph, NodeKind, ValueRef};
 use crate::ops::Op;
 use crate::tensor::Tensor;
 use crate::types::ValueType;
-use std::collections::HashMap;
 
 /// A copy of `g` that computes in float64 wherever it computed in float32: float32
 /// inputs, weights, values read from enclosing graphs, constants, `Cast` targets and
@@ -27,31 +26,7 @@ use std::collections::HashMap;
 pub fn to_f64(g: &Graph) -> Result<Graph> {
     let mut out = Graph::with_opsets(g.name.clone(), g.opsets().clone());
     out.doc = g.doc.clone();
-    let mut map: HashMap<ValueRef, ValueRef> = HashMap::new();
-    let src = |id| ValueRef { node: id, slot: 0 };
-    for &id in g.inputs() {
-        let node = g.node(id);
-        let ty = retype(&node.outputs[0].ty);
-        let v = match &node.kind {
-            NodeKind::Input { default: Some(t) } => {
-                out.add_input_with_default(&node.outputs[0].name, ty, widen(t)?)?
-            }
-            _ => out.add_input(&node.outputs[0].name, ty)?,
-        };
-        map.insert(src(id), v);
-    }
-    for &id in g.initializers() {
-        let node = g.node(id);
-        if let NodeKind::Initializer { tensor, trainable } = &node.kind {
-            let v = out.add_initializer(&node.outputs[0].name, widen(tensor)?, *trainable)?;
-            map.insert(src(id), v);
-        }
-    }
-    for &id in g.outers() {
-        let node = g.node(id);
-        let v = out.add_outer(&node.outputs[0].name, retype(&node.outputs[0].ty))?;
-        map.insert(src(id), v);
-    }
+    let mut map = g.copy_sources_into(&mut out, None, &retype, &widen)?;
     let order = g.topo_order().map_err(|cycle| Error::Cycle {
         graph: g.name.clone(),
         nodes: cycle.iter().map(|&n| g.node(n).display_name()).collect(),

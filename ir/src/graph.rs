@@ -536,6 +536,59 @@ impl Graph {
         &self.outers
     }
 
+    /// Adds this graph's sources to `dst` — its inputs (with their defaults), its
+    /// initializers and its outer values, under the same names — and returns the map
+    /// from each source value here to its copy in `dst`: the first step of every pass
+    /// that rebuilds a graph node by node. `retype` and `convert` pass each declared
+    /// type and each tensor (an input's default, an initializer) through on the way;
+    /// `given` stands for the inputs instead (a body copied inline), in input order.
+    pub fn copy_sources_into(
+        &self,
+        dst: &mut Graph,
+        given: Option<&[ValueRef]>,
+        retype: &dyn Fn(&ValueType) -> ValueType,
+        convert: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<HashMap<ValueRef, ValueRef>> {
+        let mut map = HashMap::new();
+        let src = |id| ValueRef { node: id, slot: 0 };
+        for (i, &id) in self.inputs.iter().enumerate() {
+            let node = self.node(id);
+            let val = &node.outputs[0];
+            let v = match (given, &node.kind) {
+                (Some(given), _) => *given.get(i).ok_or_else(|| Error::Malformed {
+                    what: format!("graph {:?}", self.name),
+                    msg: format!(
+                        "{} values given for {} inputs",
+                        given.len(),
+                        self.inputs.len()
+                    ),
+                })?,
+                (None, NodeKind::Input { default: Some(t) }) => {
+                    dst.add_input_with_default(&val.name, retype(&val.ty), convert(t)?)?
+                }
+                (None, _) => dst.add_input(&val.name, retype(&val.ty))?,
+            };
+            map.insert(src(id), v);
+        }
+        for &id in &self.initializers {
+            let node = self.node(id);
+            if let NodeKind::Initializer { tensor, trainable } = &node.kind {
+                let v = dst.add_initializer(&node.outputs[0].name, convert(tensor)?, *trainable)?;
+                map.insert(src(id), v);
+            }
+        }
+        for &id in &self.outers {
+            let val = &self.node(id).outputs[0];
+            map.insert(src(id), dst.add_outer(&val.name, retype(&val.ty))?);
+        }
+        Ok(map)
+    }
+
+    /// [`Graph::copy_sources_into`] with types and tensors as they are.
+    pub fn copy_sources(&self, dst: &mut Graph) -> Result<HashMap<ValueRef, ValueRef>> {
+        self.copy_sources_into(dst, None, &ValueType::clone, &|t| Ok(t.clone()))
+    }
+
     /// The graph outputs, in order.
     pub fn outputs(&self) -> &[ValueRef] {
         &self.outputs

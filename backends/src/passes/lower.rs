@@ -12,9 +12,7 @@
 use crate::error::{Error, Result};
 use cellgraph_ir::builder::Builder as IrBuilder;
 use cellgraph_ir::ops::rnn::{self, Act, Cell, Spec};
-use cellgraph_ir::{
-    DType, Dim, Graph, NodeId, NodeKind, Op, Tensor, TensorType, ValueRef, ValueType,
-};
+use cellgraph_ir::{DType, Dim, Graph, NodeId, Op, Tensor, TensorType, ValueRef, ValueType};
 use std::collections::HashMap;
 
 /// Returns a copy of `graph` (and of its nested graphs) in which every recurrent op runs
@@ -64,34 +62,7 @@ pub(crate) fn rewrite(
 ) -> Result<Graph> {
     let mut dst = Graph::with_opsets(graph.name.clone(), graph.opsets().clone());
     dst.doc = graph.doc.clone();
-    let mut map: HashMap<ValueRef, ValueRef> = HashMap::new();
-    for v in graph.input_values() {
-        let node = graph.node(v.node);
-        let val = &node.outputs[0];
-        let nv = match &node.kind {
-            NodeKind::Input { default: Some(t) } => {
-                dst.add_input_with_default(&val.name, val.ty.clone(), t.clone())?
-            }
-            _ => dst.add_input(&val.name, val.ty.clone())?,
-        };
-        map.insert(v, nv);
-    }
-    for &n in graph.initializers() {
-        let node = graph.node(n);
-        if let NodeKind::Initializer { tensor, trainable } = &node.kind {
-            map.insert(
-                ValueRef { node: n, slot: 0 },
-                dst.add_initializer(&node.name, tensor.clone(), *trainable)?,
-            );
-        }
-    }
-    for &n in graph.outers() {
-        let node = graph.node(n);
-        map.insert(
-            ValueRef { node: n, slot: 0 },
-            dst.add_outer(&node.name, node.outputs[0].ty.clone())?,
-        );
-    }
+    let mut map = graph.copy_sources(&mut dst)?;
     let order = graph
         .topo_order()
         .map_err(|_| Error::Compile(format!("graph {:?} has a cycle", graph.name)))?;
