@@ -85,6 +85,38 @@ macro_rules! op_domain {
     };
 }
 
+/// Expands `..rnn,` at the head of an op's attribute list into the attributes every
+/// recurrent op (ONNX's `LSTM`/`GRU`/`RNN`, their masked forms and their backward ops)
+/// has, so the list is written once; then hands the whole op list to `define_ops!`.
+macro_rules! ops_with_shared_attrs {
+    (@out [$($done:tt)*]) => {
+        define_ops! { $($done)* }
+    };
+    (@out [$($done:tt)*]
+        $(#[doc = $doc:literal])* $var:ident [$($meta:tt)*] { ..rnn, $($rest:tt)* }
+        $($tail:tt)*
+    ) => {
+        ops_with_shared_attrs! {
+            @out [$($done)* $(#[doc = $doc])* $var [$($meta)*] {
+                activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>,
+                activations: Option<Vec<String>>, clip: Option<f32>,
+                direction: String = String::from("forward"), hidden_size: Option<i64>,
+                $($rest)*
+            }]
+            $($tail)*
+        }
+    };
+    (@out [$($done:tt)*]
+        $(#[doc = $doc:literal])* $var:ident [$($meta:tt)*] { $($fields:tt)* }
+        $($tail:tt)*
+    ) => {
+        ops_with_shared_attrs! {
+            @out [$($done)* $(#[doc = $doc])* $var [$($meta)*] { $($fields)* }]
+            $($tail)*
+        }
+    };
+}
+
 /// cellgraph's own domain, for ops ONNX does not have (fused recurrent backward ops).
 pub const CELLGRAPH_DOMAIN: &str = "com.cellgraph";
 
@@ -215,7 +247,8 @@ pub enum AttrError {
     },
 }
 
-define_ops! {
+ops_with_shared_attrs! {
+    @out []
     // ---- elementwise: numpy-broadcast binary ops, unary maths and activations ----
     /// `A + B`.
     Add [elementwise, since 7, in 2..=2, out 1..=1, vjp rule] {}
@@ -364,20 +397,17 @@ define_ops! {
     // ---- rnn: the ONNX recurrent ops ----
     /// ONNX LSTM (gates i, o, f, c; peepholes [i, o, f]).
     LSTM [rnn, since 7, in 3..=8, out 0..=3, vjp rule] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         input_forget: i64 = 0, layout: i64 = 0
     }
     /// ONNX GRU (gates z, r, h).
     GRU [rnn, since 7, in 3..=6, out 0..=2, vjp rule] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         layout: i64 = 0, linear_before_reset: i64 = 0
     }
     /// ONNX simple RNN.
     RNN [rnn, since 7, in 3..=6, out 0..=2, vjp rule] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         layout: i64 = 0
     }
     /// An `LSTM` with a per-step mask (cellgraph domain; what Keras masks raise to): the
@@ -385,22 +415,19 @@ define_ops! {
     /// whose mask is false at step t keeps its states; `Y` there is zero, or with
     /// `hold_output=1` the held hidden state. Masks may have holes and left padding.
     LSTMMasked [rnn @ "com.cellgraph", since 1, in 9..=9, out 0..=3, vjp rule] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         input_forget: i64 = 0, layout: i64 = 0, hold_output: i64 = 0
     }
     /// A `GRU` with a per-step mask (cellgraph domain): the GRU's six inputs, then `mask`;
     /// masked steps as for `LSTMMasked`.
     GRUMasked [rnn @ "com.cellgraph", since 1, in 7..=7, out 0..=2, vjp rule] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         layout: i64 = 0, linear_before_reset: i64 = 0, hold_output: i64 = 0
     }
     /// An `RNN` with a per-step mask (cellgraph domain): the RNN's six inputs, then
     /// `mask`; masked steps as for `LSTMMasked`.
     RNNMasked [rnn @ "com.cellgraph", since 1, in 7..=7, out 0..=2, vjp rule] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         layout: i64 = 0, hold_output: i64 = 0
     }
     /// The backward of a fused LSTM (cellgraph domain): the LSTM's attributes; inputs
@@ -408,24 +435,21 @@ define_ops! {
     /// cotangents dY, dY_h, dY_c, then (for `LSTMMasked`) the mask; outputs dX, dW, dR,
     /// dB, d initial_h, d initial_c, dP.
     LSTMGrad [rnn @ "com.cellgraph", since 1, in 3..=12, out 1..=7] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         input_forget: i64 = 0, layout: i64 = 0, hold_output: i64 = 0
     }
     /// The backward of a fused GRU (cellgraph domain): inputs X, W, R, B, sequence_lens,
     /// initial_h, then dY, dY_h, then (for `GRUMasked`) the mask; outputs dX, dW, dR, dB,
     /// d initial_h.
     GRUGrad [rnn @ "com.cellgraph", since 1, in 3..=9, out 1..=5] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         layout: i64 = 0, linear_before_reset: i64 = 0, hold_output: i64 = 0
     }
     /// The backward of a fused RNN (cellgraph domain): inputs X, W, R, B, sequence_lens,
     /// initial_h, then dY, dY_h, then (for `RNNMasked`) the mask; outputs dX, dW, dR, dB,
     /// d initial_h.
     RNNGrad [rnn @ "com.cellgraph", since 1, in 3..=9, out 1..=5] {
-        activation_alpha: Option<Vec<f32>>, activation_beta: Option<Vec<f32>>, activations: Option<Vec<String>>,
-        clip: Option<f32>, direction: String = String::from("forward"), hidden_size: Option<i64>,
+        ..rnn,
         layout: i64 = 0, hold_output: i64 = 0
     }
 
